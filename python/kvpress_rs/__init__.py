@@ -1,0 +1,52 @@
+"""kvpress_rs: KV-cache compression for Hugging Face transformers, with a Rust core.
+
+Swap one object in ``generate``::
+
+    import kvpress_rs
+    cache = kvpress_rs.StreamingLLMCache(model, compression_ratio=0.5)
+    out = model.generate(**inputs, past_key_values=cache, max_new_tokens=32)
+    print(cache.stats()["nbytes"])
+"""
+
+# libtorch must be loaded (by torch) before the native module that links against it.
+import torch  # noqa: F401
+
+from . import errors, ops
+from ._native import __version__
+from .cache import CompressedLayer, KVCache
+from .errors import (
+    CacheStateError,
+    DeviceError,
+    DtypeError,
+    EmptySequenceError,
+    InternalError,
+    InvalidArgumentError,
+    KVPressError,
+    NonFiniteError,
+    ShapeError,
+    TorchError,
+    UnsupportedModelError,
+)
+from .policies import KnormCache, RandomCache, StreamingLLMCache
+
+__all__ = [
+    "__version__",
+    "KVCache",
+    "CompressedLayer",
+    "StreamingLLMCache",
+    "KnormCache",
+    "RandomCache",
+    "ops",
+    "errors",
+    "KVPressError",
+    "InvalidArgumentError",
+    "ShapeError",
+    "DtypeError",
+    "DeviceError",
+    "NonFiniteError",
+    "EmptySequenceError",
+    "UnsupportedModelError",
+    "CacheStateError",
+    "TorchError",
+    "InternalError",
+]

@@ -1,0 +1,109 @@
+"""Detects a compressed cache reused for an unrelated prompt without ``reset()``.
+
+``generate(ids, past_key_values=cache)`` on a cache that has already seen N tokens treats
+``ids[:, :N]`` as already processed. That is right when ``ids`` continues what the cache
+saw (a question after a compressed context, the next chat turn) and silently wrong when
+the prompt is unrelated. Two small hooks on the model tell the cases apart:
+
+- a forward pre-hook records the token ids each forward feeds into one of our caches;
+- a wrapper around ``prepare_inputs_for_generation`` (which receives the full sequence)
+  checks that the sequence begins with those ids, and raises ``CacheStateError`` if not.
+
+Both act only when the cache passed is one of ours, and are installed once per model.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import Any
+
+import torch
+
+from .errors import CacheStateError
+
+_MARK = "_kvpress_rs_reuse_guard"
+
+
+def _cache_of(kwargs: dict[str, Any]) -> Any:
+    from .cache import KVCache
+
+    for key in ("past_key_values", "cache"):
+        cache = kwargs.get(key)
+        if isinstance(cache, KVCache):
+            return cache
+    return None
+
+
+def _record_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
+    cache = _cache_of(kwargs)
+    if cache is None:
+        return None
+    input_ids = kwargs.get("input_ids", args[0] if args else None)
+    cache._record_token_ids(input_ids if isinstance(input_ids, torch.Tensor) else None)
+    return None
+
+
+def _check_continuation(prepare: Any) -> Any:
+    @functools.wraps(prepare)
+    def prepare_inputs_for_generation(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+        cache = _cache_of(kwargs)
+        if cache is not None and isinstance(input_ids, torch.Tensor):
+            cache._check_continues(input_ids)
+        return prepare(input_ids, *args, **kwargs)
+
+    return prepare_inputs_for_generation
+
+
+def install_reuse_guard(model: Any) -> None:
+    """Installs the two hooks on ``model`` (idempotent)."""
+    if getattr(model, _MARK, False):
+        return
+    model.register_forward_pre_hook(_record_forward, with_kwargs=True)
+    if hasattr(model, "prepare_inputs_for_generation"):
+        model.prepare_inputs_for_generation = _check_continuation(model.prepare_inputs_for_generation)
+    setattr(model, _MARK, True)
+
+
+class TokenLog:
+    """The token ids a cache has seen, (batch, seen), or unknown (inputs_embeds)."""
+
+    def __init__(self) -> None:
+        self.ids: torch.Tensor | None = None
+        self.known = True
+
+    def reset(self) -> None:
+        self.ids, self.known = None, True
+
+    def record(self, input_ids: torch.Tensor | None) -> None:
+        if input_ids is None or input_ids.dim() != 2:
+            self.known = False
+            return
+        ids = input_ids.detach().to("cpu", torch.long)
+        if self.ids is None:
+            self.ids = ids
+        elif self.ids.shape[0] == ids.shape[0]:
+            self.ids = torch.cat([self.ids, ids], dim=1)
+        else:
+            self.known = False
+
+    def check_continues(self, input_ids: torch.Tensor, seen: int) -> None:
+        if seen == 0 or not self.known or self.ids is None or self.ids.shape[1] != seen:
+            return
+        if input_ids.dim() != 2 or input_ids.shape[0] != self.ids.shape[0]:
+            raise CacheStateError(
+                f"this cache holds a batch of {self.ids.shape[0]} sequences but `input_ids` has "
+                f"shape {tuple(input_ids.shape)}; call cache.reset() before reusing it for another prompt"
+            )
+        if input_ids.shape[1] <= seen:
+            raise CacheStateError(
+                f"this cache has already seen {seen} tokens but `input_ids` has only {input_ids.shape[1]}: "
+                "pass the full sequence the cache continues (context + new tokens), or call "
+                "cache.reset() before reusing it for an unrelated prompt"
+            )
+        prefix = input_ids[:, :seen].to("cpu", torch.long)
+        if not torch.equal(prefix, self.ids):
+            first = int((prefix != self.ids).any(dim=0).nonzero()[0, 0])
+            raise CacheStateError(
+                f"`input_ids` does not continue the {seen} tokens this cache has seen (they differ at "
+                f"position {first}); call cache.reset() before reusing the cache for an unrelated prompt"
+            )

@@ -1,0 +1,236 @@
+"""Drop-in transformers caches that compress the KV cache with a Rust press.
+
+A :class:`KVCache` is a ``transformers.Cache`` whose full-attention layers are
+:class:`CompressedLayer` s. Each layer holds a Rust ``LayerStore``; on the first forward
+(the prefill) the layer returns the full keys/values for that forward's attention, then
+the press scores the tokens and the store frees all but the kept ones. Later forwards
+(decoding, a question, the next chat turn) append without compression.
+
+Positions: the cache reports tokens SEEN from ``get_seq_length()`` so that generation
+continues at the right position, and describes the keys it actually STORES to the mask
+(``get_mask_sizes``), offset so that a multi-token chunk after compression stays causal.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+
+from . import _compat
+from ._native import LayerStore, Press
+from ._guard import TokenLog, install_reuse_guard
+from .errors import CacheStateError, UnsupportedModelError
+from .models import decoder_config
+
+
+class CompressedLayer(CacheLayerMixin):
+    """One full-attention layer of a :class:`KVCache`: a Rust ``LayerStore`` plus the
+    shared press, adapted to transformers' ``CacheLayerMixin`` interface."""
+
+    is_sliding = False
+    is_compileable = False
+    is_croppable = True
+
+    def __init__(self, press: Press, layer_idx: int):
+        super().__init__()
+        self._store = LayerStore()
+        self._press = press
+        self.layer_idx = layer_idx
+
+    # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store.
+    @property
+    def keys(self) -> torch.Tensor | None:
+        return self._store.keys() if self._store.seen else None
+
+    @keys.setter
+    def keys(self, value: Any) -> None:
+        if value is not None:
+            raise CacheStateError("CompressedLayer.keys is read-only; use update()")
+
+    @property
+    def values(self) -> torch.Tensor | None:
+        return self._store.values() if self._store.seen else None
+
+    @values.setter
+    def values(self, value: Any) -> None:
+        if value is not None:
+            raise CacheStateError("CompressedLayer.values is read-only; use update()")
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        self.dtype, self.device = key_states.dtype, key_states.device
+        self.is_initialized = True
+
+    def update(
+        self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        is_prefill = self._store.seen == 0
+        keys, values = self._store.append(key_states, value_states)
+        if is_prefill:
+            # This forward's attention still sees every token (keys/values above); the
+            # store keeps only what the press selects.
+            self._store.compress(self._press, self.layer_idx)
+        return keys, values
+
+    def get_seq_length(self) -> int:
+        return self._store.seen
+
+    def get_mask_sizes(self, cache_position_or_query_length: torch.Tensor | int) -> tuple[int, int]:
+        query_length = _compat.query_length(cache_position_or_query_length)
+        stored, seen = self._store.stored, self._store.seen
+        return stored + query_length, seen - stored
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def get_max_cache_shape(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self._store.reset()
+        self.is_initialized = False
+
+    def crop(self, max_length_or_tokens_to_remove: int) -> None:
+        self._store.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._store.seen))
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        self._store.index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        self._store.index_batch(torch.as_tensor(indices, dtype=torch.long))
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        self._store.repeat_interleave_batch(repeats)
+
+    def offload(self):
+        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+
+    def prefetch(self):
+        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by this layer: keys, values and kept positions."""
+        return self._store.nbytes
+
+    def __repr__(self) -> str:
+        return f"CompressedLayer(layer_idx={self.layer_idx}, {self._store!r})"
+
+
+class KVCache(Cache):
+    """A transformers cache that compresses the prompt's KV cache once per layer, right
+    after that layer's prefill attention, with a Rust policy.
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel or PretrainedConfig
+        The model the cache serves (its config gives the layers; a model also lets the
+        cache detect reuse for an unrelated prompt).
+    policy : str
+        ``"knorm"``, ``"streaming_llm"`` or ``"random"``.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1) (kvpress's meaning): each layer
+        keeps ``int(T * (1 - compression_ratio))`` tokens per KV head.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    **policy_kwargs
+        Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random, default 0).
+
+    Example
+    -------
+    >>> import kvpress_rs  # doctest: +SKIP
+    >>> cache = kvpress_rs.KVCache(model, policy="knorm", compression_ratio=0.5)  # doctest: +SKIP
+    >>> out = model.generate(**inputs, past_key_values=cache, max_new_tokens=20)  # doctest: +SKIP
+    >>> cache.stats()["tokens_kept"][:3]  # doctest: +SKIP
+    [512, 512, 512]
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        policy: str = "knorm",
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        **policy_kwargs: Any,
+    ):
+        config = decoder_config(model)
+        if not _has_rope(config):
+            raise UnsupportedModelError(
+                f"`model` ({type(config).__name__}) has no rotary position embedding config "
+                "(rope_parameters / rope_theta); kvpress_rs caches need a RoPE model"
+            )
+        self.press = Press(policy, compression_ratio=compression_ratio, max_tokens=max_tokens, **policy_kwargs)
+        # transformers decides which layers are sliding-window; those stay as they are.
+        layers = []
+        for idx, layer in enumerate(DynamicCache(config=config).layers):
+            layers.append(CompressedLayer(self.press, idx) if type(layer) is DynamicLayer else layer)
+        super().__init__(layers=layers)
+        self._token_log = TokenLog()
+        if isinstance(model, torch.nn.Module):
+            install_reuse_guard(model)
+
+    def reset(self) -> None:
+        """Empties the cache so that it can serve an unrelated prompt."""
+        super().reset()
+        self._token_log.reset()
+
+    def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
+        self._token_log.record(input_ids)
+
+    def _check_continues(self, input_ids: torch.Tensor) -> None:
+        self._token_log.check_continues(input_ids, self.get_seq_length())
+
+    def _compressed_layers(self) -> list[tuple[int, CompressedLayer]]:
+        return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
+
+    def kept_positions(self, layer_idx: int) -> torch.Tensor:
+        """Original positions of the tokens layer ``layer_idx`` keeps: int64
+        (batch, kv_heads, n_kept), ascending."""
+        layer = self.layers[layer_idx]
+        if not isinstance(layer, CompressedLayer):
+            raise CacheStateError(f"layer {layer_idx} is a {type(layer).__name__}, not a compressed layer")
+        return layer._store.kept_positions()
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes the cache holds: keys, values and kept positions of every layer."""
+        total = 0
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                total += layer.nbytes
+            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
+                total += layer.keys.nbytes + layer.values.nbytes
+        return total
+
+    def stats(self) -> dict[str, Any]:
+        """Tokens seen, tokens kept per layer and bytes held.
+
+        Returns a dict with ``tokens_seen`` (int), ``tokens_kept`` (list, one entry per
+        layer), ``nbytes`` (int) and ``nbytes_per_layer`` (list).
+        """
+        kept, per_layer = [], []
+        for layer in self.layers:
+            if isinstance(layer, CompressedLayer):
+                kept.append(layer._store.stored)
+                per_layer.append(layer.nbytes)
+            else:
+                keys = getattr(layer, "keys", None)
+                kept.append(int(keys.shape[-2]) if keys is not None and keys.numel() else 0)
+                per_layer.append(keys.nbytes + layer.values.nbytes if keys is not None and keys.numel() else 0)
+        return {
+            "tokens_seen": self.get_seq_length(),
+            "tokens_kept": kept,
+            "nbytes": sum(per_layer),
+            "nbytes_per_layer": per_layer,
+        }
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(press={self.press!r}, layers={len(self.layers)})"
+
+
+def _has_rope(config: Any) -> bool:
+    return bool(getattr(config, "rope_parameters", None) or getattr(config, "rope_theta", None))

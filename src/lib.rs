@@ -1,0 +1,32 @@
+//! kvpress-rs: KV-cache compression for transformer inference.
+//!
+//! The core is pure Rust over `tch` tensors; `cargo test` exercises all of it without
+//! Python. The `python` feature adds the PyO3 bindings in [`python`] (built by maturin into
+//! `kvpress_rs._native`), which convert arguments and delegate here.
+//!
+//! Layers, from the bottom:
+//! - [`tensor`]: KV tensor validation and zero-copy `ndarray` views of CPU tensors.
+//! - [`policies`]: scorers (one file each), [`select`] top-k, [`gather`] of kept tokens.
+//! - [`budget`]: how many tokens a layer keeps.
+//! - [`press`]: scorer + budget, applied to a layer.
+//! - [`store`]: the per-layer compressed KV store.
+//! - [`quant`], [`rope`]: quantization and RoPE math (to come).
+
+pub mod budget;
+pub mod error;
+pub mod gather;
+pub mod policies;
+pub mod press;
+pub mod quant;
+pub mod rope;
+pub mod select;
+pub mod store;
+pub mod tensor;
+
+#[cfg(feature = "python")]
+pub mod python;
+
+pub use budget::Budget;
+pub use error::{KvError, Result};
+pub use press::Press;
+pub use store::{LayerStore, StoreStats};

@@ -1,0 +1,151 @@
+//! `kvpress_rs._native.LayerStore`: one layer's compressed KV store (see `crate::store`).
+//!
+//! Thread safety: every method locks the store, so concurrent calls from several Python
+//! threads are serialised, never interleaved.
+
+use super::conversion::PyTensor;
+use super::errors::{detached, to_pyerr};
+use super::press::PyPress;
+use crate::error::{KvError, Result};
+use crate::store::LayerStore;
+use pyo3::prelude::*;
+use std::sync::{Mutex, MutexGuard};
+
+/// LayerStore()
+/// --
+///
+/// One layer's KV cache with eviction: keys/values (batch, kv_heads, tokens, head_dim), the
+/// original positions of the kept tokens, and the number of tokens seen.
+///
+/// Examples
+/// --------
+/// >>> import torch, kvpress_rs
+/// >>> store = kvpress_rs._native.LayerStore()
+/// >>> k = torch.randn(1, 2, 8, 4)
+/// >>> keys, values = store.append(k, k)
+/// >>> store.compress(kvpress_rs._native.Press("knorm", compression_ratio=0.5), 0)
+/// >>> store.seen, store.stored
+/// (8, 4)
+#[pyclass(name = "LayerStore", module = "kvpress_rs._native", frozen)]
+pub struct PyLayerStore {
+    inner: Mutex<LayerStore>,
+}
+
+impl PyLayerStore {
+    fn lock(&self) -> Result<MutexGuard<'_, LayerStore>> {
+        // A poisoned lock means an earlier call panicked mid-update: refuse to go on.
+        self.inner
+            .lock()
+            .map_err(|_| KvError::State("the layer store is poisoned by an earlier internal error; reset the cache".into()))
+    }
+}
+
+#[pymethods]
+impl PyLayerStore {
+    #[new]
+    fn new() -> Self {
+        PyLayerStore { inner: Mutex::new(LayerStore::new()) }
+    }
+
+    /// append(keys, values) -> (torch.Tensor, torch.Tensor)
+    /// --
+    ///
+    /// Appends (batch, kv_heads, q, head_dim) keys/values and returns all stored keys and
+    /// values followed by the new ones (views, no copy). The first append adopts the given
+    /// tensors without copying them.
+    fn append(slf: Bound<'_, Self>, keys: PyTensor, values: PyTensor) -> PyResult<(PyTensor, PyTensor)> {
+        let me = slf.get();
+        let (k, v) = detached(slf.py(), move || me.lock()?.append(&keys.0, &values.0))?;
+        Ok((PyTensor(k), PyTensor(v)))
+    }
+
+    /// compress(press, layer_idx) -> None
+    /// --
+    ///
+    /// Scores the stored tokens with ``press`` and frees all but the kept ones.
+    fn compress(slf: Bound<'_, Self>, press: Bound<'_, PyPress>, layer_idx: usize) -> PyResult<()> {
+        let me = slf.get();
+        let press = press.get();
+        detached(slf.py(), move || press.inner.compress(&mut *me.lock()?, layer_idx))
+    }
+
+    /// retain(indices) -> None
+    /// --
+    ///
+    /// Keeps only the stored tokens at ``indices``: int64 (batch, kv_heads, k), ascending.
+    fn retain(slf: Bound<'_, Self>, indices: PyTensor) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.retain(&indices.0))
+    }
+
+    /// The stored keys (batch, kv_heads, stored, head_dim), a view.
+    fn keys(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.keys_view()).map(PyTensor)
+    }
+
+    /// The stored values (batch, kv_heads, stored, head_dim), a view.
+    fn values(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.values_view()).map(PyTensor)
+    }
+
+    /// int64 (batch, kv_heads, stored) original positions of the stored tokens, ascending.
+    fn kept_positions(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.kept_positions()).map(PyTensor)
+    }
+
+    /// crop(n) -> None: forgets the last ``n`` tokens seen.
+    fn crop(slf: Bound<'_, Self>, n: usize) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.crop(n))
+    }
+
+    /// index_batch(indices) -> None: keeps/reorders batch rows (beam search).
+    fn index_batch(slf: Bound<'_, Self>, indices: PyTensor) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.index_batch(&indices.0))
+    }
+
+    /// repeat_interleave_batch(repeats) -> None: repeats each batch row.
+    fn repeat_interleave_batch(slf: Bound<'_, Self>, repeats: i64) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.repeat_interleave_batch(repeats))
+    }
+
+    /// reset() -> None: drops everything.
+    fn reset(&self) -> PyResult<()> {
+        self.lock().map_err(to_pyerr)?.reset();
+        Ok(())
+    }
+
+    /// Tokens seen since the last reset.
+    #[getter]
+    fn seen(&self) -> PyResult<usize> {
+        Ok(self.lock().map_err(to_pyerr)?.seen())
+    }
+
+    /// Tokens stored per (batch, head) row.
+    #[getter]
+    fn stored(&self) -> PyResult<usize> {
+        Ok(self.lock().map_err(to_pyerr)?.len())
+    }
+
+    /// Whether any token was ever evicted.
+    #[getter]
+    fn has_evicted(&self) -> PyResult<bool> {
+        Ok(self.lock().map_err(to_pyerr)?.has_evicted())
+    }
+
+    /// Bytes held: keys, values (spare capacity included) and kept positions.
+    #[getter]
+    fn nbytes(&self) -> PyResult<usize> {
+        Ok(self.lock().map_err(to_pyerr)?.nbytes())
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let s = self.lock().map_err(to_pyerr)?.stats();
+        Ok(format!("LayerStore(seen={}, stored={}, nbytes={})", s.seen, s.stored, s.nbytes))
+    }
+}

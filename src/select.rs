@@ -1,0 +1,91 @@
+//! Top-k selection: which token indices each (batch, head) row keeps, given scores.
+//!
+//! Indices come back in ascending order (original token order), so kept positions stay
+//! sorted and a gather preserves the order of the sequence. Ties are broken towards the
+//! earlier token, on every device, so results do not depend on the sort implementation.
+
+use crate::error::{KvError, Result};
+use crate::tensor::{array_view, array_view_mut};
+use ndarray::{ArrayView3, ArrayViewMut3, Axis};
+use rayon::prelude::*;
+use std::cmp::Ordering;
+use tch::{Device, Kind, Tensor};
+
+/// Kept indices for scores of shape (batch, heads, tokens): the `k` highest per row,
+/// returned as int64 (batch, heads, k) in ascending order.
+///
+/// CPU tensors use the parallel Rust kernel; other devices a stable libtorch sort.
+pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
+    let size = scores.size();
+    if size.len() != 3 {
+        return Err(KvError::shape("scores", &size, "rank 3: (batch, heads, tokens)"));
+    }
+    let n_tokens = size[2] as usize;
+    if k == 0 || k > n_tokens {
+        return Err(KvError::invalid("k", format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)")));
+    }
+    if scores.device() == Device::Cpu {
+        let scores = scores.f_to_kind(Kind::Float)?;
+        let view = array_view::<f32, ndarray::Ix3>(&scores, "scores")?;
+        let mut out = Tensor::f_empty([size[0], size[1], k as i64], (Kind::Int64, Device::Cpu))?;
+        top_k_indices_cpu(view, array_view_mut(&mut out, "indices")?)?;
+        Ok(out)
+    } else {
+        top_k_indices_libtorch(scores, k)
+    }
+}
+
+/// The libtorch path of [`top_k_indices`], usable on any device (tests run it on CPU to
+/// check it against the Rust kernel).
+pub fn top_k_indices_libtorch(scores: &Tensor, k: usize) -> Result<Tensor> {
+    if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    // A stable descending sort keeps equal scores in index order: ties go to earlier tokens.
+    let order = scores.f_to_kind(Kind::Float)?.f_argsort_stable(true, -1, true)?;
+    let (sorted, _) = order.f_narrow(-1, 0, k as i64)?.f_sort_stable(true, -1, false)?;
+    Ok(sorted)
+}
+
+/// The CPU kernel of [`top_k_indices`]: rows in parallel, O(T) selection then a sort of
+/// the k kept indices.
+pub fn top_k_indices_cpu(scores: ArrayView3<'_, f32>, mut out: ArrayViewMut3<'_, i64>) -> Result<()> {
+    let (b, h, t) = scores.dim();
+    let k = out.dim().2;
+    if out.dim().0 != b || out.dim().1 != h || k == 0 || k > t {
+        return Err(KvError::shape(
+            "indices",
+            &[out.dim().0 as i64, out.dim().1 as i64, k as i64],
+            format!("({b}, {h}, k) with 1 <= k <= {t}"),
+        ));
+    }
+    if scores.iter().any(|s| s.is_nan()) {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    let out = out
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("indices", "the output must be contiguous"))?;
+    out.par_chunks_mut(k).enumerate().for_each_init(
+        || Vec::with_capacity(t),
+        |order: &mut Vec<usize>, (row_idx, dst)| {
+            let (i, j) = (row_idx / h, row_idx % h);
+            let row = scores.index_axis(Axis(0), i);
+            let row = row.index_axis(Axis(0), j);
+            order.clear();
+            order.extend(0..t);
+            // Higher score first; among equal scores, the earlier token first.
+            let better = |a: &usize, c: &usize| -> Ordering {
+                row[*c].partial_cmp(&row[*a]).unwrap_or(Ordering::Equal).then(a.cmp(c))
+            };
+            if k < t {
+                order.select_nth_unstable_by(k - 1, better);
+            }
+            order.truncate(k);
+            order.sort_unstable();
+            for (d, &s) in dst.iter_mut().zip(order.iter()) {
+                *d = s as i64;
+            }
+        },
+    );
+    Ok(())
+}

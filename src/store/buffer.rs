@@ -1,0 +1,83 @@
+//! A tensor that grows along the token axis with spare capacity, so that decoding appends
+//! one token in place instead of copying the whole cache every step (as `torch.cat` does).
+
+use crate::error::Result;
+use crate::tensor::TOKEN_AXIS;
+use tch::Tensor;
+
+/// Spare tokens reserved when a buffer grows: at least this many, or 1/8 of the length,
+/// bounding both the copies (amortised O(1) per token) and the unused bytes.
+const MIN_RESERVE: usize = 128;
+
+/// A (batch, heads, capacity[, dim]) tensor of which the first `len` tokens are valid.
+#[derive(Debug)]
+pub(crate) struct TokenBuffer {
+    data: Tensor,
+    len: usize,
+}
+
+impl TokenBuffer {
+    /// Takes `t` as the buffer's storage without copying; capacity = its token count.
+    pub fn adopt(t: Tensor) -> Self {
+        let len = t.size()[TOKEN_AXIS as usize] as usize;
+        TokenBuffer { data: t, len }
+    }
+
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.data.size()[TOKEN_AXIS as usize] as usize
+    }
+
+    /// The valid tokens, a view of the storage (the storage itself when full).
+    pub fn view(&self) -> Result<Tensor> {
+        if self.len == self.capacity() {
+            return Ok(self.data.shallow_clone());
+        }
+        Ok(self.data.f_narrow(TOKEN_AXIS, 0, self.len as i64)?)
+    }
+
+    /// Bytes of storage held, spare capacity included.
+    pub fn nbytes(&self) -> usize {
+        self.data.numel() * self.data.kind().elt_size_in_bytes()
+    }
+
+    /// Appends `x` (same shape but for the token axis) after the valid tokens. Tokens
+    /// already handed out through `view` are never overwritten.
+    pub fn append(&mut self, x: &Tensor) -> Result<()> {
+        let q = x.size()[TOKEN_AXIS as usize] as usize;
+        let needed = self.len + q;
+        if needed > self.capacity() {
+            self.reallocate(needed + MIN_RESERVE.max(needed / 8))?;
+        }
+        let mut slot = self.data.f_narrow(TOKEN_AXIS, self.len as i64, q as i64)?;
+        slot.f_copy_(x)?;
+        self.len = needed;
+        Ok(())
+    }
+
+    /// Keeps the first `len` tokens, in fresh storage of exactly that size (so that later
+    /// appends cannot write into memory that earlier views still show).
+    pub fn truncate(&mut self, len: usize) -> Result<()> {
+        let mut size = self.data.size();
+        size[TOKEN_AXIS as usize] = len as i64;
+        let mut kept = Tensor::f_empty(size.as_slice(), (self.data.kind(), self.data.device()))?;
+        kept.f_copy_(&self.data.f_narrow(TOKEN_AXIS, 0, len as i64)?)?;
+        *self = TokenBuffer::adopt(kept);
+        Ok(())
+    }
+
+    fn reallocate(&mut self, capacity: usize) -> Result<()> {
+        let mut size = self.data.size();
+        size[TOKEN_AXIS as usize] = capacity as i64;
+        let grown = Tensor::f_empty(size.as_slice(), (self.data.kind(), self.data.device()))?;
+        if self.len > 0 {
+            let mut head = grown.f_narrow(TOKEN_AXIS, 0, self.len as i64)?;
+            head.f_copy_(&self.data.f_narrow(TOKEN_AXIS, 0, self.len as i64)?)?;
+        }
+        self.data = grown;
+        Ok(())
+    }
+}
