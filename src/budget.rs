@@ -48,7 +48,10 @@ impl Budget {
     /// A fixed per-layer budget of `n` > 0 tokens.
     pub fn max_tokens(n: i64) -> Result<Self> {
         if n <= 0 {
-            return Err(KvError::invalid("max_tokens", format!("got {n}, expected a positive token count")));
+            return Err(KvError::invalid(
+                "max_tokens",
+                format!("got {n}, expected a positive token count"),
+            ));
         }
         Ok(Budget::MaxTokens(n as usize))
     }
@@ -61,7 +64,10 @@ impl Budget {
     /// ratio that keeps zero tokens is an error: a cache with nothing in it cannot answer.
     pub fn n_kept(&self, n_tokens: usize) -> Result<usize> {
         if n_tokens == 0 {
-            return Err(KvError::empty("keys", "cannot compress a sequence of zero tokens"));
+            return Err(KvError::empty(
+                "keys",
+                "cannot compress a sequence of zero tokens",
+            ));
         }
         match *self {
             Budget::Ratio(r) => {

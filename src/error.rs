@@ -16,15 +16,27 @@ pub enum KvError {
 
     /// A tensor has the wrong rank or the wrong size along some dimension.
     #[error("`{argument}` has shape {actual:?}, expected {expected}")]
-    Shape { argument: String, actual: Vec<i64>, expected: String },
+    Shape {
+        argument: String,
+        actual: Vec<i64>,
+        expected: String,
+    },
 
     /// A tensor has an unsupported dtype, or one that differs from the cache's dtype.
     #[error("`{argument}` has dtype {actual}, expected {expected}")]
-    Dtype { argument: String, actual: String, expected: String },
+    Dtype {
+        argument: String,
+        actual: String,
+        expected: String,
+    },
 
     /// A tensor lives on a different device than the data it must be combined with.
     #[error("`{argument}` is on device {actual}, expected {expected}")]
-    Device { argument: String, actual: String, expected: String },
+    Device {
+        argument: String,
+        actual: String,
+        expected: String,
+    },
 
     /// A tensor holds NaN or infinite values where finite values are required.
     #[error("`{argument}` contains non-finite values (NaN or inf): {message}")]
@@ -46,11 +58,18 @@ pub enum KvError {
 
 impl KvError {
     pub fn invalid(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        KvError::InvalidArgument { argument: argument.into(), message: message.into() }
+        KvError::InvalidArgument {
+            argument: argument.into(),
+            message: message.into(),
+        }
     }
 
     pub fn shape(argument: impl Into<String>, actual: &[i64], expected: impl Into<String>) -> Self {
-        KvError::Shape { argument: argument.into(), actual: actual.to_vec(), expected: expected.into() }
+        KvError::Shape {
+            argument: argument.into(),
+            actual: actual.to_vec(),
+            expected: expected.into(),
+        }
     }
 
     pub fn dtype(
@@ -58,7 +77,11 @@ impl KvError {
         actual: impl Into<String>,
         expected: impl Into<String>,
     ) -> Self {
-        KvError::Dtype { argument: argument.into(), actual: actual.into(), expected: expected.into() }
+        KvError::Dtype {
+            argument: argument.into(),
+            actual: actual.into(),
+            expected: expected.into(),
+        }
     }
 
     pub fn device(
@@ -66,15 +89,25 @@ impl KvError {
         actual: impl Into<String>,
         expected: impl Into<String>,
     ) -> Self {
-        KvError::Device { argument: argument.into(), actual: actual.into(), expected: expected.into() }
+        KvError::Device {
+            argument: argument.into(),
+            actual: actual.into(),
+            expected: expected.into(),
+        }
     }
 
     pub fn non_finite(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        KvError::NonFinite { argument: argument.into(), message: message.into() }
+        KvError::NonFinite {
+            argument: argument.into(),
+            message: message.into(),
+        }
     }
 
     pub fn empty(argument: impl Into<String>, message: impl Into<String>) -> Self {
-        KvError::Empty { argument: argument.into(), message: message.into() }
+        KvError::Empty {
+            argument: argument.into(),
+            message: message.into(),
+        }
     }
 }
 

@@ -1,10 +1,10 @@
 //! Gathering kept tokens: out[b, h, i, :] = x[b, h, indices[b, h, i], :].
 
 use crate::error::{KvError, Result};
-use crate::tensor::{array_view, kind_of, TOKEN_AXIS};
+use crate::tensor::{array_view, kind_of, TorchElement, TOKEN_AXIS};
 use ndarray::{ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
-use tch::{kind::Element, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// Gathers tokens along the token axis of `x` (batch, heads, tokens, dim), or of a rank-3
 /// (batch, heads, tokens) tensor, with int64 `indices` of shape (batch, heads, k).
@@ -13,14 +13,26 @@ pub fn gather_tokens(x: &Tensor, indices: &Tensor) -> Result<Tensor> {
     let xs = x.size();
     let is = indices.size();
     if !(xs.len() == 3 || xs.len() == 4) {
-        return Err(KvError::shape("x", &xs, "rank 4 (batch, heads, tokens, dim) or rank 3 (batch, heads, tokens)"));
+        return Err(KvError::shape(
+            "x",
+            &xs,
+            "rank 4 (batch, heads, tokens, dim) or rank 3 (batch, heads, tokens)",
+        ));
     }
     if is.len() != 3 || is[0] != xs[0] || is[1] != xs[1] {
-        return Err(KvError::shape("indices", &is, format!("({}, {}, k)", xs[0], xs[1])));
+        return Err(KvError::shape(
+            "indices",
+            &is,
+            format!("({}, {}, k)", xs[0], xs[1]),
+        ));
     }
     let ik = kind_of(indices, "indices")?;
     if ik != Kind::Int64 {
-        return Err(KvError::dtype("indices", crate::tensor::kind_name(ik), "torch.int64"));
+        return Err(KvError::dtype(
+            "indices",
+            crate::tensor::kind_name(ik),
+            "torch.int64",
+        ));
     }
     if x.device() == Device::Cpu {
         let indices = indices.f_to(Device::Cpu)?;
@@ -38,7 +50,10 @@ pub fn gather_tokens_libtorch(x: &Tensor, indices: &Tensor) -> Result<Tensor> {
         let lo = indices.f_min()?.f_int64_value(&[])?;
         let hi = indices.f_max()?.f_int64_value(&[])?;
         if lo < 0 || hi >= n_tokens {
-            return Err(KvError::invalid("indices", format!("values must lie in [0, {n_tokens}), got [{lo}, {hi}]")));
+            return Err(KvError::invalid(
+                "indices",
+                format!("values must lie in [0, {n_tokens}), got [{lo}, {hi}]"),
+            ));
         }
     }
     if x.dim() == 3 {
@@ -61,12 +76,16 @@ fn gather_tokens_cpu_tensor(x: &Tensor, indices: &Tensor) -> Result<Tensor> {
         Kind::BFloat16 => gather_typed::<half::bf16>(x, idx, &mut out),
         Kind::Int => gather_typed::<i32>(x, idx, &mut out),
         Kind::Int64 => gather_typed::<i64>(x, idx, &mut out),
-        other => Err(KvError::dtype("x", crate::tensor::kind_name(other), "a float or integer dtype")),
+        other => Err(KvError::dtype(
+            "x",
+            crate::tensor::kind_name(other),
+            "a float or integer dtype",
+        )),
     }?;
     Ok(out)
 }
 
-fn gather_typed<T: Element + Copy + Send + Sync>(
+fn gather_typed<T: TorchElement>(
     x: &Tensor,
     idx: ArrayView3<'_, i64>,
     out: &mut Tensor,
@@ -94,30 +113,42 @@ pub fn gather_tokens_cpu<T: Copy + Send + Sync>(
     let (b, h, t, d) = x.dim();
     let (ib, ih, k) = indices.dim();
     if (ib, ih) != (b, h) {
-        return Err(KvError::shape("indices", &[ib as i64, ih as i64, k as i64], format!("({b}, {h}, k)")));
+        return Err(KvError::shape(
+            "indices",
+            &[ib as i64, ih as i64, k as i64],
+            format!("({b}, {h}, k)"),
+        ));
     }
     if out.len() != b * h * k * d {
-        return Err(KvError::invalid("out", format!("expected {} elements, got {}", b * h * k * d, out.len())));
+        return Err(KvError::invalid(
+            "out",
+            format!("expected {} elements, got {}", b * h * k * d, out.len()),
+        ));
     }
     if let Some(&bad) = indices.iter().find(|&&i| i < 0 || i as usize >= t) {
-        return Err(KvError::invalid("indices", format!("index {bad} is outside [0, {t})")));
+        return Err(KvError::invalid(
+            "indices",
+            format!("index {bad} is outside [0, {t})"),
+        ));
     }
     if k == 0 || d == 0 {
         return Ok(());
     }
-    out.par_chunks_mut(k * d).enumerate().for_each(|(row, dst)| {
-        let (i, j) = (row / h, row % h);
-        let src = x.index_axis(Axis(0), i);
-        let src = src.index_axis(Axis(0), j);
-        let idx = indices.index_axis(Axis(0), i);
-        let idx = idx.index_axis(Axis(0), j);
-        for (slot, &tok) in dst.chunks_exact_mut(d).zip(idx.iter()) {
-            let token = src.index_axis(Axis(0), tok as usize);
-            match token.as_slice() {
-                Some(s) => slot.copy_from_slice(s),
-                None => slot.iter_mut().zip(token.iter()).for_each(|(o, v)| *o = *v),
+    out.par_chunks_mut(k * d)
+        .enumerate()
+        .for_each(|(row, dst)| {
+            let (i, j) = (row / h, row % h);
+            let src = x.index_axis(Axis(0), i);
+            let src = src.index_axis(Axis(0), j);
+            let idx = indices.index_axis(Axis(0), i);
+            let idx = idx.index_axis(Axis(0), j);
+            for (slot, &tok) in dst.chunks_exact_mut(d).zip(idx.iter()) {
+                let token = src.index_axis(Axis(0), tok as usize);
+                match token.as_slice() {
+                    Some(s) => slot.copy_from_slice(s),
+                    None => slot.iter_mut().zip(token.iter()).for_each(|(o, v)| *o = *v),
+                }
             }
-        }
-    });
+        });
     Ok(())
 }

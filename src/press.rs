@@ -3,12 +3,12 @@
 //! prefill attention.
 
 use crate::budget::Budget;
+use crate::error::KvError;
 use crate::error::Result;
 use crate::policies::{score, ScoreContext, Scorer};
 use crate::select::top_k_indices;
 use crate::store::LayerStore;
 use crate::tensor::{check_finite, FloatView4};
-use crate::error::KvError;
 use ndarray::Array3;
 use tch::Tensor;
 
@@ -69,7 +69,11 @@ impl Press {
         let vs = values.shape().to_vec();
         if ks[..3] != vs[..3] {
             let vs64: Vec<i64> = vs.iter().map(|&x| x as i64).collect();
-            return Err(KvError::shape("values", &vs64, format!("({}, {}, {}, head_dim) to match keys", ks[0], ks[1], ks[2])));
+            return Err(KvError::shape(
+                "values",
+                &vs64,
+                format!("({}, {}, {}, head_dim) to match keys", ks[0], ks[1], ks[2]),
+            ));
         }
         if !keys.all_finite() {
             return Err(KvError::non_finite("keys", "every key must be finite"));
@@ -80,7 +84,8 @@ impl Press {
         let n_kept = self.budget.n_kept(ks[2])?;
         let ctx = ScoreContext { layer_idx, n_kept };
         let mut scores = Array3::<f32>::zeros((ks[0], ks[1], ks[2]));
-        self.scorer.score_cpu(keys, values, &ctx, scores.view_mut())?;
+        self.scorer
+            .score_cpu(keys, values, &ctx, scores.view_mut())?;
         let mut kept = Array3::<i64>::zeros((ks[0], ks[1], n_kept));
         crate::select::top_k_indices_cpu(scores.view(), kept.view_mut())?;
         Ok(kept)

@@ -18,11 +18,18 @@ use tch::{Device, Kind, Tensor};
 pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
     let size = scores.size();
     if size.len() != 3 {
-        return Err(KvError::shape("scores", &size, "rank 3: (batch, heads, tokens)"));
+        return Err(KvError::shape(
+            "scores",
+            &size,
+            "rank 3: (batch, heads, tokens)",
+        ));
     }
     let n_tokens = size[2] as usize;
     if k == 0 || k > n_tokens {
-        return Err(KvError::invalid("k", format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)")));
+        return Err(KvError::invalid(
+            "k",
+            format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)"),
+        ));
     }
     if scores.device() == Device::Cpu {
         let scores = scores.f_to_kind(Kind::Float)?;
@@ -42,14 +49,21 @@ pub fn top_k_indices_libtorch(scores: &Tensor, k: usize) -> Result<Tensor> {
         return Err(KvError::non_finite("scores", "a scorer produced NaN"));
     }
     // A stable descending sort keeps equal scores in index order: ties go to earlier tokens.
-    let order = scores.f_to_kind(Kind::Float)?.f_argsort_stable(true, -1, true)?;
-    let (sorted, _) = order.f_narrow(-1, 0, k as i64)?.f_sort_stable(true, -1, false)?;
+    let order = scores
+        .f_to_kind(Kind::Float)?
+        .f_argsort_stable(true, -1, true)?;
+    let (sorted, _) = order
+        .f_narrow(-1, 0, k as i64)?
+        .f_sort_stable(true, -1, false)?;
     Ok(sorted)
 }
 
 /// The CPU kernel of [`top_k_indices`]: rows in parallel, O(T) selection then a sort of
 /// the k kept indices.
-pub fn top_k_indices_cpu(scores: ArrayView3<'_, f32>, mut out: ArrayViewMut3<'_, i64>) -> Result<()> {
+pub fn top_k_indices_cpu(
+    scores: ArrayView3<'_, f32>,
+    mut out: ArrayViewMut3<'_, i64>,
+) -> Result<()> {
     let (b, h, t) = scores.dim();
     let k = out.dim().2;
     if out.dim().0 != b || out.dim().1 != h || k == 0 || k > t {
@@ -75,7 +89,10 @@ pub fn top_k_indices_cpu(scores: ArrayView3<'_, f32>, mut out: ArrayViewMut3<'_,
             order.extend(0..t);
             // Higher score first; among equal scores, the earlier token first.
             let better = |a: &usize, c: &usize| -> Ordering {
-                row[*c].partial_cmp(&row[*a]).unwrap_or(Ordering::Equal).then(a.cmp(c))
+                row[*c]
+                    .partial_cmp(&row[*a])
+                    .unwrap_or(Ordering::Equal)
+                    .then(a.cmp(c))
             };
             if k < t {
                 order.select_nth_unstable_by(k - 1, better);

@@ -86,6 +86,18 @@ class TokenLog:
         else:
             self.known = False
 
+    def index_batch(self, indices: torch.Tensor) -> None:
+        if self.ids is not None:
+            self.ids = self.ids[torch.as_tensor(indices, dtype=torch.long).cpu()]
+
+    def repeat_interleave(self, repeats: int) -> None:
+        if self.ids is not None:
+            self.ids = self.ids.repeat_interleave(repeats, dim=0)
+
+    def truncate(self, length: int) -> None:
+        if self.ids is not None:
+            self.ids = self.ids[:, :length]
+
     def check_continues(self, input_ids: torch.Tensor, seen: int) -> None:
         if seen == 0 or not self.known or self.ids is None or self.ids.shape[1] != seen:
             return

@@ -178,6 +178,23 @@ class KVCache(Cache):
         super().reset()
         self._token_log.reset()
 
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._token_log.index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        self._token_log.index_batch(indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._token_log.repeat_interleave(repeats)
+
+    def crop(self, max_length_or_tokens_to_remove: int) -> None:
+        seen = self.get_seq_length()
+        super().crop(max_length_or_tokens_to_remove)
+        self._token_log.truncate(self.get_seq_length() if seen else 0)
+
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)
 

@@ -12,13 +12,15 @@ use tch::{Kind, Tensor};
 pub struct Knorm;
 
 fn neg_norms<T: KvFloat>(keys: &ArrayView4<'_, T>, mut out: ArrayViewMut3<'_, f32>) {
-    Zip::from(&mut out).and(keys.lanes(Axis(3))).par_for_each(|o, lane| {
-        let sq: f32 = match lane.as_slice() {
-            Some(s) => s.iter().map(|x| x.to_f32() * x.to_f32()).sum(),
-            None => lane.iter().map(|x| x.to_f32() * x.to_f32()).sum(),
-        };
-        *o = -sq.sqrt();
-    });
+    Zip::from(&mut out)
+        .and(keys.lanes(Axis(3)))
+        .par_for_each(|o, lane| {
+            let sq: f32 = match lane.as_slice() {
+                Some(s) => s.iter().map(|x| x.to_f32() * x.to_f32()).sum(),
+                None => lane.iter().map(|x| x.to_f32() * x.to_f32()).sum(),
+            };
+            *o = -sq.sqrt();
+        });
 }
 
 impl Scorer for Knorm {
@@ -37,7 +39,12 @@ impl Scorer for Knorm {
         Ok(())
     }
 
-    fn score_libtorch(&self, keys: &Tensor, _values: &Tensor, _ctx: &ScoreContext) -> Result<Tensor> {
+    fn score_libtorch(
+        &self,
+        keys: &Tensor,
+        _values: &Tensor,
+        _ctx: &ScoreContext,
+    ) -> Result<Tensor> {
         let k = keys.f_to_kind(Kind::Float)?;
         Ok(k.f_norm_scalaropt_dim(2.0, [-1i64], false)?.f_neg()?)
     }

@@ -48,10 +48,18 @@ pub trait Scorer: Send + Sync + std::fmt::Debug {
 
 /// Scores one layer's keys and values: the CPU kernel for CPU tensors, libtorch elsewhere.
 /// Returns float32 scores (batch, kv_heads, tokens) on the tensors' device.
-pub fn score(scorer: &dyn Scorer, keys: &Tensor, values: &Tensor, ctx: &ScoreContext) -> Result<Tensor> {
+pub fn score(
+    scorer: &dyn Scorer,
+    keys: &Tensor,
+    values: &Tensor,
+    ctx: &ScoreContext,
+) -> Result<Tensor> {
     let (shape, _) = check_kv_pair(keys, values)?;
     if shape.tokens == 0 {
-        return Err(KvError::empty("keys", "cannot score a sequence of zero tokens"));
+        return Err(KvError::empty(
+            "keys",
+            "cannot score a sequence of zero tokens",
+        ));
     }
     if keys.device() != Device::Cpu {
         return scorer.score_libtorch(keys, values, ctx);
@@ -76,12 +84,17 @@ pub fn score(scorer: &dyn Scorer, keys: &Tensor, values: &Tensor, ctx: &ScoreCon
 pub fn scorer_from_name(name: &str, params: &ScorerParams) -> Result<Box<dyn Scorer>> {
     let scorer: Box<dyn Scorer> = match name {
         "knorm" => Box::new(Knorm),
-        "streaming_llm" | "streamingllm" | "streaming" => Box::new(StreamingLlm::new(params.n_sink)?),
+        "streaming_llm" | "streamingllm" | "streaming" => {
+            Box::new(StreamingLlm::new(params.n_sink)?)
+        }
         "random" => Box::new(Random::new(params.seed)),
         other => {
             return Err(KvError::invalid(
                 "policy",
-                format!("unknown policy {other:?}; expected one of {:?}", POLICY_NAMES),
+                format!(
+                    "unknown policy {other:?}; expected one of {:?}",
+                    POLICY_NAMES
+                ),
             ))
         }
     };

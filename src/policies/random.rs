@@ -27,7 +27,8 @@ impl Random {
     }
 
     fn fill(&self, layer: usize, mut out: ArrayViewMut3<'_, f32>) {
-        out.indexed_iter_mut().for_each(|((b, h, t), o)| *o = self.uniform(layer, b, h, t));
+        out.indexed_iter_mut()
+            .for_each(|((b, h, t), o)| *o = self.uniform(layer, b, h, t));
     }
 
     /// A uniform number in [0, 1) for one token.
@@ -62,7 +63,10 @@ impl Scorer for Random {
         let size = keys.size();
         let _ = values;
         let mut out = Tensor::f_empty([size[0], size[1], size[2]], (Kind::Float, Device::Cpu))?;
-        self.fill(ctx.layer_idx, crate::tensor::array_view_mut(&mut out, "scores")?);
+        self.fill(
+            ctx.layer_idx,
+            crate::tensor::array_view_mut(&mut out, "scores")?,
+        );
         Ok(out.f_to(keys.device())?)
     }
 }

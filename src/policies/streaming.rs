@@ -14,9 +14,14 @@ pub struct StreamingLlm {
 impl StreamingLlm {
     pub fn new(n_sink: i64) -> Result<Self> {
         if n_sink < 0 {
-            return Err(KvError::invalid("n_sink", format!("got {n_sink}, expected a count >= 0")));
+            return Err(KvError::invalid(
+                "n_sink",
+                format!("got {n_sink}, expected a count >= 0"),
+            ));
         }
-        Ok(StreamingLlm { n_sink: n_sink as usize })
+        Ok(StreamingLlm {
+            n_sink: n_sink as usize,
+        })
     }
 
     pub fn n_sink(&self) -> usize {
@@ -47,18 +52,37 @@ impl Scorer for StreamingLlm {
         let n_tokens = out.dim().2;
         let n_kept = ctx.n_kept.min(n_tokens);
         for (t, mut col) in out.axis_iter_mut(Axis(2)).enumerate() {
-            col.fill(if self.kept(t, n_tokens, n_kept) { 1.0 } else { 0.0 });
+            col.fill(if self.kept(t, n_tokens, n_kept) {
+                1.0
+            } else {
+                0.0
+            });
         }
         Ok(())
     }
 
-    fn score_libtorch(&self, keys: &Tensor, _values: &Tensor, ctx: &ScoreContext) -> Result<Tensor> {
+    fn score_libtorch(
+        &self,
+        keys: &Tensor,
+        _values: &Tensor,
+        ctx: &ScoreContext,
+    ) -> Result<Tensor> {
         let size = keys.size();
         let n_tokens = size[2] as usize;
         let n_kept = ctx.n_kept.min(n_tokens);
-        let row: Vec<f32> =
-            (0..n_tokens).map(|t| if self.kept(t, n_tokens, n_kept) { 1.0 } else { 0.0 }).collect();
+        let row: Vec<f32> = (0..n_tokens)
+            .map(|t| {
+                if self.kept(t, n_tokens, n_kept) {
+                    1.0
+                } else {
+                    0.0
+                }
+            })
+            .collect();
         let row = Tensor::f_from_slice(&row)?.f_to(keys.device())?;
-        Ok(row.f_expand([size[0], size[1], size[2]], false)?.f_to_kind(Kind::Float)?.f_contiguous()?)
+        Ok(row
+            .f_expand([size[0], size[1], size[2]], false)?
+            .f_to_kind(Kind::Float)?
+            .f_contiguous()?)
     }
 }

@@ -7,7 +7,9 @@
 //! this module so that libtorch is loaded first.
 
 use crate::tensor::FloatView;
-use numpy::{PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods};
+use numpy::{
+    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
+};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use tch::Tensor;
@@ -30,7 +32,10 @@ impl<'a, 'py> FromPyObject<'a, 'py> for PyTensor {
             Some(t) => Ok(PyTensor(t)),
             None => Err(PyTypeError::new_err(format!(
                 "expected a torch.Tensor, got {}",
-                obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
             ))),
         }
     }
@@ -42,7 +47,10 @@ impl<'py> IntoPyObject<'py> for PyTensor {
     type Error = PyErr;
 
     fn into_pyobject(self, py: Python<'py>) -> PyResult<Self::Output> {
-        let ptr = self.0.pyobject_wrap().map_err(|e| super::errors::to_pyerr(e.into()))?;
+        let ptr = self
+            .0
+            .pyobject_wrap()
+            .map_err(|e| super::errors::to_pyerr(e.into()))?;
         // SAFETY: `pyobject_wrap` returns a new (owned) reference to a torch.Tensor.
         Ok(unsafe { Bound::from_owned_ptr(py, ptr as *mut pyo3::ffi::PyObject) })
     }
@@ -65,7 +73,10 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ArrayArg<'py> {
             Ok(t) => Ok(ArrayArg::Torch(t.0)),
             Err(_) => Err(PyTypeError::new_err(format!(
                 "expected a torch.Tensor or a numpy.ndarray, got {}",
-                obj.get_type().name().map(|n| n.to_string()).unwrap_or_default()
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
             ))),
         }
     }
@@ -104,11 +115,19 @@ impl<'py> NumpyFloat<'py> {
         Ok(match self {
             NumpyFloat::F32(a) => {
                 let v = a.as_array();
-                FloatView::F32(v.clone().into_dimensionality::<D>().map_err(|_| wrong_rank(v.shape()))?)
+                FloatView::F32(
+                    v.clone()
+                        .into_dimensionality::<D>()
+                        .map_err(|_| wrong_rank(v.shape()))?,
+                )
             }
             NumpyFloat::F16(a) => {
                 let v = a.as_array();
-                FloatView::F16(v.clone().into_dimensionality::<D>().map_err(|_| wrong_rank(v.shape()))?)
+                FloatView::F16(
+                    v.clone()
+                        .into_dimensionality::<D>()
+                        .map_err(|_| wrong_rank(v.shape()))?,
+                )
             }
         })
     }

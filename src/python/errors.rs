@@ -41,7 +41,10 @@ pub fn to_pyerr(err: KvError) -> PyErr {
 /// An internal failure (a bug): raised as `kvpress_rs.errors.InternalError`.
 pub fn internal(message: String) -> PyErr {
     Python::attach(|py| {
-        match py.import("kvpress_rs.errors").and_then(|m| m.getattr("InternalError")) {
+        match py
+            .import("kvpress_rs.errors")
+            .and_then(|m| m.getattr("InternalError"))
+        {
             Ok(class) => match class.call1((message.clone(),)) {
                 Ok(instance) => PyErr::from_value(instance),
                 Err(e) => e,
@@ -68,7 +71,9 @@ where
                 .cloned()
                 .or_else(|| panic.downcast_ref::<&str>().map(|s| s.to_string()))
                 .unwrap_or_else(|| "unknown panic".to_owned());
-            Err(internal(format!("internal error in kvpress_rs (please report): {what}")))
+            Err(internal(format!(
+                "internal error in kvpress_rs (please report): {what}"
+            )))
         }
     }
 }

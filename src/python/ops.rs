@@ -26,9 +26,6 @@ fn mixed() -> PyErr {
     PyTypeError::new_err("`keys` and `values` must both be torch.Tensor or both numpy.ndarray")
 }
 
-/// score(policy, keys, values=None, *, n_kept=None, layer_idx=0, n_sink=4, seed=0)
-/// --
-///
 /// Scores every token of one layer; higher = keep.
 ///
 /// Parameters
@@ -77,7 +74,10 @@ fn score<'py>(
             };
             let out = detached(py, move || {
                 let tokens = crate::tensor::check_kv(&k, "keys")?.tokens;
-                let ctx = ScoreContext { layer_idx, n_kept: n_kept.unwrap_or(tokens) };
+                let ctx = ScoreContext {
+                    layer_idx,
+                    n_kept: n_kept.unwrap_or(tokens),
+                };
                 crate::policies::score(scorer.as_ref(), &k, &v, &ctx)
             })?;
             PyTensor(out).into_pyobject(py)
@@ -95,11 +95,17 @@ fn score<'py>(
                 return Err(to_pyerr(KvError::shape(
                     "values",
                     &vv.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                    format!("({}, {}, {}, head_dim) to match keys", shape[0], shape[1], shape[2]),
+                    format!(
+                        "({}, {}, {}, head_dim) to match keys",
+                        shape[0], shape[1], shape[2]
+                    ),
                 )));
             }
             let out = detached(py, move || {
-                let ctx = ScoreContext { layer_idx, n_kept: n_kept.unwrap_or(shape[2]) };
+                let ctx = ScoreContext {
+                    layer_idx,
+                    n_kept: n_kept.unwrap_or(shape[2]),
+                };
                 let mut out = Array3::<f32>::zeros((shape[0], shape[1], shape[2]));
                 scorer.score_cpu(&kv, &vv, &ctx, out.view_mut())?;
                 Ok(out)
@@ -109,9 +115,6 @@ fn score<'py>(
     }
 }
 
-/// top_k(scores, k)
-/// --
-///
 /// Indices of the ``k`` highest scores of every (batch, head) row, in ascending order;
 /// ties go to the earlier token.
 ///
@@ -140,7 +143,11 @@ fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Boun
         }
         ArrayArg::Numpy(s) => {
             let s = s.cast::<PyArrayDyn<f32>>().map_err(|_| {
-                to_pyerr(KvError::dtype("scores", format!("numpy {}", s.dtype()), "numpy float32"))
+                to_pyerr(KvError::dtype(
+                    "scores",
+                    format!("numpy {}", s.dtype()),
+                    "numpy float32",
+                ))
             })?;
             let s = s.try_readonly()?;
             let view = s.as_array().into_dimensionality::<Ix3>().map_err(|_| {
@@ -152,7 +159,10 @@ fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Boun
             })?;
             let (b, h, t) = view.dim();
             if k == 0 || k > t {
-                return Err(to_pyerr(KvError::invalid("k", format!("got {k}, expected 1 <= k <= {t} (tokens)"))));
+                return Err(to_pyerr(KvError::invalid(
+                    "k",
+                    format!("got {k}, expected 1 <= k <= {t} (tokens)"),
+                )));
             }
             let out = detached(py, move || {
                 let mut out = Array3::<i64>::zeros((b, h, k));
@@ -164,9 +174,6 @@ fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Boun
     }
 }
 
-/// gather(x, indices)
-/// --
-///
 /// Gathers tokens: ``out[b, h, i] = x[b, h, indices[b, h, i]]``.
 ///
 /// Parameters
@@ -188,7 +195,11 @@ fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Boun
 /// tensor([[[[0., 1.],
 ///           [6., 7.]]]])
 #[pyfunction]
-fn gather<'py>(py: Python<'py>, x: ArrayArg<'py>, indices: ArrayArg<'py>) -> PyResult<Bound<'py, PyAny>> {
+fn gather<'py>(
+    py: Python<'py>,
+    x: ArrayArg<'py>,
+    indices: ArrayArg<'py>,
+) -> PyResult<Bound<'py, PyAny>> {
     match (x, indices) {
         (ArrayArg::Torch(x), ArrayArg::Torch(i)) => {
             let out = detached(py, move || crate::gather::gather_tokens(&x, &i))?;
@@ -196,7 +207,11 @@ fn gather<'py>(py: Python<'py>, x: ArrayArg<'py>, indices: ArrayArg<'py>) -> PyR
         }
         (ArrayArg::Numpy(x), ArrayArg::Numpy(i)) => {
             let i = i.cast::<PyArrayDyn<i64>>().map_err(|_| {
-                to_pyerr(KvError::dtype("indices", format!("numpy {}", i.dtype()), "numpy int64"))
+                to_pyerr(KvError::dtype(
+                    "indices",
+                    format!("numpy {}", i.dtype()),
+                    "numpy int64",
+                ))
             })?;
             let i = i.try_readonly()?;
             let iv = i.as_array().into_dimensionality::<Ix3>().map_err(|_| {
@@ -210,9 +225,15 @@ fn gather<'py>(py: Python<'py>, x: ArrayArg<'py>, indices: ArrayArg<'py>) -> PyR
             let rank3 = x.ndim() == 3;
             let xv = if rank3 {
                 match xn.view::<Ix3>("x")? {
-                    crate::tensor::FloatView::F32(v) => crate::tensor::FloatView::F32(v.insert_axis(ndarray::Axis(3))),
-                    crate::tensor::FloatView::F16(v) => crate::tensor::FloatView::F16(v.insert_axis(ndarray::Axis(3))),
-                    crate::tensor::FloatView::Bf16(v) => crate::tensor::FloatView::Bf16(v.insert_axis(ndarray::Axis(3))),
+                    crate::tensor::FloatView::F32(v) => {
+                        crate::tensor::FloatView::F32(v.insert_axis(ndarray::Axis(3)))
+                    }
+                    crate::tensor::FloatView::F16(v) => {
+                        crate::tensor::FloatView::F16(v.insert_axis(ndarray::Axis(3)))
+                    }
+                    crate::tensor::FloatView::Bf16(v) => {
+                        crate::tensor::FloatView::Bf16(v.insert_axis(ndarray::Axis(3)))
+                    }
                 }
             } else {
                 xn.view::<Ix4>("x")?
@@ -238,13 +259,12 @@ fn gather<'py>(py: Python<'py>, x: ArrayArg<'py>, indices: ArrayArg<'py>) -> PyR
                 }
             })
         }
-        _ => Err(PyTypeError::new_err("`x` and `indices` must both be torch.Tensor or both numpy.ndarray")),
+        _ => Err(PyTypeError::new_err(
+            "`x` and `indices` must both be torch.Tensor or both numpy.ndarray",
+        )),
     }
 }
 
-/// kept_indices(policy, keys, values=None, *, compression_ratio=None, max_tokens=None, layer_idx=0, n_sink=4, seed=0)
-/// --
-///
 /// The tokens a policy keeps under a budget: scores, then top-k. Exactly what a cache
 /// keeps for that layer.
 ///
@@ -310,9 +330,6 @@ fn kept_indices<'py>(
     }
 }
 
-/// n_kept(n_tokens, compression_ratio=None, max_tokens=None)
-/// --
-///
 /// How many of ``n_tokens`` tokens a budget keeps: ``int(n_tokens * (1 - ratio))`` or
 /// ``min(n_tokens, max_tokens)``.
 ///
@@ -323,7 +340,11 @@ fn kept_indices<'py>(
 /// 250
 #[pyfunction]
 #[pyo3(signature = (n_tokens, compression_ratio=None, max_tokens=None))]
-fn n_kept(n_tokens: usize, compression_ratio: Option<f64>, max_tokens: Option<i64>) -> PyResult<usize> {
+fn n_kept(
+    n_tokens: usize,
+    compression_ratio: Option<f64>,
+    max_tokens: Option<i64>,
+) -> PyResult<usize> {
     Budget::from_args(compression_ratio, max_tokens)
         .and_then(|b| b.n_kept(n_tokens))
         .map_err(to_pyerr)

@@ -7,9 +7,6 @@ use crate::policies::{scorer_from_name, ScorerParams};
 use crate::press::Press;
 use pyo3::prelude::*;
 
-/// Press(policy, *, compression_ratio=None, max_tokens=None, n_sink=4, seed=0)
-/// --
-///
 /// A token-eviction rule: a policy that scores tokens and a budget that says how many a
 /// layer keeps. Immutable and shareable across layers and threads.
 ///
@@ -50,7 +47,9 @@ impl PyPress {
     ) -> PyResult<Self> {
         let scorer = scorer_from_name(policy, &ScorerParams { n_sink, seed }).map_err(to_pyerr)?;
         let budget = Budget::from_args(compression_ratio, max_tokens).map_err(to_pyerr)?;
-        Ok(PyPress { inner: Press::new(scorer, budget) })
+        Ok(PyPress {
+            inner: Press::new(scorer, budget),
+        })
     }
 
     /// The policy name.
@@ -83,14 +82,11 @@ impl PyPress {
         self.inner.budget().keeps_everything()
     }
 
-    /// n_kept(n_tokens) -> int: tokens kept out of ``n_tokens``.
+    /// Tokens kept out of ``n_tokens`` under this press's budget.
     fn n_kept(&self, n_tokens: usize) -> PyResult<usize> {
         self.inner.budget().n_kept(n_tokens).map_err(to_pyerr)
     }
 
-    /// kept_indices(keys, values, layer_idx) -> torch.Tensor
-    /// --
-    ///
     /// int64 (batch, kv_heads, n_kept) ascending indices of the tokens kept out of
     /// ``keys``/``values`` (batch, kv_heads, tokens, head_dim).
     fn kept_indices(
@@ -101,7 +97,10 @@ impl PyPress {
     ) -> PyResult<PyTensor> {
         let py = slf.py();
         let me = slf.get();
-        detached(py, move || me.inner.kept_indices(&keys.0, &values.0, layer_idx)).map(PyTensor)
+        detached(py, move || {
+            me.inner.kept_indices(&keys.0, &values.0, layer_idx)
+        })
+        .map(PyTensor)
     }
 
     fn __repr__(&self) -> String {

@@ -11,9 +11,6 @@ use crate::store::LayerStore;
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
-/// LayerStore()
-/// --
-///
 /// One layer's KV cache with eviction: keys/values (batch, kv_heads, tokens, head_dim), the
 /// original positions of the kept tokens, and the number of tokens seen.
 ///
@@ -34,9 +31,11 @@ pub struct PyLayerStore {
 impl PyLayerStore {
     fn lock(&self) -> Result<MutexGuard<'_, LayerStore>> {
         // A poisoned lock means an earlier call panicked mid-update: refuse to go on.
-        self.inner
-            .lock()
-            .map_err(|_| KvError::State("the layer store is poisoned by an earlier internal error; reset the cache".into()))
+        self.inner.lock().map_err(|_| {
+            KvError::State(
+                "the layer store is poisoned by an earlier internal error; reset the cache".into(),
+            )
+        })
     }
 }
 
@@ -44,34 +43,33 @@ impl PyLayerStore {
 impl PyLayerStore {
     #[new]
     fn new() -> Self {
-        PyLayerStore { inner: Mutex::new(LayerStore::new()) }
+        PyLayerStore {
+            inner: Mutex::new(LayerStore::new()),
+        }
     }
 
-    /// append(keys, values) -> (torch.Tensor, torch.Tensor)
-    /// --
-    ///
     /// Appends (batch, kv_heads, q, head_dim) keys/values and returns all stored keys and
     /// values followed by the new ones (views, no copy). The first append adopts the given
     /// tensors without copying them.
-    fn append(slf: Bound<'_, Self>, keys: PyTensor, values: PyTensor) -> PyResult<(PyTensor, PyTensor)> {
+    fn append(
+        slf: Bound<'_, Self>,
+        keys: PyTensor,
+        values: PyTensor,
+    ) -> PyResult<(PyTensor, PyTensor)> {
         let me = slf.get();
         let (k, v) = detached(slf.py(), move || me.lock()?.append(&keys.0, &values.0))?;
         Ok((PyTensor(k), PyTensor(v)))
     }
 
-    /// compress(press, layer_idx) -> None
-    /// --
-    ///
     /// Scores the stored tokens with ``press`` and frees all but the kept ones.
     fn compress(slf: Bound<'_, Self>, press: Bound<'_, PyPress>, layer_idx: usize) -> PyResult<()> {
         let me = slf.get();
         let press = press.get();
-        detached(slf.py(), move || press.inner.compress(&mut *me.lock()?, layer_idx))
+        detached(slf.py(), move || {
+            press.inner.compress(&mut *me.lock()?, layer_idx)
+        })
     }
 
-    /// retain(indices) -> None
-    /// --
-    ///
     /// Keeps only the stored tokens at ``indices``: int64 (batch, kv_heads, k), ascending.
     fn retain(slf: Bound<'_, Self>, indices: PyTensor) -> PyResult<()> {
         let me = slf.get();
@@ -96,25 +94,27 @@ impl PyLayerStore {
         detached(slf.py(), move || me.lock()?.kept_positions()).map(PyTensor)
     }
 
-    /// crop(n) -> None: forgets the last ``n`` tokens seen.
+    /// Forgets the last ``n`` tokens seen (only tokens still stored can be removed).
     fn crop(slf: Bound<'_, Self>, n: usize) -> PyResult<()> {
         let me = slf.get();
         detached(slf.py(), move || me.lock()?.crop(n))
     }
 
-    /// index_batch(indices) -> None: keeps/reorders batch rows (beam search).
+    /// Keeps and reorders batch rows (beam search, batch selection).
     fn index_batch(slf: Bound<'_, Self>, indices: PyTensor) -> PyResult<()> {
         let me = slf.get();
         detached(slf.py(), move || me.lock()?.index_batch(&indices.0))
     }
 
-    /// repeat_interleave_batch(repeats) -> None: repeats each batch row.
+    /// Repeats each batch row ``repeats`` times.
     fn repeat_interleave_batch(slf: Bound<'_, Self>, repeats: i64) -> PyResult<()> {
         let me = slf.get();
-        detached(slf.py(), move || me.lock()?.repeat_interleave_batch(repeats))
+        detached(slf.py(), move || {
+            me.lock()?.repeat_interleave_batch(repeats)
+        })
     }
 
-    /// reset() -> None: drops everything.
+    /// Drops everything: the store is as new.
     fn reset(&self) -> PyResult<()> {
         self.lock().map_err(to_pyerr)?.reset();
         Ok(())
@@ -146,6 +146,9 @@ impl PyLayerStore {
 
     fn __repr__(&self) -> PyResult<String> {
         let s = self.lock().map_err(to_pyerr)?.stats();
-        Ok(format!("LayerStore(seen={}, stored={}, nbytes={})", s.seen, s.stored, s.nbytes))
+        Ok(format!(
+            "LayerStore(seen={}, stored={}, nbytes={})",
+            s.seen, s.stored, s.nbytes
+        ))
     }
 }

@@ -5,9 +5,10 @@ use crate::error::Result;
 use crate::tensor::TOKEN_AXIS;
 use tch::Tensor;
 
-/// Spare tokens reserved when a buffer grows: at least this many, or 1/8 of the length,
-/// bounding both the copies (amortised O(1) per token) and the unused bytes.
-const MIN_RESERVE: usize = 128;
+/// Spare tokens reserved when a buffer grows. A fixed chunk keeps the unused bytes small
+/// and bounded (what `nbytes` reports stays close to what is stored), while the regrowth
+/// copy happens once per this many decoded tokens instead of every step.
+const RESERVE_TOKENS: usize = 64;
 
 /// A (batch, heads, capacity[, dim]) tensor of which the first `len` tokens are valid.
 #[derive(Debug)]
@@ -50,7 +51,7 @@ impl TokenBuffer {
         let q = x.size()[TOKEN_AXIS as usize] as usize;
         let needed = self.len + q;
         if needed > self.capacity() {
-            self.reallocate(needed + MIN_RESERVE.max(needed / 8))?;
+            self.reallocate(needed + RESERVE_TOKENS)?;
         }
         let mut slot = self.data.f_narrow(TOKEN_AXIS, self.len as i64, q as i64)?;
         slot.f_copy_(x)?;

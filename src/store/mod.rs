@@ -71,7 +71,11 @@ impl LayerStore {
     }
 
     pub fn stats(&self) -> StoreStats {
-        StoreStats { seen: self.seen, stored: self.len(), nbytes: self.nbytes() }
+        StoreStats {
+            seen: self.seen,
+            stored: self.len(),
+            nbytes: self.nbytes(),
+        }
     }
 
     /// Appends new keys/values (batch, kv_heads, q, head_dim) and returns the keys and
@@ -83,7 +87,10 @@ impl LayerStore {
         let kind = keys.kind();
         let device = keys.device();
         if ks.tokens == 0 {
-            return Err(KvError::empty("keys", "an update must carry at least one token"));
+            return Err(KvError::empty(
+                "keys",
+                "an update must carry at least one token",
+            ));
         }
         match (&mut self.keys, &mut self.values, self.layout) {
             (Some(kb), Some(vb), Some(layout)) => {
@@ -126,9 +133,14 @@ impl LayerStore {
         let (shape, ..) = self.layout.ok_or_else(empty_store)?;
         match &self.positions {
             Some(p) => Ok(p.view()?.f_to_kind(Kind::Int64)?),
-            None => Ok(Tensor::f_arange(self.len() as i64, (Kind::Int64, Device::Cpu))?
-                .f_expand([shape.batch as i64, shape.heads as i64, self.len() as i64], false)?
-                .f_contiguous()?),
+            None => Ok(
+                Tensor::f_arange(self.len() as i64, (Kind::Int64, Device::Cpu))?
+                    .f_expand(
+                        [shape.batch as i64, shape.heads as i64, self.len() as i64],
+                        false,
+                    )?
+                    .f_contiguous()?,
+            ),
         }
     }
 
@@ -162,7 +174,10 @@ impl LayerStore {
             return Ok(());
         }
         if n > self.seen {
-            return Err(KvError::invalid("tokens_to_remove", format!("{n} exceeds the {} tokens seen", self.seen)));
+            return Err(KvError::invalid(
+                "tokens_to_remove",
+                format!("{n} exceeds the {} tokens seen", self.seen),
+            ));
         }
         let new_seen = self.seen - n;
         let removed = match &self.positions {
@@ -185,7 +200,10 @@ impl LayerStore {
             }
         };
         let keep = self.len() - removed;
-        for b in [&mut self.keys, &mut self.values, &mut self.positions].into_iter().flatten() {
+        for b in [&mut self.keys, &mut self.values, &mut self.positions]
+            .into_iter()
+            .flatten()
+        {
             b.truncate(keep)?;
         }
         self.seen = new_seen;
@@ -200,7 +218,10 @@ impl LayerStore {
     /// Repeats every batch row `repeats` times in place (row i becomes rows i*r..(i+1)*r).
     pub fn repeat_interleave_batch(&mut self, repeats: i64) -> Result<()> {
         if repeats < 1 {
-            return Err(KvError::invalid("repeats", format!("got {repeats}, expected >= 1")));
+            return Err(KvError::invalid(
+                "repeats",
+                format!("got {repeats}, expected >= 1"),
+            ));
         }
         self.map_batch(|t| Ok(t.f_repeat_interleave_self_int(repeats, 0, None)?))
     }
@@ -209,7 +230,10 @@ impl LayerStore {
         if self.keys.is_none() {
             return Ok(());
         }
-        for b in [&mut self.keys, &mut self.values, &mut self.positions].into_iter().flatten() {
+        for b in [&mut self.keys, &mut self.values, &mut self.positions]
+            .into_iter()
+            .flatten()
+        {
             *b = TokenBuffer::adopt(f(&b.view()?)?);
         }
         if let (Some(kb), Some((mut shape, vd, kind, device))) = (&self.keys, self.layout) {
@@ -226,7 +250,9 @@ impl LayerStore {
 }
 
 fn empty_store() -> KvError {
-    KvError::State("the layer store is empty: nothing has been appended since the last reset".into())
+    KvError::State(
+        "the layer store is empty: nothing has been appended since the last reset".into(),
+    )
 }
 
 fn check_same_layout(
@@ -242,28 +268,47 @@ fn check_same_layout(
         return Err(KvError::shape(
             "keys",
             &ks.as_i64(),
-            format!("({}, {}, tokens, {}) like the keys already cached{reuse}", held.batch, held.heads, held.head_dim),
+            format!(
+                "({}, {}, tokens, {}) like the keys already cached{reuse}",
+                held.batch, held.heads, held.head_dim
+            ),
         ));
     }
     if v_head_dim != held_vd {
-        return Err(KvError::invalid("values", format!("head_dim {v_head_dim} differs from the cached {held_vd}{reuse}")));
+        return Err(KvError::invalid(
+            "values",
+            format!("head_dim {v_head_dim} differs from the cached {held_vd}{reuse}"),
+        ));
     }
     if kind != held_kind {
-        return Err(KvError::dtype("keys", kind_name(kind), format!("{} like the cached keys{reuse}", kind_name(held_kind))));
+        return Err(KvError::dtype(
+            "keys",
+            kind_name(kind),
+            format!("{} like the cached keys{reuse}", kind_name(held_kind)),
+        ));
     }
     if device != held_device {
-        return Err(KvError::device("keys", device_name(device), format!("{} like the cached keys{reuse}", device_name(held_device))));
+        return Err(KvError::device(
+            "keys",
+            device_name(device),
+            format!("{} like the cached keys{reuse}", device_name(held_device)),
+        ));
     }
     Ok(())
 }
 
 fn check_ascending(positions: &Tensor) -> Result<()> {
     let pos = array_view::<i32, ndarray::Ix3>(positions, "positions")?;
-    let sorted = pos.lanes(Axis(2)).into_iter().all(|row| row.iter().zip(row.iter().skip(1)).all(|(a, b)| a < b));
+    let sorted = pos
+        .lanes(Axis(2))
+        .into_iter()
+        .all(|row| row.iter().zip(row.iter().skip(1)).all(|(a, b)| a < b));
     if sorted {
         Ok(())
     } else {
-        Err(KvError::invalid("indices", "kept indices must be strictly ascending in every (batch, head) row"))
+        Err(KvError::invalid(
+            "indices",
+            "kept indices must be strictly ascending in every (batch, head) row",
+        ))
     }
 }
-

@@ -6,9 +6,21 @@ use tch::Kind;
 /// The dtypes accepted for keys and values.
 pub const FLOAT_KINDS: [Kind; 3] = [Kind::Float, Kind::Half, Kind::BFloat16];
 
+/// An element type with its libtorch dtype. (tch's own `kind::Element` maps `half::bf16`
+/// to `Kind::Half` in 0.26, so it cannot tell bf16 from f16 data.)
+pub trait TorchElement: Copy + Send + Sync + 'static {
+    const KIND: Kind;
+}
+
+macro_rules! torch_element {
+    ($($t:ty => $k:expr),* $(,)?) => { $(impl TorchElement for $t { const KIND: Kind = $k; })* };
+}
+
+torch_element!(f32 => Kind::Float, f16 => Kind::Half, bf16 => Kind::BFloat16, i32 => Kind::Int, i64 => Kind::Int64, u8 => Kind::Uint8);
+
 /// A float element of a KV tensor: f32, f16 or bf16. Kernels are generic over it and
 /// accumulate in f32 (bf16 sums and norms lose too much to rank tokens reliably).
-pub trait KvFloat: tch::kind::Element + Copy + Send + Sync + 'static {
+pub trait KvFloat: TorchElement {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     fn is_finite(self) -> bool;

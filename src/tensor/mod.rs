@@ -8,10 +8,8 @@
 mod element;
 mod view;
 
-pub use element::{KvFloat, FLOAT_KINDS};
-pub use view::{
-    array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4,
-};
+pub use element::{KvFloat, TorchElement, FLOAT_KINDS};
+pub use view::{array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4};
 
 use crate::error::{KvError, Result};
 use tch::{Device, Kind, Tensor};
@@ -30,7 +28,12 @@ pub struct KvShape {
 
 impl KvShape {
     pub fn as_i64(&self) -> [i64; 4] {
-        [self.batch as i64, self.heads as i64, self.tokens as i64, self.head_dim as i64]
+        [
+            self.batch as i64,
+            self.heads as i64,
+            self.tokens as i64,
+            self.head_dim as i64,
+        ]
     }
 }
 
@@ -64,7 +67,8 @@ pub fn device_name(device: Device) -> String {
 
 /// The element kind of a tensor, as an error instead of a panic for kinds tch cannot name.
 pub fn kind_of(t: &Tensor, argument: &str) -> Result<Kind> {
-    t.f_kind().map_err(|_| KvError::dtype(argument, "an unsupported dtype", "a float dtype"))
+    t.f_kind()
+        .map_err(|_| KvError::dtype(argument, "an unsupported dtype", "a float dtype"))
 }
 
 /// Checks that `t` is a KV tensor: rank 4, (batch, kv_heads, tokens, head_dim), dtype
@@ -75,10 +79,17 @@ pub fn check_kv(t: &Tensor, argument: &str) -> Result<KvShape> {
     }
     let size = t.size();
     if size.len() != 4 {
-        return Err(KvError::shape(argument, &size, "rank 4: (batch, kv_heads, tokens, head_dim)"));
+        return Err(KvError::shape(
+            argument,
+            &size,
+            "rank 4: (batch, kv_heads, tokens, head_dim)",
+        ));
     }
     if t.is_sparse() {
-        return Err(KvError::invalid(argument, "sparse tensors are not supported; pass a dense tensor"));
+        return Err(KvError::invalid(
+            argument,
+            "sparse tensors are not supported; pass a dense tensor",
+        ));
     }
     let kind = kind_of(t, argument)?;
     if !FLOAT_KINDS.contains(&kind) {
@@ -112,12 +123,19 @@ pub fn check_kv_pair(keys: &Tensor, values: &Tensor) -> Result<(KvShape, KvShape
         return Err(KvError::shape(
             "values",
             &values.size(),
-            format!("({}, {}, {}, head_dim) to match keys", k.batch, k.heads, k.tokens),
+            format!(
+                "({}, {}, {}, head_dim) to match keys",
+                k.batch, k.heads, k.tokens
+            ),
         ));
     }
     let (kk, vk) = (kind_of(keys, "keys")?, kind_of(values, "values")?);
     if kk != vk {
-        return Err(KvError::dtype("values", kind_name(vk), format!("{} to match keys", kind_name(kk))));
+        return Err(KvError::dtype(
+            "values",
+            kind_name(vk),
+            format!("{} to match keys", kind_name(kk)),
+        ));
     }
     if keys.device() != values.device() {
         return Err(KvError::device(
@@ -140,6 +158,9 @@ pub fn check_finite(t: &Tensor, argument: &str) -> Result<()> {
     if finite {
         Ok(())
     } else {
-        Err(KvError::non_finite(argument, "every key and value must be finite"))
+        Err(KvError::non_finite(
+            argument,
+            "every key and value must be finite",
+        ))
     }
 }

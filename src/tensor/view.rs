@@ -5,14 +5,14 @@
 //! without a copy; only mutable views require a contiguous tensor (a strided or expanded
 //! tensor could alias its own elements).
 
-use super::element::KvFloat;
+use super::element::{KvFloat, TorchElement};
 use super::{kind_name, kind_of};
 use crate::error::{KvError, Result};
 use half::{bf16, f16};
 use ndarray::{ArrayView, ArrayViewMut, Dimension, IntoDimension, ShapeBuilder};
 use rayon::prelude::*;
 use std::ptr::NonNull;
-use tch::{kind::Element, Device, Kind, Tensor};
+use tch::{Device, Kind, Tensor};
 
 /// A read-only view of a float tensor whose element type is known only at run time.
 pub enum FloatView<'a, D: Dimension> {
@@ -64,34 +64,54 @@ fn layout<D: Dimension>(t: &Tensor, argument: &str) -> Result<(D, D)> {
     }
     let stride = t.stride();
     if stride.iter().any(|&s| s < 0) {
-        return Err(KvError::invalid(argument, "negative strides are not supported"));
+        return Err(KvError::invalid(
+            argument,
+            "negative strides are not supported",
+        ));
     }
     let to_dim = |v: &[i64]| -> Result<D> {
-        let dyn_dim = v.iter().map(|&x| x as usize).collect::<Vec<_>>().into_dimension();
-        D::from_dimension(&dyn_dim).ok_or_else(|| KvError::shape(argument, &size, "a supported rank"))
+        let dyn_dim = v
+            .iter()
+            .map(|&x| x as usize)
+            .collect::<Vec<_>>()
+            .into_dimension();
+        D::from_dimension(&dyn_dim)
+            .ok_or_else(|| KvError::shape(argument, &size, "a supported rank"))
     };
     Ok((to_dim(&size)?, to_dim(&stride)?))
 }
 
 fn check_cpu_kind(t: &Tensor, expected: Kind, argument: &str) -> Result<()> {
     if t.device() != Device::Cpu {
-        return Err(KvError::device(argument, super::device_name(t.device()), "cpu"));
+        return Err(KvError::device(
+            argument,
+            super::device_name(t.device()),
+            "cpu",
+        ));
     }
     let kind = kind_of(t, argument)?;
     if kind != expected {
-        return Err(KvError::dtype(argument, kind_name(kind), kind_name(expected)));
+        return Err(KvError::dtype(
+            argument,
+            kind_name(kind),
+            kind_name(expected),
+        ));
     }
     Ok(())
 }
 
 /// A read-only view of a CPU tensor's data with element type `T` and rank `D`.
-pub fn array_view<'a, T: Element, D: Dimension>(
+pub fn array_view<'a, T: TorchElement, D: Dimension>(
     t: &'a Tensor,
     argument: &str,
 ) -> Result<ArrayView<'a, T, D>> {
     check_cpu_kind(t, T::KIND, argument)?;
     let (shape, strides) = layout::<D>(t, argument)?;
-    let ptr = if t.numel() == 0 { NonNull::<T>::dangling().as_ptr() } else { t.data_ptr() as *mut T };
+    let ptr = if t.numel() == 0 {
+        NonNull::<T>::dangling().as_ptr()
+    } else {
+        t.data_ptr() as *mut T
+    };
     // SAFETY: the tensor is a CPU tensor of element type T (checked) whose sizes and
     // strides describe valid, in-bounds memory starting at data_ptr (which already includes
     // the storage offset). The view borrows the handle, which keeps the storage alive.
@@ -99,16 +119,23 @@ pub fn array_view<'a, T: Element, D: Dimension>(
 }
 
 /// A mutable view of a contiguous CPU tensor's data.
-pub fn array_view_mut<'a, T: Element, D: Dimension>(
+pub fn array_view_mut<'a, T: TorchElement, D: Dimension>(
     t: &'a mut Tensor,
     argument: &str,
 ) -> Result<ArrayViewMut<'a, T, D>> {
     check_cpu_kind(t, T::KIND, argument)?;
     if !t.is_contiguous() {
-        return Err(KvError::invalid(argument, "an output tensor must be contiguous"));
+        return Err(KvError::invalid(
+            argument,
+            "an output tensor must be contiguous",
+        ));
     }
     let (shape, strides) = layout::<D>(t, argument)?;
-    let ptr = if t.numel() == 0 { NonNull::<T>::dangling().as_ptr() } else { t.data_ptr() as *mut T };
+    let ptr = if t.numel() == 0 {
+        NonNull::<T>::dangling().as_ptr()
+    } else {
+        t.data_ptr() as *mut T
+    };
     // SAFETY: as in `array_view`; contiguity guarantees that no two indices alias, and the
     // `&mut` borrow of the handle stands for exclusive access during the view's life.
     Ok(unsafe { ArrayViewMut::from_shape_ptr(shape.strides(strides), ptr) })
@@ -131,8 +158,9 @@ pub fn float_view<'a, D: Dimension>(t: &'a Tensor, argument: &str) -> Result<Flo
 /// Whether every element of the view is finite; a parallel scan.
 pub(crate) fn all_finite<T: KvFloat, D: Dimension>(v: &ArrayView<'_, T, D>) -> bool {
     match v.as_slice_memory_order() {
-        Some(s) => s.par_chunks(1 << 14).all(|c| c.iter().all(|x| x.is_finite())),
+        Some(s) => s
+            .par_chunks(1 << 14)
+            .all(|c| c.iter().all(|x| x.is_finite())),
         None => v.view().into_dyn().into_par_iter().all(|x| x.is_finite()),
     }
 }
-

