@@ -69,6 +69,11 @@ impl Budget {
                 "cannot compress a sequence of zero tokens",
             ));
         }
+        // The variants are public: re-validate in case one was built without the checks.
+        match *self {
+            Budget::Ratio(r) => Self::ratio(r).map(|_| ())?,
+            Budget::MaxTokens(n) => Self::max_tokens(n as i64).map(|_| ())?,
+        }
         match *self {
             Budget::Ratio(r) => {
                 let kept = (n_tokens as f64 * (1.0 - r)) as usize;

@@ -1,7 +1,7 @@
 //! Gathering kept tokens: out[b, h, i, :] = x[b, h, indices[b, h, i], :].
 
 use crate::error::{KvError, Result};
-use crate::tensor::{array_view, kind_of, TorchElement, TOKEN_AXIS};
+use crate::tensor::{array_view, kind_of, uses_cpu_kernels, TorchElement, TOKEN_AXIS};
 use ndarray::{ArrayView3, ArrayView4, Axis};
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
@@ -34,7 +34,7 @@ pub fn gather_tokens(x: &Tensor, indices: &Tensor) -> Result<Tensor> {
             "torch.int64",
         ));
     }
-    if x.device() == Device::Cpu {
+    if uses_cpu_kernels(x) {
         let indices = indices.f_to(Device::Cpu)?;
         gather_tokens_cpu_tensor(x, &indices)
     } else {

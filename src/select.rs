@@ -5,7 +5,7 @@
 //! earlier token, on every device, so results do not depend on the sort implementation.
 
 use crate::error::{KvError, Result};
-use crate::tensor::{array_view, array_view_mut};
+use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels};
 use ndarray::{ArrayView3, ArrayViewMut3, Axis};
 use rayon::prelude::*;
 use std::cmp::Ordering;
@@ -31,11 +31,17 @@ pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
             format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)"),
         ));
     }
-    if scores.device() == Device::Cpu {
-        let scores = scores.f_to_kind(Kind::Float)?;
-        let view = array_view::<f32, ndarray::Ix3>(&scores, "scores")?;
+    if uses_cpu_kernels(scores) {
         let mut out = Tensor::f_empty([size[0], size[1], k as i64], (Kind::Int64, Device::Cpu))?;
-        top_k_indices_cpu(view, array_view_mut(&mut out, "indices")?)?;
+        let dst = array_view_mut(&mut out, "indices")?;
+        if scores.f_kind()? == Kind::Float {
+            top_k_indices_cpu(array_view::<f32, ndarray::Ix3>(scores, "scores")?, dst)?;
+        } else {
+            // f64 holds every other dtype's values exactly (int64 up to 2^53): no ranking
+            // changes from rounding.
+            let wide = scores.f_to_kind(Kind::Double)?;
+            top_k_indices_cpu(array_view::<f64, ndarray::Ix3>(&wide, "scores")?, dst)?;
+        }
         Ok(out)
     } else {
         top_k_indices_libtorch(scores, k)
@@ -49,19 +55,34 @@ pub fn top_k_indices_libtorch(scores: &Tensor, k: usize) -> Result<Tensor> {
         return Err(KvError::non_finite("scores", "a scorer produced NaN"));
     }
     // A stable descending sort keeps equal scores in index order: ties go to earlier tokens.
-    let order = scores
-        .f_to_kind(Kind::Float)?
-        .f_argsort_stable(true, -1, true)?;
+    let order = scores.f_argsort_stable(true, -1, true)?;
     let (sorted, _) = order
         .f_narrow(-1, 0, k as i64)?
         .f_sort_stable(true, -1, false)?;
     Ok(sorted)
 }
 
+/// A score element the CPU selection kernel ranks.
+pub trait ScoreValue: Copy + PartialOrd + Send + Sync {
+    fn is_nan(self) -> bool;
+}
+
+impl ScoreValue for f32 {
+    fn is_nan(self) -> bool {
+        f32::is_nan(self)
+    }
+}
+
+impl ScoreValue for f64 {
+    fn is_nan(self) -> bool {
+        f64::is_nan(self)
+    }
+}
+
 /// The CPU kernel of [`top_k_indices`]: rows in parallel, O(T) selection then a sort of
 /// the k kept indices.
-pub fn top_k_indices_cpu(
-    scores: ArrayView3<'_, f32>,
+pub fn top_k_indices_cpu<S: ScoreValue>(
+    scores: ArrayView3<'_, S>,
     mut out: ArrayViewMut3<'_, i64>,
 ) -> Result<()> {
     let (b, h, t) = scores.dim();

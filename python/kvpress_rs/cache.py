@@ -97,10 +97,13 @@ class CompressedLayer(CacheLayerMixin):
         self._store.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._store.seen))
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._store.index_batch(beam_idx)
+        self._store.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        self._store.index_batch(torch.as_tensor(indices, dtype=torch.long))
+        indices = torch.as_tensor(indices)
+        if indices.dtype == torch.bool:
+            indices = indices.nonzero()
+        self._store.index_batch(indices.to(torch.long).flatten())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._store.repeat_interleave_batch(repeats)
@@ -184,7 +187,8 @@ class KVCache(Cache):
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         super().batch_select_indices(indices)
-        self._token_log.index_batch(indices)
+        indices = torch.as_tensor(indices)
+        self._token_log.index_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         super().batch_repeat_interleave(repeats)

@@ -14,6 +14,37 @@ Example
 ((1, 2, 4), (1, 2, 4, 8))
 """
 
-from ._native import gather, kept_indices, n_kept, score, top_k
+from contextlib import contextmanager
+from typing import Iterator
 
-__all__ = ["score", "top_k", "gather", "kept_indices", "n_kept"]
+from ._native import cpu_kernels_enabled, gather, kept_indices, n_kept, score, set_cpu_kernels, top_k
+
+
+@contextmanager
+def cpu_kernels(enabled: bool) -> Iterator[None]:
+    """Runs a block with the fused Rust CPU kernels on or off (off: CPU tensors take the
+    libtorch path that CUDA tensors take), restoring the previous setting afterwards.
+
+    >>> import torch, kvpress_rs
+    >>> with kvpress_rs.ops.cpu_kernels(False):
+    ...     kvpress_rs.ops.top_k(torch.tensor([[[0.1, 0.9, 0.5]]]), 1)
+    tensor([[[1]]])
+    """
+    previous = cpu_kernels_enabled()
+    set_cpu_kernels(enabled)
+    try:
+        yield
+    finally:
+        set_cpu_kernels(previous)
+
+
+__all__ = [
+    "score",
+    "top_k",
+    "gather",
+    "kept_indices",
+    "n_kept",
+    "set_cpu_kernels",
+    "cpu_kernels_enabled",
+    "cpu_kernels",
+]

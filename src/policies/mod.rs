@@ -14,7 +14,7 @@ pub use random::Random;
 pub use streaming::StreamingLlm;
 
 use crate::error::{KvError, Result};
-use crate::tensor::{array_view_mut, check_kv_pair, float_view, FloatView4};
+use crate::tensor::{array_view_mut, check_kv_pair, float_view, uses_cpu_kernels, FloatView4};
 use ndarray::ArrayViewMut3;
 use tch::{Device, Kind, Tensor};
 
@@ -61,7 +61,7 @@ pub fn score(
             "cannot score a sequence of zero tokens",
         ));
     }
-    if keys.device() != Device::Cpu {
+    if !uses_cpu_kernels(keys) {
         return scorer.score_libtorch(keys, values, ctx);
     }
     let mut out = Tensor::f_empty(

@@ -19,7 +19,27 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(gather, m)?)?;
     m.add_function(wrap_pyfunction!(kept_indices, m)?)?;
     m.add_function(wrap_pyfunction!(n_kept, m)?)?;
+    m.add_function(wrap_pyfunction!(set_cpu_kernels, m)?)?;
+    m.add_function(wrap_pyfunction!(cpu_kernels_enabled, m)?)?;
     Ok(())
+}
+
+/// Enables (default) or disables the fused Rust CPU kernels, process-wide. Disabled, CPU
+/// tensors go through the same libtorch ops as CUDA tensors (for tests and benchmarks).
+///
+/// Examples
+/// --------
+/// >>> import kvpress_rs
+/// >>> kvpress_rs.ops.set_cpu_kernels(False); kvpress_rs.ops.set_cpu_kernels(True)
+#[pyfunction]
+fn set_cpu_kernels(enabled: bool) {
+    crate::tensor::set_cpu_kernels(enabled);
+}
+
+/// Whether the fused Rust CPU kernels are enabled.
+#[pyfunction]
+fn cpu_kernels_enabled() -> bool {
+    crate::tensor::cpu_kernels_enabled()
 }
 
 fn mixed() -> PyErr {

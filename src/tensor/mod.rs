@@ -12,7 +12,28 @@ pub use element::{KvFloat, TorchElement, FLOAT_KINDS};
 pub use view::{array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4};
 
 use crate::error::{KvError, Result};
+use std::sync::atomic::{AtomicBool, Ordering};
 use tch::{Device, Kind, Tensor};
+
+/// Whether CPU tensors go through the fused Rust kernels (the default) or through the
+/// libtorch ops that every other device uses. The libtorch path is what CUDA runs;
+/// switching it on for CPU tensors lets tests and benchmarks exercise and compare it on a
+/// machine without a GPU.
+static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+
+/// Enables (default) or disables the fused CPU kernels, process-wide.
+pub fn set_cpu_kernels(enabled: bool) {
+    CPU_KERNELS.store(enabled, Ordering::SeqCst);
+}
+
+pub fn cpu_kernels_enabled() -> bool {
+    CPU_KERNELS.load(Ordering::SeqCst)
+}
+
+/// Whether work on `t` runs in the Rust CPU kernels (else: libtorch ops on its device).
+pub fn uses_cpu_kernels(t: &Tensor) -> bool {
+    t.device() == Device::Cpu && cpu_kernels_enabled()
+}
 
 /// Axis of the token (sequence) dimension in KV tensors.
 pub const TOKEN_AXIS: i64 = 2;
@@ -150,7 +171,7 @@ pub fn check_kv_pair(keys: &Tensor, values: &Tensor) -> Result<(KvShape, KvShape
 /// Checks that every element of a float tensor is finite. On CPU the check is a parallel
 /// scan of the raw data (no temporary); elsewhere a libtorch reduction on the device.
 pub fn check_finite(t: &Tensor, argument: &str) -> Result<()> {
-    let finite = if t.device() == Device::Cpu {
+    let finite = if uses_cpu_kernels(t) {
         float_view::<ndarray::IxDyn>(t, argument)?.all_finite()
     } else {
         t.f_isfinite()?.f_all()?.f_int64_value(&[])? != 0
