@@ -213,20 +213,32 @@ impl LayerStore {
     /// Selects (and reorders) batch rows: beam-search reordering and batch selection.
     /// `indices` is a non-empty int64 vector of rows in [0, batch).
     pub fn index_batch(&mut self, indices: &Tensor) -> Result<()> {
-        let Some((shape, ..)) = self.layout else { return Ok(()) };
+        let Some((shape, ..)) = self.layout else {
+            return Ok(());
+        };
         let size = indices.size();
         if size.len() != 1 || size[0] == 0 {
-            return Err(KvError::shape("indices", &size, "a non-empty vector of batch rows"));
+            return Err(KvError::shape(
+                "indices",
+                &size,
+                "a non-empty vector of batch rows",
+            ));
         }
         let kind = crate::tensor::kind_of(indices, "indices")?;
         if kind != Kind::Int64 {
             return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
         }
-        let (lo, hi) = (indices.f_min()?.f_int64_value(&[])?, indices.f_max()?.f_int64_value(&[])?);
+        let (lo, hi) = (
+            indices.f_min()?.f_int64_value(&[])?,
+            indices.f_max()?.f_int64_value(&[])?,
+        );
         if lo < 0 || hi >= shape.batch as i64 {
             return Err(KvError::invalid(
                 "indices",
-                format!("batch rows must lie in [0, {}), got [{lo}, {hi}]", shape.batch),
+                format!(
+                    "batch rows must lie in [0, {}), got [{lo}, {hi}]",
+                    shape.batch
+                ),
             ));
         }
         self.map_batch(|t| Ok(t.f_index_select(0, &indices.f_to(t.device())?)?))
