@@ -57,9 +57,9 @@ impl Press {
         top_k_indices(&scores, n_kept)
     }
 
-    /// [`Press::kept_indices`] on CPU views (numpy arrays from the bindings): int64
+    /// [`Press::kept_indices`] on CPU views (numpy arrays through the bindings): int64
     /// (batch, kv_heads, n_kept) ascending.
-    pub fn kept_indices_cpu(
+    pub fn kept_indices_views(
         &self,
         keys: &FloatView4<'_>,
         values: &FloatView4<'_>,

@@ -62,6 +62,24 @@ pub fn top_k_indices_libtorch(scores: &Tensor, k: usize) -> Result<Tensor> {
     Ok(sorted)
 }
 
+/// [`top_k_indices`] for arrays (numpy inputs through the bindings): validates `k` and
+/// returns the int64 (batch, heads, k) ascending indices.
+pub fn top_k_array<S: ScoreValue>(
+    scores: ArrayView3<'_, S>,
+    k: usize,
+) -> Result<ndarray::Array3<i64>> {
+    let (b, h, t) = scores.dim();
+    if k == 0 || k > t {
+        return Err(KvError::invalid(
+            "k",
+            format!("got {k}, expected 1 <= k <= {t} (tokens)"),
+        ));
+    }
+    let mut out = ndarray::Array3::<i64>::zeros((b, h, k));
+    top_k_indices_cpu(scores, out.view_mut())?;
+    Ok(out)
+}
+
 /// A score element the CPU selection kernel ranks.
 pub trait ScoreValue: Copy + PartialOrd + Send + Sync {
     fn is_nan(self) -> bool;

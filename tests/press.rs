@@ -312,12 +312,12 @@ fn kept_indices_and_its_cpu_twin_agree() {
         assert_eq!(values_i64(&kept), idx, "{kind:?}");
         let kv = float_view::<ndarray::Ix4>(&keys, "keys").unwrap();
         let vv = float_view::<ndarray::Ix4>(&values, "values").unwrap();
-        let cpu = press.kept_indices_cpu(&kv, &vv, 0).unwrap();
+        let cpu = press.kept_indices_views(&kv, &vv, 0).unwrap();
         assert_eq!(cpu.iter().copied().collect::<Vec<_>>(), idx, "{kind:?}");
         // A values array of another token count is rejected.
         let short = values.narrow(2, 0, 17);
         let sv = float_view::<ndarray::Ix4>(&short, "values").unwrap();
-        expect_err(press.kept_indices_cpu(&kv, &sv, 0), "Shape");
+        expect_err(press.kept_indices_views(&kv, &sv, 0), "Shape");
     }
 }
 

@@ -14,19 +14,7 @@ import torch  # noqa: F401
 from . import errors, ops
 from ._native import __version__
 from .cache import CompressedLayer, KVCache
-from .errors import (
-    CacheStateError,
-    DeviceError,
-    DtypeError,
-    EmptySequenceError,
-    InternalError,
-    InvalidArgumentError,
-    KVPressError,
-    NonFiniteError,
-    ShapeError,
-    TorchError,
-    UnsupportedModelError,
-)
+from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import KnormCache, RandomCache, StreamingLLMCache
 
 __all__ = [
@@ -38,15 +26,5 @@ __all__ = [
     "RandomCache",
     "ops",
     "errors",
-    "KVPressError",
-    "InvalidArgumentError",
-    "ShapeError",
-    "DtypeError",
-    "DeviceError",
-    "NonFiniteError",
-    "EmptySequenceError",
-    "UnsupportedModelError",
-    "CacheStateError",
-    "TorchError",
-    "InternalError",
+    *errors.__all__,
 ]

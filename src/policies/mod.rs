@@ -74,6 +74,40 @@ pub fn score(
     Ok(out)
 }
 
+/// [`score`] for CPU views (numpy inputs through the bindings): checks that keys and
+/// values agree and are non-empty, then runs the CPU kernel. `n_kept` defaults to all
+/// tokens.
+pub fn score_views(
+    scorer: &dyn Scorer,
+    keys: &FloatView4<'_>,
+    values: &FloatView4<'_>,
+    n_kept: Option<usize>,
+    layer_idx: usize,
+) -> Result<ndarray::Array3<f32>> {
+    let (ks, vs) = (keys.shape(), values.shape());
+    if ks[..3] != vs[..3] {
+        let actual: Vec<i64> = vs.iter().map(|&x| x as i64).collect();
+        return Err(KvError::shape(
+            "values",
+            &actual,
+            format!("({}, {}, {}, head_dim) to match keys", ks[0], ks[1], ks[2]),
+        ));
+    }
+    if ks[2] == 0 {
+        return Err(KvError::empty(
+            "keys",
+            "cannot score a sequence of zero tokens",
+        ));
+    }
+    let ctx = ScoreContext {
+        layer_idx,
+        n_kept: n_kept.unwrap_or(ks[2]),
+    };
+    let mut out = ndarray::Array3::<f32>::zeros((ks[0], ks[1], ks[2]));
+    scorer.score_cpu(keys, values, &ctx, out.view_mut())?;
+    Ok(out)
+}
+
 /// Builds a scorer from its name and keyword parameters as given by users.
 ///
 /// ```

@@ -82,7 +82,63 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ArrayArg<'py> {
     }
 }
 
-/// A readonly numpy float array, borrowed for the duration of a call.
+/// The `keys`/`values` pair of a functional-API call: both torch or both numpy;
+/// `values` defaults to `keys`.
+pub enum KvArgs<'py> {
+    Torch(Tensor, Tensor),
+    Numpy(NumpyFloat<'py>, NumpyFloat<'py>),
+}
+
+impl<'py> KvArgs<'py> {
+    pub fn new(keys: ArrayArg<'py>, values: Option<ArrayArg<'py>>) -> PyResult<Self> {
+        match (keys, values) {
+            (ArrayArg::Torch(k), None) => Ok(KvArgs::Torch(k.shallow_clone(), k)),
+            (ArrayArg::Torch(k), Some(ArrayArg::Torch(v))) => Ok(KvArgs::Torch(k, v)),
+            (ArrayArg::Numpy(k), None) => Ok(KvArgs::Numpy(
+                NumpyFloat::new(&k, "keys")?,
+                NumpyFloat::new(&k, "values")?,
+            )),
+            (ArrayArg::Numpy(k), Some(ArrayArg::Numpy(v))) => Ok(KvArgs::Numpy(
+                NumpyFloat::new(&k, "keys")?,
+                NumpyFloat::new(&v, "values")?,
+            )),
+            _ => Err(PyTypeError::new_err(
+                "`keys` and `values` must both be torch.Tensor or both numpy.ndarray",
+            )),
+        }
+    }
+}
+
+fn shape_error<D: ndarray::Dimension>(argument: &str, shape: &[usize]) -> PyErr {
+    super::errors::to_pyerr(crate::error::KvError::shape(
+        argument,
+        &shape.iter().map(|&x| x as i64).collect::<Vec<_>>(),
+        format!("rank {}", D::NDIM.unwrap_or(0)),
+    ))
+}
+
+/// A typed readonly view of a numpy array of element `T` and rank `D`, or a dtype/shape
+/// error naming `argument`.
+pub fn numpy_view<'py, T: numpy::Element, D: ndarray::Dimension>(
+    array: &Bound<'py, PyUntypedArray>,
+    argument: &str,
+    expected_dtype: &str,
+) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
+    let typed = array.cast::<PyArrayDyn<T>>().map_err(|_| {
+        super::errors::to_pyerr(crate::error::KvError::dtype(
+            argument,
+            format!("numpy {}", array.dtype()),
+            expected_dtype,
+        ))
+    })?;
+    let ranked = typed
+        .clone()
+        .cast_into::<numpy::PyArray<T, D>>()
+        .map_err(|_| shape_error::<D>(argument, array.shape()))?;
+    Ok(ranked.try_readonly()?)
+}
+
+/// A readonly numpy float array (float32 or float16), borrowed for the duration of a call.
 pub enum NumpyFloat<'py> {
     F32(PyReadonlyArrayDyn<'py, f32>),
     F16(PyReadonlyArrayDyn<'py, half::f16>),
@@ -103,22 +159,22 @@ impl<'py> NumpyFloat<'py> {
         )))
     }
 
+    pub fn ndim(&self) -> usize {
+        match self {
+            NumpyFloat::F32(a) => a.ndim(),
+            NumpyFloat::F16(a) => a.ndim(),
+        }
+    }
+
     /// A view of rank `D`, or a shape error naming `argument`.
     pub fn view<D: ndarray::Dimension>(&self, argument: &str) -> PyResult<FloatView<'_, D>> {
-        let wrong_rank = |shape: &[usize]| {
-            super::errors::to_pyerr(crate::error::KvError::shape(
-                argument,
-                &shape.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                format!("rank {}", D::NDIM.unwrap_or(0)),
-            ))
-        };
         Ok(match self {
             NumpyFloat::F32(a) => {
                 let v = a.as_array();
                 FloatView::F32(
                     v.clone()
                         .into_dimensionality::<D>()
-                        .map_err(|_| wrong_rank(v.shape()))?,
+                        .map_err(|_| shape_error::<D>(argument, v.shape()))?,
                 )
             }
             NumpyFloat::F16(a) => {
@@ -126,7 +182,7 @@ impl<'py> NumpyFloat<'py> {
                 FloatView::F16(
                     v.clone()
                         .into_dimensionality::<D>()
-                        .map_err(|_| wrong_rank(v.shape()))?,
+                        .map_err(|_| shape_error::<D>(argument, v.shape()))?,
                 )
             }
         })

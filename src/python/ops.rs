@@ -1,15 +1,14 @@
 //! `kvpress_rs.ops`: the functional API over torch tensors or numpy arrays.
 //! Torch in, torch out (same device); numpy in, numpy out.
 
-use super::conversion::{ArrayArg, NumpyFloat, PyTensor};
+use super::conversion::{numpy_view, ArrayArg, KvArgs, NumpyFloat, PyTensor};
 use super::errors::{detached, to_pyerr};
 use crate::budget::Budget;
-use crate::error::KvError;
 use crate::policies::{scorer_from_name, ScoreContext, ScorerParams};
 use crate::press::Press;
 use crate::with_float_view;
-use ndarray::{Array, Array3, Ix3, Ix4};
-use numpy::{IntoPyArray, PyArrayDyn, PyArrayMethods, PyUntypedArrayMethods};
+use ndarray::{Axis, Ix3, Ix4};
+use numpy::IntoPyArray;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 
@@ -40,10 +39,6 @@ fn set_cpu_kernels(enabled: bool) {
 #[pyfunction]
 fn cpu_kernels_enabled() -> bool {
     crate::tensor::cpu_kernels_enabled()
-}
-
-fn mixed() -> PyErr {
-    PyTypeError::new_err("`keys` and `values` must both be torch.Tensor or both numpy.ndarray")
 }
 
 /// Scores every token of one layer; higher = keep.
@@ -85,13 +80,8 @@ fn score<'py>(
     seed: u64,
 ) -> PyResult<Bound<'py, PyAny>> {
     let scorer = scorer_from_name(policy, &ScorerParams { n_sink, seed }).map_err(to_pyerr)?;
-    match (keys, values) {
-        (ArrayArg::Torch(k), v) => {
-            let v = match v {
-                None => k.shallow_clone(),
-                Some(ArrayArg::Torch(v)) => v,
-                Some(ArrayArg::Numpy(_)) => return Err(mixed()),
-            };
+    match KvArgs::new(keys, values)? {
+        KvArgs::Torch(k, v) => {
             let out = detached(py, move || {
                 let tokens = crate::tensor::check_kv(&k, "keys")?.tokens;
                 let ctx = ScoreContext {
@@ -102,33 +92,10 @@ fn score<'py>(
             })?;
             PyTensor(out).into_pyobject(py)
         }
-        (ArrayArg::Numpy(k), v) => {
-            let v = match v {
-                None => k.clone(),
-                Some(ArrayArg::Numpy(v)) => v,
-                Some(ArrayArg::Torch(_)) => return Err(mixed()),
-            };
-            let (kn, vn) = (NumpyFloat::new(&k, "keys")?, NumpyFloat::new(&v, "values")?);
-            let (kv, vv) = (kn.view::<Ix4>("keys")?, vn.view::<Ix4>("values")?);
-            let shape = kv.shape().to_vec();
-            if vv.shape()[..3] != shape[..3] {
-                return Err(to_pyerr(KvError::shape(
-                    "values",
-                    &vv.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                    format!(
-                        "({}, {}, {}, head_dim) to match keys",
-                        shape[0], shape[1], shape[2]
-                    ),
-                )));
-            }
+        KvArgs::Numpy(k, v) => {
+            let (k, v) = (k.view::<Ix4>("keys")?, v.view::<Ix4>("values")?);
             let out = detached(py, move || {
-                let ctx = ScoreContext {
-                    layer_idx,
-                    n_kept: n_kept.unwrap_or(shape[2]),
-                };
-                let mut out = Array3::<f32>::zeros((shape[0], shape[1], shape[2]));
-                scorer.score_cpu(&kv, &vv, &ctx, out.view_mut())?;
-                Ok(out)
+                crate::policies::score_views(scorer.as_ref(), &k, &v, n_kept, layer_idx)
             })?;
             Ok(out.into_pyarray(py).into_any())
         }
@@ -141,7 +108,7 @@ fn score<'py>(
 /// Parameters
 /// ----------
 /// scores : torch.Tensor or numpy.ndarray
-///     Shape (batch, heads, tokens).
+///     Shape (batch, heads, tokens); numpy: float32.
 /// k : int
 ///     Tokens to keep, 1 <= k <= tokens.
 ///
@@ -162,33 +129,9 @@ fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Boun
             PyTensor(out).into_pyobject(py)
         }
         ArrayArg::Numpy(s) => {
-            let s = s.cast::<PyArrayDyn<f32>>().map_err(|_| {
-                to_pyerr(KvError::dtype(
-                    "scores",
-                    format!("numpy {}", s.dtype()),
-                    "numpy float32",
-                ))
-            })?;
-            let s = s.try_readonly()?;
-            let view = s.as_array().into_dimensionality::<Ix3>().map_err(|_| {
-                to_pyerr(KvError::shape(
-                    "scores",
-                    &s.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                    "rank 3: (batch, heads, tokens)",
-                ))
-            })?;
-            let (b, h, t) = view.dim();
-            if k == 0 || k > t {
-                return Err(to_pyerr(KvError::invalid(
-                    "k",
-                    format!("got {k}, expected 1 <= k <= {t} (tokens)"),
-                )));
-            }
-            let out = detached(py, move || {
-                let mut out = Array3::<i64>::zeros((b, h, k));
-                crate::select::top_k_indices_cpu(view, out.view_mut())?;
-                Ok(out)
-            })?;
+            let s = numpy_view::<f32, Ix3>(&s, "scores", "numpy float32")?;
+            let view = s.as_array();
+            let out = detached(py, move || crate::select::top_k_array(view, k))?;
             Ok(out.into_pyarray(py).into_any())
         }
     }
@@ -226,57 +169,18 @@ fn gather<'py>(
             PyTensor(out).into_pyobject(py)
         }
         (ArrayArg::Numpy(x), ArrayArg::Numpy(i)) => {
-            let i = i.cast::<PyArrayDyn<i64>>().map_err(|_| {
-                to_pyerr(KvError::dtype(
-                    "indices",
-                    format!("numpy {}", i.dtype()),
-                    "numpy int64",
-                ))
-            })?;
-            let i = i.try_readonly()?;
-            let iv = i.as_array().into_dimensionality::<Ix3>().map_err(|_| {
-                to_pyerr(KvError::shape(
-                    "indices",
-                    &i.shape().iter().map(|&x| x as i64).collect::<Vec<_>>(),
-                    "rank 3: (batch, heads, k)",
-                ))
-            })?;
-            let xn = NumpyFloat::new(&x, "x")?;
+            let i = numpy_view::<i64, Ix3>(&i, "indices", "numpy int64")?;
+            let i = i.as_array();
+            let x = NumpyFloat::new(&x, "x")?;
             let rank3 = x.ndim() == 3;
-            let xv = if rank3 {
-                match xn.view::<Ix3>("x")? {
-                    crate::tensor::FloatView::F32(v) => {
-                        crate::tensor::FloatView::F32(v.insert_axis(ndarray::Axis(3)))
-                    }
-                    crate::tensor::FloatView::F16(v) => {
-                        crate::tensor::FloatView::F16(v.insert_axis(ndarray::Axis(3)))
-                    }
-                    crate::tensor::FloatView::Bf16(v) => {
-                        crate::tensor::FloatView::Bf16(v.insert_axis(ndarray::Axis(3)))
-                    }
-                }
+            let view = if rank3 {
+                x.view::<Ix3>("x")?.with_unit_last_axis()
             } else {
-                xn.view::<Ix4>("x")?
+                x.view::<Ix4>("x")?
             };
-            let (b, h, _, d) = {
-                let s = xv.shape();
-                (s[0], s[1], s[2], s[3])
-            };
-            let k = iv.dim().2;
-            with_float_view!(xv, v => {
-                let out = detached(py, move || {
-                    let mut out = Vec::with_capacity(b * h * k * d);
-                    out.resize(b * h * k * d, v[[0, 0, 0, 0]]);
-                    crate::gather::gather_tokens_cpu(v, iv, &mut out)?;
-                    Ok(out)
-                });
-                let out = out?;
-                let arr = Array::from_shape_vec((b, h, k, d), out).map_err(|e| to_pyerr(KvError::invalid("x", e.to_string())))?;
-                if rank3 {
-                    Ok(arr.remove_axis(ndarray::Axis(3)).into_pyarray(py).into_any())
-                } else {
-                    Ok(arr.into_pyarray(py).into_any())
-                }
+            with_float_view!(view, v => {
+                let out = detached(py, move || crate::gather::gather_array(v, i))?;
+                Ok(if rank3 { out.remove_axis(Axis(3)).into_pyarray(py).into_any() } else { out.into_pyarray(py).into_any() })
             })
         }
         _ => Err(PyTypeError::new_err(
@@ -326,25 +230,14 @@ fn kept_indices<'py>(
     let scorer = scorer_from_name(policy, &ScorerParams { n_sink, seed }).map_err(to_pyerr)?;
     let budget = Budget::from_args(compression_ratio, max_tokens).map_err(to_pyerr)?;
     let press = Press::new(scorer, budget);
-    match (keys, values) {
-        (ArrayArg::Torch(k), v) => {
-            let v = match v {
-                None => k.shallow_clone(),
-                Some(ArrayArg::Torch(v)) => v,
-                Some(ArrayArg::Numpy(_)) => return Err(mixed()),
-            };
+    match KvArgs::new(keys, values)? {
+        KvArgs::Torch(k, v) => {
             let out = detached(py, move || press.kept_indices(&k, &v, layer_idx))?;
             PyTensor(out).into_pyobject(py)
         }
-        (ArrayArg::Numpy(k), v) => {
-            let v = match v {
-                None => k.clone(),
-                Some(ArrayArg::Numpy(v)) => v,
-                Some(ArrayArg::Torch(_)) => return Err(mixed()),
-            };
-            let (kn, vn) = (NumpyFloat::new(&k, "keys")?, NumpyFloat::new(&v, "values")?);
-            let (kv, vv) = (kn.view::<Ix4>("keys")?, vn.view::<Ix4>("values")?);
-            let out = detached(py, move || press.kept_indices_cpu(&kv, &vv, layer_idx))?;
+        KvArgs::Numpy(k, v) => {
+            let (k, v) = (k.view::<Ix4>("keys")?, v.view::<Ix4>("values")?);
+            let out = detached(py, move || press.kept_indices_views(&k, &v, layer_idx))?;
             Ok(out.into_pyarray(py).into_any())
         }
     }
