@@ -74,6 +74,9 @@ def main(argv: list[str] | None = None) -> None:
         for ratio in args.ratios:
             configs.append((spec.cache_class.__name__, ratio, lambda s=spec, r=ratio: s.cache_class(model, compression_ratio=r, **s.easy)))
 
+    # Warm-up (first-call allocations and kernel selection), not reported.
+    run_one(model, tokenizer, prompts[0], DynamicCache(config=model.config), 2)
+
     header = f"{'cache':<20} {'ratio':>5} {'KV bytes':>12} {'vs full':>8} {'prefill s':>9}  found"
     print(header)
     print("-" * len(header))
