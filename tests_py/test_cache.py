@@ -211,3 +211,37 @@ def test_crop_removes_the_last_tokens(tiny_llama):
     cache.crop(-3) if not kvpress_rs._compat.CROP_TAKES_MAX_LENGTH else cache.crop(42)
     assert cache.get_seq_length() == 42 and cache.stats()["tokens_kept"] == [22, 22, 22]
     assert torch.equal(cache.layers[0].keys, before)
+
+
+def test_attention_runs_through_kvpress_and_is_restored(tiny_llama):
+    model = tiny_llama(attn="eager")
+    seen_impl = []
+    handle = model.model.layers[0].self_attn.register_forward_pre_hook(
+        lambda m, a: seen_impl.append(m.config._attn_implementation)
+    )
+    cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    with torch.no_grad():
+        model(random_ids(1, 20), past_key_values=cache)
+        model(random_ids(1, 20), past_key_values=DynamicCache(config=model.config))
+    handle.remove()
+    assert seen_impl == ["kvpress_rs_eager", "eager"]
+    assert model.config._attn_implementation == "eager"
+    # restored even when the forward raises
+    bad = kvpress_rs.KnormCache(model, compression_ratio=0.99)
+    with pytest.raises(kvpress_rs.InvalidArgumentError):
+        with torch.no_grad():
+            model(random_ids(1, 20), past_key_values=bad)
+    assert model.config._attn_implementation == "eager"
+
+
+def test_cache_built_from_a_config_compresses_without_hooks(tiny_llama):
+    model = tiny_llama()
+    ids = random_ids(1, 40)
+    from_config = kvpress_rs.KnormCache(model.config, compression_ratio=0.5)
+    from_model = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    with torch.no_grad():
+        a = model(ids, past_key_values=from_config).logits
+        b = model(ids, past_key_values=from_model).logits
+    assert torch.equal(a, b)
+    assert from_config.stats()["tokens_kept"] == from_model.stats()["tokens_kept"] == [20, 20, 20]
+    assert all(torch.equal(from_config.kept_positions(i), from_model.kept_positions(i)) for i in range(3))

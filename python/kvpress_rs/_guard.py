@@ -3,65 +3,16 @@
 ``generate(ids, past_key_values=cache)`` on a cache that has already seen N tokens treats
 ``ids[:, :N]`` as already processed. That is right when ``ids`` continues what the cache
 saw (a question after a compressed context, the next chat turn) and silently wrong when
-the prompt is unrelated. Two small hooks on the model tell the cases apart:
-
-- a forward pre-hook records the token ids each forward feeds into one of our caches;
-- a wrapper around ``prepare_inputs_for_generation`` (which receives the full sequence)
-  checks that the sequence begins with those ids, and raises ``CacheStateError`` if not.
-
-Both act only when the cache passed is one of ours, and are installed once per model.
+the prompt is unrelated. The cache keeps a :class:`TokenLog` of the ids fed into it (the
+model hooks in ``_hooks.py`` record them) and checks, when ``generate`` prepares its inputs
+from the full sequence, that the sequence begins with them.
 """
 
 from __future__ import annotations
 
-import functools
-from typing import Any
-
 import torch
 
 from .errors import CacheStateError
-
-_MARK = "_kvpress_rs_reuse_guard"
-
-
-def _cache_of(kwargs: dict[str, Any]) -> Any:
-    from .cache import KVCache
-
-    for key in ("past_key_values", "cache"):
-        cache = kwargs.get(key)
-        if isinstance(cache, KVCache):
-            return cache
-    return None
-
-
-def _record_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
-    cache = _cache_of(kwargs)
-    if cache is None:
-        return None
-    input_ids = kwargs.get("input_ids", args[0] if args else None)
-    cache._record_token_ids(input_ids if isinstance(input_ids, torch.Tensor) else None)
-    return None
-
-
-def _check_continuation(prepare: Any) -> Any:
-    @functools.wraps(prepare)
-    def prepare_inputs_for_generation(input_ids: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-        cache = _cache_of(kwargs)
-        if cache is not None and isinstance(input_ids, torch.Tensor):
-            cache._check_continues(input_ids)
-        return prepare(input_ids, *args, **kwargs)
-
-    return prepare_inputs_for_generation
-
-
-def install_reuse_guard(model: Any) -> None:
-    """Installs the two hooks on ``model`` (idempotent)."""
-    if getattr(model, _MARK, False):
-        return
-    model.register_forward_pre_hook(_record_forward, with_kwargs=True)
-    if hasattr(model, "prepare_inputs_for_generation"):
-        model.prepare_inputs_for_generation = _check_continuation(model.prepare_inputs_for_generation)
-    setattr(model, _MARK, True)
 
 
 class TokenLog:

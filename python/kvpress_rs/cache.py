@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
-from . import _compat
+from . import _compat, attention
 from ._native import LayerStore, Press
-from ._guard import TokenLog, install_reuse_guard
+from ._guard import TokenLog
+from ._hooks import install_model_hooks
 from .errors import CacheStateError, UnsupportedModelError
 from .models import decoder_config
 
@@ -38,6 +39,7 @@ class CompressedLayer(CacheLayerMixin):
         self._store = LayerStore()
         self._press = press
         self.layer_idx = layer_idx
+        self._pending_compression = False
 
     # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store.
     @property
@@ -71,9 +73,42 @@ class CompressedLayer(CacheLayerMixin):
         keys, values = self._store.append(key_states, value_states)
         if is_prefill:
             # This forward's attention still sees every token (keys/values above); the
-            # store keeps only what the press selects.
-            self._store.compress(self._press, self.layer_idx)
+            # store keeps only what the press selects, right after that attention.
+            if attention.serves(self):
+                self._pending_compression = True
+            else:  # no attention hook (a cache built from a config): compress now
+                self._store.compress(self._press, self.layer_idx)
         return keys, values
+
+    def attend(
+        self,
+        attention: Any,
+        module: torch.nn.Module,
+        query: torch.Tensor,
+        key: torch.Tensor,
+        value: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        **kwargs: Any,
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """This layer's attention (called by ``attention.kvpress_attention``): the model's
+        own attention over what ``update`` returned, then the prefill compression."""
+        output = attention(module, query, key, value, attention_mask, **kwargs)
+        if self._pending_compression:
+            self._compress()
+        return output
+
+    def _compress(self) -> None:
+        self._pending_compression = False
+        self._store.compress(self._press, self.layer_idx)
+
+    def _forward_started(self) -> None:
+        self._pending_compression = False
+
+    def _forward_finished(self) -> None:
+        # A model whose attention does not go through transformers' attention interface
+        # never called `attend`: compress here, after the whole forward, instead.
+        if self._pending_compression:
+            self._compress()
 
     def get_seq_length(self) -> int:
         return self._store.seen
@@ -174,7 +209,7 @@ class KVCache(Cache):
         super().__init__(layers=layers)
         self._token_log = TokenLog()
         if isinstance(model, torch.nn.Module):
-            install_reuse_guard(model)
+            install_model_hooks(model)
 
     def reset(self) -> None:
         """Empties the cache so that it can serve an unrelated prompt."""
@@ -198,6 +233,14 @@ class KVCache(Cache):
         seen = self.get_seq_length()
         super().crop(max_length_or_tokens_to_remove)
         self._token_log.truncate(self.get_seq_length() if seen else 0)
+
+    def _forward_started(self) -> None:
+        for _, layer in self._compressed_layers():
+            layer._forward_started()
+
+    def _forward_finished(self) -> None:
+        for _, layer in self._compressed_layers():
+            layer._forward_finished()
 
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)
