@@ -29,4 +29,4 @@ pub mod python;
 pub use budget::Budget;
 pub use error::{KvError, Result};
 pub use press::Press;
-pub use store::{LayerStore, StoreStats};
+pub use store::{KeptPositions, LayerStore, StoreStats};

@@ -80,7 +80,7 @@ fn check_knorm_compress(kind: Kind, elt: usize) {
         reference_gather(&values_f64(&values), (b, h, t, dv), &idx, n_kept)
     );
 
-    let positions = store.kept_positions().unwrap();
+    let positions = store.kept_positions().unwrap().into_uniform().unwrap();
     assert_eq!(positions.kind(), Kind::Int64);
     assert_eq!(dims(&positions), [b, h, n_kept]);
     assert_eq!(values_i64(&positions), idx);
@@ -123,7 +123,10 @@ fn knorm_compress_of_a_transposed_prompt() {
         .compress(&mut store, 0)
         .unwrap();
     let idx = knorm_reference(&values_f64(&keys), t, d, 7);
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&keys), (b, h, t, d), &idx, 7)
@@ -164,7 +167,7 @@ fn a_budget_that_keeps_everything_leaves_the_storage_untouched() {
         assert_eq!(store.nbytes(), exact_bytes(b, h, t, d, d, 4, false));
         let all: Vec<i64> = (0..t as i64).collect();
         assert_eq!(
-            values_i64(&store.kept_positions().unwrap()),
+            values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
             all.repeat(b * h)
         );
     }
@@ -182,7 +185,7 @@ fn decoding_after_compression_appends_at_the_seen_position() {
         .unwrap();
     let compressed_keys = values_f64(&store.keys_view().unwrap());
     let compressed_values = values_f64(&store.values_view().unwrap());
-    let mut positions = values_i64(&store.kept_positions().unwrap());
+    let mut positions = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
     let mut len = 8;
 
     for step in 0..5 {
@@ -212,7 +215,7 @@ fn decoding_after_compression_appends_at_the_seen_position() {
             .flat_map(|r| r.iter().copied().chain([seen_before as i64]))
             .collect();
         assert_eq!(
-            values_i64(&store.kept_positions().unwrap()),
+            values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
             positions,
             "step {step}"
         );
@@ -254,7 +257,10 @@ fn compressing_again_keeps_original_positions() {
         let second = reference_top_k(&cand_scores, 7);
         want_pos.extend(second.iter().map(|&i| candidates[i as usize]));
     }
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), want_pos);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        want_pos
+    );
     let want_keys = reference_gather(&all_v, (b, h, 24, d), &want_pos, 7);
     assert_eq!(values_f64(&store.keys_view().unwrap()), want_keys);
     assert_eq!(store.nbytes(), exact_bytes(b, h, 7, d, d, 4, true));
@@ -272,7 +278,10 @@ fn streaming_llm_press_keeps_sinks_and_the_recent_window() {
     );
     press.compress(&mut store, 3).unwrap();
     let idx: Vec<i64> = [0, 1, 16, 17, 18, 19].repeat(b * h);
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&keys), (b, h, t, d), &idx, 6)
@@ -289,7 +298,7 @@ fn random_press_depends_on_seed_and_layer_only() {
         Press::new(Box::new(Random::new(seed)), Budget::ratio(0.5).unwrap())
             .compress(&mut store, layer)
             .unwrap();
-        values_i64(&store.kept_positions().unwrap())
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap())
     };
     let base = run(1, 0, &keys);
     assert_eq!(base.len(), 64);
@@ -383,7 +392,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
         .unwrap();
     assert_eq!(store.len(), 4);
     assert_eq!(
-        values_i64(&store.kept_positions().unwrap()),
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
         knorm_reference(&values_f64(&keys), 7, 4, 4)
     );
 }

@@ -7,7 +7,7 @@ use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use super::press::PyPress;
 use crate::error::{KvError, Result};
-use crate::store::LayerStore;
+use crate::store::{KeptPositions, LayerStore};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
@@ -88,10 +88,52 @@ impl PyLayerStore {
         detached(slf.py(), move || me.lock()?.values_view()).map(PyTensor)
     }
 
-    /// int64 (batch, kv_heads, stored) original positions of the stored tokens, ascending.
-    fn kept_positions(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
+    /// Original positions of the stored tokens, ascending: an int64 tensor
+    /// (batch, kv_heads, stored) when rows are uniform, else a list of int64 (n_r,)
+    /// tensors, one per row r = b * kv_heads + h.
+    fn kept_positions<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let me = slf.get();
-        detached(slf.py(), move || me.lock()?.kept_positions()).map(PyTensor)
+        let py = slf.py();
+        match detached(py, move || me.lock()?.kept_positions())? {
+            KeptPositions::Uniform(t) => PyTensor(t).into_pyobject(py),
+            KeptPositions::Ragged(rows) => {
+                let rows: Vec<PyTensor> = rows.into_iter().map(PyTensor).collect();
+                Ok(rows.into_pyobject(py)?.into_any())
+            }
+        }
+    }
+
+    /// Tokens stored in each (batch, kv_head) row, row-major.
+    fn lengths(&self) -> PyResult<Vec<usize>> {
+        Ok(self.lock().map_err(to_pyerr)?.lengths())
+    }
+
+    /// Row (b, h)'s keys and values (1, 1, len, head_dim), views.
+    fn row(slf: Bound<'_, Self>, b: usize, h: usize) -> PyResult<(PyTensor, PyTensor)> {
+        let me = slf.get();
+        let (k, v) = detached(slf.py(), move || me.lock()?.row_views(b, h))?;
+        Ok((PyTensor(k), PyTensor(v)))
+    }
+
+    /// Keeps, in row r = b * kv_heads + h, only the stored tokens at ``rows[r]`` (int64,
+    /// ascending); rows may keep different counts.
+    fn retain_rows(slf: Bound<'_, Self>, rows: Vec<PyTensor>) -> PyResult<()> {
+        let me = slf.get();
+        let rows: Vec<_> = rows.into_iter().map(|t| t.0).collect();
+        detached(slf.py(), move || me.lock()?.retain_rows(&rows))
+    }
+
+    /// Attention of ``query`` (batch, q_heads, q, head_dim) — the q newest tokens, already
+    /// appended — over every row; returns (batch, q, q_heads, head_dim).
+    fn attend_rows(slf: Bound<'_, Self>, query: PyTensor, scaling: f64) -> PyResult<PyTensor> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.attend_rows(&query.0, scaling)).map(PyTensor)
+    }
+
+    /// Whether rows have their own lengths (a head budget was applied).
+    #[getter]
+    fn is_ragged(&self) -> PyResult<bool> {
+        Ok(self.lock().map_err(to_pyerr)?.is_ragged())
     }
 
     /// Forgets the last ``n`` tokens seen (only tokens still stored can be removed).

@@ -59,6 +59,14 @@ impl TokenBuffer {
         Ok(())
     }
 
+    /// A copy of the valid tokens in fresh storage of exactly that size.
+    pub fn copy_exact(&self) -> Result<TokenBuffer> {
+        let view = self.view()?;
+        let mut fresh = Tensor::f_empty(view.size().as_slice(), (view.kind(), view.device()))?;
+        fresh.f_copy_(&view)?;
+        Ok(TokenBuffer::adopt(fresh))
+    }
+
     /// Keeps the first `len` tokens, in fresh storage of exactly that size (so that later
     /// appends cannot write into memory that earlier views still show).
     pub fn truncate(&mut self, len: usize) -> Result<()> {
