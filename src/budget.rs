@@ -97,3 +97,130 @@ impl Budget {
         matches!(*self, Budget::Ratio(r) if r == 0.0)
     }
 }
+
+/// How a layer's budget follows from the mean budget: the same for every layer, or
+/// PyramidKV's linear decrease with depth (kvpress's formula; the mean over layers stays
+/// the requested budget up to rounding).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LayerBudget {
+    Uniform,
+    /// PyramidKV: layer 0 keeps most, the last layer least. `beta` (>= 1) sets the ratio
+    /// of the smallest budget to the mean; `window` tokens (the scorer's protected
+    /// window) are the floor of every layer's budget.
+    Pyramid {
+        beta: f64,
+        window: usize,
+    },
+}
+
+impl LayerBudget {
+    /// Parses `"uniform"` or `"pyramid"` (PyramidKV's β = 20 by default).
+    pub fn from_name(name: &str, beta: f64, window: usize) -> Result<Self> {
+        match name {
+            "uniform" => Ok(LayerBudget::Uniform),
+            "pyramid" => {
+                if !(beta >= 1.0 && beta.is_finite()) {
+                    return Err(KvError::invalid(
+                        "beta",
+                        format!("got {beta}, expected a number >= 1"),
+                    ));
+                }
+                Ok(LayerBudget::Pyramid { beta, window })
+            }
+            other => Err(KvError::invalid(
+                "layer_budget",
+                format!("unknown layer budget {other:?}; expected \"uniform\" or \"pyramid\""),
+            )),
+        }
+    }
+
+    /// Tokens kept by layer `layer_idx` of `n_layers` out of `n_tokens`, for the mean
+    /// per-layer budget `budget`.
+    ///
+    /// Pyramid (with N the mean budget as a float and w the window): the budgets run
+    /// linearly from `max = 2N − N/β` (clamped to T − w, the smallest then rising to keep
+    /// the mean N) down to `min = N/β`, rounded half to even; when that sequence does not
+    /// fit in [w, T] every layer keeps round(N), like a uniform budget.
+    ///
+    /// ```
+    /// use kvpress_rs::budget::{Budget, LayerBudget};
+    /// let p = LayerBudget::Pyramid { beta: 20.0, window: 64 };
+    /// let b = Budget::ratio(0.5).unwrap();
+    /// let per_layer: Vec<usize> = (0..32).map(|l| p.n_kept(&b, 4096, l, 32).unwrap()).collect();
+    /// assert_eq!((per_layer[0], per_layer[31]), (3994, 102));
+    /// assert_eq!(per_layer.iter().sum::<usize>(), 32 * 2048);
+    /// ```
+    pub fn n_kept(
+        &self,
+        budget: &Budget,
+        n_tokens: usize,
+        layer_idx: usize,
+        n_layers: usize,
+    ) -> Result<usize> {
+        match *self {
+            LayerBudget::Uniform => budget.n_kept(n_tokens),
+            LayerBudget::Pyramid { beta, window } => {
+                budget.n_kept(n_tokens)?; // validates the budget and the sequence
+                let t = n_tokens as f64;
+                let w = window as f64;
+                let mean = match *budget {
+                    Budget::Ratio(r) => t * (1.0 - r),
+                    Budget::MaxTokens(n) => (n as f64).min(t),
+                };
+                let mut min = mean / beta;
+                let mut max = 2.0 * mean - min;
+                if max >= t - w {
+                    max = t - w;
+                    min = 2.0 * mean - max;
+                }
+                let kept = if !(t >= max && max >= min && min >= w) {
+                    round_half_even(mean).max(1.0)
+                } else {
+                    let step = if n_layers > 1 {
+                        (max - min) / (n_layers - 1) as f64
+                    } else {
+                        0.0
+                    };
+                    round_half_even(max - layer_idx as f64 * step)
+                };
+                Ok((kept as usize).clamp(1, n_tokens))
+            }
+        }
+    }
+}
+
+/// Python's `round`: to the nearest integer, ties to the even one.
+fn round_half_even(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// How a layer's budget is shared among its KV heads: equally, or AdaKV's adaptive split
+/// (each head keeps at least `alpha` of the mean as a safeguard, the rest goes to the
+/// highest scores across the layer's heads).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HeadBudget {
+    Uniform,
+    AdaKv { alpha: f64 },
+}
+
+impl HeadBudget {
+    /// Parses `"uniform"` or `"adakv"` (safeguard `alpha`, 0.2 by default).
+    pub fn from_name(name: &str, alpha: f64) -> Result<Self> {
+        match name {
+            "uniform" => Ok(HeadBudget::Uniform),
+            "adakv" => {
+                if !(0.0..=1.0).contains(&alpha) {
+                    return Err(KvError::invalid(
+                        "alpha_safeguard",
+                        format!("got {alpha}, expected a number in [0, 1]"),
+                    ));
+                }
+                Ok(HeadBudget::AdaKv { alpha })
+            }
+            other => Err(KvError::invalid(
+                "head_budget",
+                format!("unknown head budget {other:?}; expected \"uniform\" or \"adakv\""),
+            )),
+        }
+    }
+}

@@ -40,7 +40,7 @@ fn compressed_store(b: i64, h: i64, t: i64, d: i64, n_kept: i64, seed: u64) -> L
     let mut store = LayerStore::new();
     let _ = store.append(&k, &v).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(n_kept).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     store
 }
@@ -278,7 +278,7 @@ fn crop_into_tokens_evicted_from_some_heads_only_is_an_error() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(3).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     assert_eq!(
         values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
@@ -304,7 +304,7 @@ fn crop_into_a_uniformly_compressed_prompt() {
         Box::new(StreamingLlm::new(1).unwrap()),
         Budget::max_tokens(4).unwrap(),
     )
-    .compress(&mut store, 0)
+    .compress(&mut store, 0, None)
     .unwrap();
     store.crop(2).unwrap();
     assert_eq!((store.seen(), store.len()), (8, 2));

@@ -14,7 +14,10 @@ STUB = Path(kvpress_rs.__file__).with_name("_native.pyi")
 
 def _params(node: ast.FunctionDef) -> list[str]:
     a = node.args
-    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names = [x.arg for x in a.posonlyargs + a.args]
+    names += [a.vararg.arg] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs]
+    names += [a.kwarg.arg] if a.kwarg else []
     return [n for n in names if n not in ("self", "cls")]
 
 

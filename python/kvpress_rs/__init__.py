@@ -15,7 +15,18 @@ from . import errors, ops
 from ._native import __version__
 from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
-from .policies import KnormCache, RandomCache, StreamingLLMCache
+from .policies import (
+    AdaKVCache,
+    KeyDiffCache,
+    KnormCache,
+    LagKVCache,
+    ObservedAttentionCache,
+    PyramidKVCache,
+    RandomCache,
+    SnapKVCache,
+    StreamingLLMCache,
+    TOVACache,
+)
 
 __all__ = [
     "__version__",
@@ -24,6 +35,13 @@ __all__ = [
     "StreamingLLMCache",
     "KnormCache",
     "RandomCache",
+    "SnapKVCache",
+    "PyramidKVCache",
+    "TOVACache",
+    "ObservedAttentionCache",
+    "KeyDiffCache",
+    "LagKVCache",
+    "AdaKVCache",
     "ops",
     "errors",
     *errors.__all__,

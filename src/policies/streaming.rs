@@ -1,6 +1,6 @@
 //! StreamingLLM: keep the first `n_sink` tokens (attention sinks) and the most recent ones.
 
-use super::{ScoreContext, Scorer};
+use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
 use crate::tensor::FloatView4;
 use ndarray::{ArrayViewMut3, Axis};
@@ -37,7 +37,7 @@ impl StreamingLlm {
     }
 }
 
-impl Scorer for StreamingLlm {
+impl KeyValueScorer for StreamingLlm {
     fn name(&self) -> &'static str {
         "streaming_llm"
     }

@@ -62,11 +62,22 @@ impl PyLayerStore {
     }
 
     /// Scores the stored tokens with ``press`` and frees all but the kept ones.
-    fn compress(slf: Bound<'_, Self>, press: Bound<'_, PyPress>, layer_idx: usize) -> PyResult<()> {
+    /// ``queries`` (batch, q_heads, q, head_dim): the post-RoPE queries of the last q
+    /// stored tokens, for presses whose policy needs them.
+    #[pyo3(signature = (press, layer_idx, queries=None))]
+    fn compress(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        queries: Option<PyTensor>,
+    ) -> PyResult<()> {
         let me = slf.get();
         let press = press.get();
+        let queries = queries.map(|q| q.0);
         detached(slf.py(), move || {
-            press.inner.compress(&mut *me.lock()?, layer_idx)
+            press
+                .inner
+                .compress(&mut *me.lock()?, layer_idx, queries.as_ref())
         })
     }
 
@@ -128,6 +139,12 @@ impl PyLayerStore {
     fn attend_rows(slf: Bound<'_, Self>, query: PyTensor, scaling: f64) -> PyResult<PyTensor> {
         let me = slf.get();
         detached(slf.py(), move || me.lock()?.attend_rows(&query.0, scaling)).map(PyTensor)
+    }
+
+    /// (batch, kv_heads) of the stored rows, or None while empty.
+    #[getter]
+    fn batch_heads(&self) -> PyResult<Option<(usize, usize)>> {
+        Ok(self.lock().map_err(to_pyerr)?.batch_heads())
     }
 
     /// Whether rows have their own lengths (a head budget was applied).
