@@ -5,11 +5,20 @@
 
 use crate::budget::{Budget, HeadBudget, LayerBudget};
 use crate::error::Result;
-use crate::policies::{score_layer, QueryWindow, ScoreContext, Scorer};
+use crate::policies::{cake_preference, score_layer, QueryWindow, ScoreContext, Scorer};
 use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
 use crate::tensor::check_finite;
 use tch::Tensor;
+
+/// One layer's scores, kept until every layer's budget is known (CAKE).
+#[derive(Debug)]
+pub struct LayerScores {
+    /// Scores (batch, kv_heads, tokens), higher = keep.
+    pub scores: Tensor,
+    /// The layer's preference for the CAKE layer budget (0 for other budgets).
+    pub preference: f64,
+}
 
 /// The tokens a press keeps in one layer.
 #[derive(Debug)]
@@ -88,9 +97,69 @@ impl Press {
         self.head_budget
     }
 
-    /// The prompt queries the scorer needs (none, the last n, or all).
+    /// The prompt queries the scorer (and a CAKE layer budget) need.
     pub fn query_window(&self) -> QueryWindow {
-        self.scorer.query_window()
+        match (self.scorer.query_window(), self.layer_budget) {
+            (QueryWindow::All, _) => QueryWindow::All,
+            (QueryWindow::Last(n), LayerBudget::Cake { window, .. }) => {
+                QueryWindow::Last(n.max(window))
+            }
+            (QueryWindow::None, LayerBudget::Cake { window, .. }) => QueryWindow::Last(window),
+            (need, _) => need,
+        }
+    }
+
+    /// Whether layer budgets need every layer's scores first (CAKE): then compression is
+    /// [`Press::score`] per layer, [`Press::allocate`] once, [`Press::select`] per layer.
+    pub fn needs_all_layers(&self) -> bool {
+        self.layer_budget.needs_all_layers()
+    }
+
+    /// Scores one layer (and, for CAKE, measures its preference).
+    pub fn score(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        queries: Option<&Tensor>,
+        layer_idx: usize,
+    ) -> Result<LayerScores> {
+        let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
+        let n_kept = self.n_kept(n_tokens, layer_idx)?;
+        check_finite(keys, "keys")?;
+        check_finite(values, "values")?;
+        let ctx = ScoreContext { layer_idx, n_kept };
+        let scores = score_layer(self.scorer.as_ref(), keys, values, queries, &ctx)?;
+        let preference = match (self.layer_budget, queries) {
+            (LayerBudget::Cake { tau1, tau2, window }, Some(q)) => {
+                cake_preference(q, keys, window, tau1, tau2)?
+            }
+            (LayerBudget::Cake { .. }, None) => {
+                return Err(crate::error::KvError::invalid(
+                    "queries",
+                    "the CAKE layer budget measures each layer's attention: queries are needed",
+                ))
+            }
+            _ => 0.0,
+        };
+        Ok(LayerScores { scores, preference })
+    }
+
+    /// Per-layer token counts from every layer's token count and preference.
+    pub fn allocate(&self, n_tokens: &[usize], preferences: &[f64]) -> Result<Vec<usize>> {
+        let floor = self.scorer.protected_window().max(match self.layer_budget {
+            LayerBudget::Cake { window, .. } => window,
+            _ => 1,
+        });
+        self.layer_budget
+            .allocate(&self.budget, n_tokens, preferences, floor)
+    }
+
+    /// The `n_kept` tokens (per head on average) kept from a layer's `scores`.
+    pub fn select(&self, scores: &Tensor, n_kept: usize) -> Result<Kept> {
+        match self.head_budget {
+            HeadBudget::Uniform => Ok(Kept::Uniform(top_k_indices(scores, n_kept)?)),
+            HeadBudget::AdaKv { alpha } => Ok(Kept::Rows(adakv_rows(scores, n_kept, alpha)?)),
+        }
     }
 
     /// Whether this press can never evict (ratio 0).
@@ -151,9 +220,29 @@ impl Press {
             check_finite(&keys, "keys")?;
             return check_finite(&values, "values");
         }
-        match self.kept(&keys, &values, queries, layer_idx)? {
-            Kept::Uniform(indices) => store.retain(&indices),
-            Kept::Rows(rows) => store.retain_rows(&rows),
+        let kept = self.kept(&keys, &values, queries, layer_idx)?;
+        retain(store, kept)
+    }
+
+    /// Keeps, in `store`, the `n_kept` best tokens of earlier `scores` (the second half of a
+    /// compression whose budgets needed every layer).
+    pub fn compress_scored(
+        &self,
+        store: &mut LayerStore,
+        scores: &Tensor,
+        n_kept: usize,
+    ) -> Result<()> {
+        if n_kept >= store.len() {
+            return Ok(());
         }
+        let kept = self.select(scores, n_kept)?;
+        retain(store, kept)
+    }
+}
+
+fn retain(store: &mut LayerStore, kept: Kept) -> Result<()> {
+    match kept {
+        Kept::Uniform(indices) => store.retain(&indices),
+        Kept::Rows(rows) => store.retain_rows(&rows),
     }
 }

@@ -42,8 +42,14 @@ def assert_budget_kept(cache, n_tokens, batch, kv_heads):
     """Each layer keeps press.n_kept(T, layer) per head; with AdaKV that is the mean over
     the layer's heads (per batch row); positions are ascending and within the prompt."""
     press = cache.press
-    for layer in range(len(cache.layers)):
-        expected = press.n_kept(n_tokens, layer)
+    n_layers = len(cache.layers)
+    if press.layer_budget == "cake":  # split by preference: the total is the requested one
+        per_layer = [cache.layers[layer]._store.lengths()[0] for layer in range(n_layers)]
+        assert sum(per_layer) == n_layers * press.n_kept(n_tokens)
+    else:
+        per_layer = [press.n_kept(n_tokens, layer) for layer in range(n_layers)]
+    for layer in range(n_layers):
+        expected = per_layer[layer]
         lengths = cache.layers[layer]._store.lengths()
         assert len(lengths) == batch * kv_heads
         if press.head_budget == "adakv":

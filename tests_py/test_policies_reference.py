@@ -201,3 +201,65 @@ def test_query_policies_need_queries():
         ops.score("snapkv", k, v, q, window_size=4, kernel_size=4)
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="window_sizee"):
         ops.score("snapkv", k, v, q, window_sizee=4)
+
+
+def test_cake_indicator_and_preference_match_the_reference():
+    q, k, v = rand_kv(t=40, seed=9)
+    w, gamma = 8, 200.0
+    attn = ref_window_attention(q[:, :, -w:], k)[..., : 40 - w]
+    indicator = attn.mean(dim=2) + gamma * attn.var(dim=2)
+    pooled = F.avg_pool1d(indicator, kernel_size=5, stride=1, padding=2, count_include_pad=True)
+    grouped = pooled.view(1, 2, 3, -1).mean(2)
+    expected = torch.cat([grouped, torch.full((1, 2, w), grouped.max().item() + 1)], dim=-1)
+    ours = ops.score("cake", k, v, q, window_size=w, gamma=gamma)
+    torch.testing.assert_close(ours, expected, rtol=1e-6, atol=1e-6)
+
+
+def test_cake_layer_budget_splits_the_total_by_preference(tiny_llama):
+    """Layers whose window attention is more dispersed and shifting keep more; the total
+    is the requested one; the preference follows dispersion^(1/tau1) * shift^(1/tau2)."""
+    from conftest import random_ids
+
+    model = tiny_llama(num_hidden_layers=4)
+    ids = random_ids(1, 60)
+    cache = kvpress_rs.CAKECache(model, compression_ratio=0.5, window_size=8, tau1=1.6, tau2=0.6)
+
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+    kept = cache.stats()["tokens_kept"]
+    assert sum(kept) == 4 * 30 and all(8 <= n <= 60 for n in kept)
+    assert len(set(kept)) > 1  # random layers differ in preference
+    # the allocation itself: proportional to the preferences, exact total, within [floor, T]
+    press = cache.press
+    assert press.allocate([60, 60, 60, 60], [1.0, 1.0, 1.0, 1.0]) == [30, 30, 30, 30]
+    # shares 90/30/0/0 -> layer 0 capped at 60 (T), layers 2-3 raised to the floor 8 (the
+    # window); the missing 14 tokens are spread evenly over the layers below their cap,
+    # whole tokens going first to the layers with more preference: 30+5, 8+5, 8+4.
+    assert press.allocate([60, 60, 60, 60], [3.0, 1.0, 0.0, 0.0]) == [60, 35, 13, 12]
+    assert press.allocate([60, 60, 60, 60], [0.0, 0.0, 0.0, 0.0]) == [30, 30, 30, 30]
+
+
+@pytest.mark.parametrize("policy", ["knorm", "streaming_llm", "snapkv", "tova", "keydiff", "lagkv", "observed_attention"])
+@pytest.mark.parametrize("layer_budget", ["uniform", "pyramid", "cake"])
+@pytest.mark.parametrize("head_budget", ["uniform", "adakv"])
+def test_any_scorer_with_any_budget(tiny_llama, policy, layer_budget, head_budget):
+    from conftest import random_ids
+
+    model = tiny_llama()
+    params = {"snapkv": {"window_size": 4}, "lagkv": {"lag_size": 8}}.get(policy, {})
+    cache = kvpress_rs.KVCache(
+        model, policy, compression_ratio=0.5, layer_budget=layer_budget, head_budget=head_budget,
+        cake_window=4, **params,
+    ) if layer_budget == "cake" else kvpress_rs.KVCache(
+        model, policy, compression_ratio=0.5, layer_budget=layer_budget, head_budget=head_budget, **params,
+    )
+    ids = random_ids(1, 40)
+    out = model.generate(ids, past_key_values=cache, max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert out.shape == (1, 44)
+    rows = cache.stats()["tokens_kept_per_row"]
+    # 40 prompt tokens halved on average per layer, plus the 3 generated tokens fed back
+    total = sum(sum(r) for r in rows)
+    assert total == 3 * 2 * (20 + 3) or layer_budget == "pyramid"
+    if layer_budget == "pyramid":
+        per_layer = [cache.press.n_kept(40, layer) for layer in range(3)]
+        assert total == 2 * sum(n + 3 for n in per_layer)

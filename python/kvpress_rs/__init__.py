@@ -17,6 +17,7 @@ from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import (
     AdaKVCache,
+    CAKECache,
     KeyDiffCache,
     KnormCache,
     LagKVCache,
@@ -42,6 +43,7 @@ __all__ = [
     "KeyDiffCache",
     "LagKVCache",
     "AdaKVCache",
+    "CAKECache",
     "ops",
     "errors",
     *errors.__all__,

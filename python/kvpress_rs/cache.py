@@ -40,6 +40,7 @@ class CompressedLayer(CacheLayerMixin):
         self._press = press
         self.layer_idx = layer_idx
         self._pending_compression = False
+        self._scored: tuple[torch.Tensor, float] | None = None
 
     # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store
     # (None for ragged rows, which no single tensor holds: read them with `row`).
@@ -101,7 +102,13 @@ class CompressedLayer(CacheLayerMixin):
             attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
         output = attention(module, query, key, value, attention_mask, **kwargs)
         if self._pending_compression:
-            self._compress(query)
+            if self._press.needs_all_layers:
+                # CAKE: score now (this layer's queries are here), evict once every layer's
+                # preference is known, at the end of the forward.
+                self._pending_compression = False
+                self._scored = self._store.score(self._press, self.layer_idx, query)
+            else:
+                self._compress(query)
         return output
 
     def _compress(self, query: torch.Tensor | None) -> None:
@@ -110,6 +117,7 @@ class CompressedLayer(CacheLayerMixin):
 
     def _forward_started(self) -> None:
         self._pending_compression = False
+        self._scored = None
 
     def _forward_finished(self) -> None:
         # A model whose attention does not go through transformers' attention interface
@@ -276,6 +284,13 @@ class KVCache(Cache):
     def _forward_finished(self) -> None:
         for _, layer in self._compressed_layers():
             layer._forward_finished()
+        scored = [layer for _, layer in self._compressed_layers() if layer._scored is not None]
+        if scored:
+            budgets = self.press.allocate([layer._store.stored for layer in scored], [layer._scored[1] for layer in scored])
+            for layer, n_kept in zip(scored, budgets):
+                scores, _ = layer._scored
+                layer._scored = None
+                layer._store.compress_scored(self.press, scores, n_kept)
 
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)

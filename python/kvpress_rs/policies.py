@@ -4,7 +4,8 @@ configuration (sized for short test prompts), which the generic tests run throug
 a policy adds one entry and gets every generic test.
 
 Every cache also takes ``compression_ratio`` or ``max_tokens``, ``layer_budget``
-(``"uniform"`` | ``"pyramid"``) and ``head_budget`` (``"uniform"`` | ``"adakv"``).
+(``"uniform"`` | ``"pyramid"`` | ``"cake"``) and ``head_budget`` (``"uniform"`` |
+``"adakv"``): any policy with any budget.
 
 Example
 -------
@@ -126,6 +127,33 @@ class LagKVCache(KVCache):
         super().__init__(model, "lagkv", n_sink=n_sink, lag_size=lag_size, cross_scoring=cross_scoring, **budget)
 
 
+class CAKECache(KVCache):
+    """CAKE (Qin et al., ICLR 2025): the CAKE eviction indicator (mean + ``gamma`` ×
+    variance of the last ``window_size`` queries' attention, pooled) with the CAKE layer
+    budget: after the prefill forward, the model's total budget is split across layers in
+    proportion to each layer's preference (attention dispersion^(1/``tau1``) × shift^(1/``tau2``)).
+
+    >>> cache = CAKECache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        window_size: int = 32,
+        kernel_size: int = 5,
+        gamma: float = 200.0,
+        tau1: float = 1.6,
+        tau2: float = 0.6,
+        **budget: Any,
+    ):
+        budget.setdefault("layer_budget", "cake")
+        super().__init__(
+            model, "cake", window_size=window_size, kernel_size=kernel_size, gamma=gamma, tau1=tau1, tau2=tau2,
+            cake_window=window_size, **budget,
+        )
+
+
 class AdaKVCache(KVCache):
     """AdaKV (Feng et al., 2024): any scorer with an adaptive split of each layer's budget
     among its KV heads (each head keeps at least ``alpha_safeguard`` of the mean, the rest
@@ -162,5 +190,6 @@ REGISTRY: dict[str, PolicySpec] = {
     "observed_attention": PolicySpec("observed_attention", ObservedAttentionCache, {}, {"chunk_size": 7}, True),
     "keydiff": PolicySpec("keydiff", KeyDiffCache),
     "lagkv": PolicySpec("lagkv", LagKVCache, {"lag_size": 8}, {"n_sink": 1, "lag_size": 4, "cross_scoring": True}),
+    "cake": PolicySpec("cake", CAKECache, {"window_size": 8}, {"window_size": 4, "gamma": 0.0, "tau1": 0.5}, True),
     "adakv": PolicySpec("adakv", AdaKVCache, {"window_size": 8}, {"scorer": "knorm", "alpha_safeguard": 0.5}, True),
 }

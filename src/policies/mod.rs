@@ -9,6 +9,7 @@
 //! inputs keep the same tokens. One file per scorer.
 
 mod attention_weights;
+mod cake;
 mod keydiff;
 mod knorm;
 mod lagkv;
@@ -19,6 +20,7 @@ mod snapkv;
 mod streaming;
 mod tova;
 
+pub use cake::{cake_preference, Cake};
 pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
 pub use lagkv::LagKv;
@@ -239,6 +241,14 @@ pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer
             &["chunk_size"],
         ),
         "keydiff" => (Box::new(KeyDiff), &[]),
+        "cake" => (
+            Box::new(Cake::new(
+                params.take_usize("window_size", 32)?,
+                params.take_usize("kernel_size", 5)?,
+                params.take_f64("gamma", 200.0)?,
+            )?),
+            &["window_size", "kernel_size", "gamma"],
+        ),
         "lagkv" => (
             Box::new(LagKv::new(
                 params.take_usize("n_sink", 4)?,

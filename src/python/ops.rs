@@ -83,6 +83,7 @@ fn same_library(args: &[&ArrayArg<'_>]) -> PyResult<bool> {
 /// torch.Size([1, 2, 16])
 #[pyfunction]
 #[pyo3(signature = (policy, keys, values=None, queries=None, *, n_kept=None, layer_idx=0, **params))]
+#[allow(clippy::too_many_arguments)]
 fn score<'py>(
     py: Python<'py>,
     policy: &str,

@@ -53,8 +53,14 @@ pub fn build_press(
     let build = |params: &mut Params| -> crate::error::Result<Press> {
         let beta = params.take_f64("beta", 20.0)?;
         let alpha = params.take_f64("alpha_safeguard", 0.2)?;
+        let cake = (
+            params.take_f64("tau1", 1.6)?,
+            params.take_f64("tau2", 0.6)?,
+            params.take_usize("cake_window", 32)?,
+        );
         let scorer = scorer_from_name(policy, std::mem::take(params))?;
-        let layer_budget = LayerBudget::from_name(layer_budget, beta, scorer.protected_window())?;
+        let layer_budget =
+            LayerBudget::from_name(layer_budget, beta, scorer.protected_window(), cake)?;
         let head_budget = HeadBudget::from_name(head_budget, alpha)?;
         let budget = Budget::from_args(compression_ratio, max_tokens)?;
         Ok(Press::with_budgets(
@@ -82,7 +88,8 @@ pub fn build_press(
 /// max_tokens : int, optional
 ///     A fixed per-layer token budget instead of a ratio.
 /// layer_budget : str
-///     "uniform" or "pyramid" (PyramidKV; ``beta``, default 20).
+///     "uniform", "pyramid" (PyramidKV; ``beta``, default 20) or "cake" (CAKE; ``tau1``
+///     1.6, ``tau2`` 0.6, ``cake_window`` 32).
 /// head_budget : str
 ///     "uniform" or "adakv" (AdaKV; ``alpha_safeguard``, default 0.2).
 /// n_layers : int
@@ -158,6 +165,7 @@ impl PyPress {
         match self.inner.layer_budget() {
             LayerBudget::Uniform => "uniform",
             LayerBudget::Pyramid { .. } => "pyramid",
+            LayerBudget::Cake { .. } => "cake",
         }
     }
 
@@ -178,6 +186,20 @@ impl PyPress {
             QueryWindow::Last(n) => Ok(n.into_pyobject(py)?.into_any()),
             QueryWindow::All => Ok("all".into_pyobject(py)?.into_any()),
         }
+    }
+
+    /// Whether layer budgets need every layer's scores before any layer is compressed
+    /// (the CAKE layer budget).
+    #[getter]
+    fn needs_all_layers(&self) -> bool {
+        self.inner.needs_all_layers()
+    }
+
+    /// Per-layer token counts from every layer's token count and preference (CAKE).
+    fn allocate(&self, n_tokens: Vec<usize>, preferences: Vec<f64>) -> PyResult<Vec<usize>> {
+        self.inner
+            .allocate(&n_tokens, &preferences)
+            .map_err(to_pyerr)
     }
 
     /// Whether this press can never evict (ratio 0).

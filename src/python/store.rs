@@ -81,6 +81,47 @@ impl PyLayerStore {
         })
     }
 
+    /// Scores the stored tokens with ``press`` without evicting any: returns the scores
+    /// (batch, kv_heads, tokens) and the layer's preference (CAKE layer budgets), for
+    /// :meth:`compress_scored` once every layer's budget is known.
+    #[pyo3(signature = (press, layer_idx, queries=None))]
+    fn score(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        queries: Option<PyTensor>,
+    ) -> PyResult<(PyTensor, f64)> {
+        let me = slf.get();
+        let press = press.get();
+        let queries = queries.map(|q| q.0);
+        let scored = detached(slf.py(), move || {
+            let store = me.lock()?;
+            press.inner.score(
+                &store.keys_view()?,
+                &store.values_view()?,
+                queries.as_ref(),
+                layer_idx,
+            )
+        })?;
+        Ok((PyTensor(scored.scores), scored.preference))
+    }
+
+    /// Keeps the ``n_kept`` best tokens of ``scores`` (from :meth:`score`).
+    fn compress_scored(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        scores: PyTensor,
+        n_kept: usize,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let press = press.get();
+        detached(slf.py(), move || {
+            press
+                .inner
+                .compress_scored(&mut *me.lock()?, &scores.0, n_kept)
+        })
+    }
+
     /// Keeps only the stored tokens at ``indices``: int64 (batch, kv_heads, k), ascending.
     fn retain(slf: Bound<'_, Self>, indices: PyTensor) -> PyResult<()> {
         let me = slf.get();
