@@ -106,10 +106,13 @@ class CompressedLayer(CacheLayerMixin):
                 # CAKE: score now (this layer's queries are here), evict once every layer's
                 # preference is known, at the end of the forward.
                 self._pending_compression = False
-                self._scored = self._store.score(self._press, self.layer_idx, query)
+                self._scored = self._score(query)
             else:
                 self._compress(query)
         return output
+
+    def _score(self, query: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return self._store.score(self._press, self.layer_idx, query)
 
     def _compress(self, query: torch.Tensor | None) -> None:
         self._pending_compression = False
@@ -286,11 +289,15 @@ class KVCache(Cache):
             layer._forward_finished()
         scored = [layer for _, layer in self._compressed_layers() if layer._scored is not None]
         if scored:
-            budgets = self.press.allocate([layer._store.stored for layer in scored], [layer._scored[1] for layer in scored])
-            for layer, n_kept in zip(scored, budgets):
-                scores, _ = layer._scored
-                layer._scored = None
-                layer._store.compress_scored(self.press, scores, n_kept)
+            self._allocate(scored)
+
+    def _allocate(self, scored: list[CompressedLayer]) -> None:
+        """Splits the budget across the scored layers (CAKE) and evicts in each."""
+        budgets = self.press.allocate([layer._store.stored for layer in scored], [layer._scored[1] for layer in scored])
+        for layer, n_kept in zip(scored, budgets):
+            scores, _ = layer._scored
+            layer._scored = None
+            layer._store.compress_scored(self.press, scores, n_kept)
 
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)
