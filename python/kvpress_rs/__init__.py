@@ -11,11 +11,12 @@ Swap one object in ``generate``::
 # libtorch must be loaded (by torch) before the native module that links against it.
 import torch  # noqa: F401
 
-from . import errors, ops
+from . import errors, ops, rope
 from ._native import __version__
 from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import KnormCache, RandomCache, StreamingLLMCache
+from .rope import Rope
 
 __all__ = [
     "__version__",
@@ -24,7 +25,9 @@ __all__ = [
     "StreamingLLMCache",
     "KnormCache",
     "RandomCache",
+    "Rope",
     "ops",
+    "rope",
     "errors",
     *errors.__all__,
 ]
