@@ -257,7 +257,7 @@ def base_bounds(
     -------
     >>> b = base_bounds(128, 4096, 32, torch.float32, base=1e4)    # Llama-2 7B
     >>> round(b.aliasing), round(b.stability), b.feasible
-    (722, 8113, True)
+    (723, 8113, True)
     >>> base_bounds(128, 131072, 32, base=10.0).feasible
     False
     """
