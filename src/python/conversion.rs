@@ -224,11 +224,7 @@ impl<'a, 'py> FromPyObject<'a, 'py> for DtypeName {
         if let Ok(s) = obj.extract::<String>() {
             return Ok(DtypeName(s));
         }
-        let is_dtype = obj
-            .get_type()
-            .name()
-            .map(|n| n.to_string() == "dtype")
-            .unwrap_or(false);
+        let is_dtype = obj.get_type().name().map(|n| n == "dtype").unwrap_or(false);
         if is_dtype {
             return Ok(DtypeName(obj.str()?.to_string()));
         }
