@@ -475,6 +475,11 @@ fn positions_shapes_and_errors() {
     );
     expect_err(r.apply(&x.to_kind(Kind::Double), &p, None), "Dtype");
     expect_err(r.cos_sin(&p.to_kind(Kind::Float), None), "Dtype");
+    // Positions whose angle is beyond float64 integer exactness are refused.
+    let far = Tensor::from(1i64 << 60);
+    expect_err(r.apply(&x, &far, None), "InvalidArgument");
+    expect_err(r.shift(&x, &(-&far), None), "InvalidArgument");
+    expect_err(r.cos_sin(&far, None), "InvalidArgument");
     // Zero tokens are fine.
     let empty = keys([2, 3, 0, 8], 1, Kind::Float);
     let out = r

@@ -467,6 +467,8 @@ def test_bad_input_raises_clear_errors():
         rope.apply(torch.randn(1, 2, 5, 32), torch.arange(5))
     with pytest.raises(TypeError, match="torch.Tensor"):
         rope.apply(x, [0, 1, 2, 3, 4])
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="positions"):
+        rope.apply(x, torch.full((5,), 2**60))  # beyond float64 integer exactness
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="unknown rope type"):
         Rope(HEAD_DIM, rope_type="ntk-typo")
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="factor"):

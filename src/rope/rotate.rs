@@ -5,15 +5,21 @@
 //!
 //! Precision: angles in f64, reduced modulo 2π ([`super::angles`]); the rotation of f32
 //! tensors in f64, of f16/bf16 tensors in f32; the result cast to the tensor's dtype once.
+//!
+//! Speed: when the positions take fewer distinct values than there are rows (one delta for a
+//! whole chunk, positions shared by heads, re-rotation deltas i − p_i, which span at most the
+//! sequence), cos/sin are tabulated once per value in [min, max]; otherwise they are
+//! computed per row with a branch-free polynomial. The row loops run over slices so that
+//! they vectorize.
 
-use super::angles::{angle_device, angles_libtorch, reduced_angle};
+use super::angles::{angle_device, angles_libtorch, reduce, sin_cos_reduced, MAX_ANGLE};
 use super::Layout;
-use crate::error::Result;
-use crate::tensor::{array_view, array_view_mut, kind_of, KvFloat};
+use crate::error::{KvError, Result};
+use crate::tensor::{array_view, array_view_mut, kind_name, kind_of, KvFloat};
 use half::{bf16, f16};
-use ndarray::{ArrayView3, ArrayView4, ArrayViewMut4, Axis, Zip};
+use ndarray::{ArrayView3, ArrayView4};
 use rayon::prelude::*;
-use std::ops::{Add, Mul, Sub};
+use std::ops::{Add, Mul, Neg, Sub};
 use tch::{Device, Kind, Tensor};
 
 /// One rotation to perform: by angle sign·p·θ_f, then the rotary channels times `scale`.
@@ -35,29 +41,31 @@ impl Rotation<'_> {
     }
 }
 
-/// The arithmetic type a rotation runs in.
+/// The arithmetic type a rotation runs in (f64 for f32 tensors, f32 for halves).
 pub trait Accumulator:
-    Copy + Send + Sync + Add<Output = Self> + Sub<Output = Self> + Mul<Output = Self>
+    Copy
+    + Send
+    + Sync
+    + Default
+    + Add<Output = Self>
+    + Sub<Output = Self>
+    + Mul<Output = Self>
+    + Neg<Output = Self>
 {
-    /// (scale·cos, sign·scale·sin) of a reduced angle.
-    fn cis(angle: f64, sign: f64, scale: f64) -> (Self, Self);
+    fn from_f64(v: f64) -> Self;
 }
 
 impl Accumulator for f64 {
     #[inline(always)]
-    fn cis(angle: f64, sign: f64, scale: f64) -> (f64, f64) {
-        let (s, c) = angle.sin_cos();
-        (c * scale, s * sign * scale)
+    fn from_f64(v: f64) -> f64 {
+        v
     }
 }
 
 impl Accumulator for f32 {
     #[inline(always)]
-    fn cis(angle: f64, sign: f64, scale: f64) -> (f32, f32) {
-        // The angle is already reduced to [−π, π]: its f32 rounding costs < 2.4e-7 rad,
-        // far below the bf16/f16 resolution of the result.
-        let (s, c) = (angle as f32).sin_cos();
-        (c * scale as f32, s * (sign * scale) as f32)
+    fn from_f64(v: f64) -> f32 {
+        v as f32
     }
 }
 
@@ -65,6 +73,7 @@ impl Accumulator for f32 {
 pub trait RotElement: KvFloat {
     type Acc: Accumulator;
     fn load(self) -> Self::Acc;
+    /// Rounds once to the element type (to nearest, ties to even).
     fn store(v: Self::Acc) -> Self;
 }
 
@@ -80,109 +89,203 @@ impl RotElement for f32 {
     }
 }
 
-macro_rules! half_rot_element {
-    ($($t:ty),*) => {$(
-        impl RotElement for $t {
-            type Acc = f32;
-            #[inline(always)]
-            fn load(self) -> f32 {
-                self.to_f32()
-            }
-            #[inline(always)]
-            fn store(v: f32) -> $t {
-                <$t>::from_f32(v)
+impl RotElement for f16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+impl RotElement for bf16 {
+    type Acc = f32;
+    #[inline(always)]
+    fn load(self) -> f32 {
+        self.to_f32()
+    }
+    #[inline(always)]
+    fn store(v: f32) -> bf16 {
+        bf16_round(v)
+    }
+}
+
+/// f32 → bf16, round to nearest even, NaN kept quiet: the same result as
+/// `half::bf16::from_f32`, written without branches so that the row loops vectorize.
+#[inline(always)]
+pub fn bf16_round(v: f32) -> bf16 {
+    let x = v.to_bits();
+    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
+    let quiet_nan = (x >> 16) | 0x0040;
+    bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
+}
+
+/// Rotates one row given the (c, s) of each frequency.
+#[inline(always)]
+fn rotate_row<T: RotElement>(xs: &[T], out: &mut [T], c: &[T::Acc], s: &[T::Acc], layout: Layout) {
+    let n = c.len();
+    let (rot_out, pass_out) = out.split_at_mut(2 * n);
+    let (rot_in, pass_in) = xs.split_at(2 * n);
+    match layout {
+        Layout::RotateHalf => {
+            let (o1, o2) = rot_out.split_at_mut(n);
+            let (x1, x2) = rot_in.split_at(n);
+            for ((((o1, o2), (&a, &b)), &c), &s) in o1
+                .iter_mut()
+                .zip(o2.iter_mut())
+                .zip(x1.iter().zip(x2))
+                .zip(c)
+                .zip(s)
+            {
+                let (a, b) = (a.load(), b.load());
+                *o1 = T::store(a * c - b * s);
+                *o2 = T::store(b * c + a * s);
             }
         }
-    )*};
+        Layout::Interleaved => {
+            for (((o, x), &c), &s) in rot_out
+                .chunks_exact_mut(2)
+                .zip(rot_in.chunks_exact(2))
+                .zip(c)
+                .zip(s)
+            {
+                let (a, b) = (x[0].load(), x[1].load());
+                o[0] = T::store(a * c - b * s);
+                o[1] = T::store(b * c + a * s);
+            }
+        }
+    }
+    pass_out.copy_from_slice(pass_in);
 }
-half_rot_element!(f16, bf16);
 
-/// Rotates one row: `x(j)` reads channel j, `cs(f)` gives (c, s) of frequency f.
+/// Fills `c`, `s` with (scale·cos, sign·scale·sin) of every frequency at position `p`:
+/// a loop without branches or libm calls, so it vectorizes.
 #[inline(always)]
-fn rotate_row<T: RotElement>(
-    x: impl Fn(usize) -> T,
-    out: &mut [T],
-    cs: impl Fn(usize) -> (T::Acc, T::Acc),
-    layout: Layout,
-    n_freq: usize,
-) {
-    let mut pair = |f: usize, j1: usize, j2: usize| {
-        let (c, s) = cs(f);
-        let (a, b) = (x(j1).load(), x(j2).load());
-        out[j1] = T::store(a * c - b * s);
-        out[j2] = T::store(b * c + a * s);
-    };
-    match layout {
-        Layout::RotateHalf => (0..n_freq).for_each(|f| pair(f, f, f + n_freq)),
-        Layout::Interleaved => (0..n_freq).for_each(|f| pair(f, 2 * f, 2 * f + 1)),
-    }
-    for (j, o) in out.iter_mut().enumerate().skip(2 * n_freq) {
-        *o = x(j);
+fn fill_cis<A: Accumulator>(p: i64, rot: &Rotation<'_>, c: &mut [A], s: &mut [A]) {
+    let p = p as f64;
+    let (scale, sin_scale) = (rot.scale, rot.sign * rot.scale);
+    for ((c, s), &theta) in c.iter_mut().zip(s.iter_mut()).zip(rot.inv_freq) {
+        let (sn, cs) = sin_cos_reduced(reduce(p * theta));
+        *c = A::from_f64(cs * scale);
+        *s = A::from_f64(sn * sin_scale);
     }
 }
+
+/// Rows handled by one parallel task.
+const ROWS_PER_TASK: usize = 64;
 
 /// The CPU kernel: `out[b, h, t] = rotation of x[b, h, t]` by the angle of
-/// `pos[b|0, h|0, t|0]`. `pos` has sizes that are either full or 1; when some are 1 the
-/// cos/sin of each distinct position are computed once into a table, else inline.
+/// `pos[b|0, h|0, t|0]` (`pos` sizes are full or 1); `out` is contiguous.
 fn rotate_view<T: RotElement>(
     x: ArrayView4<'_, T>,
     pos: ArrayView3<'_, i64>,
-    mut out: ArrayViewMut4<'_, T>,
+    out: &mut [T],
     rot: &Rotation<'_>,
-) {
-    let (b, h, t, _) = x.dim();
+) -> Result<()> {
+    let (b, h, t, d) = x.dim();
     let (pb, ph, pt) = pos.dim();
-    let n_freq = rot.inv_freq.len();
-    let (sign, scale, layout, theta) = (rot.sign, rot.scale, rot.layout, rot.inv_freq);
-    let pos_index = move |bi: usize, hi: usize, ti: usize| {
-        (
+    let rows = b * h * t;
+    let n = rot.inv_freq.len();
+    if rows == 0 {
+        return Ok(());
+    }
+    let (lo, hi) = pos
+        .iter()
+        .fold((i64::MAX, i64::MIN), |(lo, hi), &p| (lo.min(p), hi.max(p)));
+    let theta_max = rot.inv_freq.iter().fold(0.0f64, |m, &t| m.max(t.abs()));
+    let largest = (lo as f64).abs().max((hi as f64).abs());
+    if largest * theta_max > MAX_ANGLE {
+        return Err(KvError::invalid(
+            "positions",
+            format!(
+                "|position| up to {largest:e} times θ_max {theta_max} exceeds {MAX_ANGLE:e} rad: \
+                 beyond that, float64 angles lose integer exactness"
+            ),
+        ));
+    }
+    // Tabulate cos/sin per distinct position value when there are far fewer values than rows.
+    let span = hi as i128 - lo as i128 + 1;
+    let table = (2 * span <= rows as i128).then(|| {
+        let span = span as usize;
+        let mut cos = vec![T::Acc::default(); span * n];
+        let mut sin = vec![T::Acc::default(); span * n];
+        cos.par_chunks_mut(n)
+            .zip(sin.par_chunks_mut(n))
+            .enumerate()
+            .for_each(|(v, (c, s))| fill_cis(lo + v as i64, rot, c, s));
+        (cos, sin)
+    });
+    let table = table.as_ref();
+    let xs = x.strides();
+    let (s0, s1, s2, s3) = (xs[0], xs[1], xs[2], xs[3]);
+    let pos_at = |bi: usize, hi: usize, ti: usize| -> i64 {
+        let at = (
             if pb == 1 { 0 } else { bi },
             if ph == 1 { 0 } else { hi },
             if pt == 1 { 0 } else { ti },
-        )
+        );
+        // SAFETY: each index is below the corresponding size of `pos` (it is 0 when the
+        // size is 1, else it is below b, h or t, which that size equals).
+        unsafe { *pos.uget(at) }
     };
-    let lanes = Zip::indexed(out.lanes_mut(Axis(3))).and(x.lanes(Axis(3)));
-    if pb * ph * pt < b * h * t {
-        // Shared positions: one table row of (c, s) per distinct position.
-        let mut table = vec![T::Acc::cis(0.0, 1.0, 1.0); pb * ph * pt * n_freq];
-        table
-            .par_chunks_mut(n_freq.max(1))
-            .enumerate()
-            .for_each(|(row, cs)| {
-                let p = pos[[row / (ph * pt), (row / pt) % ph, row % pt]];
-                for (f, v) in cs.iter_mut().enumerate() {
-                    *v = T::Acc::cis(reduced_angle(p, theta[f]), sign, scale);
+    out.par_chunks_mut(d * ROWS_PER_TASK)
+        .enumerate()
+        .for_each_init(
+            || {
+                let buffers = if table.is_some() { 0 } else { n };
+                (
+                    vec![T::Acc::default(); buffers],
+                    vec![T::Acc::default(); buffers],
+                    Vec::<T>::with_capacity(if s3 == 1 { 0 } else { d }),
+                )
+            },
+            |(cbuf, sbuf, xbuf), (task, chunk)| {
+                for (k, orow) in chunk.chunks_exact_mut(d).enumerate() {
+                    let row = task * ROWS_PER_TASK + k;
+                    let (bi, hi, ti) = (row / (h * t), (row / t) % h, row % t);
+                    let p = pos_at(bi, hi, ti);
+                    let (c, s): (&[T::Acc], &[T::Acc]) = match table {
+                        Some((cos, sin)) => {
+                            let at = (p - lo) as usize * n;
+                            (&cos[at..at + n], &sin[at..at + n])
+                        }
+                        None => {
+                            fill_cis(p, rot, cbuf, sbuf);
+                            (cbuf, sbuf)
+                        }
+                    };
+                    let first = bi as isize * s0 + hi as isize * s1 + ti as isize * s2;
+                    // SAFETY: (bi, hi, ti, j) is in bounds of `x` for every j < d, and the view
+                    // (which borrows the tensor) describes valid memory with these strides.
+                    let xrow: &[T] = unsafe {
+                        let start = x.as_ptr().offset(first);
+                        if s3 == 1 {
+                            std::slice::from_raw_parts(start, d)
+                        } else {
+                            xbuf.clear();
+                            xbuf.extend((0..d).map(|j| *start.offset(j as isize * s3)));
+                            xbuf
+                        }
+                    };
+                    rotate_row(xrow, orow, c, s, rot.layout);
                 }
-            });
-        let table = &table;
-        lanes.par_for_each(|(bi, hi, ti), mut o, xi| {
-            let (qb, qh, qt) = pos_index(bi, hi, ti);
-            let cs = &table[((qb * ph + qh) * pt + qt) * n_freq..][..n_freq];
-            let o = o.as_slice_mut().expect("output rows are contiguous");
-            match xi.as_slice() {
-                Some(xs) => rotate_row(|j| xs[j], o, |f| cs[f], layout, n_freq),
-                None => rotate_row(|j| xi[j], o, |f| cs[f], layout, n_freq),
-            }
-        });
-    } else {
-        lanes.par_for_each(|(bi, hi, ti), mut o, xi| {
-            let p = pos[pos_index(bi, hi, ti)];
-            let cs = |f: usize| T::Acc::cis(reduced_angle(p, theta[f]), sign, scale);
-            let o = o.as_slice_mut().expect("output rows are contiguous");
-            match xi.as_slice() {
-                Some(xs) => rotate_row(|j| xs[j], o, cs, layout, n_freq),
-                None => rotate_row(|j| xi[j], o, cs, layout, n_freq),
-            }
-        });
-    }
+            },
+        );
+    Ok(())
 }
 
 fn rotate_cpu_typed<T: RotElement>(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor> {
     let mut out = Tensor::f_empty(x.size(), (T::KIND, Device::Cpu))?;
     let xv = array_view::<T, ndarray::Ix4>(x, "x")?;
     let pv = array_view::<i64, ndarray::Ix3>(pos, "positions")?;
-    let ov = array_view_mut::<T, ndarray::Ix4>(&mut out, "out")?;
-    rotate_view(xv, pv, ov, rot);
+    let mut ov = array_view_mut::<T, ndarray::Ix4>(&mut out, "out")?;
+    let slice = ov
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("out", "an output tensor must be contiguous"))?;
+    rotate_view(xv, pv, slice, rot)?;
     Ok(out)
 }
 
@@ -194,9 +297,9 @@ pub fn rotate_cpu(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor
         Kind::Float => rotate_cpu_typed::<f32>(x, &pos, rot),
         Kind::Half => rotate_cpu_typed::<f16>(x, &pos, rot),
         Kind::BFloat16 => rotate_cpu_typed::<bf16>(x, &pos, rot),
-        other => Err(crate::error::KvError::dtype(
+        other => Err(KvError::dtype(
             "x",
-            crate::tensor::kind_name(other),
+            kind_name(other),
             "torch.float32, torch.float16 or torch.bfloat16",
         )),
     }
@@ -212,8 +315,8 @@ pub fn rotate_libtorch(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<T
     } else {
         Kind::Float
     };
-    let n_freq = rot.inv_freq.len() as i64;
-    let rd = 2 * n_freq;
+    let n = rot.inv_freq.len() as i64;
+    let rd = 2 * n;
     let d = *x.size().last().unwrap_or(&0);
     let angles = angles_libtorch(pos, rot.inv_freq, device)?; // (B|1, H|1, T|1, F) f64
     let c = angles
@@ -228,12 +331,9 @@ pub fn rotate_libtorch(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<T
         .f_to_device(device)?;
     let xr = x.f_narrow(-1, 0, rd)?.f_to_kind(acc)?;
     let (x1, x2) = match rot.layout {
-        Layout::RotateHalf => (
-            xr.f_narrow(-1, 0, n_freq)?,
-            xr.f_narrow(-1, n_freq, n_freq)?,
-        ),
+        Layout::RotateHalf => (xr.f_narrow(-1, 0, n)?, xr.f_narrow(-1, n, n)?),
         Layout::Interleaved => {
-            let pairs = xr.f_unflatten(-1, [n_freq, 2])?;
+            let pairs = xr.f_unflatten(-1, [n, 2])?;
             (pairs.f_select(-1, 0)?, pairs.f_select(-1, 1)?)
         }
     };
@@ -247,4 +347,48 @@ pub fn rotate_libtorch(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<T
         y = Tensor::f_cat(&[&y, &x.f_narrow(-1, rd, d - rd)?.f_to_kind(acc)?], -1)?;
     }
     Ok(y.f_to_kind(kind)?.f_contiguous()?)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn polynomial_sin_cos_matches_libm() {
+        let mut worst: f64 = 0.0;
+        for i in 0..=200_000 {
+            let a = -3.2 + 6.4 * i as f64 / 200_000.0;
+            let (s, c) = sin_cos_reduced(a);
+            worst = worst.max((s - a.sin()).abs()).max((c - a.cos()).abs());
+        }
+        assert!(worst < 1e-13, "{worst:e}");
+        // Large products reduce exactly as far as f64 allows.
+        for &(p, theta) in &[(1_000_003i64, 1.0), (123_456_789, 0.316), (-77, 0.5)] {
+            let a = super::super::angles::reduced_angle(p, theta);
+            assert!(a.abs() <= std::f64::consts::PI);
+            assert!((a.sin() - (p as f64 * theta).sin()).abs() < 1e-9);
+        }
+    }
+
+    #[test]
+    fn bf16_rounding_matches_half() {
+        let mut z: u64 = 1;
+        for i in 0..2_000_000u64 {
+            z = z
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let bits = if i < 70_000 {
+                (i as u32) << 15
+            } else {
+                (z >> 32) as u32
+            };
+            let v = f32::from_bits(bits);
+            let (ours, theirs) = (bf16_round(v), bf16::from_f32(v));
+            if v.is_nan() {
+                assert!(ours.is_nan());
+            } else {
+                assert_eq!(ours.to_bits(), theirs.to_bits(), "{v:e}");
+            }
+        }
+    }
 }
