@@ -543,3 +543,17 @@ def test_rope_is_exported_and_documented():
     assert kvpress_rs.Rope is Rope and kvpress_rs.rope.base_bounds is base_bounds
     failures, tried = doctest.testmod(kvpress_rs.rope, optionflags=doctest.ELLIPSIS)
     assert tried >= 5 and failures == 0
+
+
+def test_one_rope_serves_many_threads():
+    """A Rope is immutable: concurrent calls (the GIL is released) give the serial results."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    rope = ROPES["llama3-half"]
+    torch.manual_seed(8)
+    xs = [torch.randn(1, 2, 300, HEAD_DIM).bfloat16() for _ in range(8)]
+    deltas = [torch.randint(-10**5, 10**5, (1, 2, 300)) for _ in range(8)]
+    serial = [rope.shift(x, d) for x, d in zip(xs, deltas)]
+    with ThreadPoolExecutor(4) as pool:
+        parallel = list(pool.map(lambda xd: rope.shift(*xd), zip(xs, deltas)))
+    assert all(torch.equal(a, b) for a, b in zip(serial, parallel))
