@@ -16,8 +16,9 @@
 
 2. Time of ``shift`` on a (1, 8, 8192, 128) bf16 tensor against ``tensor.clone()`` of the
    same bytes in the same process (median of ``--repeats`` after warm-up): one delta for all
-   tokens (placing a reused chunk), per-(batch, head, token) deltas (re-rotation after
-   eviction), and the libtorch path (what CUDA runs) for comparison.
+   tokens (placing a reused chunk), the deltas i − p_i of re-rotation after evicting half of
+   a context, random per-(batch, head, token) deltas over ±10⁵ (no two rows share an angle:
+   cos/sin computed per row), and the libtorch path (what CUDA runs) for comparison.
 
 Set ``MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824`` before starting
 for stable timings on glibc.
@@ -105,10 +106,15 @@ def timing_table(shape: tuple[int, int, int, int], theta: float, repeats: int) -
     g = torch.Generator().manual_seed(1)
     x = torch.randn(*shape, generator=g).bfloat16()
     per_token = torch.randint(-100_000, 100_000, (b, h, t), generator=g)
+    # Re-rotation after evicting half of a 2T-token context: kept key i (original position
+    # p_i, a sorted random subset per head) moves by i - p_i.
+    kept = torch.stack([torch.randperm(2 * t, generator=g)[:t].sort().values for _ in range(b * h)])
+    rerotation = (torch.arange(t) - kept).reshape(b, h, t)
     rows = [
         ("clone (baseline)", _median_seconds(x.clone, repeats)),
         ("shift, one delta", _median_seconds(lambda: rope.shift(x, 123_457), repeats)),
-        ("shift, (B,H,T) deltas", _median_seconds(lambda: rope.shift(x, per_token), repeats)),
+        ("shift, re-rotation deltas i - p_i", _median_seconds(lambda: rope.shift(x, rerotation), repeats)),
+        ("shift, random (B,H,T) deltas", _median_seconds(lambda: rope.shift(x, per_token), repeats)),
         ("apply, (T,) positions", _median_seconds(lambda: rope.apply(x, torch.arange(t)), repeats)),
     ]
     with ops.cpu_kernels(False):
@@ -151,7 +157,7 @@ def main(argv: list[str] | None = None) -> None:
     rows = timing_table(shape, args.theta, args.repeats)
     base = rows[0][1]
     for name, seconds in rows:
-        print(f"{name:<34} {seconds * 1e3:>9.2f} ms  {seconds / base:>6.2f}x clone")
+        print(f"{name:<36} {seconds * 1e3:>9.2f} ms  {seconds / base:>6.2f}x clone")
 
 
 if __name__ == "__main__":
