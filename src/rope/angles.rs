@@ -72,8 +72,8 @@ pub fn sin_cos_reduced(a: f64) -> (f64, f64) {
     // Quadrant q mod 4 = 0, 1, 2, 3 → (s, c), (c, −s), (−s, −c), (−c, s).
     let swap = q.abs() == 1.0;
     let (s, c) = if swap { (c, s) } else { (s, c) };
-    let sin_sign = if q > 1.5 || q < -0.5 { -1.0 } else { 1.0 };
-    let cos_sign = if q > 0.5 || q < -1.5 { -1.0 } else { 1.0 };
+    let sin_sign = if (-0.5..=1.5).contains(&q) { 1.0 } else { -1.0 };
+    let cos_sign = if (-1.5..=0.5).contains(&q) { 1.0 } else { -1.0 };
     (s * sin_sign, c * cos_sign)
 }
 
