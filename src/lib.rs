@@ -10,7 +10,8 @@
 //! - [`budget`]: how many tokens a layer keeps.
 //! - [`press`]: scorer + budget, applied to a layer.
 //! - [`store`]: the per-layer compressed KV store.
-//! - [`quant`], [`rope`]: quantization and RoPE math (to come).
+//! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
+//! - [`quant`]: quantization (to come).
 
 pub mod budget;
 pub mod error;

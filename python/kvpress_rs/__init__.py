@@ -11,7 +11,7 @@ Swap one object in ``generate``::
 # libtorch must be loaded (by torch) before the native module that links against it.
 import torch  # noqa: F401
 
-from . import errors, ops
+from . import errors, ops, rope
 from ._native import __version__
 from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
@@ -28,6 +28,7 @@ from .policies import (
     StreamingLLMCache,
     TOVACache,
 )
+from .rope import Rope
 
 __all__ = [
     "__version__",
@@ -44,7 +45,9 @@ __all__ = [
     "LagKVCache",
     "AdaKVCache",
     "CAKECache",
+    "Rope",
     "ops",
+    "rope",
     "errors",
     *errors.__all__,
 ]

@@ -151,3 +151,52 @@ pub fn to_array<'py>(
     };
     PyTensor(tensor).into_pyobject(py)?.call_method0("numpy")
 }
+
+/// An argument that is either a Python int or an integer `torch.Tensor` (a position delta).
+/// An int becomes a 0-d int64 CPU tensor.
+pub struct IntOrTensor(pub Tensor);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for IntOrTensor {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(t) = obj.extract::<PyTensor>() {
+            return Ok(IntOrTensor(t.0));
+        }
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(IntOrTensor(Tensor::from(v))),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "expected an int or an integer torch.Tensor, got {}",
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))),
+        }
+    }
+}
+
+/// A dtype argument given as a `torch.dtype` or a string: its name ("torch.float32",
+/// "bfloat16"); the core parses it.
+pub struct DtypeName(pub String);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for DtypeName {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(s) = obj.extract::<String>() {
+            return Ok(DtypeName(s));
+        }
+        let is_dtype = obj.get_type().name().map(|n| n == "dtype").unwrap_or(false);
+        if is_dtype {
+            return Ok(DtypeName(obj.str()?.to_string()));
+        }
+        Err(PyTypeError::new_err(format!(
+            "expected a torch.dtype or a dtype name, got {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
+        )))
+    }
+}
