@@ -4,8 +4,9 @@
 //! [`LayerStore`] right after the layer's prefill attention.
 
 use crate::budget::{Budget, HeadBudget, LayerBudget};
-use crate::error::Result;
+use crate::error::{KvError, Result};
 use crate::policies::{cake_preference, score_layer, QueryWindow, ScoreContext, Scorer};
+use crate::rope::Rope;
 use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
 use crate::tensor::check_finite;
@@ -29,7 +30,7 @@ pub enum Kept {
     Rows(Vec<Tensor>),
 }
 
-/// A scorer plus budgets.
+/// A scorer plus budgets (and the model's RoPE, for scorers that need it).
 ///
 /// ```
 /// use kvpress_rs::{Budget, LayerStore, Press};
@@ -50,6 +51,7 @@ pub struct Press {
     layer_budget: LayerBudget,
     head_budget: HeadBudget,
     n_layers: usize,
+    rope: Option<Rope>,
 }
 
 impl Press {
@@ -61,6 +63,7 @@ impl Press {
             layer_budget: LayerBudget::Uniform,
             head_budget: HeadBudget::Uniform,
             n_layers: 1,
+            rope: None,
         }
     }
 
@@ -78,7 +81,14 @@ impl Press {
             layer_budget,
             head_budget,
             n_layers: n_layers.max(1),
+            rope: None,
         }
+    }
+
+    /// The same press, with the model's RoPE (for scorers that need it).
+    pub fn with_rope(mut self, rope: Rope) -> Self {
+        self.rope = Some(rope);
+        self
     }
 
     pub fn scorer(&self) -> &dyn Scorer {
@@ -95,6 +105,15 @@ impl Press {
 
     pub fn head_budget(&self) -> HeadBudget {
         self.head_budget
+    }
+
+    pub fn rope(&self) -> Option<&Rope> {
+        self.rope.as_ref()
+    }
+
+    /// Whether this press can never evict (ratio 0).
+    pub fn keeps_everything(&self) -> bool {
+        self.budget.keeps_everything()
     }
 
     /// The prompt queries the scorer (and a CAKE layer budget) need.
@@ -115,7 +134,15 @@ impl Press {
         self.layer_budget.needs_all_layers()
     }
 
-    /// Scores one layer (and, for CAKE, measures its preference).
+    /// Tokens kept (on average per KV head) by layer `layer_idx` out of `n_tokens`.
+    pub fn n_kept(&self, n_tokens: usize, layer_idx: usize) -> Result<usize> {
+        self.layer_budget
+            .n_kept(&self.budget, n_tokens, layer_idx, self.n_layers)
+    }
+
+    /// Scores one layer (and, for CAKE, measures its preference): `keys`/`values`
+    /// (batch, kv_heads, tokens, head_dim), the post-RoPE `queries` (batch, q_heads, q,
+    /// head_dim) of the last q prompt tokens when the scorer needs them.
     pub fn score(
         &self,
         keys: &Tensor,
@@ -127,14 +154,30 @@ impl Press {
         let n_kept = self.n_kept(n_tokens, layer_idx)?;
         check_finite(keys, "keys")?;
         check_finite(values, "values")?;
+        if self.scorer.needs_rope() && self.rope.is_none() {
+            return Err(KvError::invalid(
+                "rope",
+                format!(
+                    "policy {:?} needs the model's RoPE: build the press from the model",
+                    self.scorer.name()
+                ),
+            ));
+        }
         let ctx = ScoreContext { layer_idx, n_kept };
-        let scores = score_layer(self.scorer.as_ref(), keys, values, queries, &ctx)?;
+        let scores = score_layer(
+            self.scorer.as_ref(),
+            keys,
+            values,
+            queries,
+            self.rope.as_ref(),
+            &ctx,
+        )?;
         let preference = match (self.layer_budget, queries) {
             (LayerBudget::Cake { tau1, tau2, window }, Some(q)) => {
                 cake_preference(q, keys, window, tau1, tau2)?
             }
             (LayerBudget::Cake { .. }, None) => {
-                return Err(crate::error::KvError::invalid(
+                return Err(KvError::invalid(
                     "queries",
                     "the CAKE layer budget measures each layer's attention: queries are needed",
                 ))
@@ -162,20 +205,8 @@ impl Press {
         }
     }
 
-    /// Whether this press can never evict (ratio 0).
-    pub fn keeps_everything(&self) -> bool {
-        self.budget.keeps_everything()
-    }
-
-    /// Tokens kept (on average per KV head) by layer `layer_idx` out of `n_tokens`.
-    pub fn n_kept(&self, n_tokens: usize, layer_idx: usize) -> Result<usize> {
-        self.layer_budget
-            .n_kept(&self.budget, n_tokens, layer_idx, self.n_layers)
-    }
-
     /// The tokens kept out of `keys`/`values` (batch, kv_heads, tokens, head_dim) of layer
-    /// `layer_idx`, given the post-RoPE `queries` (batch, q_heads, q, head_dim) of the last
-    /// q prompt tokens when the scorer needs them.
+    /// `layer_idx`.
     pub fn kept(
         &self,
         keys: &Tensor,
@@ -185,14 +216,8 @@ impl Press {
     ) -> Result<Kept> {
         let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
         let n_kept = self.n_kept(n_tokens, layer_idx)?;
-        check_finite(keys, "keys")?;
-        check_finite(values, "values")?;
-        let ctx = ScoreContext { layer_idx, n_kept };
-        let scores = score_layer(self.scorer.as_ref(), keys, values, queries, &ctx)?;
-        match self.head_budget {
-            HeadBudget::Uniform => Ok(Kept::Uniform(top_k_indices(&scores, n_kept)?)),
-            HeadBudget::AdaKv { alpha } => Ok(Kept::Rows(adakv_rows(&scores, n_kept, alpha)?)),
-        }
+        let scored = self.score(keys, values, queries, layer_idx)?;
+        self.select(&scored.scores, n_kept)
     }
 
     /// Indices (int64 (batch, kv_heads, n_kept), ascending) kept by a uniform-head press
@@ -200,7 +225,7 @@ impl Press {
     pub fn kept_indices(&self, keys: &Tensor, values: &Tensor, layer_idx: usize) -> Result<Tensor> {
         match self.kept(keys, values, None, layer_idx)? {
             Kept::Uniform(t) => Ok(t),
-            Kept::Rows(_) => Err(crate::error::KvError::State(
+            Kept::Rows(_) => Err(KvError::State(
                 "this press splits its budget per head: use Press::kept".into(),
             )),
         }

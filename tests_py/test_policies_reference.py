@@ -263,3 +263,82 @@ def test_any_scorer_with_any_budget(tiny_llama, policy, layer_budget, head_budge
     if layer_budget == "pyramid":
         per_layer = [cache.press.n_kept(40, layer) for layer in range(3)]
         assert total == 2 * sum(n + 3 for n in per_layer)
+
+
+def _rope_and_queries(seed=10, t=40, rope_scaling=None):
+    from transformers import LlamaConfig
+    from transformers.models.llama.modeling_llama import LlamaRotaryEmbedding
+
+    config = LlamaConfig(hidden_size=64, num_attention_heads=4, num_key_value_heads=2, rope_theta=1000.0,
+                         max_position_embeddings=256, rope_scaling=rope_scaling)
+    rope = kvpress_rs.Rope.from_config(config)
+    gen = torch.Generator().manual_seed(seed)
+    pre_q = torch.randn(1, 6, t, 16, generator=gen) + 0.5  # concentrated around a center
+    keys = rope.apply(torch.randn(1, 2, t, 16, generator=gen), torch.arange(t))
+    values = torch.randn(1, 2, t, 16, generator=gen)
+    return config, rope, pre_q, rope.apply(pre_q, torch.arange(t)), keys, values, LlamaRotaryEmbedding(config)
+
+
+def test_expected_attention_matches_the_reference():
+    config, rope, pre_q, q, k, v, rotary = _rope_and_queries()
+    t, n_sink, n_future, d = 40, 4, 16, 16
+    x = pre_q[:, :, n_sink:]
+    mu = x.mean(dim=2)
+    cov = torch.einsum("bhti,bhtj->bhij", x - mu[:, :, None], x - mu[:, :, None]) / (t - n_sink)
+    # averaged rotation from transformers' own cos/sin at the future positions
+    cos, sin = rotary(x, torch.arange(t, t + n_future)[None])
+    c, s = cos[0].mean(0), sin[0].mean(0)
+    eye = torch.eye(d)
+    rot_half = torch.cat([-eye[:, d // 2 :], eye[:, : d // 2]], dim=1)  # x @ rot_half = rotate_half(x)
+    r_bar = (torch.diag(c) + rot_half.T @ torch.diag(s)).T  # R̄ x = c ⊙ x + s ⊙ rotate_half(x)
+    r_bar = torch.diag(c) + torch.diag(s) @ rot_half.T
+    mu_f = mu @ r_bar.T
+    cov_f = r_bar @ cov @ r_bar.T
+    kk = k[:, :, n_sink:].repeat_interleave(3, dim=1)
+    z = (kk @ mu_f[..., None])[..., 0] / math.sqrt(d) + torch.einsum("bhti,bhij,bhtj->bht", kk, cov_f, kk) / (2 * d)
+    a = torch.softmax(z, dim=-1).view(1, 2, 3, -1).mean(2) * v[:, :, n_sink:].norm(dim=-1)
+    expected = torch.cat([torch.full((1, 2, n_sink), a.max().item() + 1), a], dim=-1)
+    ours = ops.score("expected_attention", k, v, q, rope=rope, n_future_positions=n_future, n_sink=n_sink)
+    torch.testing.assert_close(ours, expected, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("rope_scaling", [None, {"rope_type": "linear", "factor": 2.0}, {"rope_type": "yarn", "factor": 4.0, "original_max_position_embeddings": 64}])
+def test_triattention_matches_the_series_over_distances(rope_scaling):
+    """The reference evaluates the paper's series directly: every key un-rotated to its
+    pre-RoPE value, then Σ_f |q̄_f||k_f| cos(ω_f (t0 − p + δ) + φ_f) averaged over δ, plus
+    the norm term — in float64, key by key."""
+    config, rope, pre_q, q, k, v, _ = _rope_and_queries(seed=11, rope_scaling=rope_scaling)
+    t, n_off, f = 40, 5, 8
+    omega = rope.inv_freq(t).double()
+    s = rope.attention_scaling
+    pre_k = rope.invert(k, torch.arange(t)).double()
+    qc = torch.complex(pre_q[..., :f].double(), pre_q[..., f:].double())  # (1, 6, t, F)
+    center, magnitude = qc.mean(dim=2), qc.abs().mean(dim=2)
+    kc = torch.complex(pre_k[..., :f], pre_k[..., f:]).repeat_interleave(3, dim=1)  # (1, 6, t, F)
+    dist = (t - torch.arange(t).double())[:, None] + torch.tensor([2.0**i for i in range(n_off)])  # (t, δ)
+    phase = torch.angle(center[:, :, None, :] * kc.conj())  # (1, 6, t, F)
+    amp = center.abs()[:, :, None, :] * kc.abs()
+    series = (amp[..., None] * torch.cos(omega[:, None] * dist[:, None, :] + phase[..., None])).sum(-2).mean(-1)
+    norm = ((magnitude - center.abs())[:, :, None, :] * kc.abs()).sum(-1)
+    per_head = (series + norm) * s**2  # the same up to the global factor s²
+    z = (per_head - per_head.mean(-1, keepdim=True)) / per_head.std(-1, unbiased=False, keepdim=True)
+    expected = z.view(1, 2, 3, t).amax(dim=2)
+    ours = ops.score("triattention", k, v, q, rope=rope, n_offsets=n_off)
+    torch.testing.assert_close(ours.double(), expected, rtol=1e-4, atol=1e-4)
+
+
+def test_triattention_keeps_the_key_aligned_with_the_query_center():
+    """Crafted: among tiny keys, one key equal to the queries' pre-RoPE center and one
+    opposite to it, at neighbouring recent positions: the series (cos of the phase
+    difference) must rank the aligned key first — a check of the sign conventions."""
+    _, rope, _, _, _, v, _ = _rope_and_queries(seed=12)
+    t = 40
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(16, generator=gen)
+    pre_q = base.expand(1, 6, t, 16) + 0.01 * torch.randn(1, 6, t, 16, generator=gen)
+    pre_k = 0.01 * torch.randn(1, 2, t, 16, generator=gen)
+    pre_k[:, :, 38], pre_k[:, :, 39] = base, -base
+    q, k = rope.apply(pre_q, torch.arange(t)), rope.apply(pre_k, torch.arange(t))
+    for n_offsets in (1, 4):
+        kept = ops.kept_indices("triattention", k, v, q, rope=rope, max_tokens=1, n_offsets=n_offsets)
+        assert kept[0, :, 0].tolist() == [38, 38]

@@ -18,6 +18,7 @@ from .errors import *  # noqa: F403 - the exception hierarchy is part of the top
 from .policies import (
     AdaKVCache,
     CAKECache,
+    ExpectedAttentionCache,
     KeyDiffCache,
     KnormCache,
     LagKVCache,
@@ -27,6 +28,7 @@ from .policies import (
     SnapKVCache,
     StreamingLLMCache,
     TOVACache,
+    TriAttentionCache,
 )
 from .rope import Rope
 
@@ -45,6 +47,8 @@ __all__ = [
     "LagKVCache",
     "AdaKVCache",
     "CAKECache",
+    "ExpectedAttentionCache",
+    "TriAttentionCache",
     "Rope",
     "ops",
     "rope",

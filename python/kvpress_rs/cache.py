@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from . import _compat, attention
 from ._native import LayerStore, Press
+from .rope import Rope
 from ._guard import TokenLog
 from ._hooks import install_model_hooks
 from .errors import CacheStateError, UnsupportedModelError
@@ -205,6 +206,11 @@ class KVCache(Cache):
     head_budget : str
         ``"uniform"`` or ``"adakv"`` (AdaKV: heads keep different counts, at least
         ``alpha_safeguard=0.2`` of the mean; the memory of evicted tokens is freed).
+    rerotate : bool
+        Re-rotate the kept keys to compact positions (one delta rotation per key, angles in
+        float64) so that generation continues at position n_kept instead of the number of
+        tokens seen. With per-layer or per-head budgets, every row is compacted to end
+        right before the same next position (the longest row's length).
     **policy_kwargs
         Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random),
         ``window_size``/``kernel_size`` (SnapKV, 64/5), ``lag_size`` (LagKV), ...
@@ -227,6 +233,7 @@ class KVCache(Cache):
         max_tokens: int | None = None,
         layer_budget: str = "uniform",
         head_budget: str = "uniform",
+        rerotate: bool = False,
         **policy_kwargs: Any,
     ):
         config = decoder_config(model)
@@ -235,6 +242,8 @@ class KVCache(Cache):
                 f"`model` ({type(config).__name__}) has no rotary position embedding config "
                 "(rope_parameters / rope_theta); kvpress_rs caches need a RoPE model"
             )
+        self.rope = Rope.from_config(config)
+        self.rerotate = bool(rerotate)
         self.press = Press(
             policy,
             compression_ratio=compression_ratio,
@@ -242,8 +251,11 @@ class KVCache(Cache):
             layer_budget=layer_budget,
             head_budget=head_budget,
             n_layers=config.num_hidden_layers,
+            rope=self.rope,
             **policy_kwargs,
         )
+        if self.rerotate and not isinstance(model, torch.nn.Module):
+            raise UnsupportedModelError("rerotate=True re-rotates after the whole prefill: pass the model itself, not its config")
         if self.press.query_window is not None and not isinstance(model, torch.nn.Module):
             raise UnsupportedModelError(
                 f"policy {policy!r} scores tokens with the model's queries: pass the model itself, not its config"
@@ -290,6 +302,20 @@ class KVCache(Cache):
         scored = [layer for _, layer in self._compressed_layers() if layer._scored is not None]
         if scored:
             self._allocate(scored)
+        if self.rerotate:
+            self._rerotate()
+
+    def _rerotate(self) -> None:
+        """Compacts the kept keys' positions (after a compression) so that every layer ends
+        right before one shared next position."""
+        layers = [layer for _, layer in self._compressed_layers() if layer._store.seen]
+        if not layers or not any(layer._store.has_evicted for layer in layers):
+            return
+        next_position = max(layer._store.stored for layer in layers)
+        if all(layer._store.seen == next_position for layer in layers):
+            return  # already compact (a later forward)
+        for layer in layers:
+            layer._store.rerotate(self.rope, next_position)
 
     def _allocate(self, scored: list[CompressedLayer]) -> None:
         """Splits the budget across the scored layers (CAKE) and evicts in each."""

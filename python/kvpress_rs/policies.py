@@ -127,6 +127,44 @@ class LagKVCache(KVCache):
         super().__init__(model, "lagkv", n_sink=n_sink, lag_size=lag_size, cross_scoring=cross_scoring, **budget)
 
 
+class ExpectedAttentionCache(KVCache):
+    """ExpectedAttention (kvpress): the attention a key can expect from future queries,
+    from the mean and covariance of the prompt's pre-RoPE queries moved ``n_future_positions``
+    ahead by averaged RoPE, times ‖v‖; ``n_sink`` sinks are kept.
+
+    >>> cache = ExpectedAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        n_future_positions: int = 512,
+        n_sink: int = 4,
+        use_covariance: bool = True,
+        use_vnorm: bool = True,
+        epsilon: float = 0.0,
+        **budget: Any,
+    ):
+        super().__init__(
+            model, "expected_attention", n_future_positions=n_future_positions, n_sink=n_sink,
+            use_covariance=use_covariance, use_vnorm=use_vnorm, epsilon=epsilon, **budget,
+        )
+
+
+class TriAttentionCache(KVCache):
+    """TriAttention (Mao et al., 2026): keys scored by the trigonometric series of their
+    distance to future queries, from the center of the pre-RoPE queries (over offsets 1, 2,
+    4, … 2^(``n_offsets``−1)), plus a norm term; z-normalised per query head, max over each
+    KV head's group.
+
+    >>> cache = TriAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, *, n_offsets: int = 17, normalize: bool = True, aggregation: str = "max", **budget: Any):
+        super().__init__(model, "triattention", n_offsets=n_offsets, normalize=normalize, aggregation=aggregation, **budget)
+
+
 class CAKECache(KVCache):
     """CAKE (Qin et al., ICLR 2025): the CAKE eviction indicator (mean + ``gamma`` ×
     variance of the last ``window_size`` queries' attention, pooled) with the CAKE layer
@@ -190,6 +228,8 @@ REGISTRY: dict[str, PolicySpec] = {
     "observed_attention": PolicySpec("observed_attention", ObservedAttentionCache, {}, {"chunk_size": 7}, True),
     "keydiff": PolicySpec("keydiff", KeyDiffCache),
     "lagkv": PolicySpec("lagkv", LagKVCache, {"lag_size": 8}, {"n_sink": 1, "lag_size": 4, "cross_scoring": True}),
+    "expected_attention": PolicySpec("expected_attention", ExpectedAttentionCache, {}, {"n_sink": 1, "n_future_positions": 7, "use_covariance": False}, True),
+    "triattention": PolicySpec("triattention", TriAttentionCache, {}, {"n_offsets": 3, "aggregation": "mean", "normalize": False}, True),
     "cake": PolicySpec("cake", CAKECache, {"window_size": 8}, {"window_size": 4, "gamma": 0.0, "tau1": 0.5}, True),
     "adakv": PolicySpec("adakv", AdaKVCache, {"window_size": 8}, {"scorer": "knorm", "alpha_safeguard": 0.5}, True),
 }

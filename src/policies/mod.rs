@@ -10,6 +10,7 @@
 
 mod attention_weights;
 mod cake;
+mod expected_attention;
 mod keydiff;
 mod knorm;
 mod lagkv;
@@ -19,8 +20,10 @@ mod random;
 mod snapkv;
 mod streaming;
 mod tova;
+mod triattention;
 
 pub use cake::{cake_preference, Cake};
+pub use expected_attention::ExpectedAttention;
 pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
 pub use lagkv::LagKv;
@@ -30,8 +33,10 @@ pub use random::Random;
 pub use snapkv::SnapKv;
 pub use streaming::StreamingLlm;
 pub use tova::Tova;
+pub use triattention::TriAttention;
 
 use crate::error::{KvError, Result};
+use crate::rope::Rope;
 use crate::tensor::{array_view_mut, check_kv_pair, float_view, uses_cpu_kernels, FloatView4};
 use ndarray::ArrayViewMut3;
 use tch::{Device, Kind, Tensor};
@@ -65,6 +70,8 @@ pub struct ScoreInput<'a> {
     /// Post-RoPE queries (batch, q_heads, q, head_dim) of the LAST q tokens, q as the
     /// scorer's [`QueryWindow`] asks; `None` for scorers that need none.
     pub queries: Option<&'a Tensor>,
+    /// The model's RoPE, for scorers that work in pre-RoPE space or over future distances.
+    pub rope: Option<&'a Rope>,
     pub ctx: ScoreContext,
 }
 
@@ -75,6 +82,18 @@ impl ScoreInput<'_> {
             KvError::invalid(
                 "queries",
                 format!("policy {policy:?} scores with the prompt's queries, but none were given (the model's attention must go through kvpress_rs)"),
+            )
+        })
+    }
+
+    /// The RoPE, or an error naming the policy that needs it.
+    pub fn require_rope(&self, policy: &str) -> Result<&Rope> {
+        self.rope.ok_or_else(|| {
+            KvError::invalid(
+                "rope",
+                format!(
+                    "policy {policy:?} needs the model's RoPE (build the cache from the model)"
+                ),
             )
         })
     }
@@ -95,6 +114,11 @@ pub trait Scorer: Send + Sync + std::fmt::Debug {
     /// budgets never go below it.
     fn protected_window(&self) -> usize {
         0
+    }
+
+    /// Whether the scorer needs the model's RoPE.
+    fn needs_rope(&self) -> bool {
+        false
     }
 
     fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor>;
@@ -147,6 +171,7 @@ pub fn score_layer(
     keys: &Tensor,
     values: &Tensor,
     queries: Option<&Tensor>,
+    rope: Option<&Rope>,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
     let (shape, _) = check_kv_pair(keys, values)?;
@@ -164,6 +189,7 @@ pub fn score_layer(
         keys,
         values,
         queries: window.as_ref(),
+        rope,
         ctx: *ctx,
     })
 }
@@ -205,7 +231,7 @@ pub fn score(
     values: &Tensor,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
-    score_layer(scorer, keys, values, None, ctx)
+    score_layer(scorer, keys, values, None, None, ctx)
 }
 
 /// Builds a scorer from its name and keyword parameters as given by users.
@@ -241,6 +267,30 @@ pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer
             &["chunk_size"],
         ),
         "keydiff" => (Box::new(KeyDiff), &[]),
+        "expected_attention" => (
+            Box::new(ExpectedAttention::new(
+                params.take_usize("n_future_positions", 512)?,
+                params.take_usize("n_sink", 4)?,
+                params.take_bool("use_covariance", true)?,
+                params.take_bool("use_vnorm", true)?,
+                params.take_f64("epsilon", 0.0)?,
+            )?),
+            &[
+                "n_future_positions",
+                "n_sink",
+                "use_covariance",
+                "use_vnorm",
+                "epsilon",
+            ],
+        ),
+        "triattention" => (
+            Box::new(TriAttention::new(
+                params.take_usize("n_offsets", 17)?,
+                params.take_bool("normalize", true)?,
+                params.take_str("aggregation", "max")?,
+            )?),
+            &["n_offsets", "normalize", "aggregation"],
+        ),
         "cake" => (
             Box::new(Cake::new(
                 params.take_usize("window_size", 32)?,

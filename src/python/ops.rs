@@ -68,6 +68,8 @@ fn same_library(args: &[&ArrayArg<'_>]) -> PyResult<bool> {
 ///     defaults to all tokens.
 /// layer_idx : int
 ///     Layer index (mixed into the Random policy's stream).
+/// rope : kvpress_rs.Rope, optional
+///     The model's RoPE (ExpectedAttention, TriAttention).
 /// **params
 ///     The policy's parameters (``n_sink``, ``window_size``, ...).
 ///
@@ -82,7 +84,7 @@ fn same_library(args: &[&ArrayArg<'_>]) -> PyResult<bool> {
 /// >>> kvpress_rs.ops.score("knorm", keys).shape
 /// torch.Size([1, 2, 16])
 #[pyfunction]
-#[pyo3(signature = (policy, keys, values=None, queries=None, *, n_kept=None, layer_idx=0, **params))]
+#[pyo3(signature = (policy, keys, values=None, queries=None, *, n_kept=None, layer_idx=0, rope=None, **params))]
 #[allow(clippy::too_many_arguments)]
 fn score<'py>(
     py: Python<'py>,
@@ -92,9 +94,11 @@ fn score<'py>(
     queries: Option<ArrayArg<'py>>,
     n_kept: Option<usize>,
     layer_idx: usize,
+    rope: Option<Bound<'py, super::rope::PyRope>>,
     params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
     let scorer = scorer_from_name(policy, params_from_kwargs(params)?).map_err(to_pyerr)?;
+    let rope = rope.map(|r| r.get().inner.clone());
     let values = values.unwrap_or(ArrayArg {
         tensor: keys.tensor.shallow_clone(),
         numpy: keys.numpy.clone(),
@@ -113,7 +117,7 @@ fn score<'py>(
             layer_idx,
             n_kept: n_kept.unwrap_or(tokens),
         };
-        score_layer(scorer.as_ref(), &k, &v, q.as_ref(), &ctx)
+        score_layer(scorer.as_ref(), &k, &v, q.as_ref(), rope.as_ref(), &ctx)
     })?;
     to_array(py, out, numpy)
 }
@@ -210,7 +214,7 @@ fn gather<'py>(
 /// tensor([0, 1, 7, 8, 9])
 #[pyfunction]
 #[pyo3(signature = (policy, keys, values=None, queries=None, *, compression_ratio=None, max_tokens=None,
-    layer_budget="uniform", head_budget="uniform", n_layers=1, layer_idx=0, **params))]
+    layer_budget="uniform", head_budget="uniform", n_layers=1, layer_idx=0, rope=None, **params))]
 #[allow(clippy::too_many_arguments)]
 fn kept_indices<'py>(
     py: Python<'py>,
@@ -224,8 +228,10 @@ fn kept_indices<'py>(
     head_budget: &str,
     n_layers: usize,
     layer_idx: usize,
+    rope: Option<Bound<'py, super::rope::PyRope>>,
     params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
+    let rope = rope.as_ref().map(|r| r.get());
     let press = super::press::build_press(
         policy,
         compression_ratio,
@@ -233,6 +239,7 @@ fn kept_indices<'py>(
         layer_budget,
         head_budget,
         n_layers,
+        rope,
         params,
     )?;
     let values = values.unwrap_or(ArrayArg {

@@ -2,6 +2,7 @@
 
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
+use super::rope::PyRope;
 use crate::budget::{Budget, HeadBudget, LayerBudget};
 use crate::error::KvError;
 use crate::policies::{scorer_from_name, ParamValue, Params, QueryWindow};
@@ -40,6 +41,7 @@ pub fn params_from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Params
 }
 
 /// Builds a press from the user-facing arguments.
+#[allow(clippy::too_many_arguments)]
 pub fn build_press(
     policy: &str,
     compression_ratio: Option<f64>,
@@ -47,6 +49,7 @@ pub fn build_press(
     layer_budget: &str,
     head_budget: &str,
     n_layers: usize,
+    rope: Option<&PyRope>,
     kwargs: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Press> {
     let mut params = params_from_kwargs(kwargs)?;
@@ -63,13 +66,11 @@ pub fn build_press(
             LayerBudget::from_name(layer_budget, beta, scorer.protected_window(), cake)?;
         let head_budget = HeadBudget::from_name(head_budget, alpha)?;
         let budget = Budget::from_args(compression_ratio, max_tokens)?;
-        Ok(Press::with_budgets(
-            scorer,
-            budget,
-            layer_budget,
-            head_budget,
-            n_layers,
-        ))
+        let press = Press::with_budgets(scorer, budget, layer_budget, head_budget, n_layers);
+        Ok(match rope {
+            Some(r) => press.with_rope(r.inner.clone()),
+            None => press,
+        })
     };
     build(&mut params).map_err(to_pyerr)
 }
@@ -94,6 +95,9 @@ pub fn build_press(
 ///     "uniform" or "adakv" (AdaKV; ``alpha_safeguard``, default 0.2).
 /// n_layers : int
 ///     Layers of the model (layer budgets depend on depth).
+/// rope : kvpress_rs.Rope, optional
+///     The model's RoPE, for policies that score in pre-RoPE space or over future
+///     distances (ExpectedAttention, TriAttention).
 /// **params
 ///     The policy's parameters, e.g. ``n_sink`` (StreamingLLM), ``window_size`` and
 ///     ``kernel_size`` (SnapKV), ``seed`` (Random).
@@ -113,7 +117,8 @@ pub struct PyPress {
 impl PyPress {
     #[new]
     #[pyo3(signature = (policy, *, compression_ratio=None, max_tokens=None, layer_budget="uniform",
-        head_budget="uniform", n_layers=1, **params))]
+        head_budget="uniform", n_layers=1, rope=None, **params))]
+    #[allow(clippy::too_many_arguments)]
     fn new(
         policy: &str,
         compression_ratio: Option<f64>,
@@ -121,8 +126,10 @@ impl PyPress {
         layer_budget: &str,
         head_budget: &str,
         n_layers: usize,
+        rope: Option<Bound<'_, PyRope>>,
         params: Option<&Bound<'_, PyDict>>,
     ) -> PyResult<Self> {
+        let rope = rope.as_ref().map(|r| r.get());
         let inner = build_press(
             policy,
             compression_ratio,
@@ -130,6 +137,7 @@ impl PyPress {
             layer_budget,
             head_budget,
             n_layers,
+            rope,
             params,
         )?;
         Ok(PyPress { inner })
@@ -200,6 +208,12 @@ impl PyPress {
         self.inner
             .allocate(&n_tokens, &preferences)
             .map_err(to_pyerr)
+    }
+
+    /// Whether the policy needs the model's RoPE.
+    #[getter]
+    fn needs_rope(&self) -> bool {
+        self.inner.scorer().needs_rope()
     }
 
     /// Whether this press can never evict (ratio 0).

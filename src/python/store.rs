@@ -6,6 +6,7 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use super::press::PyPress;
+use super::rope::PyRope;
 use crate::error::{KvError, Result};
 use crate::store::{KeptPositions, LayerStore};
 use pyo3::prelude::*;
@@ -119,6 +120,21 @@ impl PyLayerStore {
             press
                 .inner
                 .compress_scored(&mut *me.lock()?, &scores.0, n_kept)
+        })
+    }
+
+    /// Re-rotates the kept keys to compact positions ending right before ``next_position``
+    /// (each row's kept token i of n goes to next_position − n + i); the store then
+    /// continues at ``next_position``.
+    fn rerotate(
+        slf: Bound<'_, Self>,
+        rope: Bound<'_, PyRope>,
+        next_position: usize,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let rope = rope.get();
+        detached(slf.py(), move || {
+            me.lock()?.rerotate(&rope.inner, next_position)
         })
     }
 

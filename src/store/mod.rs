@@ -15,6 +15,7 @@ mod ragged;
 mod uniform;
 
 use crate::error::{KvError, Result};
+use crate::rope::Rope;
 use crate::tensor::{array_view, check_kv_pair, device_name, kind_name, KvShape};
 use ndarray::Axis;
 use ragged::RaggedRows;
@@ -412,6 +413,63 @@ impl LayerStore {
             shape.batch = order.len();
             self.layout = Some((shape, vd, kind, device));
         }
+        Ok(())
+    }
+
+    /// Re-rotates the kept keys to compact positions ending right before `next_position`:
+    /// in every row, kept token i of n moves to position next_position − n + i with one
+    /// delta rotation (`rope.shift`), and the store continues at `next_position`. Rows
+    /// with fewer tokens leave a gap before their first token, never after their last.
+    pub fn rerotate(&mut self, rope: &Rope, next_position: usize) -> Result<()> {
+        let seen = self.seen;
+        let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        if next_position < self.len() {
+            return Err(KvError::invalid(
+                "next_position",
+                format!(
+                    "{next_position} leaves no room for the {} tokens of the longest row",
+                    self.len()
+                ),
+            ));
+        }
+        let compact = |n: usize| -> Result<Tensor> {
+            Ok(Tensor::f_arange_start(
+                (next_position - n) as i64,
+                next_position as i64,
+                (Kind::Int, Device::Cpu),
+            )?)
+        };
+        match self.rows.as_mut().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                let n = u.len();
+                let old = u.positions()?;
+                let new = compact(n)?
+                    .f_view([1, 1, n as i64])?
+                    .f_expand([batch as i64, heads as i64, n as i64], false)?;
+                let delta = new
+                    .f_sub(&old)?
+                    .f_to_kind(Kind::Int64)?
+                    .f_to(u.keys.view()?.device())?;
+                let rotated = rope.shift(&u.keys.view()?, &delta, Some(seen))?;
+                u.keys = buffer::TokenBuffer::adopt(rotated);
+                u.positions = Some(buffer::TokenBuffer::adopt(new.f_contiguous()?));
+            }
+            Rows::Ragged(r) => {
+                for i in 0..r.keys.len() {
+                    let (keys, _, old) = r.row(i)?;
+                    let n = keys.size()[2] as usize;
+                    let new = compact(n)?.f_view([1, 1, n as i64])?;
+                    let delta = new
+                        .f_sub(&old)?
+                        .f_to_kind(Kind::Int64)?
+                        .f_to(keys.device())?;
+                    r.keys[i] =
+                        buffer::TokenBuffer::adopt(rope.shift(&keys, &delta, Some(seen))?);
+                    r.positions[i] = buffer::TokenBuffer::adopt(new.f_contiguous()?);
+                }
+            }
+        }
+        self.seen = next_position;
         Ok(())
     }
 
