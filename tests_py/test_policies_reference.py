@@ -22,6 +22,12 @@ def rand_kv(b=1, hk=2, g=3, t=40, d=16, dtype=torch.float32, seed=0):
     return q, k, v
 
 
+# Our q·k products sum in another order than the reference's matmul (float32 GEMM, query
+# heads folded per KV head): float32 scores agree to rounding; bf16 ones, rounded after
+# every step of the same chain, come out identical on these inputs.
+SAME_CHAIN = {torch.float32: dict(rtol=1e-6, atol=1e-8), torch.bfloat16: dict(rtol=0, atol=0)}
+
+
 def ref_window_attention(q_win, k):
     """(b, h, w, d) queries of the last w tokens over all T keys, causal, in kvpress's chain."""
     b, h, w, d = q_win.shape
@@ -50,7 +56,7 @@ def ref_snapkv(q, k, window, kernel):
 def test_snapkv_scores_match_the_reference(dtype, window, kernel):
     q, k, v = rand_kv(dtype=dtype)
     ours = ops.score("snapkv", k, v, q, window_size=window, kernel_size=kernel)
-    torch.testing.assert_close(ours.float(), ref_snapkv(q, k, window, kernel).float(), rtol=0, atol=0)
+    torch.testing.assert_close(ours.float(), ref_snapkv(q, k, window, kernel).float(), **SAME_CHAIN[dtype])
     kept = ops.kept_indices("snapkv", k, v, q, compression_ratio=0.5, window_size=window, kernel_size=kernel)
     # the window is always kept
     assert set(range(40 - window, 40)) <= set(kept[0, 0].tolist())
@@ -72,7 +78,7 @@ def test_tova_scores_match_the_reference():
     attn = ref_window_attention(q[:, :, -1:], k)[..., :-1]  # (b, h, 1, t-1)
     shared = attn.mean(dim=1)  # (b, 1, t-1)
     expected = torch.cat([shared.expand(1, 2, 29), torch.full((1, 2, 1), shared.max().item() + 1)], dim=-1)
-    torch.testing.assert_close(ops.score("tova", k, v, q), expected, rtol=0, atol=0)
+    torch.testing.assert_close(ops.score("tova", k, v, q), expected, **SAME_CHAIN[torch.float32])
     kept = ops.kept_indices("tova", k, v, q, compression_ratio=0.5)
     assert torch.equal(kept[0, 0], kept[0, 1]) and kept[0, 0, -1] == 29
 

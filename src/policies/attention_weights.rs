@@ -36,15 +36,33 @@ pub fn group_size(queries: &Tensor, keys: &Tensor) -> Result<i64> {
 /// position T − w + i) sees keys 0..=T − w + i. Logits = q·k / √d in the model dtype;
 /// softmax in float32, cast back. Returns (batch, q_heads, w, T).
 pub fn window_attention(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
-    let group = group_size(queries, keys)?;
     let (w, t, d) = (queries.size()[2], keys.size()[2], keys.size()[3]);
-    let logits = queries
-        .f_matmul(&repeat_kv(keys, group)?.f_transpose(-1, -2)?)?
-        .f_div_scalar((d as f64).sqrt())?;
-    let mask = causal_mask(w, t, queries.device())?;
-    let logits = logits.f_masked_fill(&mask, f64::NEG_INFINITY)?;
+    let logits = grouped_logits(queries, keys)?.f_div_scalar((d as f64).sqrt())?;
+    // Only the window's own w columns can lie in a query's future: mask that block alone.
+    let mask = causal_mask(w, w, queries.device())?;
+    let _ = logits
+        .f_narrow(-1, t - w, w)?
+        .f_masked_fill_(&mask, f64::NEG_INFINITY)?;
     Ok(logits
         .f_softmax(-1, Kind::Float)?
+        .f_to_kind(queries.kind())?)
+}
+
+/// `queries · keysᵀ` (batch, q_heads, w, T) for queries (batch, q_heads, w, d) against
+/// their group's keys (batch, kv_heads, T, d), in the queries' dtype. The product runs in
+/// float32 and is rounded once to that dtype — what a reduced-precision matmul returns up
+/// to summation order — because libtorch's bf16/f16 CPU matmul is an order of magnitude
+/// slower than its float32 one. Query heads are folded into rows of their KV head's
+/// product, so keys are never repeated per query head.
+pub fn grouped_logits(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
+    let group = group_size(queries, keys)?;
+    let (q, k) = (queries.size(), keys.size());
+    let rows = queries
+        .f_to_kind(Kind::Float)?
+        .f_reshape([q[0], k[1], group * q[2], q[3]])?;
+    Ok(rows
+        .f_matmul(&keys.f_to_kind(Kind::Float)?.f_transpose(-1, -2)?)?
+        .f_reshape([q[0], q[1], q[2], k[2]])?
         .f_to_kind(queries.kind())?)
 }
 

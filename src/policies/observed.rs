@@ -3,7 +3,7 @@
 //! over each KV head's group. Computed here from the queries, chunk by chunk, so the model
 //! need not run eager attention nor materialise the full T × T weights.
 
-use super::attention_weights::{group_mean, group_size, repeat_kv};
+use super::attention_weights::{group_mean, grouped_logits};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use tch::{Kind, Tensor};
@@ -43,7 +43,8 @@ impl Scorer for ObservedAttention {
                 format!("the queries of all {t} prompt tokens"),
             ));
         }
-        let keys_t = repeat_kv(keys, group_size(queries, keys)?)?.f_transpose(-1, -2)?;
+        // converted once, not per chunk (grouped_logits multiplies in float32)
+        let keys_f32 = keys.f_to_kind(Kind::Float)?;
         let scaling = 1.0 / (d as f64).sqrt();
         let cols = Tensor::f_arange(t, (Kind::Int64, keys.device()))?;
         let mut received: Option<Tensor> = None;
@@ -52,9 +53,7 @@ impl Scorer for ObservedAttention {
             let n = (self.chunk as i64).min(t - start);
             // eager attention's chain: logits in the model dtype, softmax in float32, weights
             // cast back to the model dtype; accumulated in float32 across chunks.
-            let logits = queries
-                .f_narrow(2, start, n)?
-                .f_matmul(&keys_t)?
+            let logits = grouped_logits(&queries.f_narrow(2, start, n)?, &keys_f32)?
                 .f_mul_scalar(scaling)?;
             let rows = Tensor::f_arange_start(start, start + n, (Kind::Int64, keys.device()))?;
             let future = cols.f_unsqueeze(0)?.f_gt_tensor(&rows.f_unsqueeze(1)?)?;
