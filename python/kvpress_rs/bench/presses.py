@@ -38,29 +38,55 @@ KVPRESS_NAMES = {
 }
 
 
-def our_cache(model: Any, policy: str, ratio: float) -> Any:
+def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
+    """``"snapkv:head_budget=adakv,window_size=32"`` → ("snapkv", {...}): a policy (or named
+    cache) and keyword arguments of its cache; values parse as int, float, bool or str."""
+    name, _, rest = spec.partition(":")
+    kwargs: dict[str, Any] = {}
+    for item in filter(None, rest.split(",")):
+        key, _, raw = item.partition("=")
+        value: Any = raw
+        for cast in (int, float):
+            try:
+                value = cast(raw)
+                break
+            except ValueError:
+                pass
+        if raw in ("true", "false", "True", "False"):
+            value = raw.lower() == "true"
+        kwargs[key] = value
+    return name, kwargs
+
+
+def our_cache(model: Any, spec: str, ratio: float) -> Any:
     import kvpress_rs
     from kvpress_rs.policies import REGISTRY
 
-    if policy in REGISTRY:
-        return REGISTRY[policy].cache_class(model, compression_ratio=ratio)
-    return kvpress_rs.KVCache(model, policy, compression_ratio=ratio)
+    name, kwargs = parse_spec(spec)
+    if name in REGISTRY:
+        return REGISTRY[name].cache_class(model, compression_ratio=ratio, **kwargs)
+    return kvpress_rs.KVCache(model, name, compression_ratio=ratio, **kwargs)
+
+
+CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
 
 @contextmanager
-def compression_timer(log: list[float]):
-    """Times every compression step of our caches (scoring and eviction per layer)."""
+def compression_timer(log: list[float], clock=time.perf_counter):
+    """Times every compression step of our caches (scoring and eviction per layer).
+    ``clock=time.process_time`` counts CPU seconds of the process, which a busy machine
+    disturbs less than wall time (use it with one thread per side)."""
     from kvpress_rs.cache import CompressedLayer, KVCache
 
     originals = (CompressedLayer._compress, CompressedLayer._score, KVCache._allocate)
 
     def wrap(fn):
         def timed(*args, **kwargs):
-            start = time.perf_counter()
+            start = clock()
             try:
                 return fn(*args, **kwargs)
             finally:
-                log.append(time.perf_counter() - start)
+                log.append(clock() - start)
 
         return timed
 
@@ -72,17 +98,18 @@ def compression_timer(log: list[float]):
 
 
 @torch.no_grad()
-def run_ours(model: Any, tokenizer: Any, tasks: list[dict], policy: str, ratio: float, max_new_tokens: int) -> list[dict]:
+def run_ours(model: Any, tokenizer: Any, tasks: list[dict], policy: str, ratio: float, max_new_tokens: int,
+             clock=time.perf_counter) -> list[dict]:
     out = []
     for task in tasks:
         context = torch.tensor([task["context_ids"]])
         full = torch.tensor([task["context_ids"] + task["question_ids"]])
         cache = our_cache(model, policy, ratio)
         log: list[float] = []
-        with compression_timer(log):
-            start = time.perf_counter()
+        with compression_timer(log, clock):
+            start = clock()
             model(context, past_key_values=cache)
-            prefill = time.perf_counter() - start
+            prefill = clock() - start
         answer_ids: list[int] = []
         if max_new_tokens:
             gen = model.generate(
@@ -127,16 +154,26 @@ def summarize(results: list[dict], tokenizer: Any, tasks: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     parser = argparse.ArgumentParser(prog="python -m kvpress_rs.bench presses", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--policies", nargs="+", default=["knorm", "streaming_llm", "snapkv", "tova", "keydiff", "lagkv", "pyramidkv", "adakv"])
+    parser.add_argument("--policies", nargs="+", default=list(KVPRESS_NAMES),
+                        help="policy or named cache, optionally with cache arguments: snapkv:head_budget=adakv,window_size=32")
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.5])
     parser.add_argument("--lengths", type=int, nargs="+", default=[2000, 6000])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--max-new-tokens", type=int, default=24, help="0: overhead only, no answers")
     parser.add_argument("--query-aware", action="store_true", help="compress the question with the context")
     parser.add_argument("--no-kvpress", action="store_true", help="run our side only")
+    parser.add_argument("--clock", choices=sorted(CLOCKS), default="wall",
+                        help="cpu: process CPU seconds (steadier on a busy machine; pair with --threads 1)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and rayon threads on both sides")
     parser.add_argument("--out", type=Path, default=Path("bench_results/presses.json"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
+    if args.threads:
+        import os
+
+        torch.set_num_threads(args.threads)
+        os.environ["RAYON_NUM_THREADS"] = str(args.threads)  # read when rayon's pool starts
+    clock = CLOCKS[args.clock]
 
     from kvpress_rs.bench.kvpress_env import run_kvpress
     from kvpress_rs.models import load_smollm2, smollm2_dir
@@ -144,19 +181,20 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_smollm2(dtype="bfloat16")
     tasks = make_tasks(tokenizer, args.lengths, args.depths, args.query_aware)
     # warm-up: first-call allocations and kernel selection
-    run_ours(model, tokenizer, tasks[:1], "knorm", 0.5, 1)
+    run_ours(model, tokenizer, tasks[:1], "knorm", 0.5, 1, clock)
 
     ours: dict[tuple[str, float], dict] = {}
     for policy in args.policies:
         for ratio in args.ratios:
-            ours[(policy, ratio)] = summarize(run_ours(model, tokenizer, tasks, policy, ratio, args.max_new_tokens), tokenizer, tasks)
+            ours[(policy, ratio)] = summarize(run_ours(model, tokenizer, tasks, policy, ratio, args.max_new_tokens, clock), tokenizer, tasks)
             print(f"ours   {policy:<20} {ratio:.2f} {ours[(policy, ratio)]}", flush=True)
 
     theirs: dict[tuple[str, float], dict] = {}
     if not args.no_kvpress:
+        # a policy spec with keyword arguments has no kvpress twin
         presses = [{"name": KVPRESS_NAMES[p], "compression_ratio": r, "ours": p} for p in args.policies if p in KVPRESS_NAMES for r in args.ratios]
         request = {"model_dir": str(smollm2_dir()), "dtype": "bfloat16", "tasks": tasks, "presses": presses,
-                   "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads()}
+                   "max_new_tokens": args.max_new_tokens, "threads": torch.get_num_threads(), "clock": args.clock}
         eager = [p for p in presses if p["name"] == "observed_attention"]
         result = run_kvpress({**request, "presses": [p for p in presses if p not in eager]})["results"]
         if eager:
