@@ -34,6 +34,21 @@ def test_kept_indices_agree(policy, dtype):
     assert torch.equal(rust, libtorch)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("t,lag,cross", [(70, 8, False), (70, 8, True), (133, 16, False), (20, 8, False)])
+def test_lagkv_kernel_agrees_with_its_libtorch_chain(dtype, t, lag, cross):
+    # the fused CPU kernel (float32 statistics per partition) vs the same chain as torch ops
+    gen = torch.Generator().manual_seed(t + lag)
+    keys = torch.randn(2, 3, t, 16, generator=gen).to(dtype)
+    values = torch.randn(2, 3, t, 16, generator=gen).to(dtype)
+    params = dict(n_sink=4, lag_size=lag, cross_scoring=cross)
+    rust = ops.score("lagkv", keys, values, **params)
+    with ops.cpu_kernels(False):
+        libtorch = ops.score("lagkv", keys, values, **params)
+    assert rust.dtype == libtorch.dtype == torch.float32
+    torch.testing.assert_close(rust, libtorch, rtol=1e-5, atol=1e-6)
+
+
 def test_ties_and_gather_agree():
     scores = torch.randint(0, 3, (2, 2, 40)).float()
     x = torch.randn(2, 2, 40, 8).bfloat16()

@@ -3,9 +3,17 @@
 //! statistics of the NEXT partition, and a token scores the spread (std over channels) of
 //! its normalised key and value, softmaxed within the partition and turned into a rank
 //! within it. Sinks and the last (unscorable) partition plus the tail are always kept.
+//!
+//! Statistics run in float32 for every input dtype (kvpress rounds each step to the model
+//! dtype; near-ties in bf16 may therefore rank differently). The CPU kernel fuses the
+//! whole chain per partition; other devices run the same steps as libtorch ops.
 
-use super::{ScoreInput, Scorer};
+use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
+use crate::tensor::{FloatView4, KvFloat};
+use crate::with_float_view;
+use ndarray::{ArrayView2, ArrayView4, ArrayViewMut3, Axis};
+use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -49,20 +57,151 @@ impl LagKv {
     }
 }
 
-impl Scorer for LagKv {
+impl LagKv {
+    /// The whole score row of one (batch, head): sinks and tail 1, partitions ranked.
+    fn score_row<K: KvFloat, V: KvFloat>(
+        &self,
+        keys: ArrayView2<'_, K>,
+        values: ArrayView2<'_, V>,
+        row: &mut [f32],
+    ) {
+        let (t, lag) = (row.len(), self.lag);
+        let sink = self.n_sink.min(t);
+        row[..sink].fill(1.0);
+        if t < self.n_sink + 2 * lag {
+            // too short to partition: a ramp that prefers the most recent tokens
+            let rest = t - sink;
+            for (i, o) in row[sink..].iter_mut().enumerate() {
+                *o = (i as f64 / rest.max(1) as f64) as f32;
+            }
+            return;
+        }
+        let parts = (t - sink) / lag;
+        let scored = (parts - 1) * lag;
+        row[sink + scored..].fill(1.0);
+        row[sink..sink + scored]
+            .par_chunks_mut(lag)
+            .enumerate()
+            .for_each_init(
+                || (vec![0f32; lag], vec![0f32; lag], Vec::with_capacity(lag)),
+                |(spread_v, scratch, order): &mut (Vec<f32>, Vec<f32>, Vec<usize>), (p, out)| {
+                    let (cur, next) = (sink + p * lag, sink + (p + 1) * lag);
+                    partition_softmax(keys, cur, next, lag, out);
+                    partition_softmax(values, cur, next, lag, spread_v);
+                    for (o, v) in out.iter_mut().zip(spread_v.iter()) {
+                        *o = (*o + v) / 2.0;
+                    }
+                    if !self.cross_scoring {
+                        // rank within the partition, ascending, ties by position (a
+                        // stable argsort of a stable argsort)
+                        order.clear();
+                        order.extend(0..lag);
+                        order.sort_by(|&a, &b| out[a].total_cmp(&out[b]).then(a.cmp(&b)));
+                        for (rank, &i) in order.iter().enumerate() {
+                            scratch[i] = rank as f32 / lag as f32;
+                        }
+                        out.copy_from_slice(scratch);
+                    }
+                },
+            );
+    }
+
+    fn score_all<K: KvFloat, V: KvFloat>(
+        &self,
+        keys: &ArrayView4<'_, K>,
+        values: &ArrayView4<'_, V>,
+        mut out: ArrayViewMut3<'_, f32>,
+    ) -> Result<()> {
+        let (heads, t) = (keys.dim().1, keys.dim().2);
+        let out = out
+            .as_slice_mut()
+            .ok_or_else(|| KvError::invalid("scores", "the output must be contiguous"))?;
+        out.par_chunks_mut(t.max(1))
+            .enumerate()
+            .for_each(|(r, row)| {
+                let (b, h) = (r / heads, r % heads);
+                let k = keys.index_axis(Axis(0), b);
+                let v = values.index_axis(Axis(0), b);
+                self.score_row(k.index_axis(Axis(0), h), v.index_axis(Axis(0), h), row);
+            });
+        Ok(())
+    }
+}
+
+/// Softmax over the `lag` tokens from `cur` of their spread: the std (correction 1) over
+/// channels of each token min–max normalised by the next partition's per-channel range.
+fn partition_softmax<T: KvFloat>(
+    x: ArrayView2<'_, T>,
+    cur: usize,
+    next: usize,
+    lag: usize,
+    out: &mut [f32],
+) {
+    let d = x.dim().1;
+    let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
+    for token in next..next + lag {
+        for (c, v) in x.row(token).iter().enumerate() {
+            let v = v.to_f32();
+            lo[c] = lo[c].min(v);
+            hi[c] = hi[c].max(v);
+        }
+    }
+    let mut normalised = vec![0f32; d];
+    for (i, o) in out.iter_mut().enumerate() {
+        for ((n, v), (l, h)) in normalised
+            .iter_mut()
+            .zip(x.row(cur + i).iter())
+            .zip(lo.iter().zip(hi.iter()))
+        {
+            *n = (v.to_f32() - l) / (h - l);
+        }
+        let mean = normalised.iter().sum::<f32>() / d as f32;
+        let var = normalised
+            .iter()
+            .map(|n| (n - mean) * (n - mean))
+            .sum::<f32>()
+            / (d as f32 - 1.0);
+        *o = var.sqrt();
+    }
+    let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+    let mut total = 0.0;
+    for o in out.iter_mut() {
+        *o = (*o - max).exp();
+        total += *o;
+    }
+    for o in out.iter_mut() {
+        *o /= total;
+    }
+}
+
+impl KeyValueScorer for LagKv {
     fn name(&self) -> &'static str {
         "lagkv"
     }
 
-    fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
-        let (keys, values) = (input.keys, input.values);
+    fn score_cpu(
+        &self,
+        keys: &FloatView4<'_>,
+        values: &FloatView4<'_>,
+        _ctx: &ScoreContext,
+        out: ArrayViewMut3<'_, f32>,
+    ) -> Result<()> {
+        with_float_view!(keys, k => with_float_view!(values, v => self.score_all(k, v, out)))
+    }
+
+    fn score_libtorch(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        _ctx: &ScoreContext,
+    ) -> Result<Tensor> {
+        let (keys, values) = (keys.f_to_kind(Kind::Float)?, values.f_to_kind(Kind::Float)?);
         let s = keys.size();
         let (b, h, t) = (s[0], s[1], s[2]);
         let (lag, sink) = (self.lag as i64, self.n_sink as i64);
-        let (kind, device) = (keys.kind(), keys.device());
+        let (kind, device) = (Kind::Float, keys.device());
         let sinks = Tensor::f_ones([b, h, sink.min(t)], (kind, device))?;
         if t < sink + 2 * lag {
-            // Too short to partition: sinks, then a ramp that keeps the most recent tokens.
             let rest = t - sink.min(t);
             let ramp = Tensor::f_arange(rest, (Kind::Double, device))?
                 .f_div_scalar(rest.max(1) as f64)?
@@ -74,13 +213,12 @@ impl Scorer for LagKv {
         }
         let end = sink + (t - sink) / lag * lag;
         let scores = self
-            .partition_scores(keys, end)?
-            .f_add(&self.partition_scores(values, end)?)?
+            .partition_scores(&keys, end)?
+            .f_add(&self.partition_scores(&values, end)?)?
             .f_div_scalar(2.0)?;
         let scores = if self.cross_scoring {
             scores
         } else {
-            // rank within the partition, 0 = lowest; a stable sort breaks exact ties by position
             let order = scores.f_argsort_stable(true, -1, false)?;
             order
                 .f_argsort_stable(true, -1, false)?
