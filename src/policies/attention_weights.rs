@@ -3,7 +3,12 @@
 //! the model dtype, softmax in float32, weights cast back to the model dtype.
 
 use crate::error::{KvError, Result};
-use tch::{Kind, Tensor};
+use crate::rope::rotate::bf16_round;
+use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels, KvFloat, TorchElement};
+use half::{bf16, f16};
+use ndarray::{Ix3, Ix4};
+use rayon::prelude::*;
+use tch::{Device, Kind, Tensor};
 
 /// Keys (batch, kv_heads, t, d) repeated for a GQA group of `group` query heads per KV
 /// head: (batch, kv_heads * group, t, d), KV head h serving query heads h*group..(h+1)*group.
@@ -48,6 +53,119 @@ pub fn window_attention(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
         .f_to_kind(queries.kind())?)
 }
 
+/// The mean over the window's queries of [`window_attention`]: (batch, q_heads, T) in the
+/// queries' dtype — what SnapKV and TOVA read. On the CPU, everything after the float32
+/// product runs as one fused pass per head (rounding to the model dtype where the op chain
+/// rounds, so the result is the chain's up to summation order) instead of six passes over
+/// the (w × T) weights.
+pub fn window_attention_mean(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
+    let kind = queries.kind();
+    if !uses_cpu_kernels(keys) || !matches!(kind, Kind::Float | Kind::Half | Kind::BFloat16) {
+        let weights = window_attention(queries, keys)?;
+        return Ok(weights.f_mean_dim(2, false, kind)?);
+    }
+    let (q, t, d) = (queries.size(), keys.size()[2], keys.size()[3]);
+    let logits = grouped_products(queries, keys)?.f_contiguous()?;
+    let mut out = Tensor::f_empty([q[0], q[1], t], (kind, Device::Cpu))?;
+    let scale = (d as f64).sqrt() as f32;
+    match kind {
+        Kind::Half => {
+            mean_kernel::<f16, _>(&logits, &mut out, scale, |x| f16::from_f32(x).to_f32())?
+        }
+        Kind::BFloat16 => mean_kernel::<bf16, _>(&logits, &mut out, scale, |x| {
+            f32::from_bits((bf16_round(x).to_bits() as u32) << 16)
+        })?,
+        _ => mean_kernel::<f32, _>(&logits, &mut out, scale, |x| x)?,
+    }
+    Ok(out)
+}
+
+/// e^x for x ≤ 0 (softmax after subtracting the maximum) within 2 float32 ulps, written
+/// without branches or calls so that loops over it vectorize (a scalar `expf` per weight
+/// costs more than the whole product): x = n·ln2 + r with |r| ≤ ln2/2, e^r by its
+/// degree-7 Taylor polynomial, 2^n by building the exponent bits.
+#[inline(always)]
+fn exp_nonpositive(x: f32) -> f32 {
+    const ROUND: f32 = 12_582_912.0; // 1.5·2^23: adding it rounds to an integer
+    const LN2_HI: f32 = 0.693_145_75;
+    const LN2_LO: f32 = 1.428_606_8e-6;
+    let x = x.max(-87.0); // e^-87 is still a normal float; below, 0 would be as good
+    let n = (x * std::f32::consts::LOG2_E + ROUND) - ROUND;
+    let r = x - n * LN2_HI - n * LN2_LO;
+    let p = 1.0
+        + r * (1.0
+            + r * (0.5
+                + r * (1.0 / 6.0
+                    + r * (1.0 / 24.0
+                        + r * (1.0 / 120.0 + r * (1.0 / 720.0 + r * (1.0 / 5040.0)))))));
+    p * f32::from_bits(((n as i32 + 127) as u32) << 23)
+}
+
+/// A reduction over 8 interleaved accumulators (vectorizable), then over the lanes.
+#[inline(always)]
+fn lanes_fold(x: &[f32], init: f32, f: impl Fn(f32, f32) -> f32) -> f32 {
+    let mut lanes = [init; 8];
+    let chunks = x.chunks_exact(8);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for (l, &v) in lanes.iter_mut().zip(c) {
+            *l = f(*l, v);
+        }
+    }
+    let mut acc = rest.iter().fold(init, |a, &v| f(a, v));
+    for l in lanes {
+        acc = f(acc, l);
+    }
+    acc
+}
+
+/// `logits` float32 (batch, q_heads, w, T) unrounded products; `out` (batch, q_heads, T).
+/// Query i of the window sees keys 0..=T − w + i.
+fn mean_kernel<T: KvFloat + TorchElement, R: Fn(f32) -> f32 + Sync>(
+    logits: &Tensor,
+    out: &mut Tensor,
+    scale: f32,
+    round: R,
+) -> Result<()> {
+    let logits = array_view::<f32, Ix4>(logits, "logits")?;
+    let (_, _, w, t) = logits.dim();
+    let rows = logits
+        .as_slice()
+        .ok_or_else(|| KvError::invalid("logits", "expected contiguous products"))?;
+    let mut out = array_view_mut::<T, Ix3>(out, "scores")?;
+    let out = out
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("scores", "the output must be contiguous"))?;
+    out.par_chunks_mut(t.max(1))
+        .zip(rows.par_chunks(w * t.max(1)))
+        .for_each_init(
+            || (vec![0f32; t], vec![0f32; t]),
+            |(acc, x), (dst, head)| {
+                acc.fill(0.0);
+                for (i, row) in head.chunks_exact(t).enumerate() {
+                    let visible = t - w + i + 1;
+                    let x = &mut x[..visible];
+                    for (xj, &l) in x.iter_mut().zip(row) {
+                        *xj = round(round(l) / scale);
+                    }
+                    let max = lanes_fold(x, f32::NEG_INFINITY, |a, b| if b > a { b } else { a });
+                    for xj in x.iter_mut() {
+                        *xj = exp_nonpositive(*xj - max);
+                    }
+                    // softmax's normalisation: times the reciprocal of the sum, as libtorch
+                    let inv_total = 1.0 / lanes_fold(x, 0.0, |a, b| a + b);
+                    for (a, xj) in acc.iter_mut().zip(x.iter()) {
+                        *a += round(xj * inv_total);
+                    }
+                }
+                for (o, a) in dst.iter_mut().zip(acc.iter()) {
+                    *o = T::from_f32(a / w as f32);
+                }
+            },
+        );
+    Ok(())
+}
+
 /// `queries · keysᵀ` (batch, q_heads, w, T) for queries (batch, q_heads, w, d) against
 /// their group's keys (batch, kv_heads, T, d), in the queries' dtype. The product runs in
 /// float32 and is rounded once to that dtype — what a reduced-precision matmul returns up
@@ -55,6 +173,11 @@ pub fn window_attention(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
 /// slower than its float32 one. Query heads are folded into rows of their KV head's
 /// product, so keys are never repeated per query head.
 pub fn grouped_logits(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
+    Ok(grouped_products(queries, keys)?.f_to_kind(queries.kind())?)
+}
+
+/// [`grouped_logits`] before the rounding: float32.
+fn grouped_products(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
     let group = group_size(queries, keys)?;
     let (q, k) = (queries.size(), keys.size());
     let rows = queries
@@ -62,8 +185,7 @@ pub fn grouped_logits(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
         .f_reshape([q[0], k[1], group * q[2], q[3]])?;
     Ok(rows
         .f_matmul(&keys.f_to_kind(Kind::Float)?.f_transpose(-1, -2)?)?
-        .f_reshape([q[0], q[1], q[2], k[2]])?
-        .f_to_kind(queries.kind())?)
+        .f_reshape([q[0], q[1], q[2], k[2]])?)
 }
 
 /// True where query i of the last w (of T) tokens must not see key j: j > T − w + i.

@@ -2,7 +2,7 @@
 //! each earlier token, averaged over the window, smoothed by average pooling
 //! (`kernel_size`), averaged over each KV head's group; the window itself is always kept.
 
-use super::attention_weights::{append_protected, group_mean, window_attention};
+use super::attention_weights::{append_protected, group_mean, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use tch::Tensor;
@@ -34,19 +34,18 @@ impl SnapKv {
     }
 }
 
-/// Scores of the tokens before the window from window attention weights (batch,
-/// q_heads, w, T): mean over the window, average pooling, group mean → (batch,
-/// kv_heads, T − w). Shared with the pyramid and CAKE variants.
+/// Scores of the tokens before the window from the window's mean attention (batch,
+/// q_heads, T): the first T − w, average pooling, group mean → (batch, kv_heads, T − w).
 pub(crate) fn pooled_window_scores(
-    weights: &Tensor,
+    mean: &Tensor,
+    window: i64,
     kv_heads: i64,
     kernel: usize,
 ) -> Result<Tensor> {
-    let (w, t) = (weights.size()[2], weights.size()[3]);
-    let prefix = weights.f_narrow(-1, 0, t - w)?;
-    let mean = prefix.f_mean_dim(2, false, prefix.kind())?;
+    let t = mean.size()[2];
+    let prefix = mean.f_narrow(-1, 0, t - window)?;
     let k = kernel as i64;
-    let pooled = mean.f_avg_pool1d([k], [1], [k / 2], false, true)?;
+    let pooled = prefix.f_avg_pool1d([k], [1], [k / 2], false, true)?;
     group_mean(&pooled, kv_heads)
 }
 
@@ -73,8 +72,8 @@ impl Scorer for SnapKv {
             ));
         }
         let queries = input.require_queries(self.name())?;
-        let weights = window_attention(queries, input.keys)?;
-        let scores = pooled_window_scores(&weights, input.keys.size()[1], self.kernel)?;
+        let mean = window_attention_mean(queries, input.keys)?;
+        let scores = pooled_window_scores(&mean, w, input.keys.size()[1], self.kernel)?;
         append_protected(&scores, w)
     }
 }

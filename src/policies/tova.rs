@@ -1,7 +1,7 @@
 //! TOVA (Oren et al. 2024): the attention of the last prompt token, averaged over all
 //! query heads and shared by every KV head; the last token is always kept.
 
-use super::attention_weights::{append_protected, window_attention};
+use super::attention_weights::{append_protected, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use tch::Tensor;
@@ -29,10 +29,10 @@ impl Scorer for Tova {
             return Err(KvError::invalid("keys", "TOVA needs at least 2 tokens"));
         }
         let queries = input.require_queries(self.name())?;
-        let weights = window_attention(queries, input.keys)?; // (b, q_heads, 1, t)
+        let weights = window_attention_mean(queries, input.keys)?; // (b, q_heads, t)
         let prefix = weights.f_narrow(-1, 0, t - 1)?;
         // mean over every query head, one vector shared by all KV heads
-        let shared = prefix.f_mean_dim(1, false, prefix.kind())?; // (b, 1, t-1)
+        let shared = prefix.f_mean_dim(1, true, prefix.kind())?; // (b, 1, t-1)
         let scores = shared
             .f_expand([s[0], s[1], t - 1], false)?
             .f_contiguous()?;
