@@ -29,7 +29,7 @@ STAMP_TF52  := $(TF_OLDEST_DIR)/.stamp
 STAMP_BUILD := $(VENV)/.stamp-build
 RUST_SRC    := $(shell find src -name '*.rs') Cargo.toml pyproject.toml .cargo/config.toml
 
-.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps style clean
+.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps bench-deps style clean
 
 demo: $(STAMP_BUILD)
 	$(VPY) -m kvpress_rs.demo
@@ -69,6 +69,23 @@ test-py-latest: $(STAMP_BUILD)
 
 test-py-oldest: $(STAMP_BUILD) $(STAMP_TF52)
 	PYTHONPATH=$(abspath $(TF_OLDEST_DIR)) $(VPY) -m pytest -q tests_py
+
+# Benchmarks only: NVIDIA kvpress 0.5.5 (it pins transformers 5.2) in a side venv that
+# reuses this venv's torch through a .pth file; `python -m kvpress_rs.bench presses` runs
+# it in a subprocess. pip leaves the main venv's transformers alone ("outside environment").
+KVPRESS_VENV := .venv-kvpress
+KVPY         := $(KVPRESS_VENV)/bin/python
+STAMP_KVPRESS := $(KVPRESS_VENV)/.stamp
+
+$(STAMP_KVPRESS): $(STAMP_DEPS)
+	test -x $(KVPY) || $(PYTHON) -m venv $(KVPRESS_VENV)
+	$(VPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])" \
+		> "$$($(KVPY) -c "import sysconfig; print(sysconfig.get_paths()['purelib'])")/zz_kvpress_rs_main_venv.pth"
+	$(KVPY) -m pip install -q --disable-pip-version-check "kvpress==0.5.5" "transformers==$(TF_OLDEST)" \
+		"tokenizers==$(TF_OLDEST_TOKENIZERS)"
+	touch $@
+
+bench-deps: $(STAMP_BUILD) $(STAMP_KVPRESS)
 
 style: $(STAMP_DEPS)
 	cargo fmt --check
