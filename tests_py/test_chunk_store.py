@@ -287,3 +287,20 @@ def test_backend_arguments(tmp_path):
         kvpress_rs.ChunkStore(model, backend=tmp_path, on_invalid="ignore")
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="key"):
         LocalDirBackend(tmp_path).get("../../etc/passwd")
+
+
+def test_docstring_examples_run():
+    import doctest
+
+    import kvpress_rs.chunks.backends as backends
+    import kvpress_rs.chunks.entry as entry
+    from kvpress_rs import _native
+
+    for module in (entry, backends):
+        failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
+        assert tried and not failures, module.__name__
+    for fn in (_native.assemble_layer, _native.select_deviating):
+        finder = doctest.DocTestFinder()
+        runner = doctest.DocTestRunner()
+        for test in finder.find(fn, fn.__name__, globs={}):
+            assert test.examples and not runner.run(test).failed, fn.__name__

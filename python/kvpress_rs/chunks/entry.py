@@ -24,11 +24,17 @@ ids are the ids asked for (else :class:`ChunkMismatchError`, naming the field).
 Example
 -------
 >>> import torch
->>> from kvpress_rs.chunks.entry import EncodedChunk, from_bytes, to_bytes
->>> ident = {"format": 1, "tokens": {"n": 2}}
->>> chunk = EncodedChunk(torch.tensor([5, 6]), [(torch.zeros(1, 1, 2, 4), torch.ones(1, 1, 2, 4), None)])
->>> from_bytes(to_bytes(chunk, ident), ident).layers[0][1].sum().item()
+>>> from kvpress_rs.chunks.entry import EncodedChunk, from_bytes, to_bytes, token_identity
+>>> ids = torch.tensor([5, 6])
+>>> ident = {"format": 1, "tokens": token_identity(ids)}
+>>> chunk = EncodedChunk(ids, [(torch.zeros(1, 1, 2, 4), torch.ones(1, 1, 2, 4), None)])
+>>> data = to_bytes(chunk, ident)
+>>> from_bytes(data, ident).layers[0][1].sum().item()
 8.0
+>>> from_bytes(data[:-3], ident)
+Traceback (most recent call last):
+    ...
+kvpress_rs.errors.CorruptChunkError: chunk entry is unreadable: ...
 """
 
 from __future__ import annotations
