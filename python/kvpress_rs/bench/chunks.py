@@ -8,9 +8,9 @@ a question:
   recomputation of 10% / 20% of the chunk tokens; the chunks are already stored, as when
   documents recur;
 - disk bytes per chunk, uncompressed and evicted by a policy (``--policy``, ``--ratio``);
-- a multi-document needle task: a passcode in one of the documents (each document in turn,
-  at ``--depths``), answered greedily after full prefill, plain reuse, and reuse +
-  recomputation.
+- a multi-document needle task: ``--docs`` documents of ``--needle-doc-tokens`` tokens, a
+  passcode in one of them (each document in turn, at ``--depths``), answered greedily after
+  full prefill, plain reuse, and reuse + recomputation.
 
 Results are printed and written as JSON.
 """
@@ -102,6 +102,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--policy", default="knorm")
     parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of the compressed chunks")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.3, 0.7])
+    parser.add_argument("--needle-doc-tokens", type=int, default=500,
+                        help="document length of the needle task (SmolLM2-135M finds a needle at ~2K tokens of context)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--store", type=Path, default=None, help="chunk directory (default: a fresh temp dir)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/chunks.json"))
@@ -110,6 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
 
     import kvpress_rs
     from kvpress_rs.models import load_smollm2
+
+    if args.threads:
+        # On an oversubscribed machine, torch's intra-op thread pool can turn a 0.2 ms copy
+        # into 90 ms (threads waiting for descheduled peers): fewer threads measure better.
+        torch.set_num_threads(args.threads)
 
     model, tokenizer = load_smollm2(dtype="bfloat16")
     root = args.store or Path(tempfile.mkdtemp(prefix="kvpress_rs_chunks_"))
@@ -154,6 +162,8 @@ def main(argv: list[str] | None = None) -> dict:
 
     # -- multi-document needle ------------------------------------------------------------
     methods = ["full_prefill", "reuse", *[f"reuse+recompute{int(round(r * 100))}%" for r in args.recompute]]
+    texts = documents(tokenizer, args.docs, args.needle_doc_tokens, start=args.docs * args.doc_tokens)
+    docs = [store.token_ids(t).tolist() for t in texts]
     found = {m: 0 for m in methods}
     tasks = []
     for which in range(args.docs):
@@ -171,7 +181,7 @@ def main(argv: list[str] | None = None) -> dict:
             for m in methods:
                 found[m] += correct[m]
             tasks.append({"doc": which, "depth": depth, "passcode": passcode, "answers": answers, "correct": correct})
-            print(f"needle in doc {which} at {depth}: " + ", ".join(f"{m} {'ok' if correct[m] else 'miss'}" for m in methods),
+            print(f"needle in doc {which} of {len(ids[0])} tokens at {depth}: " + ", ".join(f"{m} {'ok' if correct[m] else 'miss'}" for m in methods),
                   flush=True)
     print(f"\n{'needle accuracy':<26} {'found':>7}")
     for m in methods:
