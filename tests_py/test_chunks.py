@@ -91,6 +91,10 @@ def test_several_chunks_layer_zero_is_exact_and_positions_continue(tmp_path):
     out = greedy(model, torch.cat([ids, question], 1), cache, n=4)
     assert out.shape[1] == 32 + 3 + 4 and cache.get_seq_length() == 32 + 3 + 3
     assert cache.kept_positions(1)[0, 0].tolist() == list(range(38))
+    before = cache.nbytes
+    cache.crop(-5)  # the store's own crop: the 5 newest tokens go
+    assert cache.get_seq_length() == 33 and cache.kept_positions(2)[0, 0].tolist() == list(range(33))
+    assert cache.nbytes < before
 
 
 def full_nbytes(cache):
