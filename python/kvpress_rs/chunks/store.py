@@ -17,7 +17,6 @@ from .assembled import AssembledCache
 from .backends import Backend, LocalDirBackend
 from .recompute import recompute as _recompute
 
-Tokens = "str | Sequence[int] | torch.Tensor"
 
 
 class ChunkStore:
