@@ -45,7 +45,9 @@ $(STAMP_DEPS): Makefile pyproject.toml
 	# redis-server for the Redis chunk-store tests: installed when we may (root + apt);
 	# otherwise those tests skip (they start the server only when the binary exists).
 	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
-		apt-get install -y -q redis-server >/dev/null; } || echo "redis-server not installed: Redis tests will skip"
+		{ apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } || \
+		echo "redis-server not installed: Redis tests will skip"
 	touch $@
 
 deps: $(STAMP_DEPS)
