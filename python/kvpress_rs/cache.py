@@ -29,13 +29,14 @@ from .models import decoder_config
 
 class CompressedLayer(CacheLayerMixin):
     """One full-attention layer of a :class:`KVCache`: a Rust ``LayerStore`` plus the
-    shared press, adapted to transformers' ``CacheLayerMixin`` interface."""
+    shared press, adapted to transformers' ``CacheLayerMixin`` interface. Without a press
+    (an assembled cache of reused chunks) it only appends."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, press: Press, layer_idx: int):
+    def __init__(self, press: Press | None, layer_idx: int):
         super().__init__()
         self._store = LayerStore()
         self._press = press
@@ -74,7 +75,7 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         is_prefill = self._store.seen == 0
         keys, values = self._store.append(key_states, value_states)
-        if is_prefill:
+        if is_prefill and self._press is not None:
             # This forward's attention still sees every token (keys/values above); the
             # store keeps only what the press selects, right after that attention.
             if attention.serves(self):

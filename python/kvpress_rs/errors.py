@@ -52,6 +52,19 @@ class CacheStateError(KVPressError, RuntimeError):
     """The cache is used in a way its state does not allow (reuse without ``reset()``)."""
 
 
+class ChunkStoreError(KVPressError, RuntimeError):
+    """A stored chunk entry cannot be used (base class of the two below)."""
+
+
+class CorruptChunkError(ChunkStoreError):
+    """A stored chunk entry is truncated, unreadable, or fails its checksum."""
+
+
+class ChunkMismatchError(ChunkStoreError):
+    """A stored chunk entry was written for something else: another model, tokenizer,
+    RoPE, compression or token ids than the ones asked for."""
+
+
 class TorchError(KVPressError, RuntimeError):
     """libtorch reported an error inside the Rust core."""
 
@@ -70,6 +83,9 @@ __all__ = [
     "EmptySequenceError",
     "UnsupportedModelError",
     "CacheStateError",
+    "ChunkStoreError",
+    "CorruptChunkError",
+    "ChunkMismatchError",
     "TorchError",
     "InternalError",
 ]

@@ -3,6 +3,7 @@
 //! Nothing here computes anything: each function converts its arguments (one crossing
 //! point, `conversion`), releases the GIL, calls the core, and maps errors (`errors`).
 
+mod chunks;
 mod conversion;
 mod errors;
 mod ops;
@@ -20,5 +21,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyLayerStore>()?;
     ops::register(m)?;
     rope::register(m)?;
+    chunks::register(m)?;
     Ok(())
 }

@@ -30,6 +30,13 @@ pub struct PyLayerStore {
 }
 
 impl PyLayerStore {
+    /// Wraps a store built in the core (an assembled cache's layer).
+    pub(crate) fn from_store(store: LayerStore) -> Self {
+        PyLayerStore {
+            inner: Mutex::new(store),
+        }
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, LayerStore>> {
         // A poisoned lock means an earlier call panicked mid-update: refuse to go on.
         self.inner.lock().map_err(|_| {
@@ -135,6 +142,21 @@ impl PyLayerStore {
         let rope = rope.get();
         detached(slf.py(), move || {
             me.lock()?.rerotate(&rope.inner, next_position)
+        })
+    }
+
+    /// Replaces the stored tokens at ``indices`` (int64 (n,), the same in every row) by
+    /// ``keys``/``values`` (batch, kv_heads, n, head_dim), in fresh storage (recomputed
+    /// tokens of an assembled cache).
+    fn overwrite_tokens(
+        slf: Bound<'_, Self>,
+        indices: PyTensor,
+        keys: PyTensor,
+        values: PyTensor,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || {
+            me.lock()?.overwrite_tokens(&indices.0, &keys.0, &values.0)
         })
     }
 

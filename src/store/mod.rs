@@ -69,6 +69,113 @@ impl LayerStore {
         Self::default()
     }
 
+    /// A store holding `keys`/`values` (batch, kv_heads, stored, head_dim) as they are (no
+    /// copy), having seen `seen` tokens: how an assembled cache of reused chunks is built
+    /// (`crate::chunks`). `positions`: integer (batch, kv_heads, stored) original positions,
+    /// ascending and < `seen`, when tokens were evicted; `None` means the stored tokens are
+    /// exactly positions 0..stored, which then must equal `seen`.
+    pub fn from_tokens(
+        keys: Tensor,
+        values: Tensor,
+        positions: Option<Tensor>,
+        seen: usize,
+    ) -> Result<Self> {
+        let (ks, vs) = check_kv_pair(&keys, &values)?;
+        let positions = match positions {
+            None if ks.tokens != seen => {
+                return Err(KvError::invalid(
+                    "seen",
+                    format!(
+                        "{seen} tokens seen but {} stored and no positions given",
+                        ks.tokens
+                    ),
+                ))
+            }
+            None => None,
+            Some(p) => {
+                crate::rope::positions::check_integer(&p, "positions")?;
+                let expected = [ks.batch as i64, ks.heads as i64, ks.tokens as i64];
+                if p.size() != expected {
+                    return Err(KvError::shape(
+                        "positions",
+                        &p.size(),
+                        format!("{expected:?}: one position per stored key"),
+                    ));
+                }
+                let p = p.f_to_kind(Kind::Int)?.f_to(Device::Cpu)?.f_contiguous()?;
+                check_ascending(&p)?;
+                if ks.tokens > 0 && p.f_max()?.f_int64_value(&[])? >= seen as i64 {
+                    return Err(KvError::invalid(
+                        "positions",
+                        format!("a position is >= the {seen} tokens seen"),
+                    ));
+                }
+                Some(buffer::TokenBuffer::adopt(p))
+            }
+        };
+        let layout = (ks, vs.head_dim as i64, keys.kind(), keys.device());
+        Ok(LayerStore {
+            rows: Some(Rows::Uniform(UniformRows {
+                keys: buffer::TokenBuffer::adopt(keys),
+                values: buffer::TokenBuffer::adopt(values),
+                positions,
+            })),
+            seen,
+            layout: Some(layout),
+        })
+    }
+
+    /// Replaces the stored tokens at `indices` (int64 (n,), indices into the stored tokens,
+    /// the same in every row) by `keys`/`values` (batch, kv_heads, n, head_dim): how
+    /// selectively recomputed tokens enter an assembled cache. Uniform rows only. The new
+    /// tokens go into fresh storage; views handed out earlier keep the old ones.
+    pub fn overwrite_tokens(
+        &mut self,
+        indices: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<()> {
+        let (ks, vs) = check_kv_pair(keys, values)?;
+        let layout = self.layout.ok_or_else(empty_store)?;
+        check_same_layout(layout, ks, vs.head_dim as i64, keys.kind(), keys.device())?;
+        crate::rope::positions::check_integer(indices, "indices")?;
+        if indices.size() != [ks.tokens as i64] {
+            return Err(KvError::shape(
+                "indices",
+                &indices.size(),
+                format!("({},): one index per new token", ks.tokens),
+            ));
+        }
+        let stored = self.len() as i64;
+        let u = match self.rows.as_mut().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => u,
+            Rows::Ragged(_) => {
+                return Err(KvError::State(
+                    "cannot overwrite tokens of rows with different lengths (head budget)".into(),
+                ))
+            }
+        };
+        if ks.tokens > 0 {
+            let idx = indices.f_to_kind(Kind::Int64)?;
+            let (lo, hi) = (
+                idx.f_min()?.f_int64_value(&[])?,
+                idx.f_max()?.f_int64_value(&[])?,
+            );
+            if lo < 0 || hi >= stored {
+                return Err(KvError::invalid(
+                    "indices",
+                    format!("indices span [{lo}, {hi}], expected indices into the {stored} stored tokens"),
+                ));
+            }
+            let idx = idx.f_to(keys.device())?;
+            let k = u.keys.view()?.f_index_copy(2, &idx, keys)?;
+            let v = u.values.view()?.f_index_copy(2, &idx, values)?;
+            u.keys = buffer::TokenBuffer::adopt(k);
+            u.values = buffer::TokenBuffer::adopt(v);
+        }
+        Ok(())
+    }
+
     /// Tokens seen since the last reset (the position of the next token).
     pub fn seen(&self) -> usize {
         self.seen

@@ -1,0 +1,78 @@
+"""The cache assembled from reused chunks: a :class:`~kvpress_rs.KVCache` whose layers are
+``CompressedLayer`` s without a press, each holding one Rust ``LayerStore`` built by
+``_native.assemble_layer`` (chunks shifted to their offsets and concatenated, in Rust).
+
+So everything a ``KVCache`` offers works on it unchanged: ``nbytes``, ``stats()``,
+``kept_positions(layer)`` (global positions of the kept tokens of compressed chunks),
+``crop``, beam reordering, and the check that ``generate``'s input continues the assembled
+ids. It reports the total token count from ``get_seq_length()``, so generation continues
+at that position, and decoding appends without further compression.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from transformers.cache_utils import Cache
+
+from .._guard import TokenLog
+from .._hooks import install_model_hooks
+from ..cache import CompressedLayer, KVCache
+from ..models import decoder_config
+from ..rope import Rope
+
+
+class AssembledCache(KVCache):
+    """A drop-in ``past_key_values`` made of reused chunks (build it with
+    :meth:`kvpress_rs.ChunkStore.assemble`).
+
+    Attributes
+    ----------
+    input_ids : torch.Tensor
+        (1, n) the token ids the cache holds, segment after segment: pass
+        ``torch.cat([cache.input_ids, question_ids], 1)`` to ``generate``.
+    segments : list of (start, end)
+        Token span of each segment (prefix first when there is one).
+    recomputed : torch.Tensor or None
+        Positions of the tokens recomputed in the layers past the probe layer.
+
+    Example
+    -------
+    >>> cache = chunk_store.assemble([doc1_ids, doc2_ids], prefix=system_ids)  # doctest: +SKIP
+    >>> ids = torch.cat([cache.input_ids, question_ids], dim=1)  # doctest: +SKIP
+    >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    """
+
+    def __init__(self, model: Any, stores: list[Any], input_ids: torch.Tensor, segments: list[tuple[int, int]]):
+        # Not KVCache.__init__: there is no press; the layers are given, filled.
+        config = decoder_config(model)
+        self.rope = Rope.from_config(config)
+        self.rerotate = False
+        self.press = None
+        layers = []
+        for idx, store in enumerate(stores):
+            layer = CompressedLayer(None, idx)
+            layer._store = store
+            keys = store.keys() if not store.is_ragged else store.row(0, 0)[0]
+            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+            layers.append(layer)
+        Cache.__init__(self, layers=layers)
+        self._token_log = TokenLog()
+        self._token_log.record(input_ids)
+        self.input_ids = input_ids
+        self.segments = segments
+        self.recomputed: torch.Tensor | None = None
+        if isinstance(model, torch.nn.Module):
+            install_model_hooks(model)
+
+    def reset(self) -> None:
+        super().reset()
+        self.input_ids = self.input_ids[:, :0]
+        self.segments = []
+
+    def __repr__(self) -> str:
+        return (
+            f"AssembledCache(tokens={self.get_seq_length()}, segments={len(self.segments)}, "
+            f"layers={len(self.layers)}, nbytes={self.nbytes})"
+        )
