@@ -10,7 +10,8 @@
 //! - [`budget`]: how many tokens a layer keeps.
 //! - [`press`]: scorer + budget, applied to a layer.
 //! - [`store`]: the per-layer compressed KV store.
-//! - [`quant`], [`rope`]: quantization and RoPE math (to come).
+//! - [`quant`]: quantized KV caches (bit-packed blocks, fused attention).
+//! - [`rope`]: RoPE math (to come).
 
 pub mod budget;
 pub mod error;

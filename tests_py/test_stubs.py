@@ -53,7 +53,8 @@ def test_stub_signatures_match_the_module():
         elif isinstance(spec, dict):
             runtime_members = {m for m in dir(obj) if not m.startswith("_")}
             assert runtime_members == {m for m in spec if not m.startswith("_")}, name
-            assert _runtime_params(obj) == spec["__new__"], f"{name}.__new__"
+            if "__new__" in spec:  # classes built only by the module have no constructor
+                assert _runtime_params(obj) == spec["__new__"], f"{name}.__new__"
             for member, mspec in spec.items():
                 if member.startswith("_"):
                     continue

@@ -12,10 +12,11 @@ Swap one object in ``generate``::
 import torch  # noqa: F401
 
 from . import errors, ops
-from ._native import __version__
+from ._native import QuantConfig, __version__
 from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import KnormCache, RandomCache, StreamingLLMCache
+from .quantized import QuantizedKVCache, QuantizedLayer
 
 __all__ = [
     "__version__",
@@ -24,6 +25,9 @@ __all__ = [
     "StreamingLLMCache",
     "KnormCache",
     "RandomCache",
+    "QuantizedKVCache",
+    "QuantizedLayer",
+    "QuantConfig",
     "ops",
     "errors",
     *errors.__all__,

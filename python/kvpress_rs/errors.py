@@ -52,6 +52,10 @@ class CacheStateError(KVPressError, RuntimeError):
     """The cache is used in a way its state does not allow (reuse without ``reset()``)."""
 
 
+class UnsupportedError(KVPressError, NotImplementedError):
+    """An option that kvpress_rs recognises but does not implement (yet)."""
+
+
 class TorchError(KVPressError, RuntimeError):
     """libtorch reported an error inside the Rust core."""
 
@@ -70,6 +74,7 @@ __all__ = [
     "EmptySequenceError",
     "UnsupportedModelError",
     "CacheStateError",
+    "UnsupportedError",
     "TorchError",
     "InternalError",
 ]

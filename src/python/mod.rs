@@ -7,6 +7,7 @@ mod conversion;
 mod errors;
 mod ops;
 mod press;
+mod quant;
 mod store;
 
 use pyo3::prelude::*;
@@ -18,5 +19,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<press::PyPress>()?;
     m.add_class::<store::PyLayerStore>()?;
     ops::register(m)?;
+    quant::register(m)?;
     Ok(())
 }

@@ -216,31 +216,7 @@ impl LayerStore {
         let Some((shape, ..)) = self.layout else {
             return Ok(());
         };
-        let size = indices.size();
-        if size.len() != 1 || size[0] == 0 {
-            return Err(KvError::shape(
-                "indices",
-                &size,
-                "a non-empty vector of batch rows",
-            ));
-        }
-        let kind = crate::tensor::kind_of(indices, "indices")?;
-        if kind != Kind::Int64 {
-            return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
-        }
-        let (lo, hi) = (
-            indices.f_min()?.f_int64_value(&[])?,
-            indices.f_max()?.f_int64_value(&[])?,
-        );
-        if lo < 0 || hi >= shape.batch as i64 {
-            return Err(KvError::invalid(
-                "indices",
-                format!(
-                    "batch rows must lie in [0, {}), got [{lo}, {hi}]",
-                    shape.batch
-                ),
-            ));
-        }
+        check_batch_indices(indices, shape.batch)?;
         self.map_batch(|t| Ok(t.f_index_select(0, &indices.f_to(t.device())?)?))
     }
 
@@ -276,6 +252,33 @@ impl LayerStore {
     pub fn reset(&mut self) {
         *self = LayerStore::default();
     }
+}
+
+/// Checks that `indices` is a non-empty int64 vector of batch rows in [0, batch).
+pub(crate) fn check_batch_indices(indices: &Tensor, batch: usize) -> Result<()> {
+    let size = indices.size();
+    if size.len() != 1 || size[0] == 0 {
+        return Err(KvError::shape(
+            "indices",
+            &size,
+            "a non-empty vector of batch rows",
+        ));
+    }
+    let kind = crate::tensor::kind_of(indices, "indices")?;
+    if kind != Kind::Int64 {
+        return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
+    }
+    let (lo, hi) = (
+        indices.f_min()?.f_int64_value(&[])?,
+        indices.f_max()?.f_int64_value(&[])?,
+    );
+    if lo < 0 || hi >= batch as i64 {
+        return Err(KvError::invalid(
+            "indices",
+            format!("batch rows must lie in [0, {}), got [{lo}, {hi}]", batch),
+        ));
+    }
+    Ok(())
 }
 
 fn empty_store() -> KvError {
