@@ -6,7 +6,9 @@
 //! contiguously (a transpose for channel groups), and quantizes group by group
 //! (`group.rs`, `pack.rs`).
 
-use super::group::{code, inverse_scale, min_max, min_max_skipping, outlier_positions, params};
+use super::group::{
+    code, inverse_scale, min_max, min_max_skipping, outlier_positions, params_slice, ParamScratch,
+};
 use super::hadamard::fwht;
 use super::layout::TensorLayout;
 use super::pack::{dequant_group, pack};
@@ -30,6 +32,10 @@ struct Scratch {
     /// The tile with every group contiguous (channel groups: [c][t]).
     groups: Vec<f32>,
     codes: Vec<u8>,
+    mins: Vec<f32>,
+    maxs: Vec<f32>,
+    inv: Vec<f32>,
+    params: ParamScratch,
 }
 
 impl Scratch {
@@ -38,6 +44,10 @@ impl Scratch {
             tile: vec![0.0; g * d],
             groups: vec![0.0; g * d],
             codes: vec![0; g],
+            mins: vec![0.0; d],
+            maxs: vec![0.0; d],
+            inv: vec![0.0; d],
+            params: ParamScratch::new(d),
         }
     }
 }
@@ -224,8 +234,15 @@ fn encode_unit_body<M: Madd, T: KvFloat>(
     let gb = layout.group_bytes();
     let no = layout.outliers;
     let levels = layout.levels();
-    let inv_levels = 1.0 / levels;
-    let mut ok = true;
+    let Scratch {
+        codes,
+        mins,
+        maxs,
+        inv,
+        params: param_scratch,
+        ..
+    } = scratch;
+    // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
     for (i, vals) in grouped.chunks_exact(g).enumerate() {
         let (mn, mx) = if no == 0 {
             min_max(vals)
@@ -237,24 +254,29 @@ fn encode_unit_body<M: Madd, T: KvFloat>(
             }
             min_max_skipping(vals, pos)
         };
-        let Some((scale, zero)) = params(mn, mx, inv_levels) else {
-            ok = false;
-            continue;
-        };
-        out.params[2 * i] = scale;
-        out.params[2 * i + 1] = zero;
-        let (z, inv) = (zero.to_f32(), inverse_scale(scale.to_f32()));
-        for (c, &v) in scratch.codes.iter_mut().zip(vals) {
-            *c = code(v, z, inv, levels);
+        mins[i] = mn;
+        maxs[i] = mx;
+    }
+    let ok = params_slice(
+        &mins[..d],
+        &maxs[..d],
+        1.0 / levels,
+        param_scratch,
+        out.params,
+    );
+    for (i, v) in inv[..d].iter_mut().enumerate() {
+        *v = inverse_scale(out.params[2 * i].to_f32());
+    }
+    for (i, vals) in grouped.chunks_exact(g).enumerate() {
+        let z = out.params[2 * i + 1].to_f32();
+        let iv = inv[i];
+        for (c, &v) in codes.iter_mut().zip(vals) {
+            *c = code(v, z, iv, levels);
         }
         for &p in &out.positions[i * no..(i + 1) * no] {
-            scratch.codes[p as usize] = 0;
+            codes[p as usize] = 0;
         }
-        pack(
-            &scratch.codes,
-            layout.bits,
-            &mut out.codes[i * gb..(i + 1) * gb],
-        );
+        pack(codes, layout.bits, &mut out.codes[i * gb..(i + 1) * gb]);
     }
     ok
 }

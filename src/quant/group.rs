@@ -68,10 +68,89 @@ pub fn inverse_scale(scale: f32) -> f32 {
     }
 }
 
-/// The code of `x` for a group with `zero` and `inv = inverse_scale(scale)`.
+/// The code of `x` for a group with `zero` and `inv = inverse_scale(scale)`:
+/// `clamp(round_half_even((x − zero)·inv), 0, levels)`. Written so that it vectorizes:
+/// comparisons for the clamp (the bounds are integers, so clamping before rounding is the
+/// same), and rounding by adding 1.5·2²³, whose float ulp is 1 (round-half-even is the
+/// float addition's own rounding), the integer then sitting in the low mantissa bits.
 #[inline(always)]
 pub fn code(x: f32, zero: f32, inv: f32, levels: f32) -> u8 {
-    ((x - zero) * inv).round_ties_even().clamp(0.0, levels) as u8
+    const ROUND: f32 = 12_582_912.0;
+    let v = (x - zero) * inv;
+    let v = if v > 0.0 { v } else { 0.0 };
+    let v = if v < levels { v } else { levels };
+    ((v + ROUND).to_bits() & 0xff) as u8
+}
+
+/// [`params`] for many groups at once (vectorized float16 conversions): writes
+/// `scale, zero` pairs into `out` and returns false if any does not fit float16.
+pub fn params_slice(
+    min: &[f32],
+    max: &[f32],
+    inv_levels: f32,
+    tmp: &mut ParamScratch,
+    out: &mut [f16],
+) -> bool {
+    use half::slice::HalfFloatSliceExt;
+    let n = min.len();
+    let ParamScratch { h, back, raw } = tmp;
+    let (h, back, raw) = (&mut h[..n], &mut back[..n], &mut raw[..n]);
+    // zero = f16_down(min)
+    h.convert_from_f32_slice(min);
+    h.convert_to_f32_slice(back);
+    for i in 0..n {
+        if back[i] > min[i] {
+            h[i] = step(h[i], back[i], true);
+        }
+    }
+    h.convert_to_f32_slice(back);
+    for i in 0..n {
+        raw[i] = (max[i] - back[i]) * inv_levels;
+        out[2 * i + 1] = h[i];
+    }
+    // scale = f16_up(raw)
+    h.convert_from_f32_slice(raw);
+    h.convert_to_f32_slice(back);
+    let mut ok = true;
+    for i in 0..n {
+        if back[i] < raw[i] {
+            h[i] = step(h[i], back[i], false);
+        }
+        out[2 * i] = h[i];
+        ok &= h[i].is_finite() && out[2 * i + 1].is_finite();
+    }
+    ok
+}
+
+/// Scratch of [`params_slice`] for up to `n` groups.
+pub struct ParamScratch {
+    h: Vec<f16>,
+    back: Vec<f32>,
+    raw: Vec<f32>,
+}
+
+impl ParamScratch {
+    pub fn new(n: usize) -> Self {
+        ParamScratch {
+            h: vec![f16::ZERO; n],
+            back: vec![0.0; n],
+            raw: vec![0.0; n],
+        }
+    }
+}
+
+/// One float16 step down (`down`) or up from `h` (whose value is `value`).
+#[inline(always)]
+fn step(h: f16, value: f32, down: bool) -> f16 {
+    let bits = h.to_bits();
+    f16::from_bits(match (down, value > 0.0, value < 0.0) {
+        (true, true, _) => bits - 1,
+        (true, _, true) => bits + 1,
+        (true, _, _) => 0x8001,
+        (false, true, _) => bits + 1,
+        (false, _, true) => bits - 1,
+        (false, _, _) => 0x0001,
+    })
 }
 
 /// Positions of the `n` elements of largest magnitude, ties to the lower index, in
@@ -115,8 +194,8 @@ pub fn min_max(vals: &[f32]) -> (f32, f32) {
     let mut mn = f32::INFINITY;
     let mut mx = f32::NEG_INFINITY;
     for i in 0..L {
-        mn = mn.min(lo[i]);
-        mx = mx.max(hi[i]);
+        mn = if lo[i] < mn { lo[i] } else { mn };
+        mx = if hi[i] > mx { hi[i] } else { mx };
     }
     (mn, mx)
 }
@@ -167,6 +246,33 @@ mod tests {
         let inv = inverse_scale(s);
         assert_eq!(code(-1.3, z, inv, 15.0), 0);
         assert_eq!(code(2.7, z, inv, 15.0), 15);
+    }
+
+    #[test]
+    fn batched_params_equal_one_at_a_time() {
+        let min = [-1.3f32, 0.0, 2.0, -1e-9, 5.0, -70000.0];
+        let max = [2.7f32, 0.0, 2.0001, 1e-9, 5.0, 0.0];
+        let mut out = [f16::ZERO; 12];
+        let ok = params_slice(&min, &max, 1.0 / 7.0, &mut ParamScratch::new(6), &mut out);
+        assert!(!ok, "-70000 does not fit float16");
+        for i in 0..5 {
+            let (s, z) = params(min[i], max[i], 1.0 / 7.0).unwrap();
+            assert_eq!(
+                (out[2 * i].to_bits(), out[2 * i + 1].to_bits()),
+                (s.to_bits(), z.to_bits()),
+                "{i}"
+            );
+        }
+        for (x, expected) in [
+            (-0.6f32, 0u8),
+            (3.5, 4),
+            (4.5, 4),
+            (2.5, 2),
+            (100.0, 15),
+            (7.49, 7),
+        ] {
+            assert_eq!(code(x, 0.0, 1.0, 15.0), expected, "{x}");
+        }
     }
 
     #[test]
