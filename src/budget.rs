@@ -97,3 +97,278 @@ impl Budget {
         matches!(*self, Budget::Ratio(r) if r == 0.0)
     }
 }
+
+/// How a layer's budget follows from the mean budget: the same for every layer,
+/// PyramidKV's linear decrease with depth (kvpress's formula), or CAKE's split by layer
+/// preference. The mean over layers stays the requested budget (up to rounding).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum LayerBudget {
+    Uniform,
+    /// PyramidKV: layer 0 keeps most, the last layer least. `beta` (>= 1) sets the ratio
+    /// of the smallest budget to the mean; `window` tokens (the scorer's protected
+    /// window) are the floor of every layer's budget.
+    Pyramid {
+        beta: f64,
+        window: usize,
+    },
+    /// CAKE: the model's total budget is split across layers in proportion to each layer's
+    /// preference (attention dispersion^(1/tau1) × shift^(1/tau2), measured on the last
+    /// `window` queries). Needs every layer's preference, so it is allocated after the
+    /// whole prefill forward ([`LayerBudget::allocate`]).
+    Cake {
+        tau1: f64,
+        tau2: f64,
+        window: usize,
+    },
+}
+
+impl LayerBudget {
+    /// Parses `"uniform"`, `"pyramid"` (PyramidKV's β, 20 by default) or `"cake"` (CAKE's
+    /// temperatures τ1, τ2 and window). `window` is the scorer's protected window.
+    pub fn from_name(
+        name: &str,
+        beta: f64,
+        window: usize,
+        cake: (f64, f64, usize),
+    ) -> Result<Self> {
+        match name {
+            "uniform" => Ok(LayerBudget::Uniform),
+            "cake" => {
+                let (tau1, tau2, cake_window) = cake;
+                for (argument, tau) in [("tau1", tau1), ("tau2", tau2)] {
+                    if !(tau > 0.0 && tau.is_finite()) {
+                        return Err(KvError::invalid(
+                            argument,
+                            format!("got {tau}, expected a number > 0"),
+                        ));
+                    }
+                }
+                if cake_window < 2 {
+                    return Err(KvError::invalid(
+                        "cake_window",
+                        format!("got {cake_window}, expected at least 2"),
+                    ));
+                }
+                Ok(LayerBudget::Cake {
+                    tau1,
+                    tau2,
+                    window: cake_window,
+                })
+            }
+            "pyramid" => {
+                if !(beta >= 1.0 && beta.is_finite()) {
+                    return Err(KvError::invalid(
+                        "beta",
+                        format!("got {beta}, expected a number >= 1"),
+                    ));
+                }
+                Ok(LayerBudget::Pyramid { beta, window })
+            }
+            other => Err(KvError::invalid(
+                "layer_budget",
+                format!(
+                    "unknown layer budget {other:?}; expected \"uniform\", \"pyramid\" or \"cake\""
+                ),
+            )),
+        }
+    }
+
+    /// Tokens kept by layer `layer_idx` of `n_layers` out of `n_tokens`, for the mean
+    /// per-layer budget `budget`.
+    ///
+    /// Pyramid (with N the mean budget as a float and w the window): the budgets run
+    /// linearly from `max = 2N − N/β` (clamped to T − w, the smallest then rising to keep
+    /// the mean N) down to `min = N/β`, rounded half to even; when that sequence does not
+    /// fit in [w, T] every layer keeps round(N), like a uniform budget.
+    ///
+    /// ```
+    /// use kvpress_rs::budget::{Budget, LayerBudget};
+    /// let p = LayerBudget::Pyramid { beta: 20.0, window: 64 };
+    /// let b = Budget::ratio(0.5).unwrap();
+    /// let per_layer: Vec<usize> = (0..32).map(|l| p.n_kept(&b, 4096, l, 32).unwrap()).collect();
+    /// assert_eq!((per_layer[0], per_layer[31]), (3994, 102));
+    /// assert_eq!(per_layer.iter().sum::<usize>(), 32 * 2048);
+    /// ```
+    pub fn n_kept(
+        &self,
+        budget: &Budget,
+        n_tokens: usize,
+        layer_idx: usize,
+        n_layers: usize,
+    ) -> Result<usize> {
+        match *self {
+            // CAKE's share is only known once every layer is scored; alone, a layer keeps the mean.
+            LayerBudget::Uniform | LayerBudget::Cake { .. } => budget.n_kept(n_tokens),
+            LayerBudget::Pyramid { beta, window } => {
+                budget.n_kept(n_tokens)?; // validates the budget and the sequence
+                let t = n_tokens as f64;
+                let w = window as f64;
+                let mean = match *budget {
+                    Budget::Ratio(r) => t * (1.0 - r),
+                    Budget::MaxTokens(n) => (n as f64).min(t),
+                };
+                let mut min = mean / beta;
+                let mut max = 2.0 * mean - min;
+                if max >= t - w {
+                    max = t - w;
+                    min = 2.0 * mean - max;
+                }
+                let kept = if !(t >= max && max >= min && min >= w) {
+                    round_half_even(mean).max(1.0)
+                } else {
+                    let step = if n_layers > 1 {
+                        (max - min) / (n_layers - 1) as f64
+                    } else {
+                        0.0
+                    };
+                    round_half_even(max - layer_idx as f64 * step)
+                };
+                Ok((kept as usize).clamp(1, n_tokens))
+            }
+        }
+    }
+}
+
+impl LayerBudget {
+    /// Whether budgets need every layer's preference first (CAKE).
+    pub fn needs_all_layers(&self) -> bool {
+        matches!(self, LayerBudget::Cake { .. })
+    }
+
+    /// CAKE's split of the total budget (the sum of every layer's mean budget) in
+    /// proportion to `preferences`, each layer between `floor` (its protected window, at
+    /// least 1) and its token count. As in CAKE, tokens a capped layer cannot take are
+    /// spread evenly over the layers below their cap (whole tokens going first to the
+    /// layers with the most preference), so the total is kept exactly. `n_tokens[l]` and
+    /// `preferences[l]` describe layer l; with no positive preference every layer keeps
+    /// its mean.
+    ///
+    /// ```
+    /// use kvpress_rs::budget::{Budget, LayerBudget};
+    /// let cake = LayerBudget::Cake { tau1: 1.0, tau2: 1.0, window: 2 };
+    /// let b = Budget::ratio(0.5).unwrap();
+    /// let kept = cake.allocate(&b, &[100, 100, 100, 100], &[3.0, 1.0, 1.0, 1.0], 2).unwrap();
+    /// assert_eq!(kept, [100, 34, 33, 33]);
+    /// assert_eq!(kept.iter().sum::<usize>(), 200);
+    /// ```
+    pub fn allocate(
+        &self,
+        budget: &Budget,
+        n_tokens: &[usize],
+        preferences: &[f64],
+        floor: usize,
+    ) -> Result<Vec<usize>> {
+        if n_tokens.len() != preferences.len() {
+            return Err(KvError::invalid(
+                "preferences",
+                "one preference per layer is needed",
+            ));
+        }
+        let means = n_tokens
+            .iter()
+            .map(|&t| budget.n_kept(t))
+            .collect::<Result<Vec<_>>>()?;
+        let weight: f64 = preferences
+            .iter()
+            .filter(|p| p.is_finite() && **p > 0.0)
+            .sum();
+        if weight <= 0.0 || !matches!(self, LayerBudget::Cake { .. }) {
+            return Ok(means);
+        }
+        let total: usize = means.iter().sum();
+        let lo: Vec<usize> = n_tokens.iter().map(|&t| floor.max(1).min(t)).collect();
+        let share = |p: f64| {
+            if p.is_finite() && p > 0.0 {
+                p / weight
+            } else {
+                0.0
+            }
+        };
+        let mut kept: Vec<usize> = n_tokens
+            .iter()
+            .zip(preferences)
+            .zip(&lo)
+            .map(|((&t, &p), &l)| ((share(p) * total as f64) as usize).clamp(l, t))
+            .collect();
+        // Layers by decreasing preference: they gain first and lose last.
+        let mut order: Vec<usize> = (0..kept.len()).collect();
+        order.sort_by(|&a, &b| {
+            share(preferences[b])
+                .total_cmp(&share(preferences[a]))
+                .then(a.cmp(&b))
+        });
+        loop {
+            let sum: usize = kept.iter().sum();
+            if sum == total {
+                break;
+            }
+            let movable: Vec<usize> = if sum < total {
+                order
+                    .iter()
+                    .copied()
+                    .filter(|&l| kept[l] < n_tokens[l])
+                    .collect()
+            } else {
+                order
+                    .iter()
+                    .rev()
+                    .copied()
+                    .filter(|&l| kept[l] > lo[l])
+                    .collect()
+            };
+            if movable.is_empty() {
+                break;
+            }
+            let gap = sum.abs_diff(total);
+            let each = (gap / movable.len()).max(1);
+            for &l in &movable {
+                let moved = kept.iter().sum::<usize>().abs_diff(total).min(each);
+                if moved == 0 {
+                    break;
+                }
+                kept[l] = if sum < total {
+                    (kept[l] + moved).min(n_tokens[l])
+                } else {
+                    kept[l].saturating_sub(moved).max(lo[l])
+                };
+            }
+        }
+        Ok(kept)
+    }
+}
+
+/// Python's `round`: to the nearest integer, ties to the even one.
+fn round_half_even(x: f64) -> f64 {
+    x.round_ties_even()
+}
+
+/// How a layer's budget is shared among its KV heads: equally, or AdaKV's adaptive split
+/// (each head keeps at least `alpha` of the mean as a safeguard, the rest goes to the
+/// highest scores across the layer's heads).
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub enum HeadBudget {
+    Uniform,
+    AdaKv { alpha: f64 },
+}
+
+impl HeadBudget {
+    /// Parses `"uniform"` or `"adakv"` (safeguard `alpha`, 0.2 by default).
+    pub fn from_name(name: &str, alpha: f64) -> Result<Self> {
+        match name {
+            "uniform" => Ok(HeadBudget::Uniform),
+            "adakv" => {
+                if !(0.0..=1.0).contains(&alpha) {
+                    return Err(KvError::invalid(
+                        "alpha_safeguard",
+                        format!("got {alpha}, expected a number in [0, 1]"),
+                    ));
+                }
+                Ok(HeadBudget::AdaKv { alpha })
+            }
+            other => Err(KvError::invalid(
+                "head_budget",
+                format!("unknown head budget {other:?}; expected \"uniform\" or \"adakv\""),
+            )),
+        }
+    }
+}

@@ -102,22 +102,6 @@ fn gather_typed<T: TorchElement>(
     gather_tokens_cpu(x4, idx, dst)
 }
 
-/// [`gather_tokens`] for arrays (numpy inputs through the bindings): a new contiguous
-/// (batch, heads, k, dim) array.
-pub fn gather_array<T: Copy + Send + Sync + Default>(
-    x: ArrayView4<'_, T>,
-    indices: ArrayView3<'_, i64>,
-) -> Result<ndarray::Array4<T>> {
-    let (b, h, _, d) = x.dim();
-    let k = indices.dim().2;
-    let mut out = ndarray::Array4::<T>::default((b, h, k, d));
-    let dst = out
-        .as_slice_mut()
-        .ok_or_else(|| KvError::invalid("out", "must be contiguous"))?;
-    gather_tokens_cpu(x, indices, dst)?;
-    Ok(out)
-}
-
 /// The CPU kernel of [`gather_tokens`]: rows (batch, head) in parallel; each kept token's
 /// `dim` elements are copied with one slice copy when the last axis is contiguous.
 /// `out` is the contiguous (batch, heads, k, dim) destination.

@@ -10,8 +10,8 @@
 //! - [`budget`]: how many tokens a layer keeps.
 //! - [`press`]: scorer + budget, applied to a layer.
 //! - [`store`]: the per-layer compressed KV store.
+//! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
 //! - [`quant`]: quantized KV caches (bit-packed blocks, fused attention).
-//! - [`rope`]: RoPE math (to come).
 
 pub mod budget;
 pub mod error;
@@ -30,4 +30,4 @@ pub mod python;
 pub use budget::Budget;
 pub use error::{KvError, Result};
 pub use press::Press;
-pub use store::{LayerStore, StoreStats};
+pub use store::{KeptPositions, LayerStore, StoreStats};

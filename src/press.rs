@@ -1,18 +1,36 @@
-//! A press decides which tokens of a layer to keep: a [`Scorer`] ranks them and a
-//! [`Budget`] says how many survive. It acts on a [`LayerStore`] right after the layer's
-//! prefill attention.
+//! A press decides which tokens of a layer to keep: a [`Scorer`] ranks them, a [`Budget`]
+//! says how many survive on average, a [`LayerBudget`] how many in this layer, and a
+//! [`HeadBudget`] how the layer's tokens are split among its KV heads. It acts on a
+//! [`LayerStore`] right after the layer's prefill attention.
 
-use crate::budget::Budget;
-use crate::error::KvError;
-use crate::error::Result;
-use crate::policies::{score, ScoreContext, Scorer};
-use crate::select::top_k_indices;
+use crate::budget::{Budget, HeadBudget, LayerBudget};
+use crate::error::{KvError, Result};
+use crate::policies::{cake_preference, score_layer, QueryWindow, ScoreContext, Scorer};
+use crate::rope::Rope;
+use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
-use crate::tensor::{check_finite, FloatView4};
-use ndarray::Array3;
+use crate::tensor::check_finite;
 use tch::Tensor;
 
-/// A scorer plus a budget.
+/// One layer's scores, kept until every layer's budget is known (CAKE).
+#[derive(Debug)]
+pub struct LayerScores {
+    /// Scores (batch, kv_heads, tokens), higher = keep.
+    pub scores: Tensor,
+    /// The layer's preference for the CAKE layer budget (0 for other budgets).
+    pub preference: f64,
+}
+
+/// The tokens a press keeps in one layer.
+#[derive(Debug)]
+pub enum Kept {
+    /// int64 (batch, kv_heads, n) ascending indices, every head the same count.
+    Uniform(Tensor),
+    /// int64 (n_r,) ascending indices per row r = b * kv_heads + h (head budgets).
+    Rows(Vec<Tensor>),
+}
+
+/// A scorer plus budgets (and the model's RoPE, for scorers that need it).
 ///
 /// ```
 /// use kvpress_rs::{Budget, LayerStore, Press};
@@ -23,18 +41,54 @@ use tch::Tensor;
 /// let keys = Tensor::randn([1, 2, 8, 4], (Kind::Float, tch::Device::Cpu));
 /// let mut store = LayerStore::new();
 /// store.append(&keys, &keys).unwrap();
-/// press.compress(&mut store, 0).unwrap();
+/// press.compress(&mut store, 0, None).unwrap();
 /// assert_eq!((store.len(), store.seen()), (4, 8));
 /// ```
 #[derive(Debug)]
 pub struct Press {
     scorer: Box<dyn Scorer>,
     budget: Budget,
+    layer_budget: LayerBudget,
+    head_budget: HeadBudget,
+    n_layers: usize,
+    rope: Option<Rope>,
 }
 
 impl Press {
+    /// A press with uniform layer and head budgets.
     pub fn new(scorer: Box<dyn Scorer>, budget: Budget) -> Self {
-        Press { scorer, budget }
+        Press {
+            scorer,
+            budget,
+            layer_budget: LayerBudget::Uniform,
+            head_budget: HeadBudget::Uniform,
+            n_layers: 1,
+            rope: None,
+        }
+    }
+
+    /// A press whose budget varies across the `n_layers` layers and/or the heads.
+    pub fn with_budgets(
+        scorer: Box<dyn Scorer>,
+        budget: Budget,
+        layer_budget: LayerBudget,
+        head_budget: HeadBudget,
+        n_layers: usize,
+    ) -> Self {
+        Press {
+            scorer,
+            budget,
+            layer_budget,
+            head_budget,
+            n_layers: n_layers.max(1),
+            rope: None,
+        }
+    }
+
+    /// The same press, with the model's RoPE (for scorers that need it).
+    pub fn with_rope(mut self, rope: Rope) -> Self {
+        self.rope = Some(rope);
+        self
     }
 
     pub fn scorer(&self) -> &dyn Scorer {
@@ -45,62 +99,175 @@ impl Press {
         self.budget
     }
 
-    /// Indices (int64 (batch, kv_heads, n_kept), ascending) of the tokens this press keeps
-    /// out of `keys`/`values` (batch, kv_heads, tokens, head_dim) of layer `layer_idx`.
-    pub fn kept_indices(&self, keys: &Tensor, values: &Tensor, layer_idx: usize) -> Result<Tensor> {
-        let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
-        let n_kept = self.budget.n_kept(n_tokens)?;
-        check_finite(keys, "keys")?;
-        check_finite(values, "values")?;
-        let ctx = ScoreContext { layer_idx, n_kept };
-        let scores = score(self.scorer.as_ref(), keys, values, &ctx)?;
-        top_k_indices(&scores, n_kept)
+    pub fn layer_budget(&self) -> LayerBudget {
+        self.layer_budget
     }
 
-    /// [`Press::kept_indices`] on CPU views (numpy arrays through the bindings): int64
-    /// (batch, kv_heads, n_kept) ascending.
-    pub fn kept_indices_views(
+    pub fn head_budget(&self) -> HeadBudget {
+        self.head_budget
+    }
+
+    pub fn rope(&self) -> Option<&Rope> {
+        self.rope.as_ref()
+    }
+
+    /// Whether this press can never evict (ratio 0).
+    pub fn keeps_everything(&self) -> bool {
+        self.budget.keeps_everything()
+    }
+
+    /// The prompt queries the scorer (and a CAKE layer budget) need.
+    pub fn query_window(&self) -> QueryWindow {
+        match (self.scorer.query_window(), self.layer_budget) {
+            (QueryWindow::All, _) => QueryWindow::All,
+            (QueryWindow::Last(n), LayerBudget::Cake { window, .. }) => {
+                QueryWindow::Last(n.max(window))
+            }
+            (QueryWindow::None, LayerBudget::Cake { window, .. }) => QueryWindow::Last(window),
+            (need, _) => need,
+        }
+    }
+
+    /// Whether layer budgets need every layer's scores first (CAKE): then compression is
+    /// [`Press::score`] per layer, [`Press::allocate`] once, [`Press::select`] per layer.
+    pub fn needs_all_layers(&self) -> bool {
+        self.layer_budget.needs_all_layers()
+    }
+
+    /// Tokens kept (on average per KV head) by layer `layer_idx` out of `n_tokens`.
+    pub fn n_kept(&self, n_tokens: usize, layer_idx: usize) -> Result<usize> {
+        self.layer_budget
+            .n_kept(&self.budget, n_tokens, layer_idx, self.n_layers)
+    }
+
+    /// Scores one layer (and, for CAKE, measures its preference): `keys`/`values`
+    /// (batch, kv_heads, tokens, head_dim), the post-RoPE `queries` (batch, q_heads, q,
+    /// head_dim) of the last q prompt tokens when the scorer needs them.
+    pub fn score(
         &self,
-        keys: &FloatView4<'_>,
-        values: &FloatView4<'_>,
+        keys: &Tensor,
+        values: &Tensor,
+        queries: Option<&Tensor>,
         layer_idx: usize,
-    ) -> Result<Array3<i64>> {
-        let ks = keys.shape().to_vec();
-        let vs = values.shape().to_vec();
-        if ks[..3] != vs[..3] {
-            let vs64: Vec<i64> = vs.iter().map(|&x| x as i64).collect();
-            return Err(KvError::shape(
-                "values",
-                &vs64,
-                format!("({}, {}, {}, head_dim) to match keys", ks[0], ks[1], ks[2]),
+    ) -> Result<LayerScores> {
+        let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
+        let n_kept = self.n_kept(n_tokens, layer_idx)?;
+        check_finite(keys, "keys")?;
+        check_finite(values, "values")?;
+        if self.scorer.needs_rope() && self.rope.is_none() {
+            return Err(KvError::invalid(
+                "rope",
+                format!(
+                    "policy {:?} needs the model's RoPE: build the press from the model",
+                    self.scorer.name()
+                ),
             ));
         }
-        if !keys.all_finite() {
-            return Err(KvError::non_finite("keys", "every key must be finite"));
-        }
-        if !values.all_finite() {
-            return Err(KvError::non_finite("values", "every value must be finite"));
-        }
-        let n_kept = self.budget.n_kept(ks[2])?;
         let ctx = ScoreContext { layer_idx, n_kept };
-        let mut scores = Array3::<f32>::zeros((ks[0], ks[1], ks[2]));
-        self.scorer
-            .score_cpu(keys, values, &ctx, scores.view_mut())?;
-        let mut kept = Array3::<i64>::zeros((ks[0], ks[1], n_kept));
-        crate::select::top_k_indices_cpu(scores.view(), kept.view_mut())?;
-        Ok(kept)
+        let scores = score_layer(
+            self.scorer.as_ref(),
+            keys,
+            values,
+            queries,
+            self.rope.as_ref(),
+            &ctx,
+        )?;
+        let preference = match (self.layer_budget, queries) {
+            (LayerBudget::Cake { tau1, tau2, window }, Some(q)) => {
+                cake_preference(q, keys, window, tau1, tau2)?
+            }
+            (LayerBudget::Cake { .. }, None) => {
+                return Err(KvError::invalid(
+                    "queries",
+                    "the CAKE layer budget measures each layer's attention: queries are needed",
+                ))
+            }
+            _ => 0.0,
+        };
+        Ok(LayerScores { scores, preference })
+    }
+
+    /// Per-layer token counts from every layer's token count and preference.
+    pub fn allocate(&self, n_tokens: &[usize], preferences: &[f64]) -> Result<Vec<usize>> {
+        let floor = self.scorer.protected_window().max(match self.layer_budget {
+            LayerBudget::Cake { window, .. } => window,
+            _ => 1,
+        });
+        self.layer_budget
+            .allocate(&self.budget, n_tokens, preferences, floor)
+    }
+
+    /// The `n_kept` tokens (per head on average) kept from a layer's `scores`.
+    pub fn select(&self, scores: &Tensor, n_kept: usize) -> Result<Kept> {
+        match self.head_budget {
+            HeadBudget::Uniform => Ok(Kept::Uniform(top_k_indices(scores, n_kept)?)),
+            HeadBudget::AdaKv { alpha } => Ok(Kept::Rows(adakv_rows(scores, n_kept, alpha)?)),
+        }
+    }
+
+    /// The tokens kept out of `keys`/`values` (batch, kv_heads, tokens, head_dim) of layer
+    /// `layer_idx`.
+    pub fn kept(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        queries: Option<&Tensor>,
+        layer_idx: usize,
+    ) -> Result<Kept> {
+        let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
+        let n_kept = self.n_kept(n_tokens, layer_idx)?;
+        let scored = self.score(keys, values, queries, layer_idx)?;
+        self.select(&scored.scores, n_kept)
+    }
+
+    /// Indices (int64 (batch, kv_heads, n_kept), ascending) kept by a uniform-head press
+    /// from a scorer that needs no queries.
+    pub fn kept_indices(&self, keys: &Tensor, values: &Tensor, layer_idx: usize) -> Result<Tensor> {
+        match self.kept(keys, values, None, layer_idx)? {
+            Kept::Uniform(t) => Ok(t),
+            Kept::Rows(_) => Err(KvError::State(
+                "this press splits its budget per head: use Press::kept".into(),
+            )),
+        }
     }
 
     /// Compresses the store in place: scores its tokens and frees all but the kept ones.
-    /// A budget that keeps every token leaves the storage untouched (no copy).
-    pub fn compress(&self, store: &mut LayerStore, layer_idx: usize) -> Result<()> {
+    /// A layer budget that keeps every token leaves the storage untouched (no copy).
+    pub fn compress(
+        &self,
+        store: &mut LayerStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+    ) -> Result<()> {
         let (keys, values) = (store.keys_view()?, store.values_view()?);
-        let n_kept = self.budget.n_kept(store.len())?;
+        let n_kept = self.n_kept(store.len(), layer_idx)?;
         if n_kept >= store.len() {
             check_finite(&keys, "keys")?;
             return check_finite(&values, "values");
         }
-        let indices = self.kept_indices(&keys, &values, layer_idx)?;
-        store.retain(&indices)
+        let kept = self.kept(&keys, &values, queries, layer_idx)?;
+        retain(store, kept)
+    }
+
+    /// Keeps, in `store`, the `n_kept` best tokens of earlier `scores` (the second half of a
+    /// compression whose budgets needed every layer).
+    pub fn compress_scored(
+        &self,
+        store: &mut LayerStore,
+        scores: &Tensor,
+        n_kept: usize,
+    ) -> Result<()> {
+        if n_kept >= store.len() {
+            return Ok(());
+        }
+        let kept = self.select(scores, n_kept)?;
+        retain(store, kept)
+    }
+}
+
+fn retain(store: &mut LayerStore, kept: Kept) -> Result<()> {
+    match kept {
+        Kept::Uniform(indices) => store.retain(&indices),
+        Kept::Rows(rows) => store.retain_rows(&rows),
     }
 }

@@ -62,24 +62,6 @@ pub fn top_k_indices_libtorch(scores: &Tensor, k: usize) -> Result<Tensor> {
     Ok(sorted)
 }
 
-/// [`top_k_indices`] for arrays (numpy inputs through the bindings): validates `k` and
-/// returns the int64 (batch, heads, k) ascending indices.
-pub fn top_k_array<S: ScoreValue>(
-    scores: ArrayView3<'_, S>,
-    k: usize,
-) -> Result<ndarray::Array3<i64>> {
-    let (b, h, t) = scores.dim();
-    if k == 0 || k > t {
-        return Err(KvError::invalid(
-            "k",
-            format!("got {k}, expected 1 <= k <= {t} (tokens)"),
-        ));
-    }
-    let mut out = ndarray::Array3::<i64>::zeros((b, h, k));
-    top_k_indices_cpu(scores, out.view_mut())?;
-    Ok(out)
-}
-
 /// A score element the CPU selection kernel ranks.
 pub trait ScoreValue: Copy + PartialOrd + Send + Sync {
     fn is_nan(self) -> bool;
@@ -144,4 +126,60 @@ pub fn top_k_indices_cpu<S: ScoreValue>(
         },
     );
     Ok(())
+}
+
+/// AdaKV's split of a layer's budget among its heads, per batch row: every head keeps its
+/// top `max(1, int(n_kept * alpha))` tokens (the safeguard, when alpha > 0), and the rest
+/// of the layer's `kv_heads * n_kept` tokens go to the highest remaining scores across all
+/// its heads (ties to the lower head, then the earlier token). `scores` (batch, kv_heads,
+/// tokens). Returns one int64 (k_r,) ascending index vector per row r = b * kv_heads + h,
+/// on the CPU; the counts sum to kv_heads * n_kept per batch row.
+pub fn adakv_rows(scores: &Tensor, n_kept: usize, alpha: f64) -> Result<Vec<Tensor>> {
+    let size = scores.size();
+    if size.len() != 3 {
+        return Err(KvError::shape(
+            "scores",
+            &size,
+            "rank 3: (batch, heads, tokens)",
+        ));
+    }
+    let (batch, heads, t) = (size[0], size[1], size[2]);
+    if n_kept == 0 || n_kept as i64 > t {
+        return Err(KvError::invalid(
+            "n_kept",
+            format!("got {n_kept}, expected 1 <= n_kept <= {t}"),
+        ));
+    }
+    let scores = scores.f_to(Device::Cpu)?.f_to_kind(Kind::Double)?;
+    if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    let mut n_safe = (n_kept as f64 * alpha) as usize;
+    if alpha > 0.0 {
+        n_safe = n_safe.max(1);
+    }
+    let boosted = if n_safe > 0 {
+        let safe = top_k_indices(&scores, n_safe)?;
+        scores.f_scatter_value(2, &safe, f64::INFINITY)?
+    } else {
+        scores
+    };
+    let total = heads * n_kept as i64;
+    let flat = boosted.f_reshape([batch, heads * t])?;
+    let order = flat
+        .f_argsort_stable(true, -1, true)?
+        .f_narrow(-1, 0, total)?;
+    let mut rows = Vec::with_capacity((batch * heads) as usize);
+    for b in 0..batch {
+        let chosen: Vec<i64> = Vec::<i64>::try_from(order.f_get(b)?)?;
+        let mut per_head = vec![Vec::new(); heads as usize];
+        for flat_idx in chosen {
+            per_head[(flat_idx / t) as usize].push(flat_idx % t);
+        }
+        for mut idx in per_head {
+            idx.sort_unstable();
+            rows.push(Tensor::f_from_slice(&idx)?);
+        }
+    }
+    Ok(rows)
 }

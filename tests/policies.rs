@@ -4,8 +4,8 @@ mod common;
 
 use common::*;
 use kvpress_rs::policies::{
-    score, scorer_from_name, Knorm, Random, ScoreContext, Scorer, ScorerParams, StreamingLlm,
-    POLICY_NAMES,
+    score, scorer_from_name, KeyValueScorer, Knorm, ParamValue, Params, Random, ScoreContext,
+    Scorer, StreamingLlm, POLICY_NAMES,
 };
 use kvpress_rs::select::top_k_indices;
 use tch::{Kind, Tensor};
@@ -173,22 +173,36 @@ fn streaming_llm_keeps_sinks_and_recent_tokens() {
             kept,
             "hand table vs mask"
         );
+        // Scores do not depend on the budget: every kept token outscores every dropped one,
+        // for this n_kept and for any other.
         for row in v.chunks(t) {
-            let top = row.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
-            for (i, &m) in mask.iter().enumerate() {
-                if m {
-                    assert_eq!(
-                        row[i], top,
-                        "t={t} n_kept={n_kept} n_sink={n_sink}: token {i} is kept"
-                    );
-                } else {
-                    assert!(
-                        row[i] < top,
-                        "t={t} n_kept={n_kept} n_sink={n_sink}: token {i} is dropped"
-                    );
-                }
+            let lowest_kept = mask
+                .iter()
+                .zip(row)
+                .filter(|(&m, _)| m)
+                .map(|(_, &x)| x)
+                .fold(f64::INFINITY, f64::min);
+            let highest_dropped = mask
+                .iter()
+                .zip(row)
+                .filter(|(&m, _)| !m)
+                .map(|(_, &x)| x)
+                .fold(f64::NEG_INFINITY, f64::max);
+            // (sinks tie with each other: with n_kept < n_sink the earlier ones win the tie)
+            if n_kept >= n_sink {
+                assert!(
+                    lowest_kept > highest_dropped,
+                    "t={t} n_kept={n_kept} n_sink={n_sink}"
+                );
+            } else {
+                assert!(
+                    lowest_kept >= highest_dropped,
+                    "t={t} n_kept={n_kept} n_sink={n_sink}"
+                );
             }
         }
+        let other_budget = score(&scorer, &keys, &keys, &ctx(3, 1)).unwrap();
+        assert!(other_budget.equal(&s));
         let k = n_kept.min(t);
         assert_eq!(values_i64(&top_k_indices(&s, k).unwrap()), kept.repeat(6));
         let lt = scorer
@@ -201,14 +215,8 @@ fn streaming_llm_keeps_sinks_and_recent_tokens() {
 #[test]
 fn streaming_llm_rejects_a_negative_sink_count() {
     expect_err(StreamingLlm::new(-1), "InvalidArgument");
-    let params = ScorerParams {
-        n_sink: -3,
-        seed: 0,
-    };
-    expect_err(
-        scorer_from_name("streaming_llm", &params),
-        "InvalidArgument",
-    );
+    let params = Params::from_pairs([("n_sink".to_string(), ParamValue::Int(-3))]);
+    expect_err(scorer_from_name("streaming_llm", params), "InvalidArgument");
 }
 
 #[test]
@@ -262,28 +270,32 @@ fn random_score_of_a_token_does_not_depend_on_the_sequence_length() {
 
 #[test]
 fn scorer_from_name_builds_each_policy() {
-    let params = ScorerParams { n_sink: 2, seed: 9 };
     for name in POLICY_NAMES {
-        assert_eq!(scorer_from_name(name, &params).unwrap().name(), name);
+        assert_eq!(scorer_from_name(name, Params::new()).unwrap().name(), name);
     }
     for alias in ["streamingllm", "streaming"] {
         assert_eq!(
-            scorer_from_name(alias, &params).unwrap().name(),
+            scorer_from_name(alias, Params::new()).unwrap().name(),
             "streaming_llm"
         );
     }
     // The parameters reach the scorers.
     let keys = randn(&[1, 1, 10, 4], 70, Kind::Float);
-    let streaming = scorer_from_name("streaming_llm", &params).unwrap();
+    let n_sink = Params::from_pairs([("n_sink".to_string(), ParamValue::Int(2))]);
+    let streaming = scorer_from_name("streaming_llm", n_sink).unwrap();
     let s = score(streaming.as_ref(), &keys, &keys, &ctx(0, 4)).unwrap();
     assert_eq!(values_i64(&top_k_indices(&s, 4).unwrap()), [0, 1, 8, 9]);
-    let random = scorer_from_name("random", &params).unwrap();
+    let seed = Params::from_pairs([("seed".to_string(), ParamValue::Int(9))]);
+    let random = scorer_from_name("random", seed).unwrap();
     let r = score(random.as_ref(), &keys, &keys, &ctx(0, 4)).unwrap();
     assert!(r.equal(&score(&Random::new(9), &keys, &keys, &ctx(0, 4)).unwrap()));
-    assert_eq!(ScorerParams::default(), ScorerParams { n_sink: 4, seed: 0 });
+    // A parameter the policy does not take is an error naming it.
+    let stray = Params::from_pairs([("seed".to_string(), ParamValue::Int(9))]);
+    let e = expect_err(scorer_from_name("knorm", stray), "InvalidArgument");
+    assert!(e.to_string().contains("seed"), "{e}");
 
-    for unknown in ["", "snapkv", "knorm ", "k-norm"] {
-        let e = expect_err(scorer_from_name(unknown, &params), "InvalidArgument");
+    for unknown in ["", "snap-kv", "knorm ", "k-norm"] {
+        let e = expect_err(scorer_from_name(unknown, Params::new()), "InvalidArgument");
         assert!(
             matches!(&e, kvpress_rs::KvError::InvalidArgument { argument, .. } if argument == "policy"),
             "{e}"

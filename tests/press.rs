@@ -4,7 +4,6 @@ mod common;
 
 use common::*;
 use kvpress_rs::policies::{Knorm, Random, StreamingLlm};
-use kvpress_rs::tensor::float_view;
 use kvpress_rs::{Budget, LayerStore, Press};
 use tch::{Kind, Tensor};
 
@@ -59,7 +58,7 @@ fn check_knorm_compress(kind: Kind, elt: usize) {
 
     // ratio 0.375: int(24 * 0.625) = 15 tokens kept.
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.375).unwrap());
-    press.compress(&mut store, 0).unwrap();
+    press.compress(&mut store, 0, None).unwrap();
     let n_kept = 15;
     assert_eq!((store.len(), store.seen()), (n_kept, t));
     assert!(store.has_evicted());
@@ -80,7 +79,7 @@ fn check_knorm_compress(kind: Kind, elt: usize) {
         reference_gather(&values_f64(&values), (b, h, t, dv), &idx, n_kept)
     );
 
-    let positions = store.kept_positions().unwrap();
+    let positions = store.kept_positions().unwrap().into_uniform().unwrap();
     assert_eq!(positions.kind(), Kind::Int64);
     assert_eq!(dims(&positions), [b, h, n_kept]);
     assert_eq!(values_i64(&positions), idx);
@@ -120,10 +119,13 @@ fn knorm_compress_of_a_transposed_prompt() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &values).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(7).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     let idx = knorm_reference(&values_f64(&keys), t, d, 7);
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&keys), (b, h, t, d), &idx, 7)
@@ -147,7 +149,7 @@ fn a_budget_that_keeps_everything_leaves_the_storage_untouched() {
         let mut store = LayerStore::new();
         let _ = store.append(&keys, &values).unwrap();
         Press::new(Box::new(Knorm), budget)
-            .compress(&mut store, 0)
+            .compress(&mut store, 0, None)
             .unwrap();
         assert_eq!((store.len(), store.seen()), (t, t));
         assert!(!store.has_evicted());
@@ -164,7 +166,7 @@ fn a_budget_that_keeps_everything_leaves_the_storage_untouched() {
         assert_eq!(store.nbytes(), exact_bytes(b, h, t, d, d, 4, false));
         let all: Vec<i64> = (0..t as i64).collect();
         assert_eq!(
-            values_i64(&store.kept_positions().unwrap()),
+            values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
             all.repeat(b * h)
         );
     }
@@ -178,11 +180,11 @@ fn decoding_after_compression_appends_at_the_seen_position() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &values).unwrap();
     Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     let compressed_keys = values_f64(&store.keys_view().unwrap());
     let compressed_values = values_f64(&store.values_view().unwrap());
-    let mut positions = values_i64(&store.kept_positions().unwrap());
+    let mut positions = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
     let mut len = 8;
 
     for step in 0..5 {
@@ -212,7 +214,7 @@ fn decoding_after_compression_appends_at_the_seen_position() {
             .flat_map(|r| r.iter().copied().chain([seen_before as i64]))
             .collect();
         assert_eq!(
-            values_i64(&store.kept_positions().unwrap()),
+            values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
             positions,
             "step {step}"
         );
@@ -229,14 +231,14 @@ fn compressing_again_keeps_original_positions() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap());
-    press.compress(&mut store, 0).unwrap();
+    press.compress(&mut store, 0, None).unwrap();
     let decode = spread_keys([b as i64, h as i64, 4, d as i64], 31, Kind::Float);
     for i in 0..4 {
         let tok = decode.narrow(2, i, 1);
         let _ = store.append(&tok, &tok).unwrap();
     }
     assert_eq!((store.len(), store.seen()), (14, 24));
-    press.compress(&mut store, 0).unwrap();
+    press.compress(&mut store, 0, None).unwrap();
     assert_eq!((store.len(), store.seen()), (7, 24));
 
     // Reference: the whole history (prompt + decoded), per row; the first press kept the 10
@@ -254,7 +256,10 @@ fn compressing_again_keeps_original_positions() {
         let second = reference_top_k(&cand_scores, 7);
         want_pos.extend(second.iter().map(|&i| candidates[i as usize]));
     }
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), want_pos);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        want_pos
+    );
     let want_keys = reference_gather(&all_v, (b, h, 24, d), &want_pos, 7);
     assert_eq!(values_f64(&store.keys_view().unwrap()), want_keys);
     assert_eq!(store.nbytes(), exact_bytes(b, h, 7, d, d, 4, true));
@@ -270,9 +275,12 @@ fn streaming_llm_press_keeps_sinks_and_the_recent_window() {
         Box::new(StreamingLlm::new(2).unwrap()),
         Budget::max_tokens(6).unwrap(),
     );
-    press.compress(&mut store, 3).unwrap();
+    press.compress(&mut store, 3, None).unwrap();
     let idx: Vec<i64> = [0, 1, 16, 17, 18, 19].repeat(b * h);
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&keys), (b, h, t, d), &idx, 6)
@@ -287,9 +295,9 @@ fn random_press_depends_on_seed_and_layer_only() {
         let mut store = LayerStore::new();
         let _ = store.append(k, k).unwrap();
         Press::new(Box::new(Random::new(seed)), Budget::ratio(0.5).unwrap())
-            .compress(&mut store, layer)
+            .compress(&mut store, layer, None)
             .unwrap();
-        values_i64(&store.kept_positions().unwrap())
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap())
     };
     let base = run(1, 0, &keys);
     assert_eq!(base.len(), 64);
@@ -300,7 +308,7 @@ fn random_press_depends_on_seed_and_layer_only() {
 }
 
 #[test]
-fn kept_indices_and_its_cpu_twin_agree() {
+fn kept_indices_agree_through_the_kernels_and_libtorch() {
     let (b, h, t, d) = (2usize, 3usize, 18usize, 8usize);
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
         let keys = spread_keys([b as i64, h as i64, t as i64, d as i64], 60, kind);
@@ -310,14 +318,13 @@ fn kept_indices_and_its_cpu_twin_agree() {
         let kept = press.kept_indices(&keys, &values, 0).unwrap();
         assert_eq!(dims(&kept), [b, h, 13]);
         assert_eq!(values_i64(&kept), idx, "{kind:?}");
-        let kv = float_view::<ndarray::Ix4>(&keys, "keys").unwrap();
-        let vv = float_view::<ndarray::Ix4>(&values, "values").unwrap();
-        let cpu = press.kept_indices_views(&kv, &vv, 0).unwrap();
-        assert_eq!(cpu.iter().copied().collect::<Vec<_>>(), idx, "{kind:?}");
-        // A values array of another token count is rejected.
+        kvpress_rs::tensor::set_cpu_kernels(false);
+        let libtorch = press.kept_indices(&keys, &values, 0);
+        kvpress_rs::tensor::set_cpu_kernels(true);
+        assert_eq!(values_i64(&libtorch.unwrap()), idx, "{kind:?}");
+        // A values tensor of another token count is rejected.
         let short = values.narrow(2, 0, 17);
-        let sv = float_view::<ndarray::Ix4>(&short, "values").unwrap();
-        expect_err(press.kept_indices_views(&kv, &sv, 0), "Shape");
+        expect_err(press.kept_indices(&keys, &short, 0), "Shape");
     }
 }
 
@@ -343,7 +350,7 @@ fn non_finite_keys_or_values_are_rejected() {
                 let mut store = LayerStore::new();
                 let _ = store.append(&keys, &values).unwrap();
                 let press = Press::new(Box::new(Knorm), budget);
-                let e = expect_err(press.compress(&mut store, 0), "NonFinite");
+                let e = expect_err(press.compress(&mut store, 0, None), "NonFinite");
                 assert!(e.to_string().contains(target), "{e}");
                 assert_eq!((store.len(), store.seen()), (t as usize, t as usize));
                 assert!(!store.has_evicted());
@@ -361,7 +368,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
     // Nothing to compress.
     let mut empty = LayerStore::new();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap()).compress(&mut empty, 0),
+        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap()).compress(&mut empty, 0, None),
         "State",
     );
     // A ratio that keeps no token of 10: int(10 * (1 - 0.95)) = 0.
@@ -369,7 +376,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap()).compress(&mut store, 0),
+        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap()).compress(&mut store, 0, None),
         "InvalidArgument",
     );
     assert_eq!((store.len(), store.seen()), (10, 10));
@@ -379,11 +386,11 @@ fn invalid_compressions_leave_the_store_unchanged() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     Press::new(Box::new(Knorm), Budget::ratio(0.3).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     assert_eq!(store.len(), 4);
     assert_eq!(
-        values_i64(&store.kept_positions().unwrap()),
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
         knorm_reference(&values_f64(&keys), 7, 4, 4)
     );
 }

@@ -40,7 +40,7 @@ fn compressed_store(b: i64, h: i64, t: i64, d: i64, n_kept: i64, seed: u64) -> L
     let mut store = LayerStore::new();
     let _ = store.append(&k, &v).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(n_kept).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     store
 }
@@ -52,7 +52,7 @@ fn snapshot(store: &LayerStore) -> (usize, usize, Vec<f64>, Vec<f64>, Vec<i64>) 
         store.len(),
         values_f64(&store.keys_view().unwrap()),
         values_f64(&store.values_view().unwrap()),
-        values_i64(&store.kept_positions().unwrap()),
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
     )
 }
 
@@ -92,7 +92,10 @@ fn the_first_append_adopts_the_tensors_without_copy() {
     assert!(!store.has_evicted());
     assert_eq!(store.nbytes(), 2 * 3 * 7 * (8 + 4) * 2);
     let all: Vec<i64> = (0..7).collect();
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), all.repeat(6));
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        all.repeat(6)
+    );
 }
 
 #[test]
@@ -119,7 +122,10 @@ fn decode_appends_extend_the_sequence() {
             concat_tokens(&v_chunks.iter().collect::<Vec<_>>())
         );
         let all: Vec<i64> = (0..seen as i64).collect();
-        assert_eq!(values_i64(&store.kept_positions().unwrap()), all.repeat(4));
+        assert_eq!(
+            values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+            all.repeat(4)
+        );
         assert!(!store.has_evicted());
         // Spare capacity may be held, never less than the data.
         assert!(store.nbytes() >= 2 * 2 * seen * 8 * 4);
@@ -254,7 +260,7 @@ fn crop_after_compression_restores_the_earlier_state() {
     // The next token takes position 17 again.
     let (k, v) = kv([2, 2, 1, 4], 64);
     let _ = store.append(&k, &v).unwrap();
-    let pos = values_i64(&store.kept_positions().unwrap());
+    let pos = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
     assert!(
         pos.chunks(10).all(|row| row[9] == 17 && row[8] == 16),
         "{pos:?}"
@@ -272,10 +278,10 @@ fn crop_into_tokens_evicted_from_some_heads_only_is_an_error() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(3).unwrap())
-        .compress(&mut store, 0)
+        .compress(&mut store, 0, None)
         .unwrap();
     assert_eq!(
-        values_i64(&store.kept_positions().unwrap()),
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
         [3, 4, 5, 0, 1, 2]
     );
     let before = snapshot(&store);
@@ -298,12 +304,15 @@ fn crop_into_a_uniformly_compressed_prompt() {
         Box::new(StreamingLlm::new(1).unwrap()),
         Budget::max_tokens(4).unwrap(),
     )
-    .compress(&mut store, 0)
+    .compress(&mut store, 0, None)
     .unwrap();
     store.crop(2).unwrap();
     assert_eq!((store.seen(), store.len()), (8, 2));
     let idx: Vec<i64> = [0, 7].repeat(4);
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&k), (2, 2, 10, 4), &idx, 2)
@@ -378,7 +387,7 @@ fn index_batch_reorders_and_selects_rows() {
     let (k1, v1) = kv([1, h, 1, d], 93);
     let _ = store.append(&k1, &v1).unwrap();
     assert_eq!((store.seen(), store.len()), (seen + 1, len + 1));
-    let last_pos = values_i64(&store.kept_positions().unwrap());
+    let last_pos = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
     assert!(last_pos.chunks(7).all(|r| r[6] == seen as i64));
 }
 
@@ -447,7 +456,10 @@ fn reset_empties_the_store() {
     assert_eq!(k_all.data_ptr(), k.data_ptr());
     assert_eq!((store.seen(), store.len()), (3, 3));
     let all: Vec<i64> = (0..3).collect();
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), all.repeat(4));
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        all.repeat(4)
+    );
 }
 
 #[test]
@@ -478,7 +490,10 @@ fn retain_keeps_the_given_tokens_and_checks_them() {
     let idx = [0i64, 3, 7, 2, 5, 6];
     store.retain(&tensor_i64(&idx, &[1, 2, 3])).unwrap();
     assert_eq!((store.seen(), store.len()), (8, 3));
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), idx);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        idx
+    );
     assert_eq!(
         values_f64(&store.keys_view().unwrap()),
         reference_gather(&values_f64(&k), (1, 2, 8, 4), &idx, 3)
@@ -487,7 +502,10 @@ fn retain_keeps_the_given_tokens_and_checks_them() {
     store
         .retain(&tensor_i64(&[1, 2, 0, 2], &[1, 2, 2]))
         .unwrap();
-    assert_eq!(values_i64(&store.kept_positions().unwrap()), [3, 7, 2, 6]);
+    assert_eq!(
+        values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
+        [3, 7, 2, 6]
+    );
     assert_eq!(
         values_f64(&store.values_view().unwrap()),
         reference_gather(&values_f64(&v), (1, 2, 8, 4), &[3, 7, 2, 6], 2)

@@ -38,21 +38,50 @@ def test_ratio_zero_reproduces_dynamic_cache(tiny_llama, policy, attn, dtype, ba
     assert torch.equal(greedy(model, ids, make_cache(model, policy, compression_ratio=0.0)), expected)
 
 
+def assert_budget_kept(cache, n_tokens, batch, kv_heads):
+    """Each layer keeps press.n_kept(T, layer) per head; with AdaKV that is the mean over
+    the layer's heads (per batch row); positions are ascending and within the prompt."""
+    press = cache.press
+    n_layers = len(cache.layers)
+    if press.layer_budget == "cake":  # split by preference: the total is the requested one
+        per_layer = [cache.layers[layer]._store.lengths()[0] for layer in range(n_layers)]
+        assert sum(per_layer) == n_layers * press.n_kept(n_tokens)
+    else:
+        per_layer = [press.n_kept(n_tokens, layer) for layer in range(n_layers)]
+    for layer in range(n_layers):
+        expected = per_layer[layer]
+        lengths = cache.layers[layer]._store.lengths()
+        assert len(lengths) == batch * kv_heads
+        if press.head_budget == "adakv":
+            for b in range(batch):
+                row = lengths[b * kv_heads : (b + 1) * kv_heads]
+                assert sum(row) == kv_heads * expected and min(row) >= max(1, int(expected * 0.2))
+            per_head = cache.kept_positions(layer)
+            flat = [p for h in per_head for p in (h if isinstance(h, list) else list(h))]
+        else:
+            assert lengths == [expected] * (batch * kv_heads)
+            pos = cache.kept_positions(layer)
+            assert pos.shape == (batch, kv_heads, expected)
+            flat = list(pos.reshape(-1, expected))
+        for p in flat:
+            assert bool((p[1:] > p[:-1]).all()) and int(p.min()) >= 0 and int(p.max()) < n_tokens
+
+
 @pytest.mark.parametrize("policy", POLICIES)
 @pytest.mark.parametrize("ratio", [0.25, 0.5, 0.8])
-def test_each_layer_and_head_keeps_int_t_times_one_minus_ratio(tiny_llama, policy, ratio):
+def test_each_layer_and_head_keeps_its_budget(tiny_llama, policy, ratio):
     model = tiny_llama()
     ids = random_ids(2, 53)
     cache = make_cache(model, policy, hard=True, compression_ratio=ratio)
     with torch.no_grad():
         model(ids, past_key_values=cache)
+    assert cache.get_seq_length() == 53
+    assert_budget_kept(cache, 53, batch=2, kv_heads=2)
     n_kept = int(53 * (1 - ratio))
-    stats = cache.stats()
-    assert stats["tokens_seen"] == 53 and stats["tokens_kept"] == [n_kept] * 3
-    for layer in range(3):
-        pos = cache.kept_positions(layer)
-        assert pos.shape == (2, 2, n_kept)
-        assert bool((pos[..., 1:] > pos[..., :-1]).all()) and int(pos.min()) >= 0 and int(pos.max()) < 53
+    if cache.press.layer_budget == "uniform":
+        assert all(cache.press.n_kept(53, layer) == n_kept for layer in range(3))
+    else:  # the mean over layers is the requested budget, up to rounding
+        assert abs(sum(cache.press.n_kept(53, layer) for layer in range(3)) / 3 - n_kept) <= 1
 
 
 @pytest.mark.parametrize("policy", POLICIES)
@@ -61,7 +90,9 @@ def test_max_tokens_is_a_fixed_per_layer_budget(tiny_llama, policy):
     cache = make_cache(model, policy, max_tokens=10)
     with torch.no_grad():
         model(random_ids(1, 40), past_key_values=cache)
-    assert cache.stats()["tokens_kept"] == [10, 10, 10]
+    assert_budget_kept(cache, 40, batch=1, kv_heads=2)
+    if cache.press.layer_budget == "uniform":
+        assert cache.stats()["tokens_kept"] == [10, 10, 10]
 
 
 def capture_prefill_keys(model, ids):
@@ -113,7 +144,8 @@ def test_a_chunk_after_compression_is_causal(tiny_llama, policy, attn):
         )
     torch.testing.assert_close(chunk_logits, step_logits, rtol=1e-4, atol=1e-4)
     assert chunk_cache.get_seq_length() == step_cache.get_seq_length() == 46
-    assert chunk_cache.stats()["tokens_kept"] == [26, 26, 26]
+    assert chunk_cache.stats()["tokens_kept"] == step_cache.stats()["tokens_kept"]
+    assert chunk_cache.stats()["tokens_kept_per_row"] == step_cache.stats()["tokens_kept_per_row"]
 
 
 @pytest.mark.parametrize("attn", ["sdpa", "eager"])

@@ -137,3 +137,54 @@ def test_top_k_out_of_range():
 def test_not_a_tensor():
     with pytest.raises(TypeError, match="torch.Tensor"):
         _native.LayerStore().append([1, 2], [3, 4])
+
+
+def test_model_without_query_access(tiny_llama):
+    """A model whose attention bypasses transformers' attention interface gives the cache no
+    queries: query-aware policies refuse it clearly; key-only policies still work."""
+    from transformers.models.llama import modeling_llama
+
+    model = tiny_llama()
+
+    def direct_attention(self, hidden_states, position_embeddings, attention_mask=None, past_key_values=None, **kw):
+        b, t, _ = hidden_states.shape
+        shape = (b, t, -1, self.head_dim)
+        q = self.q_proj(hidden_states).view(shape).transpose(1, 2)
+        k = self.k_proj(hidden_states).view(shape).transpose(1, 2)
+        v = self.v_proj(hidden_states).view(shape).transpose(1, 2)
+        q, k = modeling_llama.apply_rotary_pos_emb(q, k, *position_embeddings)
+        cache = past_key_values if past_key_values is not None else kw.get("cache")
+        k, v = cache.update(k, v, self.layer_idx)
+        out = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=t > 1, enable_gqa=True)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1)), None
+
+    for layer in model.model.layers:
+        layer.self_attn.forward = direct_attention.__get__(layer.self_attn)
+    with pytest.raises(kvpress_rs.UnsupportedModelError, match="queries"):
+        with torch.no_grad():
+            model(random_ids(1, 20), past_key_values=kvpress_rs.SnapKVCache(model, compression_ratio=0.5, window_size=4))
+    cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    with torch.no_grad():
+        model(random_ids(1, 20), past_key_values=cache)
+    assert cache.stats()["tokens_kept"] == [10, 10, 10]
+
+
+def test_query_policies_need_the_model_not_its_config(tiny_llama):
+    with pytest.raises(kvpress_rs.UnsupportedModelError, match="pass the model"):
+        kvpress_rs.SnapKVCache(tiny_llama().config, compression_ratio=0.5)
+
+
+def test_window_larger_than_the_prompt(tiny_llama):
+    model = tiny_llama()
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="window"):
+        with torch.no_grad():
+            model(random_ids(1, 20), past_key_values=kvpress_rs.SnapKVCache(model, compression_ratio=0.5, window_size=64))
+
+
+def test_unknown_budgets(tiny_llama):
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="layer_budget"):
+        kvpress_rs.KnormCache(tiny_llama(), compression_ratio=0.5, layer_budget="pyramidal")
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="head_budget"):
+        kvpress_rs.KnormCache(tiny_llama(), compression_ratio=0.5, head_budget="ada")
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="alpha_safeguard"):
+        kvpress_rs.AdaKVCache(tiny_llama(), scorer="knorm", compression_ratio=0.5, alpha_safeguard=2.0)

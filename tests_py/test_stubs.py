@@ -14,7 +14,10 @@ STUB = Path(kvpress_rs.__file__).with_name("_native.pyi")
 
 def _params(node: ast.FunctionDef) -> list[str]:
     a = node.args
-    names = [x.arg for x in a.posonlyargs + a.args + a.kwonlyargs]
+    names = [x.arg for x in a.posonlyargs + a.args]
+    names += [a.vararg.arg] if a.vararg else []
+    names += [x.arg for x in a.kwonlyargs]
+    names += [a.kwarg.arg] if a.kwarg else []
     return [n for n in names if n not in ("self", "cls")]
 
 
@@ -53,7 +56,7 @@ def test_stub_signatures_match_the_module():
         elif isinstance(spec, dict):
             runtime_members = {m for m in dir(obj) if not m.startswith("_")}
             assert runtime_members == {m for m in spec if not m.startswith("_")}, name
-            if "__new__" in spec:  # classes built only by the module have no constructor
+            if "__new__" in spec:  # classes without a constructor (results) have none
                 assert _runtime_params(obj) == spec["__new__"], f"{name}.__new__"
             for member, mspec in spec.items():
                 if member.startswith("_"):

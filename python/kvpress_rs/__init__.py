@@ -11,12 +11,27 @@ Swap one object in ``generate``::
 # libtorch must be loaded (by torch) before the native module that links against it.
 import torch  # noqa: F401
 
-from . import errors, ops
+from . import errors, ops, rope
 from ._native import QuantConfig, __version__
 from .cache import CompressedLayer, KVCache
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
-from .policies import KnormCache, RandomCache, StreamingLLMCache
+from .policies import (
+    AdaKVCache,
+    CAKECache,
+    ExpectedAttentionCache,
+    KeyDiffCache,
+    KnormCache,
+    LagKVCache,
+    ObservedAttentionCache,
+    PyramidKVCache,
+    RandomCache,
+    SnapKVCache,
+    StreamingLLMCache,
+    TOVACache,
+    TriAttentionCache,
+)
 from .quantized import QuantizedKVCache, QuantizedLayer
+from .rope import Rope
 
 __all__ = [
     "__version__",
@@ -25,10 +40,22 @@ __all__ = [
     "StreamingLLMCache",
     "KnormCache",
     "RandomCache",
+    "SnapKVCache",
+    "PyramidKVCache",
+    "TOVACache",
+    "ObservedAttentionCache",
+    "KeyDiffCache",
+    "LagKVCache",
+    "AdaKVCache",
+    "CAKECache",
+    "ExpectedAttentionCache",
+    "TriAttentionCache",
     "QuantizedKVCache",
     "QuantizedLayer",
     "QuantConfig",
+    "Rope",
     "ops",
+    "rope",
     "errors",
     *errors.__all__,
 ]

@@ -20,6 +20,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 
 from . import _compat, attention
 from ._native import LayerStore, Press
+from .rope import Rope
 from ._guard import TokenLog
 from ._hooks import install_model_hooks
 from .errors import CacheStateError, UnsupportedModelError
@@ -40,11 +41,13 @@ class CompressedLayer(CacheLayerMixin):
         self._press = press
         self.layer_idx = layer_idx
         self._pending_compression = False
+        self._scored: tuple[torch.Tensor, float] | None = None
 
-    # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store.
+    # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store
+    # (None for ragged rows, which no single tensor holds: read them with `row`).
     @property
     def keys(self) -> torch.Tensor | None:
-        return self._store.keys() if self._store.seen else None
+        return self._store.keys() if self._store.seen and not self._store.is_ragged else None
 
     @keys.setter
     def keys(self, value: Any) -> None:
@@ -53,7 +56,7 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
-        return self._store.values() if self._store.seen else None
+        return self._store.values() if self._store.seen and not self._store.is_ragged else None
 
     @values.setter
     def values(self, value: Any) -> None:
@@ -77,7 +80,7 @@ class CompressedLayer(CacheLayerMixin):
             if attention.serves(self):
                 self._pending_compression = True
             else:  # no attention hook (a cache built from a config): compress now
-                self._store.compress(self._press, self.layer_idx)
+                self._compress(None)
         return keys, values
 
     def attend(
@@ -91,24 +94,46 @@ class CompressedLayer(CacheLayerMixin):
         **kwargs: Any,
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This layer's attention (called by ``attention.kvpress_attention``): the model's
-        own attention over what ``update`` returned, then the prefill compression."""
+        own attention over what ``update`` returned — or, for ragged rows, head by head in
+        Rust — then the prefill compression, which sees this layer's queries."""
+        if self._store.is_ragged:
+            scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+            return self._store.attend_rows(query, float(scaling)), None
+        if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
+            attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
         output = attention(module, query, key, value, attention_mask, **kwargs)
         if self._pending_compression:
-            self._compress()
+            if self._press.needs_all_layers:
+                # CAKE: score now (this layer's queries are here), evict once every layer's
+                # preference is known, at the end of the forward.
+                self._pending_compression = False
+                self._scored = self._score(query)
+            else:
+                self._compress(query)
         return output
 
-    def _compress(self) -> None:
+    def _score(self, query: torch.Tensor) -> tuple[torch.Tensor, float]:
+        return self._store.score(self._press, self.layer_idx, query)
+
+    def _compress(self, query: torch.Tensor | None) -> None:
         self._pending_compression = False
-        self._store.compress(self._press, self.layer_idx)
+        self._store.compress(self._press, self.layer_idx, query if self._press.query_window else None)
 
     def _forward_started(self) -> None:
         self._pending_compression = False
+        self._scored = None
 
     def _forward_finished(self) -> None:
         # A model whose attention does not go through transformers' attention interface
         # never called `attend`: compress here, after the whole forward, instead.
         if self._pending_compression:
-            self._compress()
+            if self._press.query_window is not None:
+                self._pending_compression = False
+                raise UnsupportedModelError(
+                    f"policy {self._press.policy!r} scores tokens with the model's queries, but layer "
+                    f"{self.layer_idx}'s attention did not go through transformers' attention interface"
+                )
+            self._compress(None)
 
     def get_seq_length(self) -> int:
         return self._store.seen
@@ -168,14 +193,27 @@ class KVCache(Cache):
         The model the cache serves (its config gives the layers; a model also lets the
         cache detect reuse for an unrelated prompt).
     policy : str
-        ``"knorm"``, ``"streaming_llm"`` or ``"random"``.
+        A policy name: ``"knorm"``, ``"streaming_llm"``, ``"random"``, ``"snapkv"``,
+        ``"tova"``, ``"observed_attention"``, ``"keydiff"``, ``"lagkv"`` (see
+        ``kvpress_rs.policies.REGISTRY``).
     compression_ratio : float, optional
         Fraction of the prompt's tokens removed, in [0, 1) (kvpress's meaning): each layer
-        keeps ``int(T * (1 - compression_ratio))`` tokens per KV head.
+        keeps ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
     max_tokens : int, optional
         A fixed per-layer token budget instead of a ratio.
+    layer_budget : str
+        ``"uniform"`` or ``"pyramid"`` (PyramidKV's linear decrease with depth, ``beta=20``).
+    head_budget : str
+        ``"uniform"`` or ``"adakv"`` (AdaKV: heads keep different counts, at least
+        ``alpha_safeguard=0.2`` of the mean; the memory of evicted tokens is freed).
+    rerotate : bool
+        Re-rotate the kept keys to compact positions (one delta rotation per key, angles in
+        float64) so that generation continues at position n_kept instead of the number of
+        tokens seen. With per-layer or per-head budgets, every row is compacted to end
+        right before the same next position (the longest row's length).
     **policy_kwargs
-        Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random, default 0).
+        Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random),
+        ``window_size``/``kernel_size`` (SnapKV, 64/5), ``lag_size`` (LagKV), ...
 
     Example
     -------
@@ -193,6 +231,9 @@ class KVCache(Cache):
         *,
         compression_ratio: float | None = None,
         max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        head_budget: str = "uniform",
+        rerotate: bool = False,
         **policy_kwargs: Any,
     ):
         config = decoder_config(model)
@@ -201,7 +242,24 @@ class KVCache(Cache):
                 f"`model` ({type(config).__name__}) has no rotary position embedding config "
                 "(rope_parameters / rope_theta); kvpress_rs caches need a RoPE model"
             )
-        self.press = Press(policy, compression_ratio=compression_ratio, max_tokens=max_tokens, **policy_kwargs)
+        self.rope = Rope.from_config(config)
+        self.rerotate = bool(rerotate)
+        self.press = Press(
+            policy,
+            compression_ratio=compression_ratio,
+            max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            n_layers=config.num_hidden_layers,
+            rope=self.rope,
+            **policy_kwargs,
+        )
+        if self.rerotate and not isinstance(model, torch.nn.Module):
+            raise UnsupportedModelError("rerotate=True re-rotates after the whole prefill: pass the model itself, not its config")
+        if self.press.query_window is not None and not isinstance(model, torch.nn.Module):
+            raise UnsupportedModelError(
+                f"policy {policy!r} scores tokens with the model's queries: pass the model itself, not its config"
+            )
         # transformers decides which layers are sliding-window; those stay as they are.
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
@@ -241,6 +299,31 @@ class KVCache(Cache):
     def _forward_finished(self) -> None:
         for _, layer in self._compressed_layers():
             layer._forward_finished()
+        scored = [layer for _, layer in self._compressed_layers() if layer._scored is not None]
+        if scored:
+            self._allocate(scored)
+        if self.rerotate:
+            self._rerotate()
+
+    def _rerotate(self) -> None:
+        """Compacts the kept keys' positions (after a compression) so that every layer ends
+        right before one shared next position."""
+        layers = [layer for _, layer in self._compressed_layers() if layer._store.seen]
+        if not layers or not any(layer._store.has_evicted for layer in layers):
+            return
+        next_position = max(layer._store.stored for layer in layers)
+        if all(layer._store.seen == next_position for layer in layers):
+            return  # already compact (a later forward)
+        for layer in layers:
+            layer._store.rerotate(self.rope, next_position)
+
+    def _allocate(self, scored: list[CompressedLayer]) -> None:
+        """Splits the budget across the scored layers (CAKE) and evicts in each."""
+        budgets = self.press.allocate([layer._store.stored for layer in scored], [layer._scored[1] for layer in scored])
+        for layer, n_kept in zip(scored, budgets):
+            scores, _ = layer._scored
+            layer._scored = None
+            layer._store.compress_scored(self.press, scores, n_kept)
 
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)
@@ -251,13 +334,24 @@ class KVCache(Cache):
     def _compressed_layers(self) -> list[tuple[int, CompressedLayer]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]
 
-    def kept_positions(self, layer_idx: int) -> torch.Tensor:
-        """Original positions of the tokens layer ``layer_idx`` keeps: int64
-        (batch, kv_heads, n_kept), ascending."""
+    def kept_positions(self, layer_idx: int) -> torch.Tensor | list[torch.Tensor]:
+        """Original positions of the tokens layer ``layer_idx`` keeps, ascending: an int64
+        tensor (batch, kv_heads, n_kept) when every head keeps the same count; with a head
+        budget (AdaKV), a list of per-head int64 tensors of shape (batch, n_h) — or, when
+        batch rows of a head differ in count, a list over heads of lists over batch rows."""
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             raise CacheStateError(f"layer {layer_idx} is a {type(layer).__name__}, not a compressed layer")
-        return layer._store.kept_positions()
+        positions = layer._store.kept_positions()
+        if isinstance(positions, torch.Tensor):
+            return positions
+        batch, heads = layer._store.batch_heads
+        per_head = [[positions[b * heads + h] for b in range(batch)] for h in range(heads)]
+        return [
+            torch.stack(rows) if len({len(r) for r in rows}) == 1 else rows
+            for rows in per_head
+        ]
+
 
     @property
     def nbytes(self) -> int:
@@ -274,26 +368,44 @@ class KVCache(Cache):
         """Tokens seen, tokens kept per layer and bytes held.
 
         Returns a dict with ``tokens_seen`` (int), ``tokens_kept`` (list, one entry per
-        layer), ``nbytes`` (int) and ``nbytes_per_layer`` (list).
+        layer: tokens per KV head, the mean over heads when a head budget gives them
+        different counts), ``tokens_kept_per_row`` (list per layer of the counts of every
+        (batch, kv_head) row), ``nbytes`` (int) and ``nbytes_per_layer`` (list).
         """
-        kept, per_layer = [], []
+        kept, rows, per_layer = [], [], []
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
-                kept.append(layer._store.stored)
+                lengths = layer._store.lengths()
+                rows.append(lengths)
+                mean = sum(lengths) / len(lengths) if lengths else 0
+                kept.append(int(mean) if mean == int(mean) else mean)
                 per_layer.append(layer.nbytes)
             else:
                 keys = getattr(layer, "keys", None)
-                kept.append(int(keys.shape[-2]) if keys is not None and keys.numel() else 0)
-                per_layer.append(keys.nbytes + layer.values.nbytes if keys is not None and keys.numel() else 0)
+                n = int(keys.shape[-2]) if keys is not None and keys.numel() else 0
+                kept.append(n)
+                rows.append([n] * (keys.shape[0] * keys.shape[1]) if n else [])
+                per_layer.append(keys.nbytes + layer.values.nbytes if n else 0)
         return {
             "tokens_seen": self.get_seq_length(),
             "tokens_kept": kept,
+            "tokens_kept_per_row": rows,
             "nbytes": sum(per_layer),
             "nbytes_per_layer": per_layer,
         }
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(press={self.press!r}, layers={len(self.layers)})"
+
+
+def _fit_mask(mask: torch.Tensor, kv_length: int, query_length: int) -> torch.Tensor:
+    """The mask built for another layer's stored length, fitted to this layer's
+    ``kv_length`` keys: every stored key is visible (all precede the queries), and the last
+    ``query_length`` columns — the new tokens, causal among themselves — are kept."""
+    stored = kv_length - query_length
+    visible = True if mask.dtype == torch.bool else 0.0
+    head = torch.full((*mask.shape[:-1], stored), visible, dtype=mask.dtype, device=mask.device)
+    return torch.cat([head, mask[..., -query_length:]], dim=-1)
 
 
 def _has_rope(config: Any) -> bool:

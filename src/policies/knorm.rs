@@ -1,7 +1,7 @@
 //! Knorm: keep the keys with the smallest L2 norm (score = −‖k‖₂), computed in float32
 //! because bf16 norms tie too often to rank tokens.
 
-use super::{ScoreContext, Scorer};
+use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
 use crate::tensor::{FloatView4, KvFloat};
 use crate::with_float_view;
@@ -23,7 +23,7 @@ fn neg_norms<T: KvFloat>(keys: &ArrayView4<'_, T>, mut out: ArrayViewMut3<'_, f3
         });
 }
 
-impl Scorer for Knorm {
+impl KeyValueScorer for Knorm {
     fn name(&self) -> &'static str {
         "knorm"
     }

@@ -1,19 +1,42 @@
 //! Token scoring policies. A scorer gives every cached token of a layer a score, higher =
 //! keep; [`crate::Press`] turns scores into kept indices with a [`crate::Budget`].
 //!
-//! Each scorer has two implementations of the same math: a fused CPU kernel over
-//! `ndarray` views (`score_cpu`, also reachable from numpy arrays) and a libtorch path for
-//! every other device (`score_libtorch`). Tests check that the two agree.
+//! Scorers that read only keys and values ([`KeyValueScorer`]: Knorm, StreamingLLM,
+//! Random) have two implementations of the same math: a fused CPU kernel over `ndarray`
+//! views and a libtorch path for every other device; tests check that they agree.
+//! Attention-based scorers (SnapKV, TOVA, ObservedAttention, ...) are matmul-bound: they run
+//! libtorch ops on the tensors' device, in the dtype chain kvpress uses, so that the same
+//! inputs keep the same tokens. One file per scorer.
 
+mod attention_weights;
+mod cake;
+mod expected_attention;
+mod keydiff;
 mod knorm;
+mod lagkv;
+mod observed;
+mod params;
 mod random;
+mod snapkv;
 mod streaming;
+mod tova;
+mod triattention;
 
+pub use cake::{cake_preference, Cake};
+pub use expected_attention::ExpectedAttention;
+pub use keydiff::KeyDiff;
 pub use knorm::Knorm;
+pub use lagkv::LagKv;
+pub use observed::ObservedAttention;
+pub use params::{ParamValue, Params};
 pub use random::Random;
+pub use snapkv::SnapKv;
 pub use streaming::StreamingLlm;
+pub use tova::Tova;
+pub use triattention::TriAttention;
 
 use crate::error::{KvError, Result};
+use crate::rope::Rope;
 use crate::tensor::{array_view_mut, check_kv_pair, float_view, uses_cpu_kernels, FloatView4};
 use ndarray::ArrayViewMut3;
 use tch::{Device, Kind, Tensor};
@@ -27,9 +50,82 @@ pub struct ScoreContext {
     pub n_kept: usize,
 }
 
-/// A per-token scoring rule. Scores have shape (batch, kv_heads, tokens), higher = keep.
+/// Which of the prompt's queries a scorer needs.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum QueryWindow {
+    None,
+    /// The queries of the last n tokens.
+    Last(usize),
+    /// The queries of every token.
+    All,
+}
+
+/// Everything a scorer sees for one layer.
+#[derive(Debug)]
+pub struct ScoreInput<'a> {
+    /// Post-RoPE keys (batch, kv_heads, tokens, head_dim), as cached.
+    pub keys: &'a Tensor,
+    /// Values (batch, kv_heads, tokens, head_dim).
+    pub values: &'a Tensor,
+    /// Post-RoPE queries (batch, q_heads, q, head_dim) of the LAST q tokens, q as the
+    /// scorer's [`QueryWindow`] asks; `None` for scorers that need none.
+    pub queries: Option<&'a Tensor>,
+    /// The model's RoPE, for scorers that work in pre-RoPE space or over future distances.
+    pub rope: Option<&'a Rope>,
+    pub ctx: ScoreContext,
+}
+
+impl ScoreInput<'_> {
+    /// The queries, or an error naming the policy that needs them.
+    pub fn require_queries(&self, policy: &str) -> Result<&Tensor> {
+        self.queries.ok_or_else(|| {
+            KvError::invalid(
+                "queries",
+                format!("policy {policy:?} scores with the prompt's queries, but none were given (the model's attention must go through kvpress_rs)"),
+            )
+        })
+    }
+
+    /// The RoPE, or an error naming the policy that needs it.
+    pub fn require_rope(&self, policy: &str) -> Result<&Rope> {
+        self.rope.ok_or_else(|| {
+            KvError::invalid(
+                "rope",
+                format!(
+                    "policy {policy:?} needs the model's RoPE (build the cache from the model)"
+                ),
+            )
+        })
+    }
+}
+
+/// A per-token scoring rule. Scores have shape (batch, kv_heads, tokens), higher = keep,
+/// in any float dtype.
 pub trait Scorer: Send + Sync + std::fmt::Debug {
     /// The policy's name as users spell it (`"knorm"`).
+    fn name(&self) -> &'static str;
+
+    /// The prompt queries this scorer needs.
+    fn query_window(&self) -> QueryWindow {
+        QueryWindow::None
+    }
+
+    /// Tokens at the end of the prompt this scorer always keeps (SnapKV's window); layer
+    /// budgets never go below it.
+    fn protected_window(&self) -> usize {
+        0
+    }
+
+    /// Whether the scorer needs the model's RoPE.
+    fn needs_rope(&self) -> bool {
+        false
+    }
+
+    fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor>;
+}
+
+/// A scorer that reads only keys and values, with a fused CPU kernel and a libtorch path.
+pub trait KeyValueScorer: Send + Sync + std::fmt::Debug {
     fn name(&self) -> &'static str;
 
     /// Writes the scores of `keys`/`values` (batch, kv_heads, tokens, head_dim) into `out`
@@ -46,12 +142,36 @@ pub trait Scorer: Send + Sync + std::fmt::Debug {
     fn score_libtorch(&self, keys: &Tensor, values: &Tensor, ctx: &ScoreContext) -> Result<Tensor>;
 }
 
-/// Scores one layer's keys and values: the CPU kernel for CPU tensors, libtorch elsewhere.
-/// Returns float32 scores (batch, kv_heads, tokens) on the tensors' device.
-pub fn score(
+impl<S: KeyValueScorer> Scorer for S {
+    fn name(&self) -> &'static str {
+        KeyValueScorer::name(self)
+    }
+
+    fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
+        let shape = check_kv_pair(input.keys, input.values)?.0;
+        if !uses_cpu_kernels(input.keys) {
+            return self.score_libtorch(input.keys, input.values, &input.ctx);
+        }
+        let mut out = Tensor::f_empty(
+            [shape.batch as i64, shape.heads as i64, shape.tokens as i64],
+            (Kind::Float, Device::Cpu),
+        )?;
+        let k = float_view(input.keys, "keys")?;
+        let v = float_view(input.values, "values")?;
+        self.score_cpu(&k, &v, &input.ctx, array_view_mut(&mut out, "scores")?)?;
+        Ok(out)
+    }
+}
+
+/// Scores one layer: checks the inputs, slices the queries the scorer needs, and runs it.
+/// `queries` (batch, q_heads, q, head_dim) are the post-RoPE queries of the last q prompt
+/// tokens (all of them in a prefill).
+pub fn score_layer(
     scorer: &dyn Scorer,
     keys: &Tensor,
     values: &Tensor,
+    queries: Option<&Tensor>,
+    rope: Option<&Rope>,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
     let (shape, _) = check_kv_pair(keys, values)?;
@@ -61,94 +181,151 @@ pub fn score(
             "cannot score a sequence of zero tokens",
         ));
     }
-    if !uses_cpu_kernels(keys) {
-        return scorer.score_libtorch(keys, values, ctx);
-    }
-    let mut out = Tensor::f_empty(
-        [shape.batch as i64, shape.heads as i64, shape.tokens as i64],
-        (Kind::Float, Device::Cpu),
-    )?;
-    let k = float_view(keys, "keys")?;
-    let v = float_view(values, "values")?;
-    scorer.score_cpu(&k, &v, ctx, array_view_mut(&mut out, "scores")?)?;
-    Ok(out)
+    let window = match (scorer.query_window(), queries) {
+        (QueryWindow::None, _) | (_, None) => None,
+        (need, Some(q)) => Some(slice_queries(q, need, &shape)?),
+    };
+    scorer.score(&ScoreInput {
+        keys,
+        values,
+        queries: window.as_ref(),
+        rope,
+        ctx: *ctx,
+    })
 }
 
-/// [`score`] for CPU views (numpy inputs through the bindings): checks that keys and
-/// values agree and are non-empty, then runs the CPU kernel. `n_kept` defaults to all
-/// tokens.
-pub fn score_views(
-    scorer: &dyn Scorer,
-    keys: &FloatView4<'_>,
-    values: &FloatView4<'_>,
-    n_kept: Option<usize>,
-    layer_idx: usize,
-) -> Result<ndarray::Array3<f32>> {
-    let (ks, vs) = (keys.shape(), values.shape());
-    if ks[..3] != vs[..3] {
-        let actual: Vec<i64> = vs.iter().map(|&x| x as i64).collect();
+fn slice_queries(q: &Tensor, need: QueryWindow, shape: &crate::tensor::KvShape) -> Result<Tensor> {
+    let size = q.size();
+    if size.len() != 4
+        || size[0] != shape.batch as i64
+        || size[1] % shape.heads as i64 != 0
+        || size[3] != shape.head_dim as i64
+    {
         return Err(KvError::shape(
-            "values",
-            &actual,
-            format!("({}, {}, {}, head_dim) to match keys", ks[0], ks[1], ks[2]),
+            "queries",
+            &size,
+            format!(
+                "({}, a multiple of {} heads, q, {})",
+                shape.batch, shape.heads, shape.head_dim
+            ),
         ));
     }
-    if ks[2] == 0 {
-        return Err(KvError::empty(
-            "keys",
-            "cannot score a sequence of zero tokens",
-        ));
+    let available = size[2];
+    match need {
+        QueryWindow::Last(n) if (n as i64) <= available => {
+            Ok(q.f_narrow(2, available - n as i64, n as i64)?)
+        }
+        QueryWindow::Last(n) => Err(KvError::invalid(
+            "window_size",
+            format!("the scorer needs the last {n} queries but only {available} are available"),
+        )),
+        _ => Ok(q.shallow_clone()),
     }
-    let ctx = ScoreContext {
-        layer_idx,
-        n_kept: n_kept.unwrap_or(ks[2]),
-    };
-    let mut out = ndarray::Array3::<f32>::zeros((ks[0], ks[1], ks[2]));
-    scorer.score_cpu(keys, values, &ctx, out.view_mut())?;
-    Ok(out)
+}
+
+/// Scores keys and values with a scorer that needs no queries (a convenience for
+/// key-value scorers). Returns scores (batch, kv_heads, tokens) on the tensors' device.
+pub fn score(
+    scorer: &dyn Scorer,
+    keys: &Tensor,
+    values: &Tensor,
+    ctx: &ScoreContext,
+) -> Result<Tensor> {
+    score_layer(scorer, keys, values, None, None, ctx)
 }
 
 /// Builds a scorer from its name and keyword parameters as given by users.
 ///
 /// ```
-/// use kvpress_rs::policies::{scorer_from_name, ScorerParams};
-/// let s = scorer_from_name("streaming_llm", &ScorerParams::default()).unwrap();
-/// assert_eq!(s.name(), "streaming_llm");
+/// use kvpress_rs::policies::{scorer_from_name, Params};
+/// let s = scorer_from_name("snapkv", Params::new()).unwrap();
+/// assert_eq!((s.name(), s.protected_window()), ("snapkv", 64));
 /// ```
-pub fn scorer_from_name(name: &str, params: &ScorerParams) -> Result<Box<dyn Scorer>> {
-    let scorer: Box<dyn Scorer> = match name {
-        "knorm" => Box::new(Knorm),
-        "streaming_llm" | "streamingllm" | "streaming" => {
-            Box::new(StreamingLlm::new(params.n_sink)?)
-        }
-        "random" => Box::new(Random::new(params.seed)),
+pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer>> {
+    let (scorer, accepted): (Box<dyn Scorer>, &[&str]) = match name {
+        "knorm" => (Box::new(Knorm), &[]),
+        "streaming_llm" | "streamingllm" | "streaming" => (
+            Box::new(StreamingLlm::new(params.take_i64("n_sink", 4)?)?),
+            &["n_sink"],
+        ),
+        "random" => (
+            Box::new(Random::new(params.take_i64("seed", 0)? as u64)),
+            &["seed"],
+        ),
+        "snapkv" => (
+            Box::new(SnapKv::new(
+                params.take_usize("window_size", 64)?,
+                params.take_usize("kernel_size", 5)?,
+            )?),
+            &["window_size", "kernel_size"],
+        ),
+        "tova" => (Box::new(Tova), &[]),
+        "observed_attention" | "h2o" => (
+            Box::new(ObservedAttention::new(
+                params.take_usize("chunk_size", 512)?,
+            )?),
+            &["chunk_size"],
+        ),
+        "keydiff" => (Box::new(KeyDiff), &[]),
+        "expected_attention" => (
+            Box::new(ExpectedAttention::new(
+                params.take_usize("n_future_positions", 512)?,
+                params.take_usize("n_sink", 4)?,
+                params.take_bool("use_covariance", true)?,
+                params.take_bool("use_vnorm", true)?,
+                params.take_f64("epsilon", 0.0)?,
+            )?),
+            &[
+                "n_future_positions",
+                "n_sink",
+                "use_covariance",
+                "use_vnorm",
+                "epsilon",
+            ],
+        ),
+        "triattention" => (
+            Box::new(TriAttention::new(
+                params.take_usize("n_offsets", 17)?,
+                params.take_bool("normalize", true)?,
+                params.take_str("aggregation", "max")?,
+            )?),
+            &["n_offsets", "normalize", "aggregation"],
+        ),
+        "cake" => (
+            Box::new(Cake::new(
+                params.take_usize("window_size", 32)?,
+                params.take_usize("kernel_size", 5)?,
+                params.take_f64("gamma", 200.0)?,
+            )?),
+            &["window_size", "kernel_size", "gamma"],
+        ),
+        "lagkv" => (
+            Box::new(LagKv::new(
+                params.take_usize("n_sink", 4)?,
+                params.take_usize("lag_size", 128)?,
+                params.take_bool("cross_scoring", false)?,
+            )?),
+            &["n_sink", "lag_size", "cross_scoring"],
+        ),
         other => {
             return Err(KvError::invalid(
                 "policy",
-                format!(
-                    "unknown policy {other:?}; expected one of {:?}",
-                    POLICY_NAMES
-                ),
+                format!("unknown policy {other:?}; expected one of {POLICY_NAMES:?}"),
             ))
         }
     };
+    params.finish(name, accepted)?;
     Ok(scorer)
 }
 
 /// The names accepted by [`scorer_from_name`].
-pub const POLICY_NAMES: [&str; 3] = ["knorm", "streaming_llm", "random"];
-
-/// Keyword parameters of the scorers (each scorer reads the ones it needs).
-#[derive(Clone, Debug, PartialEq)]
-pub struct ScorerParams {
-    /// StreamingLLM: number of initial "attention sink" tokens always kept.
-    pub n_sink: i64,
-    /// Random: seed of the counter-based generator.
-    pub seed: u64,
-}
-
-impl Default for ScorerParams {
-    fn default() -> Self {
-        ScorerParams { n_sink: 4, seed: 0 }
-    }
-}
+pub const POLICY_NAMES: [&str; 8] = [
+    "knorm",
+    "streaming_llm",
+    "random",
+    "snapkv",
+    "tova",
+    "observed_attention",
+    "keydiff",
+    "lagkv",
+];

@@ -2,7 +2,7 @@
 //! same kept tokens for a given (layer, batch row, head, token) on every device and thread
 //! count.
 
-use super::{ScoreContext, Scorer};
+use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
 use crate::tensor::FloatView4;
 use ndarray::ArrayViewMut3;
@@ -42,7 +42,7 @@ impl Random {
     }
 }
 
-impl Scorer for Random {
+impl KeyValueScorer for Random {
     fn name(&self) -> &'static str {
         "random"
     }

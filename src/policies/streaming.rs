@@ -1,6 +1,11 @@
 //! StreamingLLM: keep the first `n_sink` tokens (attention sinks) and the most recent ones.
+//!
+//! Scores rank sinks first (2, 2, ...) and the other tokens by recency (t / T in (0, 1)),
+//! so that the top k are the sinks and the last k − n_sink tokens whatever k a budget
+//! picks — per layer (pyramid, CAKE) or per head (AdaKV) alike. Ties among the sinks go
+//! to the earlier ones when k < n_sink.
 
-use super::{ScoreContext, Scorer};
+use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
 use crate::tensor::FloatView4;
 use ndarray::{ArrayViewMut3, Axis};
@@ -28,16 +33,17 @@ impl StreamingLlm {
         self.n_sink
     }
 
-    /// Whether token `t` of `n_tokens` is kept when `n_kept` tokens are kept: the first
-    /// min(n_sink, n_kept) tokens and the last n_kept − that many.
-    fn kept(&self, t: usize, n_tokens: usize, n_kept: usize) -> bool {
-        let sinks = self.n_sink.min(n_kept);
-        let recent = n_kept - sinks;
-        t < sinks || t >= n_tokens - recent
+    /// The score of token `t` of `n_tokens`.
+    fn score_of(&self, t: usize, n_tokens: usize) -> f32 {
+        if t < self.n_sink {
+            2.0
+        } else {
+            t as f32 / n_tokens as f32
+        }
     }
 }
 
-impl Scorer for StreamingLlm {
+impl KeyValueScorer for StreamingLlm {
     fn name(&self) -> &'static str {
         "streaming_llm"
     }
@@ -46,17 +52,12 @@ impl Scorer for StreamingLlm {
         &self,
         _keys: &FloatView4<'_>,
         _values: &FloatView4<'_>,
-        ctx: &ScoreContext,
+        _ctx: &ScoreContext,
         mut out: ArrayViewMut3<'_, f32>,
     ) -> Result<()> {
         let n_tokens = out.dim().2;
-        let n_kept = ctx.n_kept.min(n_tokens);
         for (t, mut col) in out.axis_iter_mut(Axis(2)).enumerate() {
-            col.fill(if self.kept(t, n_tokens, n_kept) {
-                1.0
-            } else {
-                0.0
-            });
+            col.fill(self.score_of(t, n_tokens));
         }
         Ok(())
     }
@@ -65,20 +66,11 @@ impl Scorer for StreamingLlm {
         &self,
         keys: &Tensor,
         _values: &Tensor,
-        ctx: &ScoreContext,
+        _ctx: &ScoreContext,
     ) -> Result<Tensor> {
         let size = keys.size();
         let n_tokens = size[2] as usize;
-        let n_kept = ctx.n_kept.min(n_tokens);
-        let row: Vec<f32> = (0..n_tokens)
-            .map(|t| {
-                if self.kept(t, n_tokens, n_kept) {
-                    1.0
-                } else {
-                    0.0
-                }
-            })
-            .collect();
+        let row: Vec<f32> = (0..n_tokens).map(|t| self.score_of(t, n_tokens)).collect();
         let row = Tensor::f_from_slice(&row)?.f_to(keys.device())?;
         Ok(row
             .f_expand([size[0], size[1], size[2]], false)?

@@ -1,15 +1,13 @@
 //! Every conversion between Python objects and Rust data: `torch.Tensor` <-> `tch::Tensor`
-//! (same storage, no copy) and numpy arrays -> `ndarray` views (no copy).
+//! (same storage, no copy), and numpy arrays -> CPU tensors over the same memory (no copy;
+//! the CPU kernels then read them through zero-copy `ndarray` views).
 //!
 //! Version coupling: the `tch`/`torch-sys` 0.26 used here are built for libtorch 2.13.0,
 //! and the extension links the libtorch of the installed `torch` package, which must be
 //! that version (pinned in pyproject.toml). `kvpress_rs/__init__.py` imports torch before
 //! this module so that libtorch is loaded first.
 
-use crate::tensor::FloatView;
-use numpy::{
-    PyArrayDyn, PyArrayMethods, PyReadonlyArrayDyn, PyUntypedArray, PyUntypedArrayMethods,
-};
+use numpy::{PyArrayDescrMethods, PyUntypedArray, PyUntypedArrayMethods};
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
 use tch::Tensor;
@@ -56,10 +54,12 @@ impl<'py> IntoPyObject<'py> for PyTensor {
     }
 }
 
-/// An array argument of the functional API: a torch tensor or a numpy array.
-pub enum ArrayArg<'py> {
-    Torch(Tensor),
-    Numpy(Bound<'py, PyUntypedArray>),
+/// An array argument of the functional API: a torch tensor, or a numpy array viewed as a
+/// tensor over the same memory (no copy). Results go back as the same kind of array.
+pub struct ArrayArg<'py> {
+    pub tensor: Tensor,
+    /// The numpy array whose memory `tensor` views; kept alive (and borrowed) for the call.
+    pub numpy: Option<Bound<'py, PyUntypedArray>>,
 }
 
 impl<'a, 'py> FromPyObject<'a, 'py> for ArrayArg<'py> {
@@ -67,10 +67,17 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ArrayArg<'py> {
 
     fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
         if let Ok(array) = obj.cast::<PyUntypedArray>() {
-            return Ok(ArrayArg::Numpy(array.to_owned()));
+            let tensor = numpy_as_tensor(&array)?;
+            return Ok(ArrayArg {
+                tensor,
+                numpy: Some(array.to_owned()),
+            });
         }
         match obj.extract::<PyTensor>() {
-            Ok(t) => Ok(ArrayArg::Torch(t.0)),
+            Ok(t) => Ok(ArrayArg {
+                tensor: t.0,
+                numpy: None,
+            }),
             Err(_) => Err(PyTypeError::new_err(format!(
                 "expected a torch.Tensor or a numpy.ndarray, got {}",
                 obj.get_type()
@@ -82,109 +89,114 @@ impl<'a, 'py> FromPyObject<'a, 'py> for ArrayArg<'py> {
     }
 }
 
-/// The `keys`/`values` pair of a functional-API call: both torch or both numpy;
-/// `values` defaults to `keys`.
-pub enum KvArgs<'py> {
-    Torch(Tensor, Tensor),
-    Numpy(NumpyFloat<'py>, NumpyFloat<'py>),
+impl ArrayArg<'_> {
+    pub fn is_numpy(&self) -> bool {
+        self.numpy.is_some()
+    }
 }
 
-impl<'py> KvArgs<'py> {
-    pub fn new(keys: ArrayArg<'py>, values: Option<ArrayArg<'py>>) -> PyResult<Self> {
-        match (keys, values) {
-            (ArrayArg::Torch(k), None) => Ok(KvArgs::Torch(k.shallow_clone(), k)),
-            (ArrayArg::Torch(k), Some(ArrayArg::Torch(v))) => Ok(KvArgs::Torch(k, v)),
-            (ArrayArg::Numpy(k), None) => Ok(KvArgs::Numpy(
-                NumpyFloat::new(&k, "keys")?,
-                NumpyFloat::new(&k, "values")?,
-            )),
-            (ArrayArg::Numpy(k), Some(ArrayArg::Numpy(v))) => Ok(KvArgs::Numpy(
-                NumpyFloat::new(&k, "keys")?,
-                NumpyFloat::new(&v, "values")?,
-            )),
-            _ => Err(PyTypeError::new_err(
-                "`keys` and `values` must both be torch.Tensor or both numpy.ndarray",
-            )),
+/// A numpy array (float32, float16, int64 or int32) as a CPU tensor over the same memory.
+fn numpy_as_tensor(array: &Bound<'_, PyUntypedArray>) -> PyResult<Tensor> {
+    let dtype = array.dtype();
+    let (kind, item) = if dtype.is_equiv_to(&numpy::dtype::<f32>(array.py())) {
+        (tch::Kind::Float, 4)
+    } else if dtype.is_equiv_to(&numpy::dtype::<half::f16>(array.py())) {
+        (tch::Kind::Half, 2)
+    } else if dtype.is_equiv_to(&numpy::dtype::<i64>(array.py())) {
+        (tch::Kind::Int64, 8)
+    } else if dtype.is_equiv_to(&numpy::dtype::<i32>(array.py())) {
+        (tch::Kind::Int, 4)
+    } else {
+        return Err(super::errors::to_pyerr(crate::error::KvError::dtype(
+            "array",
+            format!("numpy {dtype}"),
+            "numpy float32, float16, int64 or int32",
+        )));
+    };
+    let size: Vec<i64> = array.shape().iter().map(|&x| x as i64).collect();
+    let strides: Vec<i64> = array.strides().iter().map(|&s| s as i64 / item).collect();
+    if array
+        .strides()
+        .iter()
+        .any(|&s| s < 0 || s as i64 % item != 0)
+    {
+        return Err(super::errors::to_pyerr(crate::error::KvError::invalid(
+            "array",
+            "negative or unaligned strides are not supported; pass np.ascontiguousarray(x)",
+        )));
+    }
+    // SAFETY: the pointer, shape and element strides describe the array's own memory, which
+    // the caller keeps alive (ArrayArg holds the array) for as long as the tensor is used.
+    let ptr = unsafe { (*array.as_array_ptr()).fields.data } as *const u8;
+    unsafe { Tensor::f_from_blob(ptr, &size, &strides, kind, tch::Device::Cpu) }
+        .map_err(|e| super::errors::to_pyerr(e.into()))
+}
+
+/// A result tensor as the kind of array the caller passed in: the torch tensor itself, or
+/// a numpy array sharing its memory (bfloat16, which numpy lacks, goes to float32).
+pub fn to_array<'py>(
+    py: Python<'py>,
+    tensor: Tensor,
+    like_numpy: bool,
+) -> PyResult<Bound<'py, PyAny>> {
+    if !like_numpy {
+        return PyTensor(tensor).into_pyobject(py);
+    }
+    let tensor = if tensor.kind() == tch::Kind::BFloat16 {
+        tensor
+            .f_to_kind(tch::Kind::Float)
+            .map_err(|e| super::errors::to_pyerr(e.into()))?
+    } else {
+        tensor
+    };
+    PyTensor(tensor).into_pyobject(py)?.call_method0("numpy")
+}
+
+/// An argument that is either a Python int or an integer `torch.Tensor` (a position delta).
+/// An int becomes a 0-d int64 CPU tensor.
+pub struct IntOrTensor(pub Tensor);
+
+impl<'a, 'py> FromPyObject<'a, 'py> for IntOrTensor {
+    type Error = PyErr;
+
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(t) = obj.extract::<PyTensor>() {
+            return Ok(IntOrTensor(t.0));
+        }
+        match obj.extract::<i64>() {
+            Ok(v) => Ok(IntOrTensor(Tensor::from(v))),
+            Err(_) => Err(PyTypeError::new_err(format!(
+                "expected an int or an integer torch.Tensor, got {}",
+                obj.get_type()
+                    .name()
+                    .map(|n| n.to_string())
+                    .unwrap_or_default()
+            ))),
         }
     }
 }
 
-fn shape_error<D: ndarray::Dimension>(argument: &str, shape: &[usize]) -> PyErr {
-    super::errors::to_pyerr(crate::error::KvError::shape(
-        argument,
-        &shape.iter().map(|&x| x as i64).collect::<Vec<_>>(),
-        format!("rank {}", D::NDIM.unwrap_or(0)),
-    ))
-}
+/// A dtype argument given as a `torch.dtype` or a string: its name ("torch.float32",
+/// "bfloat16"); the core parses it.
+pub struct DtypeName(pub String);
 
-/// A typed readonly view of a numpy array of element `T` and rank `D`, or a dtype/shape
-/// error naming `argument`.
-pub fn numpy_view<'py, T: numpy::Element, D: ndarray::Dimension>(
-    array: &Bound<'py, PyUntypedArray>,
-    argument: &str,
-    expected_dtype: &str,
-) -> PyResult<numpy::PyReadonlyArray<'py, T, D>> {
-    let typed = array.cast::<PyArrayDyn<T>>().map_err(|_| {
-        super::errors::to_pyerr(crate::error::KvError::dtype(
-            argument,
-            format!("numpy {}", array.dtype()),
-            expected_dtype,
-        ))
-    })?;
-    let ranked = typed
-        .clone()
-        .cast_into::<numpy::PyArray<T, D>>()
-        .map_err(|_| shape_error::<D>(argument, array.shape()))?;
-    Ok(ranked.try_readonly()?)
-}
+impl<'a, 'py> FromPyObject<'a, 'py> for DtypeName {
+    type Error = PyErr;
 
-/// A readonly numpy float array (float32 or float16), borrowed for the duration of a call.
-pub enum NumpyFloat<'py> {
-    F32(PyReadonlyArrayDyn<'py, f32>),
-    F16(PyReadonlyArrayDyn<'py, half::f16>),
-}
-
-impl<'py> NumpyFloat<'py> {
-    pub fn new(array: &Bound<'py, PyUntypedArray>, argument: &str) -> PyResult<Self> {
-        if let Ok(a) = array.cast::<PyArrayDyn<f32>>() {
-            return Ok(NumpyFloat::F32(a.try_readonly()?));
+    fn extract(obj: Borrowed<'a, 'py, PyAny>) -> PyResult<Self> {
+        if let Ok(s) = obj.extract::<String>() {
+            return Ok(DtypeName(s));
         }
-        if let Ok(a) = array.cast::<PyArrayDyn<half::f16>>() {
-            return Ok(NumpyFloat::F16(a.try_readonly()?));
+        let is_dtype = obj.get_type().name().map(|n| n == "dtype").unwrap_or(false);
+        if is_dtype {
+            return Ok(DtypeName(obj.str()?.to_string()));
         }
-        Err(super::errors::to_pyerr(crate::error::KvError::dtype(
-            argument,
-            format!("numpy {}", array.dtype()),
-            "numpy float32 or float16",
+        Err(PyTypeError::new_err(format!(
+            "expected a torch.dtype or a dtype name, got {}",
+            obj.get_type()
+                .name()
+                .map(|n| n.to_string())
+                .unwrap_or_default()
         )))
-    }
-
-    pub fn ndim(&self) -> usize {
-        match self {
-            NumpyFloat::F32(a) => a.ndim(),
-            NumpyFloat::F16(a) => a.ndim(),
-        }
-    }
-
-    /// A view of rank `D`, or a shape error naming `argument`.
-    pub fn view<D: ndarray::Dimension>(&self, argument: &str) -> PyResult<FloatView<'_, D>> {
-        Ok(match self {
-            NumpyFloat::F32(a) => {
-                let v = a.as_array();
-                FloatView::F32(
-                    v.clone()
-                        .into_dimensionality::<D>()
-                        .map_err(|_| shape_error::<D>(argument, v.shape()))?,
-                )
-            }
-            NumpyFloat::F16(a) => {
-                let v = a.as_array();
-                FloatView::F16(
-                    v.clone()
-                        .into_dimensionality::<D>()
-                        .map_err(|_| shape_error::<D>(argument, v.shape()))?,
-                )
-            }
-        })
     }
 }

@@ -8,6 +8,7 @@ mod errors;
 mod ops;
 mod press;
 mod quant;
+mod rope;
 mod store;
 
 use pyo3::prelude::*;
@@ -20,5 +21,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<store::PyLayerStore>()?;
     ops::register(m)?;
     quant::register(m)?;
+    rope::register(m)?;
     Ok(())
 }

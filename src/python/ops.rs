@@ -1,16 +1,15 @@
 //! `kvpress_rs.ops`: the functional API over torch tensors or numpy arrays.
-//! Torch in, torch out (same device); numpy in, numpy out.
+//! Torch in, torch out (same device); numpy in (viewed without copy), numpy out.
 
-use super::conversion::{numpy_view, ArrayArg, KvArgs, NumpyFloat, PyTensor};
+use super::conversion::{to_array, ArrayArg};
 use super::errors::{detached, to_pyerr};
+use super::press::params_from_kwargs;
 use crate::budget::Budget;
-use crate::policies::{scorer_from_name, ScoreContext, ScorerParams};
-use crate::press::Press;
-use crate::with_float_view;
-use ndarray::{Axis, Ix3, Ix4};
-use numpy::IntoPyArray;
+use crate::policies::{score_layer, scorer_from_name, ScoreContext};
+use crate::press::Kept;
 use pyo3::exceptions::PyTypeError;
 use pyo3::prelude::*;
+use pyo3::types::PyDict;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(score, m)?)?;
@@ -23,8 +22,9 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     Ok(())
 }
 
-/// Enables (default) or disables the fused Rust CPU kernels, process-wide. Disabled, CPU
-/// tensors go through the same libtorch ops as CUDA tensors (for tests and benchmarks).
+/// Enables (default) or disables the fused Rust CPU kernels for calls from this thread.
+/// Disabled, CPU tensors go through the same libtorch ops as CUDA tensors (for tests and
+/// benchmarks).
 ///
 /// Examples
 /// --------
@@ -41,24 +41,41 @@ fn cpu_kernels_enabled() -> bool {
     crate::tensor::cpu_kernels_enabled()
 }
 
+fn same_library(args: &[&ArrayArg<'_>]) -> PyResult<bool> {
+    let numpy = args[0].is_numpy();
+    if args.iter().any(|a| a.is_numpy() != numpy) {
+        return Err(PyTypeError::new_err(
+            "array arguments must all be torch.Tensor or all numpy.ndarray",
+        ));
+    }
+    Ok(numpy)
+}
+
 /// Scores every token of one layer; higher = keep.
 ///
 /// Parameters
 /// ----------
 /// policy : str
-///     "knorm", "streaming_llm" or "random".
+///     A policy name (``kvpress_rs.POLICIES``), e.g. "knorm", "snapkv".
 /// keys, values : torch.Tensor or numpy.ndarray
-///     Shape (batch, kv_heads, tokens, head_dim); float32/float16/bfloat16 (numpy:
-///     float32/float16). ``values`` defaults to ``keys``.
+///     Post-RoPE keys and values, shape (batch, kv_heads, tokens, head_dim). ``values``
+///     defaults to ``keys``.
+/// queries : torch.Tensor or numpy.ndarray, optional
+///     Post-RoPE queries (batch, q_heads, q, head_dim) of the last q prompt tokens, for the
+///     policies that need them (SnapKV, TOVA, ObservedAttention, ...).
 /// n_kept : int, optional
 ///     Tokens that will be kept (positional policies such as StreamingLLM need it);
 ///     defaults to all tokens.
 /// layer_idx : int
 ///     Layer index (mixed into the Random policy's stream).
+/// rope : kvpress_rs.Rope, optional
+///     The model's RoPE (ExpectedAttention, TriAttention).
+/// **params
+///     The policy's parameters (``n_sink``, ``window_size``, ...).
 ///
 /// Returns
 /// -------
-/// float32 scores of shape (batch, kv_heads, tokens), same library and device as ``keys``.
+/// Scores of shape (batch, kv_heads, tokens), same library and device as ``keys``.
 ///
 /// Examples
 /// --------
@@ -67,39 +84,42 @@ fn cpu_kernels_enabled() -> bool {
 /// >>> kvpress_rs.ops.score("knorm", keys).shape
 /// torch.Size([1, 2, 16])
 #[pyfunction]
-#[pyo3(signature = (policy, keys, values=None, *, n_kept=None, layer_idx=0, n_sink=4, seed=0))]
+#[pyo3(signature = (policy, keys, values=None, queries=None, *, n_kept=None, layer_idx=0, rope=None, **params))]
 #[allow(clippy::too_many_arguments)]
 fn score<'py>(
     py: Python<'py>,
     policy: &str,
     keys: ArrayArg<'py>,
     values: Option<ArrayArg<'py>>,
+    queries: Option<ArrayArg<'py>>,
     n_kept: Option<usize>,
     layer_idx: usize,
-    n_sink: i64,
-    seed: u64,
+    rope: Option<Bound<'py, super::rope::PyRope>>,
+    params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let scorer = scorer_from_name(policy, &ScorerParams { n_sink, seed }).map_err(to_pyerr)?;
-    match KvArgs::new(keys, values)? {
-        KvArgs::Torch(k, v) => {
-            let out = detached(py, move || {
-                let tokens = crate::tensor::check_kv(&k, "keys")?.tokens;
-                let ctx = ScoreContext {
-                    layer_idx,
-                    n_kept: n_kept.unwrap_or(tokens),
-                };
-                crate::policies::score(scorer.as_ref(), &k, &v, &ctx)
-            })?;
-            PyTensor(out).into_pyobject(py)
-        }
-        KvArgs::Numpy(k, v) => {
-            let (k, v) = (k.view::<Ix4>("keys")?, v.view::<Ix4>("values")?);
-            let out = detached(py, move || {
-                crate::policies::score_views(scorer.as_ref(), &k, &v, n_kept, layer_idx)
-            })?;
-            Ok(out.into_pyarray(py).into_any())
-        }
-    }
+    let scorer = scorer_from_name(policy, params_from_kwargs(params)?).map_err(to_pyerr)?;
+    let rope = rope.map(|r| r.get().inner.clone());
+    let values = values.unwrap_or(ArrayArg {
+        tensor: keys.tensor.shallow_clone(),
+        numpy: keys.numpy.clone(),
+    });
+    let mut all = vec![&keys, &values];
+    all.extend(queries.as_ref());
+    let numpy = same_library(&all)?;
+    let (k, v, q) = (
+        keys.tensor.shallow_clone(),
+        values.tensor.shallow_clone(),
+        queries.as_ref().map(|q| q.tensor.shallow_clone()),
+    );
+    let out = detached(py, move || {
+        let tokens = crate::tensor::check_kv(&k, "keys")?.tokens;
+        let ctx = ScoreContext {
+            layer_idx,
+            n_kept: n_kept.unwrap_or(tokens),
+        };
+        score_layer(scorer.as_ref(), &k, &v, q.as_ref(), rope.as_ref(), &ctx)
+    })?;
+    to_array(py, out, numpy)
 }
 
 /// Indices of the ``k`` highest scores of every (batch, head) row, in ascending order;
@@ -108,7 +128,7 @@ fn score<'py>(
 /// Parameters
 /// ----------
 /// scores : torch.Tensor or numpy.ndarray
-///     Shape (batch, heads, tokens); numpy: float32.
+///     Shape (batch, heads, tokens).
 /// k : int
 ///     Tokens to keep, 1 <= k <= tokens.
 ///
@@ -123,18 +143,10 @@ fn score<'py>(
 /// tensor([[[1, 3]]])
 #[pyfunction]
 fn top_k<'py>(py: Python<'py>, scores: ArrayArg<'py>, k: usize) -> PyResult<Bound<'py, PyAny>> {
-    match scores {
-        ArrayArg::Torch(s) => {
-            let out = detached(py, move || crate::select::top_k_indices(&s, k))?;
-            PyTensor(out).into_pyobject(py)
-        }
-        ArrayArg::Numpy(s) => {
-            let s = numpy_view::<f32, Ix3>(&s, "scores", "numpy float32")?;
-            let view = s.as_array();
-            let out = detached(py, move || crate::select::top_k_array(view, k))?;
-            Ok(out.into_pyarray(py).into_any())
-        }
-    }
+    let numpy = scores.is_numpy();
+    let s = scores.tensor.shallow_clone();
+    let out = detached(py, move || crate::select::top_k_indices(&s, k))?;
+    to_array(py, out, numpy)
 }
 
 /// Gathers tokens: ``out[b, h, i] = x[b, h, indices[b, h, i]]``.
@@ -163,49 +175,36 @@ fn gather<'py>(
     x: ArrayArg<'py>,
     indices: ArrayArg<'py>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    match (x, indices) {
-        (ArrayArg::Torch(x), ArrayArg::Torch(i)) => {
-            let out = detached(py, move || crate::gather::gather_tokens(&x, &i))?;
-            PyTensor(out).into_pyobject(py)
-        }
-        (ArrayArg::Numpy(x), ArrayArg::Numpy(i)) => {
-            let i = numpy_view::<i64, Ix3>(&i, "indices", "numpy int64")?;
-            let i = i.as_array();
-            let x = NumpyFloat::new(&x, "x")?;
-            let rank3 = x.ndim() == 3;
-            let view = if rank3 {
-                x.view::<Ix3>("x")?.with_unit_last_axis()
-            } else {
-                x.view::<Ix4>("x")?
-            };
-            with_float_view!(view, v => {
-                let out = detached(py, move || crate::gather::gather_array(v, i))?;
-                Ok(if rank3 { out.remove_axis(Axis(3)).into_pyarray(py).into_any() } else { out.into_pyarray(py).into_any() })
-            })
-        }
-        _ => Err(PyTypeError::new_err(
-            "`x` and `indices` must both be torch.Tensor or both numpy.ndarray",
-        )),
-    }
+    let numpy = same_library(&[&x, &indices])?;
+    let (x, i) = (x.tensor.shallow_clone(), indices.tensor.shallow_clone());
+    let out = detached(py, move || crate::gather::gather_tokens(&x, &i))?;
+    to_array(py, out, numpy)
 }
 
-/// The tokens a policy keeps under a budget: scores, then top-k. Exactly what a cache
-/// keeps for that layer.
+/// The tokens a policy keeps under a budget: scores, then top-k (or AdaKV's head split).
+/// Exactly what a cache keeps for that layer.
 ///
 /// Parameters
 /// ----------
 /// policy : str
-///     "knorm", "streaming_llm" or "random".
+///     A policy name, e.g. "knorm", "snapkv".
 /// keys, values : torch.Tensor or numpy.ndarray
 ///     Shape (batch, kv_heads, tokens, head_dim). ``values`` defaults to ``keys``.
+/// queries : torch.Tensor or numpy.ndarray, optional
+///     Post-RoPE queries (batch, q_heads, q, head_dim) of the last q tokens.
 /// compression_ratio : float, optional
 ///     Fraction of tokens removed, in [0, 1): keeps ``int(tokens * (1 - ratio))``.
 /// max_tokens : int, optional
 ///     Keep at most this many tokens instead.
+/// layer_budget, head_budget : str
+///     "uniform" | "pyramid"; "uniform" | "adakv".
+/// n_layers : int
+///     Layers of the model (for layer budgets).
 ///
 /// Returns
 /// -------
-/// int64 indices of shape (batch, kv_heads, n_kept), ascending.
+/// int64 indices (batch, kv_heads, n_kept), ascending; with ``head_budget="adakv"`` a list
+/// of int64 vectors, one per row b * kv_heads + h.
 ///
 /// Examples
 /// --------
@@ -214,31 +213,55 @@ fn gather<'py>(
 /// >>> kvpress_rs.ops.kept_indices("streaming_llm", keys, compression_ratio=0.5, n_sink=2)[0, 0]
 /// tensor([0, 1, 7, 8, 9])
 #[pyfunction]
-#[pyo3(signature = (policy, keys, values=None, *, compression_ratio=None, max_tokens=None, layer_idx=0, n_sink=4, seed=0))]
+#[pyo3(signature = (policy, keys, values=None, queries=None, *, compression_ratio=None, max_tokens=None,
+    layer_budget="uniform", head_budget="uniform", n_layers=1, layer_idx=0, rope=None, **params))]
 #[allow(clippy::too_many_arguments)]
 fn kept_indices<'py>(
     py: Python<'py>,
     policy: &str,
     keys: ArrayArg<'py>,
     values: Option<ArrayArg<'py>>,
+    queries: Option<ArrayArg<'py>>,
     compression_ratio: Option<f64>,
     max_tokens: Option<i64>,
+    layer_budget: &str,
+    head_budget: &str,
+    n_layers: usize,
     layer_idx: usize,
-    n_sink: i64,
-    seed: u64,
+    rope: Option<Bound<'py, super::rope::PyRope>>,
+    params: Option<&Bound<'py, PyDict>>,
 ) -> PyResult<Bound<'py, PyAny>> {
-    let scorer = scorer_from_name(policy, &ScorerParams { n_sink, seed }).map_err(to_pyerr)?;
-    let budget = Budget::from_args(compression_ratio, max_tokens).map_err(to_pyerr)?;
-    let press = Press::new(scorer, budget);
-    match KvArgs::new(keys, values)? {
-        KvArgs::Torch(k, v) => {
-            let out = detached(py, move || press.kept_indices(&k, &v, layer_idx))?;
-            PyTensor(out).into_pyobject(py)
-        }
-        KvArgs::Numpy(k, v) => {
-            let (k, v) = (k.view::<Ix4>("keys")?, v.view::<Ix4>("values")?);
-            let out = detached(py, move || press.kept_indices_views(&k, &v, layer_idx))?;
-            Ok(out.into_pyarray(py).into_any())
+    let rope = rope.as_ref().map(|r| r.get());
+    let press = super::press::build_press(
+        policy,
+        compression_ratio,
+        max_tokens,
+        layer_budget,
+        head_budget,
+        n_layers,
+        rope,
+        params,
+    )?;
+    let values = values.unwrap_or(ArrayArg {
+        tensor: keys.tensor.shallow_clone(),
+        numpy: keys.numpy.clone(),
+    });
+    let mut all = vec![&keys, &values];
+    all.extend(queries.as_ref());
+    let numpy = same_library(&all)?;
+    let (k, v, q) = (
+        keys.tensor.shallow_clone(),
+        values.tensor.shallow_clone(),
+        queries.as_ref().map(|q| q.tensor.shallow_clone()),
+    );
+    match detached(py, move || press.kept(&k, &v, q.as_ref(), layer_idx))? {
+        Kept::Uniform(t) => to_array(py, t, numpy),
+        Kept::Rows(rows) => {
+            let rows = rows
+                .into_iter()
+                .map(|t| to_array(py, t, numpy))
+                .collect::<PyResult<Vec<_>>>()?;
+            Ok(rows.into_pyobject(py)?.into_any())
         }
     }
 }

@@ -6,8 +6,9 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use super::press::PyPress;
+use super::rope::PyRope;
 use crate::error::{KvError, Result};
-use crate::store::LayerStore;
+use crate::store::{KeptPositions, LayerStore};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
 
@@ -62,11 +63,78 @@ impl PyLayerStore {
     }
 
     /// Scores the stored tokens with ``press`` and frees all but the kept ones.
-    fn compress(slf: Bound<'_, Self>, press: Bound<'_, PyPress>, layer_idx: usize) -> PyResult<()> {
+    /// ``queries`` (batch, q_heads, q, head_dim): the post-RoPE queries of the last q
+    /// stored tokens, for presses whose policy needs them.
+    #[pyo3(signature = (press, layer_idx, queries=None))]
+    fn compress(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        queries: Option<PyTensor>,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let press = press.get();
+        let queries = queries.map(|q| q.0);
+        detached(slf.py(), move || {
+            press
+                .inner
+                .compress(&mut *me.lock()?, layer_idx, queries.as_ref())
+        })
+    }
+
+    /// Scores the stored tokens with ``press`` without evicting any: returns the scores
+    /// (batch, kv_heads, tokens) and the layer's preference (CAKE layer budgets), for
+    /// :meth:`compress_scored` once every layer's budget is known.
+    #[pyo3(signature = (press, layer_idx, queries=None))]
+    fn score(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        queries: Option<PyTensor>,
+    ) -> PyResult<(PyTensor, f64)> {
+        let me = slf.get();
+        let press = press.get();
+        let queries = queries.map(|q| q.0);
+        let scored = detached(slf.py(), move || {
+            let store = me.lock()?;
+            press.inner.score(
+                &store.keys_view()?,
+                &store.values_view()?,
+                queries.as_ref(),
+                layer_idx,
+            )
+        })?;
+        Ok((PyTensor(scored.scores), scored.preference))
+    }
+
+    /// Keeps the ``n_kept`` best tokens of ``scores`` (from :meth:`score`).
+    fn compress_scored(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        scores: PyTensor,
+        n_kept: usize,
+    ) -> PyResult<()> {
         let me = slf.get();
         let press = press.get();
         detached(slf.py(), move || {
-            press.inner.compress(&mut *me.lock()?, layer_idx)
+            press
+                .inner
+                .compress_scored(&mut *me.lock()?, &scores.0, n_kept)
+        })
+    }
+
+    /// Re-rotates the kept keys to compact positions ending right before ``next_position``
+    /// (each row's kept token i of n goes to next_position − n + i); the store then
+    /// continues at ``next_position``.
+    fn rerotate(
+        slf: Bound<'_, Self>,
+        rope: Bound<'_, PyRope>,
+        next_position: usize,
+    ) -> PyResult<()> {
+        let me = slf.get();
+        let rope = rope.get();
+        detached(slf.py(), move || {
+            me.lock()?.rerotate(&rope.inner, next_position)
         })
     }
 
@@ -88,10 +156,58 @@ impl PyLayerStore {
         detached(slf.py(), move || me.lock()?.values_view()).map(PyTensor)
     }
 
-    /// int64 (batch, kv_heads, stored) original positions of the stored tokens, ascending.
-    fn kept_positions(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
+    /// Original positions of the stored tokens, ascending: an int64 tensor
+    /// (batch, kv_heads, stored) when rows are uniform, else a list of int64 (n_r,)
+    /// tensors, one per row r = b * kv_heads + h.
+    fn kept_positions<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
         let me = slf.get();
-        detached(slf.py(), move || me.lock()?.kept_positions()).map(PyTensor)
+        let py = slf.py();
+        match detached(py, move || me.lock()?.kept_positions())? {
+            KeptPositions::Uniform(t) => PyTensor(t).into_pyobject(py),
+            KeptPositions::Ragged(rows) => {
+                let rows: Vec<PyTensor> = rows.into_iter().map(PyTensor).collect();
+                Ok(rows.into_pyobject(py)?.into_any())
+            }
+        }
+    }
+
+    /// Tokens stored in each (batch, kv_head) row, row-major.
+    fn lengths(&self) -> PyResult<Vec<usize>> {
+        Ok(self.lock().map_err(to_pyerr)?.lengths())
+    }
+
+    /// Row (b, h)'s keys and values (1, 1, len, head_dim), views.
+    fn row(slf: Bound<'_, Self>, b: usize, h: usize) -> PyResult<(PyTensor, PyTensor)> {
+        let me = slf.get();
+        let (k, v) = detached(slf.py(), move || me.lock()?.row_views(b, h))?;
+        Ok((PyTensor(k), PyTensor(v)))
+    }
+
+    /// Keeps, in row r = b * kv_heads + h, only the stored tokens at ``rows[r]`` (int64,
+    /// ascending); rows may keep different counts.
+    fn retain_rows(slf: Bound<'_, Self>, rows: Vec<PyTensor>) -> PyResult<()> {
+        let me = slf.get();
+        let rows: Vec<_> = rows.into_iter().map(|t| t.0).collect();
+        detached(slf.py(), move || me.lock()?.retain_rows(&rows))
+    }
+
+    /// Attention of ``query`` (batch, q_heads, q, head_dim) — the q newest tokens, already
+    /// appended — over every row; returns (batch, q, q_heads, head_dim).
+    fn attend_rows(slf: Bound<'_, Self>, query: PyTensor, scaling: f64) -> PyResult<PyTensor> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.attend_rows(&query.0, scaling)).map(PyTensor)
+    }
+
+    /// (batch, kv_heads) of the stored rows, or None while empty.
+    #[getter]
+    fn batch_heads(&self) -> PyResult<Option<(usize, usize)>> {
+        Ok(self.lock().map_err(to_pyerr)?.batch_heads())
+    }
+
+    /// Whether rows have their own lengths (a head budget was applied).
+    #[getter]
+    fn is_ragged(&self) -> PyResult<bool> {
+        Ok(self.lock().map_err(to_pyerr)?.is_ragged())
     }
 
     /// Forgets the last ``n`` tokens seen (only tokens still stored can be removed).

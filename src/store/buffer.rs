@@ -5,10 +5,12 @@ use crate::error::Result;
 use crate::tensor::TOKEN_AXIS;
 use tch::Tensor;
 
-/// Spare tokens reserved when a buffer grows. A fixed chunk keeps the unused bytes small
-/// and bounded (what `nbytes` reports stays close to what is stored), while the regrowth
-/// copy happens once per this many decoded tokens instead of every step.
-const RESERVE_TOKENS: usize = 64;
+/// Spare tokens reserved when a buffer grows: an eighth of the length, between 16 and 64.
+/// Small and bounded, so that what `nbytes` reports stays close to what is stored, while
+/// the regrowth copy happens once per that many decoded tokens instead of every step.
+fn reserve_tokens(len: usize) -> usize {
+    (len / 8).clamp(16, 64)
+}
 
 /// A (batch, heads, capacity[, dim]) tensor of which the first `len` tokens are valid.
 #[derive(Debug)]
@@ -51,12 +53,20 @@ impl TokenBuffer {
         let q = x.size()[TOKEN_AXIS as usize] as usize;
         let needed = self.len + q;
         if needed > self.capacity() {
-            self.reallocate(needed + RESERVE_TOKENS)?;
+            self.reallocate(needed + reserve_tokens(needed))?;
         }
         let mut slot = self.data.f_narrow(TOKEN_AXIS, self.len as i64, q as i64)?;
         slot.f_copy_(x)?;
         self.len = needed;
         Ok(())
+    }
+
+    /// A copy of the valid tokens in fresh storage of exactly that size.
+    pub fn copy_exact(&self) -> Result<TokenBuffer> {
+        let view = self.view()?;
+        let mut fresh = Tensor::f_empty(view.size().as_slice(), (view.kind(), view.device()))?;
+        fresh.f_copy_(&view)?;
+        Ok(TokenBuffer::adopt(fresh))
     }
 
     /// Keeps the first `len` tokens, in fresh storage of exactly that size (so that later

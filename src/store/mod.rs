@@ -5,26 +5,33 @@
 //! Tokens seen and tokens stored differ once a press evicts some: generation positions
 //! continue from `seen`, attention runs over what is stored.
 //!
-//! The store is the unit later features extend: per-head (ragged) lengths, quantized
-//! blocks appended without re-quantization, and re-rotation of kept keys all act on
-//! `retain`/`append` and on the kept positions kept here.
+//! Rows (one per (batch, kv_head)) are either uniform — every row the same length, one
+//! tensor ([`uniform`]) — or ragged — each row its own length and buffer, after a head
+//! budget ([`ragged`]; attention over them in [`attention`]).
 
+mod attention;
 mod buffer;
+mod ragged;
+mod uniform;
 
 use crate::error::{KvError, Result};
+use crate::rope::Rope;
 use crate::tensor::{array_view, check_kv_pair, device_name, kind_name, KvShape};
-use buffer::TokenBuffer;
 use ndarray::Axis;
+use ragged::RaggedRows;
 use tch::{Device, Kind, Tensor};
+use uniform::UniformRows;
+
+#[derive(Debug)]
+enum Rows {
+    Uniform(UniformRows),
+    Ragged(RaggedRows),
+}
 
 /// One layer's KV cache with eviction. See the module documentation.
 #[derive(Debug, Default)]
 pub struct LayerStore {
-    keys: Option<TokenBuffer>,
-    values: Option<TokenBuffer>,
-    /// int32 (batch, kv_heads, capacity) original positions on the CPU; `None` while
-    /// nothing was ever evicted (the stored tokens are exactly positions 0..seen).
-    positions: Option<TokenBuffer>,
+    rows: Option<Rows>,
     seen: usize,
     /// (batch, kv_heads, key head_dim, value head_dim, dtype, device) fixed at the first append.
     layout: Option<(KvShape, i64, Kind, Device)>,
@@ -38,6 +45,25 @@ pub struct StoreStats {
     pub nbytes: usize,
 }
 
+/// Original positions of the kept tokens.
+#[derive(Debug)]
+pub enum KeptPositions {
+    /// int64 (batch, kv_heads, n), every row the same length.
+    Uniform(Tensor),
+    /// int64 (n_r,) per row r = b * kv_heads + h.
+    Ragged(Vec<Tensor>),
+}
+
+impl KeptPositions {
+    /// The (batch, kv_heads, n) tensor of uniform rows; an error for ragged rows.
+    pub fn into_uniform(self) -> Result<Tensor> {
+        match self {
+            KeptPositions::Uniform(t) => Ok(t),
+            KeptPositions::Ragged(_) => Err(KvError::State("rows have different lengths".into())),
+        }
+    }
+}
+
 impl LayerStore {
     pub fn new() -> Self {
         Self::default()
@@ -48,26 +74,50 @@ impl LayerStore {
         self.seen
     }
 
-    /// Tokens stored per (batch, head) row.
+    /// Tokens stored per (batch, head) row; for ragged rows, the longest row.
     pub fn len(&self) -> usize {
-        self.keys.as_ref().map_or(0, TokenBuffer::len)
+        self.lengths().into_iter().max().unwrap_or(0)
+    }
+
+    /// Tokens stored in each (batch, kv_head) row, row-major.
+    pub fn lengths(&self) -> Vec<usize> {
+        match (&self.rows, self.layout) {
+            (Some(Rows::Uniform(u)), Some((shape, ..))) => vec![u.len(); shape.batch * shape.heads],
+            (Some(Rows::Ragged(r)), _) => r.lengths(),
+            _ => vec![],
+        }
     }
 
     pub fn is_empty(&self) -> bool {
         self.seen == 0
     }
 
+    /// Whether rows have their own lengths (a head budget was applied).
+    pub fn is_ragged(&self) -> bool {
+        matches!(self.rows, Some(Rows::Ragged(_)))
+    }
+
     /// Whether any token was ever evicted from this store.
     pub fn has_evicted(&self) -> bool {
-        self.positions.is_some()
+        match &self.rows {
+            Some(Rows::Uniform(u)) => u.positions.is_some(),
+            Some(Rows::Ragged(_)) => true,
+            None => false,
+        }
+    }
+
+    /// (batch, kv_heads) of the stored rows.
+    pub fn batch_heads(&self) -> Option<(usize, usize)> {
+        self.layout.map(|(s, ..)| (s.batch, s.heads))
     }
 
     /// Bytes held: keys, values (spare capacity included) and kept positions.
     pub fn nbytes(&self) -> usize {
-        [&self.keys, &self.values, &self.positions]
-            .iter()
-            .map(|b| b.as_ref().map_or(0, TokenBuffer::nbytes))
-            .sum()
+        match &self.rows {
+            Some(Rows::Uniform(u)) => u.nbytes(),
+            Some(Rows::Ragged(r)) => r.nbytes(),
+            None => 0,
+        }
     }
 
     pub fn stats(&self) -> StoreStats {
@@ -79,98 +129,177 @@ impl LayerStore {
     }
 
     /// Appends new keys/values (batch, kv_heads, q, head_dim) and returns the keys and
-    /// values to attend over: everything stored, then the new tokens.
+    /// values to attend over: everything stored, then the new tokens. For ragged rows,
+    /// which no single tensor can hold, it returns the new tokens only; attention over
+    /// them goes through [`LayerStore::attend_rows`].
     ///
     /// The first append adopts the given tensors without copying them.
     pub fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
         let (ks, vs) = check_kv_pair(keys, values)?;
-        let kind = keys.kind();
-        let device = keys.device();
+        let (kind, device) = (keys.kind(), keys.device());
         if ks.tokens == 0 {
             return Err(KvError::empty(
                 "keys",
                 "an update must carry at least one token",
             ));
         }
-        match (&mut self.keys, &mut self.values, self.layout) {
-            (Some(kb), Some(vb), Some(layout)) => {
+        match (&mut self.rows, self.layout) {
+            (Some(rows), Some(layout)) => {
                 check_same_layout(layout, ks, vs.head_dim as i64, kind, device)?;
-                kb.append(keys)?;
-                vb.append(values)?;
-                if let Some(pb) = &mut self.positions {
-                    let new = Tensor::f_arange_start(
-                        self.seen as i64,
-                        (self.seen + ks.tokens) as i64,
-                        (Kind::Int, Device::Cpu),
-                    )?
-                    .f_expand([ks.batch as i64, ks.heads as i64, ks.tokens as i64], false)?;
-                    pb.append(&new)?;
+                match rows {
+                    Rows::Uniform(u) => u.append(keys, values, self.seen)?,
+                    Rows::Ragged(r) => r.append(keys, values, self.seen)?,
                 }
             }
             _ => {
-                self.keys = Some(TokenBuffer::adopt(keys.shallow_clone()));
-                self.values = Some(TokenBuffer::adopt(values.shallow_clone()));
-                self.positions = None;
+                self.rows = Some(Rows::Uniform(UniformRows::adopt(keys, values)));
                 self.layout = Some((ks, vs.head_dim as i64, kind, device));
             }
         }
         self.seen += ks.tokens;
-        Ok((self.keys_view()?, self.values_view()?))
+        match &self.rows {
+            Some(Rows::Ragged(_)) => Ok((keys.shallow_clone(), values.shallow_clone())),
+            _ => Ok((self.keys_view()?, self.values_view()?)),
+        }
     }
 
-    /// The stored keys (batch, kv_heads, stored, head_dim), a view without copy.
+    fn uniform(&self) -> Result<&UniformRows> {
+        match &self.rows {
+            Some(Rows::Uniform(u)) => Ok(u),
+            Some(Rows::Ragged(_)) => Err(KvError::State(
+                "this layer's rows have different lengths (head budget): read them per row".into(),
+            )),
+            None => Err(empty_store()),
+        }
+    }
+
+    /// The stored keys (batch, kv_heads, stored, head_dim), a view without copy. Uniform
+    /// rows only.
     pub fn keys_view(&self) -> Result<Tensor> {
-        self.keys.as_ref().ok_or_else(empty_store)?.view()
+        self.uniform()?.keys.view()
     }
 
     /// The stored values (batch, kv_heads, stored, head_dim), a view without copy.
+    /// Uniform rows only.
     pub fn values_view(&self) -> Result<Tensor> {
-        self.values.as_ref().ok_or_else(empty_store)?.view()
+        self.uniform()?.values.view()
     }
 
-    /// Original positions of the stored tokens: int64 (batch, kv_heads, stored), ascending.
-    pub fn kept_positions(&self) -> Result<Tensor> {
-        let (shape, ..) = self.layout.ok_or_else(empty_store)?;
-        match &self.positions {
-            Some(p) => Ok(p.view()?.f_to_kind(Kind::Int64)?),
-            None => Ok(
-                Tensor::f_arange(self.len() as i64, (Kind::Int64, Device::Cpu))?
-                    .f_expand(
-                        [shape.batch as i64, shape.heads as i64, self.len() as i64],
-                        false,
-                    )?
-                    .f_contiguous()?,
-            ),
+    /// Row (b, h)'s keys and values (1, 1, len, head_dim), views without copy.
+    pub fn row_views(&self, b: usize, h: usize) -> Result<(Tensor, Tensor)> {
+        let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        if b >= batch || h >= heads {
+            return Err(KvError::invalid(
+                "row",
+                format!("({b}, {h}) is outside (batch {batch}, kv_heads {heads})"),
+            ));
+        }
+        match self.rows.as_ref().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                let row = |t: Tensor| -> Result<Tensor> {
+                    Ok(t.f_narrow(0, b as i64, 1)?.f_narrow(1, h as i64, 1)?)
+                };
+                Ok((row(u.keys.view()?)?, row(u.values.view()?)?))
+            }
+            Rows::Ragged(r) => {
+                let (k, v, _) = r.row(b * heads + h)?;
+                Ok((k, v))
+            }
+        }
+    }
+
+    /// Original positions of the stored tokens, ascending in every row.
+    pub fn kept_positions(&self) -> Result<KeptPositions> {
+        match self.rows.as_ref().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => Ok(KeptPositions::Uniform(
+                u.positions()?.f_to_kind(Kind::Int64)?,
+            )),
+            Rows::Ragged(r) => {
+                let rows = (0..r.keys.len())
+                    .map(|i| Ok(r.row(i)?.2.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?))
+                    .collect::<Result<Vec<_>>>()?;
+                Ok(KeptPositions::Ragged(rows))
+            }
         }
     }
 
     /// Keeps only the stored tokens at `indices` (int64 (batch, kv_heads, k), ascending,
-    /// indices into the stored tokens), freeing the rest: the new storage holds exactly k
-    /// tokens.
+    /// indices into the stored tokens of every row), freeing the rest: the new storage
+    /// holds exactly k tokens per row.
     pub fn retain(&mut self, indices: &Tensor) -> Result<()> {
-        let (kb, vb) = match (&self.keys, &self.values) {
-            (Some(k), Some(v)) => (k, v),
-            _ => return Err(empty_store()),
+        match self.rows.as_ref().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                let kept = u.gathered(indices)?;
+                check_ascending(&kept.positions()?)?;
+                self.rows = Some(Rows::Uniform(kept));
+                Ok(())
+            }
+            Rows::Ragged(r) => {
+                let k = indices.size().last().copied().unwrap_or(0);
+                let rows = (0..r.keys.len())
+                    .map(|i| Ok(indices.f_view([-1, k])?.f_get(i as i64)?))
+                    .collect::<Result<Vec<_>>>()?;
+                self.retain_rows(&rows)
+            }
+        }
+    }
+
+    /// Keeps, in row r = b * kv_heads + h, only the stored tokens at `rows[r]` (int64
+    /// (k_r,), ascending): rows may keep different counts, and the bytes held follow them.
+    /// When every row keeps the same count the rows stay uniform.
+    pub fn retain_rows(&mut self, rows: &[Tensor]) -> Result<()> {
+        let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        if rows.len() != batch * heads {
+            return Err(KvError::invalid(
+                "indices",
+                format!(
+                    "expected {} rows (batch x kv_heads), got {}",
+                    batch * heads,
+                    rows.len()
+                ),
+            ));
+        }
+        let counts: Vec<i64> = rows.iter().map(|r| r.numel() as i64).collect();
+        if counts.iter().all(|&c| c == counts[0]) {
+            let stacked =
+                Tensor::f_stack(rows, 0)?.f_view([batch as i64, heads as i64, counts[0]])?;
+            if let Some(Rows::Uniform(_)) = self.rows {
+                return self.retain(&stacked);
+            }
+        }
+        let kept = match self.rows.as_ref().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                RaggedRows::from_rows(&u.keys.view()?, &u.values.view()?, &u.positions()?, rows)?
+            }
+            Rows::Ragged(old) => {
+                let mut out = RaggedRows {
+                    heads,
+                    keys: vec![],
+                    values: vec![],
+                    positions: vec![],
+                };
+                for (i, idx) in rows.iter().enumerate() {
+                    let (k, v, p) = old.row(i)?;
+                    let one = RaggedRows::from_rows(&k, &v, &p, std::slice::from_ref(idx))?;
+                    out.keys.extend(one.keys);
+                    out.values.extend(one.values);
+                    out.positions.extend(one.positions);
+                }
+                out
+            }
         };
-        let keys = crate::gather::gather_tokens(&kb.view()?, indices)?;
-        let values = crate::gather::gather_tokens(&vb.view()?, indices)?;
-        let cpu_indices = indices.f_to(Device::Cpu)?;
-        let positions = match &self.positions {
-            Some(p) => crate::gather::gather_tokens(&p.view()?, &cpu_indices)?,
-            // Nothing evicted before: stored token i is at position i.
-            None => cpu_indices.f_to_kind(Kind::Int)?,
-        };
-        check_ascending(&positions)?;
-        self.keys = Some(TokenBuffer::adopt(keys));
-        self.values = Some(TokenBuffer::adopt(values));
-        self.positions = Some(TokenBuffer::adopt(positions));
+        for p in &kept.positions {
+            check_ascending(&p.view()?)?;
+        }
+        self.rows = Some(Rows::Ragged(kept));
         Ok(())
     }
 
     /// Forgets the last `n` tokens seen (rollback for assisted decoding). Only tokens that
-    /// are still stored can be removed, and every row must store the same number of them.
+    /// are still stored can be removed; in uniform rows every row must store the same
+    /// number of them.
     pub fn crop(&mut self, n: usize) -> Result<()> {
-        if n == 0 || self.keys.is_none() {
+        if n == 0 || self.rows.is_none() {
             return Ok(());
         }
         if n > self.seen {
@@ -180,31 +309,40 @@ impl LayerStore {
             ));
         }
         let new_seen = self.seen - n;
-        let removed = match &self.positions {
-            None => n,
-            Some(p) => {
-                let view = p.view()?;
-                let pos = array_view::<i32, ndarray::Ix3>(&view, "positions")?;
-                let counts: Vec<usize> = pos
-                    .lanes(Axis(2))
-                    .into_iter()
-                    .map(|row| row.iter().filter(|&&x| x as usize >= new_seen).count())
-                    .collect();
-                let first = counts.first().copied().unwrap_or(0);
-                if counts.iter().any(|&c| c != first) {
-                    return Err(KvError::State(
-                        "cannot crop: the tokens to remove were evicted from some heads but not others".into(),
-                    ));
-                }
-                first
-            }
+        let count_from = |positions: &Tensor| -> Result<Vec<usize>> {
+            let pos = array_view::<i32, ndarray::Ix3>(positions, "positions")?;
+            Ok(pos
+                .lanes(Axis(2))
+                .into_iter()
+                .map(|row| row.iter().filter(|&&x| x as usize >= new_seen).count())
+                .collect())
         };
-        let keep = self.len() - removed;
-        for b in [&mut self.keys, &mut self.values, &mut self.positions]
-            .into_iter()
-            .flatten()
-        {
-            b.truncate(keep)?;
+        match self.rows.as_mut().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                let removed = match &u.positions {
+                    None => n,
+                    Some(p) => {
+                        let counts = count_from(&p.view()?)?;
+                        let first = counts.first().copied().unwrap_or(0);
+                        if counts.iter().any(|&c| c != first) {
+                            return Err(KvError::State(
+                                "cannot crop: the tokens to remove were evicted from some heads but not others".into(),
+                            ));
+                        }
+                        first
+                    }
+                };
+                let keep = u.len() - removed;
+                u.truncate(keep)?;
+            }
+            Rows::Ragged(r) => {
+                let mut lens = vec![];
+                for i in 0..r.keys.len() {
+                    let removed = count_from(&r.row(i)?.2)?[0];
+                    lens.push(r.keys[i].len() - removed);
+                }
+                r.truncate(&lens)?;
+            }
         }
         self.seen = new_seen;
         Ok(())
@@ -216,8 +354,8 @@ impl LayerStore {
         let Some((shape, ..)) = self.layout else {
             return Ok(());
         };
-        check_batch_indices(indices, shape.batch)?;
-        self.map_batch(|t| Ok(t.f_index_select(0, &indices.f_to(t.device())?)?))
+        let order = check_batch_indices(indices, shape.batch)?;
+        self.reorder_batch(&order)
     }
 
     /// Repeats every batch row `repeats` times in place (row i becomes rows i*r..(i+1)*r).
@@ -228,24 +366,100 @@ impl LayerStore {
                 format!("got {repeats}, expected >= 1"),
             ));
         }
-        self.map_batch(|t| Ok(t.f_repeat_interleave_self_int(repeats, 0, None)?))
+        let Some((shape, ..)) = self.layout else {
+            return Ok(());
+        };
+        let order: Vec<usize> = (0..shape.batch)
+            .flat_map(|b| std::iter::repeat_n(b, repeats as usize))
+            .collect();
+        self.reorder_batch(&order)
     }
 
-    fn map_batch(&mut self, f: impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
-        if self.keys.is_none() {
+    fn reorder_batch(&mut self, order: &[usize]) -> Result<()> {
+        let Some(rows) = &self.rows else {
             return Ok(());
-        }
-        for b in [&mut self.keys, &mut self.values, &mut self.positions]
-            .into_iter()
-            .flatten()
-        {
-            *b = TokenBuffer::adopt(f(&b.view()?)?);
-        }
-        if let (Some(kb), Some((mut shape, vd, kind, device))) = (&self.keys, self.layout) {
-            shape.batch = kb.view()?.size()[0] as usize;
+        };
+        let new_rows = match rows {
+            Rows::Uniform(u) => {
+                let idx =
+                    Tensor::f_from_slice(&order.iter().map(|&b| b as i64).collect::<Vec<_>>())?;
+                Rows::Uniform(
+                    u.map_batch(&|t: &Tensor| Ok(t.f_index_select(0, &idx.f_to(t.device())?)?))?,
+                )
+            }
+            Rows::Ragged(r) => Rows::Ragged(r.select_batch(order)?),
+        };
+        self.rows = Some(new_rows);
+        if let Some((mut shape, vd, kind, device)) = self.layout {
+            shape.batch = order.len();
             self.layout = Some((shape, vd, kind, device));
         }
         Ok(())
+    }
+
+    /// Re-rotates the kept keys to compact positions ending right before `next_position`:
+    /// in every row, kept token i of n moves to position next_position − n + i with one
+    /// delta rotation (`rope.shift`), and the store continues at `next_position`. Rows
+    /// with fewer tokens leave a gap before their first token, never after their last.
+    pub fn rerotate(&mut self, rope: &Rope, next_position: usize) -> Result<()> {
+        let seen = self.seen;
+        let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        if next_position < self.len() {
+            return Err(KvError::invalid(
+                "next_position",
+                format!(
+                    "{next_position} leaves no room for the {} tokens of the longest row",
+                    self.len()
+                ),
+            ));
+        }
+        let compact = |n: usize| -> Result<Tensor> {
+            Ok(Tensor::f_arange_start(
+                (next_position - n) as i64,
+                next_position as i64,
+                (Kind::Int, Device::Cpu),
+            )?)
+        };
+        match self.rows.as_mut().ok_or_else(empty_store)? {
+            Rows::Uniform(u) => {
+                let n = u.len();
+                let old = u.positions()?;
+                let new = compact(n)?
+                    .f_view([1, 1, n as i64])?
+                    .f_expand([batch as i64, heads as i64, n as i64], false)?;
+                let delta = new
+                    .f_sub(&old)?
+                    .f_to_kind(Kind::Int64)?
+                    .f_to(u.keys.view()?.device())?;
+                let rotated = rope.shift(&u.keys.view()?, &delta, Some(seen))?;
+                u.keys = buffer::TokenBuffer::adopt(rotated);
+                u.positions = Some(buffer::TokenBuffer::adopt(new.f_contiguous()?));
+            }
+            Rows::Ragged(r) => {
+                for i in 0..r.keys.len() {
+                    let (keys, _, old) = r.row(i)?;
+                    let n = keys.size()[2] as usize;
+                    let new = compact(n)?.f_view([1, 1, n as i64])?;
+                    let delta = new
+                        .f_sub(&old)?
+                        .f_to_kind(Kind::Int64)?
+                        .f_to(keys.device())?;
+                    r.keys[i] =
+                        buffer::TokenBuffer::adopt(rope.shift(&keys, &delta, Some(seen))?);
+                    r.positions[i] = buffer::TokenBuffer::adopt(new.f_contiguous()?);
+                }
+            }
+        }
+        self.seen = next_position;
+        Ok(())
+    }
+
+    /// Attention of `query` (batch, q_heads, q, head_dim) over every row of this layer —
+    /// the way to attend over ragged rows — after the q newest tokens were appended.
+    /// Returns (batch, q, q_heads, head_dim), as transformers' attention functions do.
+    pub fn attend_rows(&self, query: &Tensor, scaling: f64) -> Result<Tensor> {
+        let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        attention::attend_rows(query, batch, heads, scaling, |b, h| self.row_views(b, h))
     }
 
     /// Drops everything: the store is as new.
@@ -254,8 +468,9 @@ impl LayerStore {
     }
 }
 
-/// Checks that `indices` is a non-empty int64 vector of batch rows in [0, batch).
-pub(crate) fn check_batch_indices(indices: &Tensor, batch: usize) -> Result<()> {
+/// Checks that `indices` is a non-empty int64 vector of batch rows in [0, batch) and
+/// returns them as the new row order.
+pub(crate) fn check_batch_indices(indices: &Tensor, batch: usize) -> Result<Vec<usize>> {
     let size = indices.size();
     if size.len() != 1 || size[0] == 0 {
         return Err(KvError::shape(
@@ -268,17 +483,14 @@ pub(crate) fn check_batch_indices(indices: &Tensor, batch: usize) -> Result<()> 
     if kind != Kind::Int64 {
         return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
     }
-    let (lo, hi) = (
-        indices.f_min()?.f_int64_value(&[])?,
-        indices.f_max()?.f_int64_value(&[])?,
-    );
-    if lo < 0 || hi >= batch as i64 {
+    let order: Vec<i64> = Vec::<i64>::try_from(indices.f_to(Device::Cpu)?)?;
+    if let Some(&bad) = order.iter().find(|&&b| b < 0 || b >= batch as i64) {
         return Err(KvError::invalid(
             "indices",
-            format!("batch rows must lie in [0, {}), got [{lo}, {hi}]", batch),
+            format!("batch rows must lie in [0, {batch}), got {bad}"),
         ));
     }
-    Ok(())
+    Ok(order.into_iter().map(|b| b as usize).collect())
 }
 
 fn empty_store() -> KvError {

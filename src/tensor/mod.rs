@@ -12,22 +12,25 @@ pub use element::{KvFloat, TorchElement, FLOAT_KINDS};
 pub use view::{array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4};
 
 use crate::error::{KvError, Result};
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::cell::Cell;
 use tch::{Device, Kind, Tensor};
 
-/// Whether CPU tensors go through the fused Rust kernels (the default) or through the
-/// libtorch ops that every other device uses. The libtorch path is what CUDA runs;
-/// switching it on for CPU tensors lets tests and benchmarks exercise and compare it on a
-/// machine without a GPU.
-static CPU_KERNELS: AtomicBool = AtomicBool::new(true);
+thread_local! {
+    /// Whether CPU tensors go through the fused Rust kernels (the default) or through the
+    /// libtorch ops that every other device uses. The libtorch path is what CUDA runs;
+    /// switching it on for CPU tensors lets tests and benchmarks exercise and compare it on
+    /// a machine without a GPU. Per thread, so that one caller's choice never changes the
+    /// path another thread's work takes.
+    static CPU_KERNELS: Cell<bool> = const { Cell::new(true) };
+}
 
-/// Enables (default) or disables the fused CPU kernels, process-wide.
+/// Enables (default) or disables the fused CPU kernels for work started from this thread.
 pub fn set_cpu_kernels(enabled: bool) {
-    CPU_KERNELS.store(enabled, Ordering::SeqCst);
+    CPU_KERNELS.with(|c| c.set(enabled));
 }
 
 pub fn cpu_kernels_enabled() -> bool {
-    CPU_KERNELS.load(Ordering::SeqCst)
+    CPU_KERNELS.with(Cell::get)
 }
 
 /// Whether work on `t` runs in the Rust CPU kernels (else: libtorch ops on its device).

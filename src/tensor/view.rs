@@ -43,19 +43,6 @@ impl<'a, D: Dimension> FloatView<'a, D> {
     }
 }
 
-impl<'a> FloatView<'a, ndarray::Ix3> {
-    /// A (batch, heads, tokens) view as (batch, heads, tokens, 1), for kernels written
-    /// over 4-D KV layouts.
-    pub fn with_unit_last_axis(self) -> FloatView4<'a> {
-        let last = ndarray::Axis(3);
-        match self {
-            FloatView::F32(v) => FloatView::F32(v.insert_axis(last)),
-            FloatView::F16(v) => FloatView::F16(v.insert_axis(last)),
-            FloatView::Bf16(v) => FloatView::Bf16(v.insert_axis(last)),
-        }
-    }
-}
-
 /// Runs `$body` with `$v` bound to the typed view inside a [`FloatView`].
 #[macro_export]
 macro_rules! with_float_view {

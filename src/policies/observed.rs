@@ -1,0 +1,81 @@
+//! ObservedAttention / H2O (Zhang et al. 2023): the attention each token received from
+//! every prompt query, divided by the number of queries that could see it (T − j), averaged
+//! over each KV head's group. Computed here from the queries, chunk by chunk, so the model
+//! need not run eager attention nor materialise the full T × T weights.
+
+use super::attention_weights::{group_mean, group_size, repeat_kv};
+use super::{QueryWindow, ScoreInput, Scorer};
+use crate::error::{KvError, Result};
+use tch::{Kind, Tensor};
+
+#[derive(Clone, Copy, Debug)]
+pub struct ObservedAttention {
+    chunk: usize,
+}
+
+impl ObservedAttention {
+    /// `chunk_size` queries are processed at a time (memory: chunk × T weights per head).
+    pub fn new(chunk_size: usize) -> Result<Self> {
+        if chunk_size == 0 {
+            return Err(KvError::invalid("chunk_size", "got 0, expected at least 1"));
+        }
+        Ok(ObservedAttention { chunk: chunk_size })
+    }
+}
+
+impl Scorer for ObservedAttention {
+    fn name(&self) -> &'static str {
+        "observed_attention"
+    }
+
+    fn query_window(&self) -> QueryWindow {
+        QueryWindow::All
+    }
+
+    fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
+        let queries = input.require_queries(self.name())?;
+        let keys = input.keys;
+        let (t, d) = (keys.size()[2], keys.size()[3]);
+        if queries.size()[2] != t {
+            return Err(KvError::shape(
+                "queries",
+                &queries.size(),
+                format!("the queries of all {t} prompt tokens"),
+            ));
+        }
+        let keys_t = repeat_kv(keys, group_size(queries, keys)?)?.f_transpose(-1, -2)?;
+        let scaling = 1.0 / (d as f64).sqrt();
+        let cols = Tensor::f_arange(t, (Kind::Int64, keys.device()))?;
+        let mut received: Option<Tensor> = None;
+        let mut start = 0;
+        while start < t {
+            let n = (self.chunk as i64).min(t - start);
+            // eager attention's chain: logits in the model dtype, softmax in float32, weights
+            // cast back to the model dtype; accumulated in float32 across chunks.
+            let logits = queries
+                .f_narrow(2, start, n)?
+                .f_matmul(&keys_t)?
+                .f_mul_scalar(scaling)?;
+            let rows = Tensor::f_arange_start(start, start + n, (Kind::Int64, keys.device()))?;
+            let future = cols.f_unsqueeze(0)?.f_gt_tensor(&rows.f_unsqueeze(1)?)?;
+            let weights = logits
+                .f_masked_fill(&future, f64::NEG_INFINITY)?
+                .f_softmax(-1, Kind::Float)?
+                .f_to_kind(keys.kind())?;
+            let part = weights.f_sum_dim_intlist([2i64].as_slice(), false, Kind::Float)?;
+            received = Some(match received {
+                None => part,
+                Some(acc) => acc.f_add(&part)?,
+            });
+            start += n;
+        }
+        let received = received
+            .ok_or_else(|| KvError::empty("keys", "no tokens to score"))?
+            .f_to_kind(keys.kind())?;
+        let observers = Tensor::f_arange(t, (Kind::Int64, keys.device()))?
+            .f_neg()?
+            .f_add_scalar(t)?
+            .f_to_kind(keys.kind())?;
+        group_mean(&received.f_div(&observers)?, keys.size()[1])
+    }
+}

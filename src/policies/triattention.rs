@@ -1,0 +1,232 @@
+//! TriAttention (Mao et al., 2026; the seed paper): pre-RoPE queries concentrate around a
+//! fixed center per head, so the logit a future query gives a key is a trigonometric
+//! series in their distance. A key is scored by that series — the mean query's center q̄
+//! times the key, rotated to the future query positions t0 + δ (δ = 1, 2, 4, …, 2^(n−1))
+//! and averaged over δ — plus a norm term Σ_f (mean |q_f| − |q̄_f|)·|k_f| that credits
+//! the key where queries are not concentrated. Per query head, z-normalised over the
+//! keys; each KV head takes the max (or mean) over its group.
+//!
+//! The cheap form of the reference runtime: with post-RoPE keys k̃, the series is one dot
+//! product ⟨k̃, u⟩ with u_f = q̄_f · mean_δ e^{iω_f (t0 + δ)}, so no key is un-rotated and
+//! key positions are not needed — only t0, the next position. Query statistics come from
+//! the prompt's queries here (inverse-rotated exactly); `src/policies/triattention.rs` is
+//! also the scorer decoding-time compression uses with calibrated statistics.
+
+use super::{QueryWindow, ScoreInput, Scorer};
+use crate::error::{KvError, Result};
+use crate::rope::{Layout, Rope};
+use std::f64::consts::TAU;
+use tch::{Kind, Tensor};
+
+/// How a KV head combines the scores of its group of query heads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum GroupAggregation {
+    Max,
+    Mean,
+}
+
+#[derive(Clone, Copy, Debug)]
+pub struct TriAttention {
+    n_offsets: usize,
+    normalize: bool,
+    aggregation: GroupAggregation,
+}
+
+/// Pre-RoPE query statistics of one layer: per query head, the center q̄ and the mean
+/// magnitude m of every frequency pair (rotated channels) and channel (the rest).
+#[derive(Debug)]
+pub struct QueryStats {
+    /// (batch, q_heads, F) real and imaginary parts of q̄_f, and mean |q_f|.
+    pub center_re: Tensor,
+    pub center_im: Tensor,
+    pub magnitude: Tensor,
+    /// (batch, q_heads, head_dim − rotary_dim): mean and mean |·| of unrotated channels.
+    pub rest_mean: Tensor,
+    pub rest_magnitude: Tensor,
+}
+
+impl TriAttention {
+    pub fn new(n_offsets: usize, normalize: bool, aggregation: String) -> Result<Self> {
+        if n_offsets == 0 || n_offsets > 40 {
+            return Err(KvError::invalid(
+                "n_offsets",
+                format!("got {n_offsets}, expected 1..=40 (offsets 1, 2, 4, … 2^(n−1))"),
+            ));
+        }
+        let aggregation = match aggregation.as_str() {
+            "max" => GroupAggregation::Max,
+            "mean" => GroupAggregation::Mean,
+            other => {
+                return Err(KvError::invalid(
+                    "aggregation",
+                    format!("got {other:?}, expected \"max\" or \"mean\""),
+                ))
+            }
+        };
+        Ok(TriAttention {
+            n_offsets,
+            normalize,
+            aggregation,
+        })
+    }
+
+    /// The scores of `keys` (batch, kv_heads, T, d), post-RoPE, for queries after
+    /// position `t0` − 1 with statistics `stats`.
+    pub fn score_with_stats(
+        &self,
+        keys: &Tensor,
+        stats: &QueryStats,
+        rope: &Rope,
+        t0: usize,
+    ) -> Result<Tensor> {
+        let (b, kv_heads, t, d) = {
+            let s = keys.size();
+            (s[0], s[1], s[2], s[3])
+        };
+        let q_heads = stats.center_re.size()[1];
+        if q_heads % kv_heads != 0 {
+            return Err(KvError::shape(
+                "queries",
+                &stats.center_re.size(),
+                format!("a multiple of the {kv_heads} KV heads"),
+            ));
+        }
+        let group = q_heads / kv_heads;
+        let device = keys.device();
+        let rotary = rope.rotary_dim() as i64;
+        let f = rotary / 2;
+        // W_f = mean over δ of e^{iω_f (t0 + δ)}, angles in f64 reduced modulo 2π.
+        let omega = rope.inv_freq(Some(t0.max(1)));
+        let (mut w_re, mut w_im) = (vec![0f32; f as usize], vec![0f32; f as usize]);
+        for (i, &w) in omega.iter().enumerate() {
+            let (mut re, mut im) = (0f64, 0f64);
+            for k in 0..self.n_offsets {
+                let angle = ((w * ((t0 as f64) + (1u64 << k) as f64)) % TAU + TAU) % TAU;
+                re += angle.cos();
+                im += angle.sin();
+            }
+            w_re[i] = (re / self.n_offsets as f64) as f32;
+            w_im[i] = (im / self.n_offsets as f64) as f32;
+        }
+        let w_re = Tensor::f_from_slice(&w_re)?.f_to(device)?;
+        let w_im = Tensor::f_from_slice(&w_im)?.f_to(device)?;
+        // u_f = q̄_f · W_f (complex product): (b, q_heads, F)
+        let u_re = stats
+            .center_re
+            .f_mul(&w_re)?
+            .f_sub(&stats.center_im.f_mul(&w_im)?)?;
+        let u_im = stats
+            .center_re
+            .f_mul(&w_im)?
+            .f_add(&stats.center_im.f_mul(&w_re)?)?;
+        let (k_re, k_im) = split_pairs(&keys.f_to_kind(Kind::Float)?, rope.layout(), rotary)?; // (b, hk, T, F)
+        let k_abs = k_re.f_square()?.f_add(&k_im.f_square()?)?.f_sqrt()?;
+        let s = rope.attention_scaling();
+        let center_abs = stats
+            .center_re
+            .f_square()?
+            .f_add(&stats.center_im.f_square()?)?
+            .f_sqrt()?;
+        let spread = stats.magnitude.f_sub(&center_abs)?; // m_f − |q̄_f| >= 0
+                                                          // per query head: Σ_f (u_re k_re + u_im k_im + spread |k|) / s, grouped by KV head
+        let grouped = |x: &Tensor| -> Result<Tensor> { Ok(x.f_view([b, kv_heads, group, -1])?) };
+        let per_pair = grouped(&u_re)?
+            .f_matmul(&k_re.f_transpose(-1, -2)?)?
+            .f_add(&grouped(&u_im)?.f_matmul(&k_im.f_transpose(-1, -2)?)?)?
+            .f_add(&grouped(&spread)?.f_matmul(&k_abs.f_transpose(-1, -2)?)?)?
+            .f_div_scalar(s)?; // (b, hk, g, T)
+        let mut scores = per_pair;
+        if d > rotary {
+            let rest = keys
+                .f_narrow(-1, rotary, d - rotary)?
+                .f_to_kind(Kind::Float)?;
+            let rest_spread = stats.rest_magnitude.f_sub(&stats.rest_mean.f_abs()?)?;
+            let unrotated = grouped(&stats.rest_mean)?
+                .f_matmul(&rest.f_transpose(-1, -2)?)?
+                .f_add(&grouped(&rest_spread)?.f_matmul(&rest.f_abs()?.f_transpose(-1, -2)?)?)?;
+            scores = scores.f_add(&unrotated)?;
+        }
+        if self.normalize {
+            let mean = scores.f_mean_dim(-1, true, Kind::Float)?;
+            let std = scores.f_std_correction(-1, 0, true)?.f_clamp_min(1e-6)?;
+            scores = scores.f_sub(&mean)?.f_div(&std)?;
+        }
+        let _ = t;
+        Ok(match self.aggregation {
+            GroupAggregation::Max => scores.f_amax([2i64].as_slice(), false)?,
+            GroupAggregation::Mean => scores.f_mean_dim(2, false, Kind::Float)?,
+        })
+    }
+}
+
+/// Real and imaginary parts of the rotated channel pairs of x (…, d): pair f is
+/// (x[f], x[f + F]) in rotate-half layout, (x[2f], x[2f + 1]) interleaved.
+fn split_pairs(x: &Tensor, layout: Layout, rotary: i64) -> Result<(Tensor, Tensor)> {
+    let f = rotary / 2;
+    Ok(match layout {
+        Layout::RotateHalf => (x.f_narrow(-1, 0, f)?, x.f_narrow(-1, f, f)?),
+        Layout::Interleaved => {
+            let pairs = x.f_narrow(-1, 0, rotary)?;
+            let mut shape = pairs.size();
+            shape.pop();
+            shape.extend([f, 2]);
+            let pairs = pairs.f_reshape(shape.as_slice())?;
+            (pairs.f_select(-1, 0)?, pairs.f_select(-1, 1)?)
+        }
+    })
+}
+
+/// Query statistics from post-RoPE queries (batch, q_heads, T, d) at positions 0..T,
+/// inverse-rotated exactly.
+pub fn query_stats(queries: &Tensor, rope: &Rope) -> Result<QueryStats> {
+    let t = queries.size()[2];
+    let d = queries.size()[3];
+    let positions = Tensor::f_arange(t, (Kind::Int64, queries.device()))?;
+    let pre = rope
+        .invert(queries, &positions, Some(t as usize))?
+        .f_to_kind(Kind::Float)?;
+    let rotary = rope.rotary_dim() as i64;
+    let (re, im) = split_pairs(&pre, rope.layout(), rotary)?;
+    let magnitude = re
+        .f_square()?
+        .f_add(&im.f_square()?)?
+        .f_sqrt()?
+        .f_mean_dim(2, false, Kind::Float)?;
+    let rest = pre.f_narrow(-1, rotary, d - rotary)?;
+    Ok(QueryStats {
+        center_re: re.f_mean_dim(2, false, Kind::Float)?,
+        center_im: im.f_mean_dim(2, false, Kind::Float)?,
+        magnitude,
+        rest_mean: rest.f_mean_dim(2, false, Kind::Float)?,
+        rest_magnitude: rest.f_abs()?.f_mean_dim(2, false, Kind::Float)?,
+    })
+}
+
+impl Scorer for TriAttention {
+    fn name(&self) -> &'static str {
+        "triattention"
+    }
+
+    fn query_window(&self) -> QueryWindow {
+        QueryWindow::All
+    }
+
+    fn needs_rope(&self) -> bool {
+        true
+    }
+
+    fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
+        let queries = input.require_queries(self.name())?;
+        let rope = input.require_rope(self.name())?;
+        let t = input.keys.size()[2];
+        if queries.size()[2] != t {
+            return Err(KvError::shape(
+                "queries",
+                &queries.size(),
+                format!("the queries of all {t} prompt tokens"),
+            ));
+        }
+        let stats = query_stats(queries, rope)?;
+        self.score_with_stats(input.keys, &stats, rope, t as usize)
+    }
+}
