@@ -269,6 +269,45 @@ impl PyQuantizedStore {
         .map(PyTensor)
     }
 
+    /// Attention of ``query`` over the union of this store's tokens and those of the
+    /// ``past`` stores (mixed precision: tokens kept at other bits), one softmax over all.
+    /// This store holds the most recent tokens (``mask`` as in :meth:`attend`); the
+    /// ``past`` stores only tokens that precede every query. Returns (batch, q_len,
+    /// q_heads, value head_dim) in the query's dtype.
+    #[pyo3(signature = (past, query, mask, scaling))]
+    fn attend_union(
+        slf: Bound<'_, Self>,
+        past: Vec<Bound<'_, PyQuantizedStore>>,
+        query: PyTensor,
+        mask: Option<PyTensor>,
+        scaling: f64,
+    ) -> PyResult<PyTensor> {
+        let me = slf.get();
+        let others: Vec<&PyQuantizedStore> = past.iter().map(|p| p.get()).collect();
+        if others.iter().any(|&p| std::ptr::eq(p, me)) {
+            return Err(to_pyerr(KvError::invalid(
+                "past",
+                "a store cannot be both the recent store and a past one",
+            )));
+        }
+        detached(slf.py(), move || {
+            let recent = me.lock()?;
+            let guards = others
+                .iter()
+                .map(|p| p.lock())
+                .collect::<Result<Vec<_>>>()?;
+            let refs: Vec<&QuantizedStore> = guards.iter().map(|g| &**g).collect();
+            crate::quant::union::attend_union(
+                &recent,
+                &refs,
+                &query.0,
+                mask.as_ref().map(|m| &m.0),
+                scaling,
+            )
+        })
+        .map(PyTensor)
+    }
+
     /// Every stored token dequantized: (keys, values), each (batch, kv_heads, seen,
     /// head_dim) in the cache dtype (new tensors).
     fn dequantize(slf: Bound<'_, Self>) -> PyResult<(PyTensor, PyTensor)> {
@@ -315,6 +354,16 @@ impl PyQuantizedStore {
     #[getter]
     fn seen(&self) -> PyResult<usize> {
         Ok(self.lock().map_err(to_pyerr)?.seen())
+    }
+
+    /// ``(batch, kv_heads)`` of the stored tensors; None before the first append.
+    #[getter]
+    fn batch_heads(&self) -> PyResult<Option<(usize, usize)>> {
+        Ok(self
+            .lock()
+            .map_err(to_pyerr)?
+            .shape()
+            .map(|s| (s.batch, s.heads)))
     }
 
     /// Tokens kept in full precision as attention sinks.

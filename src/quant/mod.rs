@@ -13,6 +13,8 @@
 //!   (other devices), identical codes;
 //! - [`store`]: [`QuantizedStore`], one layer's cache (sinks, blocks, residual window);
 //! - [`attention`]: attention over a store (fused CPU kernel, libtorch path);
+//! - [`union`]: attention over several stores of one layer (mixed precision), merged by
+//!   log-sum-exp;
 //! - [`simd`]: CPU feature dispatch and vectorizable math.
 
 pub mod attention;
@@ -26,6 +28,7 @@ pub mod pack;
 pub mod qtensor;
 pub mod simd;
 pub mod store;
+pub mod union;
 
 pub use config::{Grouping, QuantConfig};
 pub use layout::TensorLayout;

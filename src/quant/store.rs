@@ -314,6 +314,21 @@ impl QuantizedStore {
     pub fn attend(&self, query: &Tensor, mask: Option<&Tensor>, scaling: f64) -> Result<Tensor> {
         let shape = self.shape.ok_or_else(empty_store)?;
         let inputs = AttendInputs::new(self, &shape, query, mask, scaling)?;
+        let (out, _) = attention::attend(self, &inputs)?;
+        Ok(out.f_to_kind(query.kind())?)
+    }
+
+    /// [`attend`](Self::attend) in f32, with the log-sum-exp of every query row's scores
+    /// (batch, q_len, q_heads; −inf for a row that sees nothing): attention over several
+    /// stores merges these ([`attend_union`](super::union::attend_union)).
+    pub fn attend_with_lse(
+        &self,
+        query: &Tensor,
+        mask: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let shape = self.shape.ok_or_else(empty_store)?;
+        let inputs = AttendInputs::new(self, &shape, query, mask, scaling)?;
         attention::attend(self, &inputs)
     }
 

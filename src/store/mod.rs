@@ -244,6 +244,40 @@ impl LayerStore {
         }
     }
 
+    /// [`retain`](Self::retain), returning the tokens it frees instead of dropping them:
+    /// keys and values (batch, kv_heads, n − k, head_dim), each row's in stored order
+    /// (mixed precision keeps them elsewhere, at lower precision). Uniform rows only.
+    pub fn retain_split(&mut self, indices: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Some(Rows::Uniform(u)) = self.rows.as_ref() else {
+            return Err(match self.rows {
+                None => empty_store(),
+                Some(_) => KvError::Unsupported(
+                    "keeping evicted tokens of ragged rows (a per-head budget) is not supported"
+                        .into(),
+                ),
+            });
+        };
+        let (n, k) = (
+            self.len() as i64,
+            indices.size().last().copied().unwrap_or(0),
+        );
+        let keys = u.keys.view()?;
+        let (b, h) = (keys.size()[0], keys.size()[1]);
+        // The complement of `indices` per row, ascending: a stable sort puts the zeros
+        // (evicted) first, in index order.
+        let kept = Tensor::f_zeros([b, h, n], (Kind::Int8, keys.device()))?.f_scatter_value(
+            2,
+            &indices.f_to(keys.device())?,
+            1i64,
+        )?;
+        let (_, order) = kept.f_sort_stable(true, 2, false)?;
+        let evicted = order.f_narrow(2, 0, n - k)?;
+        let split = u.gathered(&evicted)?;
+        let out = (split.keys.view()?, split.values.view()?);
+        self.retain(indices)?;
+        Ok(out)
+    }
+
     /// Keeps, in row r = b * kv_heads + h, only the stored tokens at `rows[r]` (int64
     /// (k_r,), ascending): rows may keep different counts, and the bytes held follow them.
     /// When every row keeps the same count the rows stay uniform.

@@ -32,12 +32,14 @@ use crate::with_float_view;
 use half::f16;
 use ndarray::{ArrayView3, Ix3, Ix4};
 use rayon::prelude::*;
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 /// Fewest quantized tiles per piece (smaller pieces cost more in scheduling than they save).
 const MIN_TILES_PER_PIECE: usize = 8;
 
-pub(super) fn attend(store: &QuantizedStore, inp: &AttendInputs<'_>) -> Result<Tensor> {
+/// The attention output (batch, q_len, q_heads, value head_dim) in f32 and the log-sum-exp
+/// of each query row's scores (batch, q_len, q_heads), −inf where it sees nothing.
+pub(super) fn attend(store: &QuantizedStore, inp: &AttendInputs<'_>) -> Result<(Tensor, Tensor)> {
     let kind = store.shape().map(|s| s.kind).unwrap_or(Kind::Float);
     match kind {
         Kind::Float => attend_typed::<f32>(store, inp),
@@ -128,7 +130,10 @@ fn fp_part<'a, T: KvFloat>(
     })
 }
 
-fn attend_typed<T: KvFloat>(store: &QuantizedStore, inputs: &AttendInputs<'_>) -> Result<Tensor> {
+fn attend_typed<T: KvFloat>(
+    store: &QuantizedStore,
+    inputs: &AttendInputs<'_>,
+) -> Result<(Tensor, Tensor)> {
     let inp = &inputs.dims;
     let (key_layout, value_layout) = store
         .layouts()
@@ -253,6 +258,7 @@ fn attend_typed<T: KvFloat>(store: &QuantizedStore, inputs: &AttendInputs<'_>) -
 
     // Merge the pieces of each (batch, kv head) and write (batch, q_len, q_heads, dv).
     let mut out = vec![0f32; inp.batch * inp.q_len * inp.q_heads * dv];
+    let mut lse = vec![f32::NEG_INFINITY; inp.batch * inp.q_len * inp.q_heads];
     let mut by_row: Vec<Vec<&State>> = (0..bh_count).map(|_| Vec::new()).collect();
     for (piece, state) in pieces.iter().zip(&states) {
         by_row[piece.bh].push(state);
@@ -287,6 +293,7 @@ fn attend_typed<T: KvFloat>(store: &QuantizedStore, inputs: &AttendInputs<'_>) -
             let head = h * inp.n_rep + j;
             let dst = &mut out[((b * inp.q_len + i) * inp.q_heads + head) * dv..][..dv];
             if l > 0.0 {
+                lse[(b * inp.q_len + i) * inp.q_heads + head] = m + l.ln();
                 let inv = 1.0 / l;
                 for (o, (a, c)) in dst.iter_mut().zip(acc_q.iter().zip(&acc_f)) {
                     *o = (a + c) * inv;
@@ -300,10 +307,11 @@ fn attend_typed<T: KvFloat>(store: &QuantizedStore, inputs: &AttendInputs<'_>) -
         inp.q_heads as i64,
         dv as i64,
     ];
-    Ok(Tensor::f_from_slice(&out)?
-        .f_view(shape)?
-        .f_to_kind(inputs.query.kind())?
-        .f_to_device(Device::Cpu)?)
+    let lse_shape = [inp.batch as i64, inp.q_len as i64, inp.q_heads as i64];
+    Ok((
+        Tensor::f_from_slice(&out)?.f_view(shape)?,
+        Tensor::f_from_slice(&lse)?.f_view(lse_shape)?,
+    ))
 }
 
 multiversion!(fn run_piece<T: KvFloat; const BITS: u32>(ctx: &Ctx<'_, T>, piece: &Piece) -> State => run_piece_body);

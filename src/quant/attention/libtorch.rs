@@ -9,7 +9,12 @@ use crate::quant::libtorch::decode_f32;
 use crate::quant::store::QuantizedStore;
 use tch::{Kind, Tensor};
 
-pub(super) fn attend(store: &QuantizedStore, inputs: &AttendInputs<'_>) -> Result<Tensor> {
+/// As the CPU kernel: the f32 output (batch, q_len, q_heads, value head_dim) and the
+/// log-sum-exp of each query row's scores (batch, q_len, q_heads).
+pub(super) fn attend(
+    store: &QuantizedStore,
+    inputs: &AttendInputs<'_>,
+) -> Result<(Tensor, Tensor)> {
     let inp = &inputs.dims;
     let (b, h, rep, qn) = (
         inp.batch as i64,
@@ -67,6 +72,11 @@ pub(super) fn attend(store: &QuantizedStore, inputs: &AttendInputs<'_>) -> Resul
         Some(a) => scores.f_masked_fill(&a.f_logical_not()?, f64::NEG_INFINITY)?,
         None => scores,
     };
+    let lse = scores
+        .f_logsumexp(&[-1i64][..], false)?
+        .f_view([b, h, rep, qn])?
+        .f_permute([0, 3, 1, 2])?
+        .f_reshape([b, qn, h * rep])?;
     // Rows that may see nothing give NaN in softmax: they output zeros instead.
     let p = scores
         .f_softmax(-1, Kind::Float)?
@@ -96,9 +106,9 @@ pub(super) fn attend(store: &QuantizedStore, inputs: &AttendInputs<'_>) -> Resul
         out_quant = fwht_tensor(&out_quant)?;
     }
     let out = out_quant.f_add(&out_full)?;
-    Ok(out
+    let out = out
         .f_view([b, h, rep, qn, dv])?
         .f_permute([0, 3, 1, 2, 4])?
-        .f_reshape([b, qn, h * rep, dv])?
-        .f_to_kind(inputs.query.kind())?)
+        .f_reshape([b, qn, h * rep, dv])?;
+    Ok((out, lse))
 }

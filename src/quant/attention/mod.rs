@@ -156,7 +156,12 @@ impl Dims {
     }
 }
 
-pub(crate) fn attend(store: &QuantizedStore, inputs: &AttendInputs<'_>) -> Result<Tensor> {
+/// The f32 output (batch, q_len, q_heads, value head_dim) and the log-sum-exp of every
+/// query row's scores (batch, q_len, q_heads): what merging with other stores needs.
+pub(crate) fn attend(
+    store: &QuantizedStore,
+    inputs: &AttendInputs<'_>,
+) -> Result<(Tensor, Tensor)> {
     if uses_cpu_kernels(inputs.query) {
         cpu::attend(store, inputs)
     } else {
