@@ -111,16 +111,7 @@ class QuantizedLayer(CacheLayerMixin):
         if not self._attend_from_store:
             return attention(module, query, key, value, attention_mask, **kwargs)
         self._attend_from_store = False
-        if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or (
-            module.training and kwargs.get("dropout", 0.0)
-        ):
-            keys, values = self._store.dequantize()
-            return attention(module, query, keys, values, attention_mask, **kwargs)
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
-        mask = _visible(attention_mask, query.shape[-2])
-        return self._store.attend(query, mask, float(scaling)), None
+        return attend_store(self._store, attention, module, query, attention_mask, kwargs)
 
     def _forward_started(self) -> None:
         self._attend_from_store = False
@@ -170,6 +161,31 @@ class QuantizedLayer(CacheLayerMixin):
 
     def __repr__(self) -> str:
         return f"QuantizedLayer(layer_idx={self.layer_idx}, {self._store!r})"
+
+
+def attend_store(
+    store: QuantizedStore,
+    attention: Any,
+    module: torch.nn.Module,
+    query: torch.Tensor,
+    attention_mask: torch.Tensor | None,
+    kwargs: dict[str, Any],
+) -> tuple[torch.Tensor, None]:
+    """Attention of ``query`` over every token of ``store`` through the fused Rust kernel;
+    options the kernel does not implement (soft-capping, sliding windows, attention sinks,
+    dropout while training) go through the model's own ``attention`` over dequantized
+    copies instead. Shared by :class:`QuantizedLayer` and the quantized phase of
+    :class:`~kvpress_rs.CompressedLayer`."""
+    if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or (
+        module.training and kwargs.get("dropout", 0.0)
+    ):
+        keys, values = store.dequantize()
+        return attention(module, query, keys, values, attention_mask, **kwargs)
+    scaling = kwargs.get("scaling")
+    if scaling is None:
+        scaling = getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+    mask = _visible(attention_mask, query.shape[-2])
+    return store.attend(query, mask, float(scaling)), None
 
 
 def _visible(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | None:
