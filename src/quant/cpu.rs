@@ -207,6 +207,9 @@ multiversion!(fn encode_unit<T: KvFloat;>(layout: &TensorLayout, x: &ArrayView4<
 
 /// Quantizes tokens `t0..t0+G` of (b, h) into `out`; false if a group's range does not fit
 /// float16. (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
+// `M` (the CPU feature set) is unused in the body on purpose: the macro's per-feature copies
+// let the compiler vectorize with those features; the arithmetic itself is exact.
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn encode_unit_body<M: Madd, T: KvFloat>(
     layout: &TensorLayout,
@@ -412,6 +415,8 @@ pub(crate) struct TileData<'a, T> {
 
 multiversion!(fn decode_unit<T: KvFloat; const BITS: u32, const G: usize>(layout: &TensorLayout, tile: &TileData<'_, T>, scratch: &mut Scratch, dst: &mut [T]) -> () => decode_unit_body);
 
+// `M` unused on purpose, as in `encode_unit_body`.
+#[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
     layout: &TensorLayout,

@@ -157,10 +157,10 @@ pub fn dequant_group<M: Madd, const BITS: u32, const G: usize>(
             let high = &bytes[n4..n4 + n8];
             for k in 0..4 {
                 for half in 0..2 {
-                    for i in 0..n8 {
+                    for (i, &hb) in high.iter().enumerate() {
                         let j = half * n8 + i;
                         let m = 2 * k + half;
-                        let c = ((low[j] >> (2 * k)) & 3) | (((high[i] >> m) & 1) << 2);
+                        let c = ((low[j] >> (2 * k)) & 3) | (((hb >> m) & 1) << 2);
                         out[k * n4 + j] = f(c);
                     }
                 }

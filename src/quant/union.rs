@@ -82,17 +82,13 @@ mod tests {
     fn merging_halves_equals_softmax_over_the_whole() {
         let s = Tensor::from_slice(&[0.3f32, -1.0, 2.0, 0.5]).view([1, 4]);
         let v = Tensor::from_slice(&[1.0f32, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0]).view([1, 4, 2]);
-        let whole = s
-            .softmax(-1, Kind::Float)
-            .unsqueeze(-1)
-            .mul(&v)
-            .sum_dim_intlist(1, false, Kind::Float);
+        let weighted =
+            |p: &Tensor, v: &Tensor| (p.unsqueeze(-1) * v).sum_dim_intlist(1, false, Kind::Float);
+        let whole = weighted(&s.softmax(-1, Kind::Float), &v);
         let part = |a: i64| {
             let sc = s.narrow(1, a, 2);
-            let p = sc.softmax(-1, Kind::Float).unsqueeze(-1);
             (
-                p.mul(&v.narrow(1, a, 2))
-                    .sum_dim_intlist(1, false, Kind::Float),
+                weighted(&sc.softmax(-1, Kind::Float), &v.narrow(1, a, 2)),
                 sc.logsumexp([-1i64], false),
             )
         };
