@@ -8,6 +8,7 @@ import sys
 
 COMMANDS = {
     "presses": ("kvpress_rs.bench.presses", "eviction policies vs kvpress 0.5.5: overhead and needle answers"),
+    "quant": ("kvpress_rs.bench.quant", "quantized caches vs fp and quanto: ppl, decode, kernels, bytes, frontier"),
 }
 
 
