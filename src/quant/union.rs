@@ -70,7 +70,8 @@ pub fn merge(outs: &[Tensor], lses: &[Tensor]) -> Result<Tensor> {
     let num = out
         .f_mul(&w.f_unsqueeze(-1)?)?
         .f_sum_dim_intlist(0, false, Kind::Float)?;
-    let den = den.f_clamp_min(f64::MIN_POSITIVE)?.f_unsqueeze(-1)?;
+    // f32 (not f64) smallest normal: an f64 one would round to 0 in f32 and give 0/0.
+    let den = den.f_clamp_min(f32::MIN_POSITIVE as f64)?.f_unsqueeze(-1)?;
     Ok(num.f_div(&den)?)
 }
 
