@@ -223,8 +223,7 @@ mod tests {
     #[test]
     fn directed_rounding_brackets_the_value() {
         for v in [
-            0.0f32, 1.0, -1.0, 0.1, -0.1, 3.3, -2.7, 1e-6, -1e-6, 6e-8, 65504.0, 1e-9,
-            -1e-9,
+            0.0f32, 1.0, -1.0, 0.1, -0.1, 3.3, -2.7, 1e-6, -1e-6, 6e-8, 65504.0, 1e-9, -1e-9,
         ] {
             let (d, u) = (f16_down(v).to_f32(), f16_up(v).to_f32());
             assert!(d <= v && v <= u, "{v}: {d} {u}");
