@@ -29,7 +29,7 @@ STAMP_TF52  := $(TF_OLDEST_DIR)/.stamp
 STAMP_BUILD := $(VENV)/.stamp-build
 RUST_SRC    := $(shell find src -name '*.rs') Cargo.toml pyproject.toml .cargo/config.toml
 
-.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps bench-deps style clean
+.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps style clean bench-deps bench-quant
 
 demo: $(STAMP_BUILD)
 	$(VPY) -m kvpress_rs.demo
@@ -91,7 +91,19 @@ $(STAMP_KVPRESS): $(STAMP_DEPS)
 		"tokenizers==$(TF_OLDEST_TOKENIZERS)"
 	touch $@
 
+
+# Optional benchmark inputs (not needed by `make test`): optimum-quanto for transformers'
+# QuantizedCache, and Jane Austen's novels from the Debian package r-cran-janeaustenr,
+# unpacked into the kvpress_rs cache folder (read by kvpress_rs.data.austen_novels).
+AUSTEN_DIR  ?= $(HOME)/.cache/kvpress_rs/janeaustenr
 bench-deps: $(STAMP_BUILD) $(STAMP_KVPRESS)
+	$(PIP) install -q "optimum-quanto==0.2.7"
+	test -f $(AUSTEN_DIR)/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb || \
+		(mkdir -p $(AUSTEN_DIR) && cd $(AUSTEN_DIR) && apt-get download r-cran-janeaustenr && \
+		 dpkg-deb -x r-cran-janeaustenr_*.deb . && rm -f r-cran-janeaustenr_*.deb)
+
+bench-quant: $(STAMP_BUILD) bench-deps
+	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(VPY) -m kvpress_rs.bench quant all
 
 style: $(STAMP_DEPS)
 	cargo fmt --check

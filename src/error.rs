@@ -51,6 +51,10 @@ pub enum KvError {
     #[error("{0}")]
     State(String),
 
+    /// An option or feature that is recognised but not implemented (yet).
+    #[error("not supported: {0}")]
+    Unsupported(String),
+
     /// libtorch reported an error.
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),

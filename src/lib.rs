@@ -13,7 +13,7 @@
 //! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
 //! - [`chunks`]: reusable chunk caches placed at new positions (one shift per chunk), and
 //!   the choice of tokens to recompute.
-//! - [`quant`]: quantization (to come).
+//! - [`quant`]: quantized KV caches (bit-packed blocks, fused attention).
 
 pub mod budget;
 pub mod chunks;

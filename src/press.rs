@@ -249,6 +249,41 @@ impl Press {
         retain(store, kept)
     }
 
+    /// [`compress`](Self::compress) that returns the tokens it evicts — keys and values
+    /// (batch, kv_heads, n_evicted, head_dim) — instead of dropping them (mixed precision);
+    /// None when it keeps every token. Uniform head budgets only.
+    pub fn compress_split(
+        &self,
+        store: &mut LayerStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let (keys, values) = (store.keys_view()?, store.values_view()?);
+        let n_kept = self.n_kept(store.len(), layer_idx)?;
+        if n_kept >= store.len() {
+            check_finite(&keys, "keys")?;
+            check_finite(&values, "values")?;
+            return Ok(None);
+        }
+        let kept = self.kept(&keys, &values, queries, layer_idx)?;
+        retain_split(store, kept).map(Some)
+    }
+
+    /// [`compress_scored`](Self::compress_scored) that returns the evicted tokens (see
+    /// [`compress_split`](Self::compress_split)).
+    pub fn compress_scored_split(
+        &self,
+        store: &mut LayerStore,
+        scores: &Tensor,
+        n_kept: usize,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        if n_kept >= store.len() {
+            return Ok(None);
+        }
+        let kept = self.select(scores, n_kept)?;
+        retain_split(store, kept).map(Some)
+    }
+
     /// Keeps, in `store`, the `n_kept` best tokens of earlier `scores` (the second half of a
     /// compression whose budgets needed every layer).
     pub fn compress_scored(
@@ -262,6 +297,17 @@ impl Press {
         }
         let kept = self.select(scores, n_kept)?;
         retain(store, kept)
+    }
+}
+
+fn retain_split(store: &mut LayerStore, kept: Kept) -> Result<(Tensor, Tensor)> {
+    match kept {
+        Kept::Uniform(indices) => store.retain_split(&indices),
+        Kept::Rows(_) => Err(KvError::Unsupported(
+            "keeping evicted tokens at low precision (low_bits) with a per-head budget \
+             (head_budget='adakv') is not supported"
+                .into(),
+        )),
     }
 }
 

@@ -67,3 +67,19 @@ def test_streaming_llm_half_cache_still_finds_a_recent_needle(smollm2_bf16):
     out = greedy(model, prompt.input_ids, half, 24)
     answer = tokenizer.decode(out[0, prompt.input_ids.shape[1] :], skip_special_tokens=True)
     assert prompt.is_correct(answer), answer
+
+
+def test_quantized_cache_generates_like_dynamic_cache(smollm2_bf16):
+    """8-bit codes (residual window 0: every whole group of 32 tokens is quantized) give the
+    same greedy continuation as the bf16 DynamicCache; 4 bits runs through the same path."""
+    model, tokenizer = smollm2_bf16
+    ids = needle_prompt(tokenizer, context_tokens=300, depth=0.5).input_ids
+    expected = greedy(model, ids, DynamicCache(config=model.config), 24)
+    cache = kvpress_rs.QuantizedKVCache(model, bits=8, residual_length=0)
+    assert torch.equal(greedy(model, ids, cache, 24), expected)
+    assert cache.stats()["quantized_tokens"][0] == (ids.shape[1] + 23) // 32 * 32
+    four = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32, sink_tokens=4)
+    out = greedy(model, ids, four, 24)
+    assert out.shape == expected.shape
+    bf16_bytes = 30 * 2 * 3 * 64 * 2  # bytes per token of the bf16 cache
+    assert four.nbytes < bf16_bytes * (ids.shape[1] + 23) * 0.5

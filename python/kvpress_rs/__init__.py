@@ -12,7 +12,7 @@ Swap one object in ``generate``::
 import torch  # noqa: F401
 
 from . import chunks, errors, ops, rope
-from ._native import __version__
+from ._native import QuantConfig, __version__
 from .cache import CompressedLayer, KVCache
 from .chunks import AssembledCache, ChunkStore
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
@@ -31,6 +31,7 @@ from .policies import (
     TOVACache,
     TriAttentionCache,
 )
+from .quantized import QuantizedKVCache, QuantizedLayer
 from .rope import Rope
 
 __all__ = [
@@ -50,6 +51,9 @@ __all__ = [
     "CAKECache",
     "ExpectedAttentionCache",
     "TriAttentionCache",
+    "QuantizedKVCache",
+    "QuantizedLayer",
+    "QuantConfig",
     "Rope",
     "ChunkStore",
     "AssembledCache",

@@ -23,10 +23,11 @@ _MARK = "_kvpress_rs_hooks"
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
     from .cache import KVCache
+    from .quantized import QuantizedKVCache
 
     for key in ("past_key_values", "cache"):
         cache = kwargs.get(key)
-        if isinstance(cache, KVCache):
+        if isinstance(cache, (KVCache, QuantizedKVCache)):
             return cache
     return None
 

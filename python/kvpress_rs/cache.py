@@ -6,6 +6,16 @@ A :class:`KVCache` is a ``transformers.Cache`` whose full-attention layers are
 the press scores the tokens and the store frees all but the kept ones. Later forwards
 (decoding, a question, the next chat turn) append without compression.
 
+With ``quantization=QuantConfig(...)`` the kept tokens are then quantized once: at the end of
+the prefill forward (after any cross-layer budget allocation and re-rotation) the layer
+moves them from its ``LayerStore`` into a Rust ``QuantizedStore`` and frees the former;
+from then on it behaves like a :class:`~kvpress_rs.QuantizedLayer` (append-only blocks,
+fused attention over the codes) whose first token sits after the evicted ones.
+
+With ``low_bits`` as well (mixed precision, MiKV), the tokens the policy evicts are not
+dropped: they go, once, into a second ``QuantizedStore`` at ``low_bits``, and attention runs
+over both stores with one softmax (``QuantizedStore.attend_union``).
+
 Positions: the cache reports tokens SEEN from ``get_seq_length()`` so that generation
 continues at the right position, and describes the keys it actually STORES to the mask
 (``get_mask_sizes``), offset so that a multi-token chunk after compression stays causal.
@@ -19,35 +29,98 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from . import _compat, attention
-from ._native import LayerStore, Press
-from .rope import Rope
 from ._guard import TokenLog
 from ._hooks import install_model_hooks
-from .errors import CacheStateError, UnsupportedModelError
+from ._native import LayerStore, Press, QuantConfig, QuantizedStore
+from .errors import CacheStateError, InvalidArgumentError, UnsupportedError, UnsupportedModelError
 from .models import decoder_config
+from .quantized import _UNSUPPORTED_KWARGS, attend_store
+from .rope import Rope
 
 
 class CompressedLayer(CacheLayerMixin):
     """One full-attention layer of a :class:`KVCache`: a Rust ``LayerStore`` plus the
     shared press, adapted to transformers' ``CacheLayerMixin`` interface. Without a press
-    (an assembled cache of reused chunks) it only appends."""
+    (an assembled cache of reused chunks) it only appends. With a ``quantization`` config,
+    the tokens kept after the prefill move to a Rust ``QuantizedStore`` (see the module
+    docstring)."""
 
     is_sliding = False
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, press: Press | None, layer_idx: int):
+    def __init__(
+        self,
+        press: Press | None,
+        layer_idx: int,
+        quantization: QuantConfig | None = None,
+        low_quantization: QuantConfig | None = None,
+    ):
         super().__init__()
         self._store = LayerStore()
         self._press = press
         self.layer_idx = layer_idx
         self._pending_compression = False
         self._scored: tuple[torch.Tensor, float] | None = None
+        self._quantization = quantization
+        self._low_quantization = low_quantization  # mixed precision: evicted tokens' config
+        self._evicted_kv: tuple[torch.Tensor, torch.Tensor] | None = None
+        self._low: QuantizedStore | None = None
+        # After quantization: the kept tokens (and every later one) and how many tokens seen
+        # before them were evicted (so that seen = evicted + stored).
+        self._qstore: QuantizedStore | None = None
+        self._evicted = 0
+        self._attend_quantized = False
+
+    @property
+    def _seen(self) -> int:
+        return self._stored + self._evicted if self._qstore is not None else self._store.seen
+
+    @property
+    def _stored(self) -> int:
+        if self._qstore is None:
+            return self._store.stored
+        return self._qstore.seen + (self._low.seen if self._low is not None else 0)
+
+    def _quantize_kept(self) -> None:
+        """Moves the kept tokens into a quantized store, once, after the compression
+        (and any re-rotation) of the prefill; a no-op otherwise."""
+        if (
+            self._quantization is None
+            or self._qstore is not None
+            or not self._store.seen
+            or self._pending_compression
+            or self._scored is not None
+        ):
+            return
+        if self._store.is_ragged:
+            raise UnsupportedError("quantization of ragged rows (head_budget='adakv') is not supported")
+        qstore = QuantizedStore(self._quantization)
+        qstore.append(self._store.keys(), self._store.values())
+        self._evicted = self._store.seen - self._store.stored
+        if self._evicted_kv is not None:  # mixed precision: keep them at low_bits
+            self._low = QuantizedStore(self._low_quantization)
+            self._low.append(*self._evicted_kv)
+            self._evicted -= self._low.seen
+            self._evicted_kv = None
+        self._store.reset()
+        self._qstore = qstore
+
+    def _dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """Every stored token dequantized (the low-precision ones first, so NOT in position
+        order with mixed precision; attention does not depend on the order)."""
+        keys, values = self._qstore.dequantize()
+        if self._low is not None:
+            low_k, low_v = self._low.dequantize()
+            keys, values = torch.cat([low_k, keys], dim=-2), torch.cat([low_v, values], dim=-2)
+        return keys, values
 
     # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store
     # (None for ragged rows, which no single tensor holds: read them with `row`).
     @property
     def keys(self) -> torch.Tensor | None:
+        if self._qstore is not None:  # a dequantized copy (inspection only)
+            return self._dequantized()[0]
         return self._store.keys() if self._store.seen and not self._store.is_ragged else None
 
     @keys.setter
@@ -57,6 +130,8 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def values(self) -> torch.Tensor | None:
+        if self._qstore is not None:  # a dequantized copy (inspection only)
+            return self._dequantized()[1]
         return self._store.values() if self._store.seen and not self._store.is_ragged else None
 
     @values.setter
@@ -73,6 +148,13 @@ class CompressedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor]:
         if not self.is_initialized:
             self.lazy_initialization(key_states, value_states)
+        self._quantize_kept()  # without model hooks, the first forward after the prefill
+        if self._qstore is not None:
+            self._qstore.append(key_states, value_states)
+            if attention.serves(self):
+                self._attend_quantized = True  # `attend` reads the store
+                return key_states, value_states
+            return self._dequantized()
         is_prefill = self._store.seen == 0
         keys, values = self._store.append(key_states, value_states)
         if is_prefill and self._press is not None:
@@ -96,7 +178,15 @@ class CompressedLayer(CacheLayerMixin):
     ) -> tuple[torch.Tensor, torch.Tensor | None]:
         """This layer's attention (called by ``attention.kvpress_attention``): the model's
         own attention over what ``update`` returned — or, for ragged rows, head by head in
-        Rust — then the prefill compression, which sees this layer's queries."""
+        Rust — then the prefill compression, which sees this layer's queries. Once
+        quantized, the fused Rust kernel over the codes."""
+        if self._attend_quantized:
+            self._attend_quantized = False
+            if self._low is not None:
+                return self._attend_mixed(attention, module, query, attention_mask, kwargs)
+            if attention_mask is not None and attention_mask.shape[-1] != self._qstore.seen:
+                attention_mask = _fit_mask(attention_mask, self._qstore.seen, query.shape[-2])
+            return attend_store(self._qstore, attention, module, query, attention_mask, kwargs)
         if self._store.is_ragged:
             scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
             return self._store.attend_rows(query, float(scaling)), None
@@ -113,16 +203,38 @@ class CompressedLayer(CacheLayerMixin):
                 self._compress(query)
         return output
 
+    def _attend_mixed(
+        self, attention: Any, module: torch.nn.Module, query: torch.Tensor, mask: torch.Tensor | None, kwargs: dict
+    ) -> tuple[torch.Tensor, None]:
+        """Attention over the kept (``bits``) and the low-precision (``low_bits``) stores
+        with one softmax. The two stores do not follow position order, so the only mask
+        they can honour is causality among the new tokens."""
+        q_len = query.shape[-2]
+        if mask is not None:
+            visible = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min
+            if not bool(visible[..., : visible.shape[-1] - q_len].all()):
+                raise UnsupportedError("low_bits (mixed precision) does not support padding masks (left-padded batches)")
+        if any(kwargs.get(name) is not None for name in _UNSUPPORTED_KWARGS) or (module.training and kwargs.get("dropout")):
+            raise UnsupportedError("low_bits (mixed precision) supports plain attention only (no softcap, sliding window, sinks)")
+        scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
+        return self._qstore.attend_union([self._low], query, None, float(scaling)), None
+
     def _score(self, query: torch.Tensor) -> tuple[torch.Tensor, float]:
         return self._store.score(self._press, self.layer_idx, query)
 
     def _compress(self, query: torch.Tensor | None) -> None:
         self._pending_compression = False
-        self._store.compress(self._press, self.layer_idx, query if self._press.query_window else None)
+        self._evicted_kv = self._store.compress(
+            self._press,
+            self.layer_idx,
+            query if self._press.query_window else None,
+            keep_evicted=self._low_quantization is not None,
+        )
 
     def _forward_started(self) -> None:
         self._pending_compression = False
         self._scored = None
+        self._attend_quantized = False
 
     def _forward_finished(self) -> None:
         # A model whose attention does not go through transformers' attention interface
@@ -137,11 +249,11 @@ class CompressedLayer(CacheLayerMixin):
             self._compress(None)
 
     def get_seq_length(self) -> int:
-        return self._store.seen
+        return self._seen
 
     def get_mask_sizes(self, cache_position_or_query_length: torch.Tensor | int) -> tuple[int, int]:
         query_length = _compat.query_length(cache_position_or_query_length)
-        stored, seen = self._store.stored, self._store.seen
+        stored, seen = self._stored, self._seen
         return stored + query_length, seen - stored
 
     def get_max_length(self) -> int:
@@ -150,24 +262,36 @@ class CompressedLayer(CacheLayerMixin):
     def get_max_cache_shape(self) -> int:
         return -1
 
+    @property
+    def _active(self) -> LayerStore | QuantizedStore:
+        return self._qstore if self._qstore is not None else self._store
+
     def reset(self) -> None:
         self._store.reset()
+        self._qstore, self._evicted, self._attend_quantized = None, 0, False
+        self._low, self._evicted_kv = None, None
         self.is_initialized = False
 
     def crop(self, max_length_or_tokens_to_remove: int) -> None:
-        self._store.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._store.seen))
+        self._active.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._seen))
+
+    def _stores(self) -> list[LayerStore | QuantizedStore]:
+        return [self._active] + ([self._low] if self._low is not None else [])
 
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        self._store.index_batch(beam_idx.to(torch.long).flatten())
+        for store in self._stores():
+            store.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         indices = torch.as_tensor(indices)
         if indices.dtype == torch.bool:
             indices = indices.nonzero()
-        self._store.index_batch(indices.to(torch.long).flatten())
+        for store in self._stores():
+            store.index_batch(indices.to(torch.long).flatten())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
-        self._store.repeat_interleave_batch(repeats)
+        for store in self._stores():
+            store.repeat_interleave_batch(repeats)
 
     def offload(self):
         raise NotImplementedError("offloading is not supported by kvpress_rs caches")
@@ -177,11 +301,13 @@ class CompressedLayer(CacheLayerMixin):
 
     @property
     def nbytes(self) -> int:
-        """Bytes held by this layer: keys, values and kept positions."""
-        return self._store.nbytes
+        """Bytes held by this layer: keys, values and kept positions — once quantized,
+        codes, scales/zeros, outliers, sinks and the residual window (positions are not
+        kept), plus the low-precision store with ``low_bits``."""
+        return sum(store.nbytes for store in self._stores())
 
     def __repr__(self) -> str:
-        return f"CompressedLayer(layer_idx={self.layer_idx}, {self._store!r})"
+        return f"CompressedLayer(layer_idx={self.layer_idx}, {self._active!r})"
 
 
 class KVCache(Cache):
@@ -212,6 +338,16 @@ class KVCache(Cache):
         float64) so that generation continues at position n_kept instead of the number of
         tokens seen. With per-layer or per-head budgets, every row is compacted to end
         right before the same next position (the longest row's length).
+    quantization : kvpress_rs.QuantConfig, optional
+        Quantize the kept tokens once, right after the compression (and re-rotation) of
+        the prefill, and every later token append-only, as :class:`QuantizedKVCache`
+        does. Not available with ``head_budget="adakv"`` (ragged rows); once quantized, a
+        layer no longer keeps the original positions (``kept_positions`` raises).
+    low_bits : int, optional
+        Mixed precision (MiKV), with ``quantization``: the tokens the policy would evict are
+        kept, quantized once at ``low_bits`` (2, 3, 4 or 8; the other options of
+        ``quantization``, no residual window), instead of dropped; attention covers both
+        precisions with one softmax. Not with ``rerotate`` nor with left-padded batches.
     **policy_kwargs
         Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random),
         ``window_size``/``kernel_size`` (SnapKV, 64/5), ``lag_size`` (LagKV), ...
@@ -235,9 +371,35 @@ class KVCache(Cache):
         layer_budget: str = "uniform",
         head_budget: str = "uniform",
         rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
         **policy_kwargs: Any,
     ):
         config = decoder_config(model)
+        if quantization is not None:
+            if not isinstance(quantization, QuantConfig):
+                raise InvalidArgumentError(
+                    f"`quantization` must be a kvpress_rs.QuantConfig or None, got {type(quantization).__name__}"
+                )
+            if head_budget == "adakv":
+                raise UnsupportedError(
+                    "`quantization` with head_budget='adakv' is not supported: AdaKV stores ragged "
+                    "rows (per-head lengths), the quantized store uniform ones; use head_budget='uniform'"
+                )
+            head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+            quantization.check_head_dims(head_dim)
+        self.quantization = quantization
+        self.low_quantization = None
+        if low_bits is not None:
+            if quantization is None:
+                raise InvalidArgumentError("`low_bits` needs `quantization` (the precision of the kept tokens)")
+            if rerotate:
+                raise UnsupportedError("`low_bits` with rerotate=True is not supported: low-precision tokens keep their positions")
+            q = quantization
+            self.low_quantization = QuantConfig(
+                bits=low_bits, group_size=q.group_size, residual_length=0, key_grouping=q.key_grouping,
+                value_grouping=q.value_grouping, hadamard=q.hadamard, outlier_fraction=q.outlier_fraction,
+            )
         if not _has_rope(config):
             raise UnsupportedModelError(
                 f"`model` ({type(config).__name__}) has no rotary position embedding config "
@@ -264,7 +426,9 @@ class KVCache(Cache):
         # transformers decides which layers are sliding-window; those stay as they are.
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
-            layers.append(CompressedLayer(self.press, idx) if type(layer) is DynamicLayer else layer)
+            layers.append(
+                CompressedLayer(self.press, idx, quantization, self.low_quantization) if type(layer) is DynamicLayer else layer
+            )
         super().__init__(layers=layers)
         self._token_log = TokenLog()
         if isinstance(model, torch.nn.Module):
@@ -305,11 +469,13 @@ class KVCache(Cache):
             self._allocate(scored)
         if self.rerotate:
             self._rerotate()
+        for _, layer in self._compressed_layers():
+            layer._quantize_kept()
 
     def _rerotate(self) -> None:
         """Compacts the kept keys' positions (after a compression) so that every layer ends
         right before one shared next position."""
-        layers = [layer for _, layer in self._compressed_layers() if layer._store.seen]
+        layers = [layer for _, layer in self._compressed_layers() if layer._store.seen and layer._qstore is None]
         if not layers or not any(layer._store.has_evicted for layer in layers):
             return
         next_position = max(layer._store.stored for layer in layers)
@@ -324,7 +490,9 @@ class KVCache(Cache):
         for layer, n_kept in zip(scored, budgets):
             scores, _ = layer._scored
             layer._scored = None
-            layer._store.compress_scored(self.press, scores, n_kept)
+            layer._evicted_kv = layer._store.compress_scored(
+                self.press, scores, n_kept, keep_evicted=layer._low_quantization is not None
+            )
 
     def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
         self._token_log.record(input_ids)
@@ -343,6 +511,8 @@ class KVCache(Cache):
         layer = self.layers[layer_idx]
         if not isinstance(layer, CompressedLayer):
             raise CacheStateError(f"layer {layer_idx} is a {type(layer).__name__}, not a compressed layer")
+        if layer._qstore is not None:
+            raise CacheStateError(f"layer {layer_idx} is quantized: original positions are not kept after quantization")
         positions = layer._store.kept_positions()
         if isinstance(positions, torch.Tensor):
             return positions
@@ -376,7 +546,7 @@ class KVCache(Cache):
         kept, rows, per_layer = [], [], []
         for layer in self.layers:
             if isinstance(layer, CompressedLayer):
-                lengths = layer._store.lengths()
+                lengths = layer._store.lengths() if layer._qstore is None else [layer._stored] * _rows(layer._qstore)
                 rows.append(lengths)
                 mean = sum(lengths) / len(lengths) if lengths else 0
                 kept.append(int(mean) if mean == int(mean) else mean)
@@ -407,6 +577,11 @@ def _fit_mask(mask: torch.Tensor, kv_length: int, query_length: int) -> torch.Te
     visible = True if mask.dtype == torch.bool else 0.0
     head = torch.full((*mask.shape[:-1], stored), visible, dtype=mask.dtype, device=mask.device)
     return torch.cat([head, mask[..., -query_length:]], dim=-1)
+
+
+def _rows(store: QuantizedStore) -> int:
+    batch, heads = store.batch_heads
+    return batch * heads
 
 
 def _has_rope(config: Any) -> bool:

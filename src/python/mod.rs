@@ -8,6 +8,7 @@ mod conversion;
 mod errors;
 mod ops;
 mod press;
+mod quant;
 mod rope;
 mod store;
 
@@ -20,6 +21,7 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<press::PyPress>()?;
     m.add_class::<store::PyLayerStore>()?;
     ops::register(m)?;
+    quant::register(m)?;
     rope::register(m)?;
     chunks::register(m)?;
     Ok(())

@@ -71,22 +71,34 @@ impl PyLayerStore {
 
     /// Scores the stored tokens with ``press`` and frees all but the kept ones.
     /// ``queries`` (batch, q_heads, q, head_dim): the post-RoPE queries of the last q
-    /// stored tokens, for presses whose policy needs them.
-    #[pyo3(signature = (press, layer_idx, queries=None))]
+    /// stored tokens, for presses whose policy needs them. With ``keep_evicted``, returns
+    /// the evicted tokens' (keys, values), each (batch, kv_heads, n_evicted, head_dim),
+    /// or None when nothing is evicted (mixed precision keeps them elsewhere).
+    #[pyo3(signature = (press, layer_idx, queries=None, keep_evicted=false))]
     fn compress(
         slf: Bound<'_, Self>,
         press: Bound<'_, PyPress>,
         layer_idx: usize,
         queries: Option<PyTensor>,
-    ) -> PyResult<()> {
+        keep_evicted: bool,
+    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
         let me = slf.get();
         let press = press.get();
         let queries = queries.map(|q| q.0);
-        detached(slf.py(), move || {
-            press
-                .inner
-                .compress(&mut *me.lock()?, layer_idx, queries.as_ref())
-        })
+        let evicted = detached(slf.py(), move || {
+            let mut store = me.lock()?;
+            if keep_evicted {
+                press
+                    .inner
+                    .compress_split(&mut store, layer_idx, queries.as_ref())
+            } else {
+                press
+                    .inner
+                    .compress(&mut store, layer_idx, queries.as_ref())
+                    .map(|_| None)
+            }
+        })?;
+        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
     }
 
     /// Scores the stored tokens with ``press`` without evicting any: returns the scores
@@ -114,20 +126,32 @@ impl PyLayerStore {
         Ok((PyTensor(scored.scores), scored.preference))
     }
 
-    /// Keeps the ``n_kept`` best tokens of ``scores`` (from :meth:`score`).
+    /// Keeps the ``n_kept`` best tokens of ``scores`` (from :meth:`score`); with
+    /// ``keep_evicted``, returns the evicted tokens as :meth:`compress` does.
+    #[pyo3(signature = (press, scores, n_kept, keep_evicted=false))]
     fn compress_scored(
         slf: Bound<'_, Self>,
         press: Bound<'_, PyPress>,
         scores: PyTensor,
         n_kept: usize,
-    ) -> PyResult<()> {
+        keep_evicted: bool,
+    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
         let me = slf.get();
         let press = press.get();
-        detached(slf.py(), move || {
-            press
-                .inner
-                .compress_scored(&mut *me.lock()?, &scores.0, n_kept)
-        })
+        let evicted = detached(slf.py(), move || {
+            let mut store = me.lock()?;
+            if keep_evicted {
+                press
+                    .inner
+                    .compress_scored_split(&mut store, &scores.0, n_kept)
+            } else {
+                press
+                    .inner
+                    .compress_scored(&mut store, &scores.0, n_kept)
+                    .map(|_| None)
+            }
+        })?;
+        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
     }
 
     /// Re-rotates the kept keys to compact positions ending right before ``next_position``

@@ -1,4 +1,36 @@
-//! KV-cache quantization (bit-packed, append-only blocks; see `docs/ARCHITECTURE.md`).
+//! KV-cache quantization: bit-packed, append-only blocks and attention that reads them in
+//! place (see `docs/ARCHITECTURE.md`).
 //!
-//! Not implemented yet: this module reserves the place of the quantized store, whose
-//! blocks `store::LayerStore` will hold next to (or instead of) full-precision tokens.
+//! One concept per file:
+//! - [`config`]: the options ([`QuantConfig`], [`Grouping`]) and their validation;
+//! - [`pack`]: bit packing of one group of 2/3/4/8-bit codes (planar layout);
+//! - [`group`]: the arithmetic of one group (float16 scale/zero with directed rounding,
+//!   codes, outlier selection), shared by every path;
+//! - [`hadamard`]: the orthonormal fast Walsh–Hadamard rotation;
+//! - [`layout`]: where each group of a quantized tensor lives;
+//! - [`qtensor`]: [`QuantizedTensor`], a quantized (batch, heads, tokens, head_dim) tensor;
+//! - [`cpu`] / [`libtorch`]: quantize and dequantize with Rust kernels (CPU) or libtorch ops
+//!   (other devices), identical codes;
+//! - [`store`]: [`QuantizedStore`], one layer's cache (sinks, blocks, residual window);
+//! - [`attention`]: attention over a store (fused CPU kernel, libtorch path);
+//! - [`union`]: attention over several stores of one layer (mixed precision), merged by
+//!   log-sum-exp;
+//! - [`simd`]: CPU feature dispatch and vectorizable math.
+
+pub mod attention;
+pub mod config;
+pub(crate) mod cpu;
+pub mod group;
+pub mod hadamard;
+pub mod layout;
+pub(crate) mod libtorch;
+pub mod pack;
+pub mod qtensor;
+pub mod simd;
+pub mod store;
+pub mod union;
+
+pub use config::{Grouping, QuantConfig};
+pub use layout::TensorLayout;
+pub use qtensor::QuantizedTensor;
+pub use store::QuantizedStore;

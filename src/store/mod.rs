@@ -351,6 +351,40 @@ impl LayerStore {
         }
     }
 
+    /// [`retain`](Self::retain), returning the tokens it frees instead of dropping them:
+    /// keys and values (batch, kv_heads, n − k, head_dim), each row's in stored order
+    /// (mixed precision keeps them elsewhere, at lower precision). Uniform rows only.
+    pub fn retain_split(&mut self, indices: &Tensor) -> Result<(Tensor, Tensor)> {
+        let Some(Rows::Uniform(u)) = self.rows.as_ref() else {
+            return Err(match self.rows {
+                None => empty_store(),
+                Some(_) => KvError::Unsupported(
+                    "keeping evicted tokens of ragged rows (a per-head budget) is not supported"
+                        .into(),
+                ),
+            });
+        };
+        let (n, k) = (
+            self.len() as i64,
+            indices.size().last().copied().unwrap_or(0),
+        );
+        let keys = u.keys.view()?;
+        let (b, h) = (keys.size()[0], keys.size()[1]);
+        // The complement of `indices` per row, ascending: a stable sort puts the zeros
+        // (evicted) first, in index order.
+        let kept = Tensor::f_zeros([b, h, n], (Kind::Int8, keys.device()))?.f_scatter_value(
+            2,
+            &indices.f_to(keys.device())?,
+            1i64,
+        )?;
+        let (_, order) = kept.f_sort_stable(true, 2, false)?;
+        let evicted = order.f_narrow(2, 0, n - k)?;
+        let split = u.gathered(&evicted)?;
+        let out = (split.keys.view()?, split.values.view()?);
+        self.retain(indices)?;
+        Ok(out)
+    }
+
     /// Keeps, in row r = b * kv_heads + h, only the stored tokens at `rows[r]` (int64
     /// (k_r,), ascending): rows may keep different counts, and the bytes held follow them.
     /// When every row keeps the same count the rows stay uniform.
@@ -461,26 +495,7 @@ impl LayerStore {
         let Some((shape, ..)) = self.layout else {
             return Ok(());
         };
-        let size = indices.size();
-        if size.len() != 1 || size[0] == 0 {
-            return Err(KvError::shape(
-                "indices",
-                &size,
-                "a non-empty vector of batch rows",
-            ));
-        }
-        let kind = crate::tensor::kind_of(indices, "indices")?;
-        if kind != Kind::Int64 {
-            return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
-        }
-        let order: Vec<i64> = Vec::<i64>::try_from(indices.f_to(Device::Cpu)?)?;
-        if let Some(&bad) = order.iter().find(|&&b| b < 0 || b >= shape.batch as i64) {
-            return Err(KvError::invalid(
-                "indices",
-                format!("batch rows must lie in [0, {}), got {bad}", shape.batch),
-            ));
-        }
-        let order: Vec<usize> = order.into_iter().map(|b| b as usize).collect();
+        let order = check_batch_indices(indices, shape.batch)?;
         self.reorder_batch(&order)
     }
 
@@ -592,6 +607,31 @@ impl LayerStore {
     pub fn reset(&mut self) {
         *self = LayerStore::default();
     }
+}
+
+/// Checks that `indices` is a non-empty int64 vector of batch rows in [0, batch) and
+/// returns them as the new row order.
+pub(crate) fn check_batch_indices(indices: &Tensor, batch: usize) -> Result<Vec<usize>> {
+    let size = indices.size();
+    if size.len() != 1 || size[0] == 0 {
+        return Err(KvError::shape(
+            "indices",
+            &size,
+            "a non-empty vector of batch rows",
+        ));
+    }
+    let kind = crate::tensor::kind_of(indices, "indices")?;
+    if kind != Kind::Int64 {
+        return Err(KvError::dtype("indices", kind_name(kind), "torch.int64"));
+    }
+    let order: Vec<i64> = Vec::<i64>::try_from(indices.f_to(Device::Cpu)?)?;
+    if let Some(&bad) = order.iter().find(|&&b| b < 0 || b >= batch as i64) {
+        return Err(KvError::invalid(
+            "indices",
+            format!("batch rows must lie in [0, {batch}), got {bad}"),
+        ));
+    }
+    Ok(order.into_iter().map(|b| b as usize).collect())
 }
 
 fn empty_store() -> KvError {

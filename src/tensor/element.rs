@@ -16,7 +16,7 @@ macro_rules! torch_element {
     ($($t:ty => $k:expr),* $(,)?) => { $(impl TorchElement for $t { const KIND: Kind = $k; })* };
 }
 
-torch_element!(f32 => Kind::Float, f64 => Kind::Double, f16 => Kind::Half, bf16 => Kind::BFloat16, i32 => Kind::Int, i64 => Kind::Int64, u8 => Kind::Uint8);
+torch_element!(f32 => Kind::Float, f64 => Kind::Double, f16 => Kind::Half, bf16 => Kind::BFloat16, i32 => Kind::Int, i64 => Kind::Int64, u8 => Kind::Uint8, bool => Kind::Bool);
 
 /// A float element of a KV tensor: f32, f16 or bf16. Kernels are generic over it and
 /// accumulate in f32 (bf16 sums and norms lose too much to rank tokens reliably).

@@ -91,6 +91,7 @@ pub fn variant(e: &KvError) -> &'static str {
         KvError::NonFinite { .. } => "NonFinite",
         KvError::Empty { .. } => "Empty",
         KvError::State(_) => "State",
+        KvError::Unsupported(_) => "Unsupported",
         KvError::Torch(_) => "Torch",
     }
 }

@@ -1,0 +1,386 @@
+"""``python -m kvpress_rs.bench quant <part> [options]``: quantized KV caches side by side with
+the full-precision cache and transformers' ``QuantizedCache`` (optimum-quanto backend, when
+installed: ``make bench-deps``), on SmolLM2-135M-Instruct in bfloat16, in one process.
+
+Parts (``all`` runs every one):
+
+- ``ppl``: perplexity of 256 teacher-forced continuation tokens after Austen prefixes
+  (Emma, from token 2000 on). The prefix is the prefill (every cache attends in full
+  precision there); the continuation is ONE forward of 255 tokens over the cache, so the
+  continuation's own tokens enter the cache (and are quantized in blocks) before they are
+  attended to. Printed as ratios to the fp cache.
+- ``decode``: decode ms/token (median of ``--steps`` greedy steps after warm-up) after a
+  prefill of each length; the cache's own cost is that minus the DynamicCache's ms/token at
+  a 128-token context.
+- ``kernels``: quantize and dequantize throughput on a (1, 8, 8192, 128) tensor against
+  ``tensor.clone()`` of the same bytes (medians of ``--repeats``).
+- ``bytes``: KV bytes held after a prefill vs the formula (bits + 32/G)/16 of float16 for
+  the quantized tokens plus the full-precision residual window and sinks.
+- ``frontier``: memory-matched configurations (low bits with eviction) at >= 10x less KV
+  memory than the bf16 cache: bytes ratio, perplexity ratio and needle-in-a-haystack
+  answers (5 depths) at each length.
+
+Example: ``python -m kvpress_rs.bench quant ppl --lengths 2048 6144``. Results are printed
+and written as JSON (``--out``). Set ``MALLOC_MMAP_THRESHOLD_=33554432
+MALLOC_TRIM_THRESHOLD_=1073741824`` for stable timings (see the README).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import time
+import warnings
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+
+BF16_NOTE = "SmolLM2-135M-Instruct, bfloat16, CPU"
+
+# Our configurations: name -> QuantizedKVCache keyword arguments.
+OURS = {
+    "ours-8b": dict(bits=8),
+    "ours-4b": dict(bits=4),
+    "ours-4b-g128": dict(bits=4, group_size=128, value_grouping="channel"),  # head_dim 64 < 128
+    "ours-3b": dict(bits=3),
+    "ours-3b+had": dict(bits=3, hadamard=True),
+    "ours-2b": dict(bits=2),
+    "ours-2b-g64": dict(bits=2, group_size=64),
+    "ours-2b-g64+had": dict(bits=2, group_size=64, hadamard=True),
+    "ours-2b-g64+sink": dict(bits=2, group_size=64, sink_tokens=4),
+    "ours-2b-g64+out": dict(bits=2, group_size=64, outlier_fraction=1 / 64),
+    "ours-2b-g64+all": dict(bits=2, group_size=64, hadamard=True, sink_tokens=4, outlier_fraction=1 / 64),
+    "ours-2b-g32+all": dict(bits=2, group_size=32, hadamard=True, sink_tokens=4, outlier_fraction=1 / 32),
+}
+
+# Memory-matched configurations: name -> (policy, compression_ratio, QuantConfig kwargs,
+# low_bits or None). No residual window (its allocation would dominate at 2k tokens).
+FRONTIER = {
+    "snapkv0.6+2b-g64+had": ("snapkv", 0.6, dict(bits=2, group_size=64, hadamard=True, sink_tokens=4, residual_length=0), None),
+    "snapkv0.7+3b-g64+had": ("snapkv", 0.7, dict(bits=3, group_size=64, hadamard=True, sink_tokens=4, residual_length=0), None),
+    "snapkv0.8+4b-g64": ("snapkv", 0.8, dict(bits=4, group_size=64, sink_tokens=4, residual_length=0), None),
+    "mikv:snapkv0.5+4b/2b-g64": ("snapkv", 0.5, dict(bits=4, group_size=64, sink_tokens=4, residual_length=0), 2),
+}
+
+
+def quanto_available() -> bool:
+    try:
+        import optimum.quanto  # noqa: F401
+    except Exception:
+        return False
+    return True
+
+
+def cache_factory(model: Any, name: str) -> Callable[[], Any]:
+    """A function that builds a fresh cache of configuration ``name``."""
+    import kvpress_rs
+    from transformers import DynamicCache, QuantizedCache
+
+    if name == "fp":
+        return lambda: DynamicCache(config=model.config)
+    if name.startswith("quanto-"):
+        bits = int(name.split("-")[1].rstrip("b"))
+        return lambda: QuantizedCache("quanto", model.config, nbits=bits)
+    if name in OURS:
+        return lambda: kvpress_rs.QuantizedKVCache(model, **OURS[name])
+    if name in FRONTIER:
+        policy, ratio, qkw, low_bits = FRONTIER[name]
+        return lambda: kvpress_rs.KVCache(
+            model, policy, compression_ratio=ratio, quantization=kvpress_rs.QuantConfig(**qkw), low_bits=low_bits
+        )
+    raise SystemExit(f"unknown configuration {name!r}; known: fp, quanto-2b, quanto-4b, {', '.join([*OURS, *FRONTIER])}")
+
+
+def _flat_tensors(t: Any) -> list[torch.Tensor]:
+    """The plain tensors inside a (possibly nested) tensor subclass such as quanto's."""
+    if hasattr(t, "__tensor_flatten__"):
+        names, _ = t.__tensor_flatten__()
+        return [x for n in names for x in _flat_tensors(getattr(t, n))]
+    return [t] if isinstance(t, torch.Tensor) else []
+
+
+def kv_bytes(cache: Any) -> int:
+    """Bytes of keys/values a cache holds (ours: exact ``nbytes``; others: their tensors)."""
+    if hasattr(cache, "nbytes"):
+        return int(cache.nbytes)
+    total = 0
+    for layer in cache.layers:
+        for attr in ("_quantized_keys", "_quantized_values", "keys", "values"):
+            t = getattr(layer, attr, None)
+            if t is not None:
+                total += sum(x.nbytes for x in _flat_tensors(t))
+    return total
+
+
+def austen_ids(tokenizer: Any, n: int, start: int = 2000) -> torch.Tensor:
+    from kvpress_rs.data import austen_novels
+
+    ids = tokenizer(austen_novels()[0], add_special_tokens=False)["input_ids"]
+    if len(ids) < start + n:
+        raise SystemExit(f"the text has {len(ids)} tokens, fewer than {start + n}")
+    return torch.tensor([ids[start : start + n]])
+
+
+@torch.no_grad()
+def perplexity(model: Any, make: Callable[[], Any], prefix: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:
+    """Perplexity of ``cont`` after ``prefix``, and the KV bytes held after the prefill."""
+    cache = make()
+    last = model(prefix, past_key_values=cache).logits[:, -1:]
+    nbytes = kv_bytes(cache)
+    logits = model(cont[:, :-1], past_key_values=cache).logits
+    logits = torch.cat([last, logits], dim=1).float()
+    nll = torch.nn.functional.cross_entropy(logits[0], cont[0])
+    return float(nll.exp()), nbytes
+
+
+def bf16_bytes_per_token(model: Any) -> int:
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
+
+
+def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int]) -> dict:
+    results: dict = {}
+    per_token = bf16_bytes_per_token(model)
+    for n in lengths:
+        ids = austen_ids(tokenizer, n + 256)
+        prefix, cont = ids[:, :n], ids[:, n:]
+        rows = {}
+        for name in configs:
+            start = time.perf_counter()
+            ppl, nbytes = perplexity(model, cache_factory(model, name), prefix, cont)
+            rows[name] = {"ppl": ppl, "kv_bytes": nbytes, "x_smaller_than_bf16": per_token * n / nbytes}
+            print(f"  ppl {n:>6} {name:<26} {ppl:8.3f}  bytes/bf16 {nbytes / (per_token * n):.3f}  ({time.perf_counter() - start:.0f}s)", flush=True)
+        fp = rows.get("fp", {}).get("ppl")
+        for row in rows.values():
+            row["ppl_ratio"] = row["ppl"] / fp if fp else None
+        results[n] = rows
+    print(f"\nperplexity of 256 continuation tokens ({BF16_NOTE}); ratio to fp, KV memory x smaller than bf16")
+    print(f"{'config':<26}" + "".join(f"{f'{n} ppl':>12}{'ratio':>8}{'x mem':>8}" for n in lengths))
+    for name in configs:
+        line = f"{name:<26}"
+        for n in lengths:
+            r = results[n][name]
+            ratio = f"{r['ppl_ratio']:.3f}" if r["ppl_ratio"] else "-"
+            line += f"{r['ppl']:12.3f}{ratio:>8}{r['x_smaller_than_bf16']:8.2f}"
+        print(line)
+    return results
+
+
+@torch.no_grad()
+def decode_ms(model: Any, make: Callable[[], Any], prefix: torch.Tensor, steps: int, warmup: int = 3) -> float:
+    cache = make()
+    logits = model(prefix, past_key_values=cache).logits[:, -1:]
+    times = []
+    for i in range(warmup + steps):
+        token = logits.argmax(-1)
+        start = time.perf_counter()
+        logits = model(token, past_key_values=cache).logits
+        if i >= warmup:
+            times.append(time.perf_counter() - start)
+    return statistics.median(times) * 1e3
+
+
+def run_decode(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], steps: int) -> dict:
+    ids = austen_ids(tokenizer, max(lengths), start=0)
+    base = decode_ms(model, cache_factory(model, "fp"), ids[:, :128], steps)
+    print(f"  DynamicCache at 128 tokens: {base:.1f} ms/token (the model's own cost)", flush=True)
+    results: dict = {"model_ms_at_128": base}
+    for n in lengths:
+        rows = {}
+        for name in configs:
+            ms = decode_ms(model, cache_factory(model, name), ids[:, :n], steps)
+            rows[name] = {"ms_per_token": ms, "cache_ms": ms - base}
+            print(f"  decode {n:>6} {name:<16} {ms:7.1f} ms/token  cache's own {ms - base:6.1f}", flush=True)
+        fp = rows.get("fp")
+        for row in rows.values():
+            row["ratio_to_dynamic"] = row["ms_per_token"] / fp["ms_per_token"] if fp else None
+        results[n] = rows
+    print(f"\ndecode ms/token ({BF16_NOTE}, median of {steps}); cache's own = minus {base:.1f} ms (DynamicCache at 128)")
+    print(f"{'config':<16}" + "".join(f"{f'{n} ms':>10}{'own':>8}{'/fp':>7}" for n in lengths))
+    for name in configs:
+        line = f"{name:<16}"
+        for n in lengths:
+            r = results[n][name]
+            ratio = f"{r['ratio_to_dynamic']:.2f}" if r["ratio_to_dynamic"] else "-"
+            line += f"{r['ms_per_token']:10.1f}{r['cache_ms']:8.1f}{ratio:>7}"
+        print(line)
+    return results
+
+
+def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
+    fn()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def run_kernels(repeats: int) -> dict:
+    from kvpress_rs import ops
+
+    results: dict = {}
+    torch.manual_seed(0)
+    print("\nquantize / dequantize throughput on (1, 8, 8192, 128), GB/s of the float tensor, ratio to clone()")
+    print(f"{'dtype':<10}{'kernel':<28}{'quant GB/s':>12}{'/clone':>8}{'deq GB/s':>10}{'/clone':>8}")
+    for dtype in (torch.float16, torch.bfloat16):
+        x = torch.randn(1, 8, 8192, 128).to(dtype)
+        gb = x.nbytes / 1e9
+        clone = gb / _median_seconds(lambda: x.clone(), repeats)
+        rows = {"clone_gbps": clone}
+        kernels: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {}
+        for bits in (2, 4):
+            for grouping in ("channel", "token"):
+                kernels[f"ours {bits}b {grouping} G32"] = (
+                    lambda bits=bits, grouping=grouping: ops.quantize(x, bits=bits, group_size=32, grouping=grouping),
+                    lambda q: q.dequantize(),
+                )
+        if quanto_available():
+            from transformers.cache_utils import QuantoQuantizedLayer
+
+            for bits in (2, 4):
+                layer = QuantoQuantizedLayer(nbits=bits, axis_key=0, q_group_size=64)
+                kernels[f"quanto {bits}b axis0 G64"] = (lambda layer=layer: layer._quantize(x, axis=0), lambda q: q.dequantize())
+        for name, (quant, deq) in kernels.items():
+            q = quant()
+            tq = gb / _median_seconds(quant, repeats)
+            td = gb / _median_seconds(lambda: deq(q), repeats)
+            rows[name] = {"quantize_gbps": tq, "dequantize_gbps": td, "quantize_vs_clone": tq / clone, "dequantize_vs_clone": td / clone}
+            print(f"{str(dtype).split('.')[1]:<10}{name:<28}{tq:12.2f}{tq / clone:8.2f}{td:10.2f}{td / clone:8.2f}")
+        print(f"{str(dtype).split('.')[1]:<10}{'clone()':<28}{clone:12.2f}")
+        results[str(dtype)] = rows
+    return results
+
+
+@torch.no_grad()
+def run_bytes(model: Any, tokenizer: Any, lengths: list[int]) -> dict:
+    import kvpress_rs
+
+    results: dict = {}
+    c = model.config
+    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
+    fp16_per_token = bf16_bytes_per_token(model)  # bf16 and fp16 are both 2 bytes
+    print("\nKV bytes held after a prefill vs the formula (bits + 32/G)/16 of fp16 for quantized tokens + fp tokens")
+    print(f"{'config':<22}{'tokens':>8}{'measured':>12}{'formula':>12}{'ratio':>8}{'x vs bf16':>10}")
+    for n in lengths:
+        ids = austen_ids(tokenizer, n)
+        for name in ("ours-4b", "ours-4b-g128", "ours-3b", "ours-2b", "ours-2b-g64", "ours-2b-g64+out"):
+            cache = kvpress_rs.QuantizedKVCache(model, **OURS[name])
+            model(ids, past_key_values=cache)
+            s = cache.stats()
+            cfg = cache.quant_config
+            bits = cfg.bits + 32 / cfg.group_size  # the issue's formula (outliers come on top)
+            quantized = sum(s["quantized_tokens"])
+            # sinks, and the residual window (allocated at its full length)
+            full = sum(s["sink_tokens"]) + c.num_hidden_layers * cfg.residual_length
+            per_layer_token = fp16_per_token / c.num_hidden_layers
+            formula = quantized * per_layer_token * bits / 16 + full * per_layer_token
+            measured = s["nbytes"]
+            results.setdefault(n, {})[name] = {"measured": measured, "formula": formula, "ratio": measured / formula,
+                                               "bits_per_element": bits, "x_smaller_than_bf16": fp16_per_token * n / measured}
+            print(f"{name:<22}{n:>8}{measured:>12}{formula:>12.0f}{measured / formula:8.3f}{fp16_per_token * n / measured:10.2f}")
+    return results
+
+
+@torch.no_grad()
+def needle(model: Any, tokenizer: Any, make: Callable[[], Any], length: int, depths: list[float], query_aware: bool) -> int:
+    from kvpress_rs.data import needle_prompt
+
+    found = 0
+    for depth in depths:
+        p = needle_prompt(tokenizer, context_tokens=length, depth=depth)
+        ctx, q = p.context_ids, p.question_ids
+        if query_aware:  # the question is compressed with the context; its last token follows
+            ctx, q = torch.cat([ctx, q[:, :-1]], dim=1), q[:, -1:]
+        cache = make()
+        model(ctx, past_key_values=cache)
+        full = torch.cat([ctx, q], dim=1)
+        out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=16,
+                             do_sample=False, pad_token_id=tokenizer.eos_token_id)
+        found += p.is_correct(tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True))
+    return found
+
+
+def run_frontier(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], depths: list[float], query_aware: bool) -> dict:
+    per_token = bf16_bytes_per_token(model)
+    results: dict = {}
+    for n in lengths:
+        ids = austen_ids(tokenizer, n + 256)
+        prefix, cont = ids[:, :n], ids[:, n:]
+        fp_ppl, _ = perplexity(model, cache_factory(model, "fp"), prefix, cont)
+        rows = {}
+        for name in configs:
+            make = cache_factory(model, name)
+            ppl, nbytes = perplexity(model, make, prefix, cont)
+            found = needle(model, tokenizer, make, n, depths, query_aware)
+            rows[name] = {"ppl": ppl, "ppl_ratio": ppl / fp_ppl, "kv_bytes": nbytes,
+                          "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": len(depths)}
+            print(f"  frontier {n:>6} {name:<26} x{per_token * n / nbytes:5.2f} smaller  ppl x{ppl / fp_ppl:.3f}  needle {found}/{len(depths)}", flush=True)
+        results[n] = {"fp_ppl": fp_ppl, "configs": rows}
+    print(f"\nfrontier ({BF16_NOTE}; needle {'question compressed with the context' if query_aware else 'question after compression'})")
+    print(f"{'config':<26}" + "".join(f"{f'{n} x mem':>11}{'ppl ratio':>10}{'needle':>8}" for n in lengths))
+    for name in configs:
+        line = f"{name:<26}"
+        for n in lengths:
+            r = results[n]["configs"][name]
+            line += f"{r['x_smaller_than_bf16']:11.2f}{r['ppl_ratio']:10.3f}{r['needle_found']:>6}/{r['needle_tasks']}"
+        print(line)
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(prog="python -m kvpress_rs.bench quant", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("part", choices=["ppl", "decode", "kernels", "bytes", "frontier", "all"])
+    parser.add_argument("--lengths", type=int, nargs="+", default=None,
+                        help="context lengths (default: 2048 6144; decode: 2048 6144 16384)")
+    parser.add_argument("--configs", nargs="+", default=None, help="configurations (default: per part)")
+    parser.add_argument("--steps", type=int, default=16, help="decode steps timed per configuration")
+    parser.add_argument("--repeats", type=int, default=7, help="kernel timings per median")
+    parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--question-after", action="store_true",
+                        help="frontier needle: compress the context alone (default: with the question)")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--out", type=Path, default=Path("bench_results/quant.json"))
+    args = parser.parse_args(argv)
+    warnings.filterwarnings("ignore")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    quanto = ["quanto-2b", "quanto-4b"] if quanto_available() else []
+    if not quanto:
+        print("optimum-quanto is not importable: the quanto columns are left out (make bench-deps installs it)")
+    results: dict = {"note": BF16_NOTE, "threads": torch.get_num_threads()}
+    parts = ["kernels", "bytes", "ppl", "decode", "frontier"] if args.part == "all" else [args.part]
+    model = tokenizer = None
+    if parts != ["kernels"]:
+        from kvpress_rs.models import load_smollm2
+
+        model, tokenizer = load_smollm2("bfloat16")
+    for part in parts:
+        lengths = args.lengths or ([2048, 6144, 16384] if part == "decode" else [2048, 6144])
+        print(f"\n== {part} ==", flush=True)
+        if part == "kernels":
+            results[part] = run_kernels(args.repeats)
+        elif part == "bytes":
+            results[part] = run_bytes(model, tokenizer, lengths)
+        elif part == "ppl":
+            configs = args.configs or ["fp", *OURS, *quanto]
+            results[part] = run_ppl(model, tokenizer, configs, lengths)
+        elif part == "decode":
+            configs = args.configs or ["fp", "ours-4b", "ours-2b-g64", *quanto[1:]]
+            results[part] = run_decode(model, tokenizer, configs, lengths, args.steps)
+        else:
+            configs = args.configs or ["fp", *quanto, *FRONTIER]
+            results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after)
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(json.dumps(results, indent=1, default=str))
+    print(f"\nwritten to {args.out}")
+    return results
+
+
+if __name__ == "__main__":
+    main()

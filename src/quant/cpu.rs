@@ -1,0 +1,453 @@
+//! The Rust CPU kernels that quantize a tensor into a [`QuantizedTensor`] and back.
+//!
+//! Work is split into units of one tile (G tokens of one (batch, head) = head_dim groups),
+//! run in parallel with rayon; each unit writes its own contiguous slice of every output.
+//! A unit loads its tile as f32 (rotating each token if `hadamard`), lays every group out
+//! contiguously (a transpose for channel groups), and quantizes group by group
+//! (`group.rs`, `pack.rs`).
+
+use super::group::{
+    code, inverse_scale, min_max, min_max_skipping, outlier_positions, params_slice, ParamScratch,
+};
+use super::hadamard::fwht;
+use super::layout::TensorLayout;
+use super::pack::{dequant_group, pack};
+use super::qtensor::QuantizedTensor;
+use super::simd::{Madd, Separate};
+use super::Grouping;
+use crate::error::{KvError, Result};
+use crate::multiversion;
+use crate::tensor::{array_view, array_view_mut, float_view, KvFloat};
+use crate::with_float_view;
+use half::f16;
+use ndarray::{ArrayView4, Ix3, Ix4};
+use rayon::prelude::*;
+use std::sync::atomic::{AtomicBool, Ordering};
+use tch::{Device, Kind, Tensor};
+
+/// Scratch space of one worker.
+struct Scratch {
+    /// The tile, token-major: [t][c].
+    tile: Vec<f32>,
+    /// The tile with every group contiguous (channel groups: [c][t]).
+    groups: Vec<f32>,
+    codes: Vec<u8>,
+    mins: Vec<f32>,
+    maxs: Vec<f32>,
+    inv: Vec<f32>,
+    params: ParamScratch,
+}
+
+impl Scratch {
+    fn new(g: usize, d: usize) -> Self {
+        Scratch {
+            tile: vec![0.0; g * d],
+            groups: vec![0.0; g * d],
+            codes: vec![0; g],
+            mins: vec![0.0; d],
+            maxs: vec![0.0; d],
+            inv: vec![0.0; d],
+            params: ParamScratch::new(d),
+        }
+    }
+}
+
+/// One unit's outputs.
+struct EncodeOut<'a, T> {
+    codes: &'a mut [u8],
+    params: &'a mut [f16],
+    positions: &'a mut [u8],
+    values: &'a mut [T],
+}
+
+pub(crate) fn encode(x: &Tensor, layout: TensorLayout, argument: &str) -> Result<QuantizedTensor> {
+    let view = float_view::<Ix4>(x, argument)?;
+    with_float_view!(view, v => encode_typed(v, x.kind(), layout, argument))
+}
+
+fn encode_typed<T: KvFloat>(
+    x: ArrayView4<'_, T>,
+    kind: Kind,
+    layout: TensorLayout,
+    argument: &str,
+) -> Result<QuantizedTensor> {
+    let (b, h, n, d) = x.dim();
+    let g = layout.group_size;
+    let tiles = n / g;
+    let groups = layout.groups(n);
+    let no = layout.outliers;
+    let size3 = [b as i64, h as i64, (groups * layout.group_bytes()) as i64];
+    let mut codes = Tensor::f_empty(size3, (Kind::Uint8, Device::Cpu))?;
+    let mut params_t = Tensor::f_empty(
+        [b as i64, h as i64, groups as i64, 2],
+        (Kind::Half, Device::Cpu),
+    )?;
+    let osize = [b as i64, h as i64, groups as i64, no as i64];
+    let mut opos = Tensor::f_empty(osize, (Kind::Uint8, Device::Cpu))?;
+    let mut oval = Tensor::f_empty(osize, (kind, Device::Cpu))?;
+    let ok = AtomicBool::new(true);
+    {
+        let codes_s = slice_mut::<u8, Ix3>(&mut codes)?;
+        let params_s = slice_mut::<f16, Ix4>(&mut params_t)?;
+        let pos_s = slice_mut::<u8, Ix4>(&mut opos)?;
+        let val_s = slice_mut::<T, Ix4>(&mut oval)?;
+        let units = b * h * tiles;
+        let mut outs: Vec<EncodeOut<'_, T>> = Vec::with_capacity(units);
+        let mut codes_it = codes_s.chunks_mut(d * layout.group_bytes());
+        let mut params_it = params_s.chunks_mut(d * 2);
+        let (mut pos_it, mut val_it) = (
+            pos_s.chunks_mut((d * no).max(1)),
+            val_s.chunks_mut((d * no).max(1)),
+        );
+        for _ in 0..units {
+            outs.push(EncodeOut {
+                codes: codes_it.next().unwrap_or_default(),
+                params: params_it.next().unwrap_or_default(),
+                positions: if no > 0 {
+                    pos_it.next().unwrap_or_default()
+                } else {
+                    &mut []
+                },
+                values: if no > 0 {
+                    val_it.next().unwrap_or_default()
+                } else {
+                    &mut []
+                },
+            });
+        }
+        let run = |scratch: &mut Scratch, (unit, out): (usize, EncodeOut<'_, T>)| {
+            let (bh, tile) = (unit / tiles, unit % tiles);
+            let (bi, hi) = (bh / h, bh % h);
+            if !encode_unit::<T>(&layout, &x, bi, hi, tile * g, scratch, out) {
+                ok.store(false, Ordering::Relaxed);
+            }
+        };
+        if worth_parallel(b * h * n * d) {
+            outs.into_par_iter()
+                .enumerate()
+                .for_each_init(|| Scratch::new(g, d), run);
+        } else {
+            let mut scratch = Scratch::new(g, d);
+            outs.into_iter()
+                .enumerate()
+                .for_each(|item| run(&mut scratch, item));
+        }
+    }
+    if !ok.load(Ordering::Relaxed) {
+        return Err(range_error(argument));
+    }
+    Ok(QuantizedTensor {
+        layout,
+        batch: b,
+        heads: h,
+        tokens: n,
+        kind,
+        codes,
+        params: params_t,
+        outliers: (no > 0).then_some((opos, oval)),
+    })
+}
+
+/// Elements below which a kernel runs on the calling thread: waking the rayon pool costs
+/// more than it saves there, and idle pool threads spinning next to torch's own threads
+/// slow both down on small machines.
+const PARALLEL_ELEMENTS: usize = 1 << 18;
+
+/// Whether work over `elements` values is worth the rayon pool.
+pub(crate) fn worth_parallel(elements: usize) -> bool {
+    elements >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1
+}
+
+pub(crate) fn range_error(argument: &str) -> KvError {
+    KvError::invalid(
+        argument,
+        "a quantization group spans values beyond the float16 range (|x| > 65504) of its \
+         scale and zero; such values cannot be quantized",
+    )
+}
+
+fn slice_mut<T: crate::tensor::TorchElement, D: ndarray::Dimension>(
+    t: &mut Tensor,
+) -> Result<&mut [T]> {
+    array_view_mut::<T, D>(t, "output")?
+        .into_slice()
+        .ok_or_else(|| KvError::State("internal: output tensor is not contiguous".into()))
+}
+
+/// Loads tokens `t0..t0+g` of (b, h) as f32, token-major.
+#[inline(always)]
+fn load_tile<T: KvFloat>(
+    x: &ArrayView4<'_, T>,
+    b: usize,
+    h: usize,
+    t0: usize,
+    g: usize,
+    out: &mut [f32],
+) {
+    let d = x.dim().3;
+    for t in 0..g {
+        let row = x.slice(ndarray::s![b, h, t0 + t, ..]);
+        let dst = &mut out[t * d..(t + 1) * d];
+        match row.as_slice() {
+            Some(src) => {
+                for (o, &v) in dst.iter_mut().zip(src) {
+                    *o = v.to_f32();
+                }
+            }
+            None => {
+                for (o, &v) in dst.iter_mut().zip(row.iter()) {
+                    *o = v.to_f32();
+                }
+            }
+        }
+    }
+}
+
+multiversion!(fn encode_unit<T: KvFloat;>(layout: &TensorLayout, x: &ArrayView4<'_, T>, b: usize, h: usize, t0: usize, scratch: &mut Scratch, out: EncodeOut<'_, T>) -> bool => encode_unit_body);
+
+/// Quantizes tokens `t0..t0+G` of (b, h) into `out`; false if a group's range does not fit
+/// float16. (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
+// `M` (the CPU feature set) is unused in the body on purpose: the macro's per-feature copies
+// let the compiler vectorize with those features; the arithmetic itself is exact.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn encode_unit_body<M: Madd, T: KvFloat>(
+    layout: &TensorLayout,
+    x: &ArrayView4<'_, T>,
+    b: usize,
+    h: usize,
+    t0: usize,
+    scratch: &mut Scratch,
+    out: EncodeOut<'_, T>,
+) -> bool {
+    let (g, d) = (layout.group_size, layout.head_dim);
+    load_tile(x, b, h, t0, g, &mut scratch.tile);
+    if layout.hadamard {
+        for row in scratch.tile.chunks_exact_mut(d) {
+            fwht(row);
+        }
+    }
+    let grouped: &[f32] = match layout.grouping {
+        Grouping::Token => &scratch.tile,
+        Grouping::Channel => {
+            transpose(&scratch.tile, g, d, &mut scratch.groups);
+            &scratch.groups
+        }
+    };
+    let gb = layout.group_bytes();
+    let no = layout.outliers;
+    let levels = layout.levels();
+    let Scratch {
+        codes,
+        mins,
+        maxs,
+        inv,
+        params: param_scratch,
+        ..
+    } = scratch;
+    // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
+    for (i, vals) in grouped.chunks_exact(g).enumerate() {
+        let (mn, mx) = if no == 0 {
+            min_max(vals)
+        } else {
+            let pos = &mut out.positions[i * no..(i + 1) * no];
+            outlier_positions(vals, no, pos);
+            for (k, &p) in pos.iter().enumerate() {
+                out.values[i * no + k] = T::from_f32(vals[p as usize]);
+            }
+            min_max_skipping(vals, pos)
+        };
+        mins[i] = mn;
+        maxs[i] = mx;
+    }
+    let ok = params_slice(
+        &mins[..d],
+        &maxs[..d],
+        1.0 / levels,
+        param_scratch,
+        out.params,
+    );
+    for (i, v) in inv[..d].iter_mut().enumerate() {
+        *v = inverse_scale(out.params[2 * i].to_f32());
+    }
+    for (i, vals) in grouped.chunks_exact(g).enumerate() {
+        let z = out.params[2 * i + 1].to_f32();
+        let iv = inv[i];
+        for (c, &v) in codes.iter_mut().zip(vals) {
+            *c = code(v, z, iv, levels);
+        }
+        for &p in &out.positions[i * no..(i + 1) * no] {
+            codes[p as usize] = 0;
+        }
+        pack(codes, layout.bits, &mut out.codes[i * gb..(i + 1) * gb]);
+    }
+    ok
+}
+
+/// `dst[c·rows + r] = src[r·cols + c]` for a rows×cols matrix, in cache-friendly blocks.
+#[inline(always)]
+fn transpose(src: &[f32], rows: usize, cols: usize, dst: &mut [f32]) {
+    const B: usize = 8;
+    for r0 in (0..rows).step_by(B) {
+        for c0 in (0..cols).step_by(B) {
+            for r in r0..(r0 + B).min(rows) {
+                for c in c0..(c0 + B).min(cols) {
+                    dst[c * rows + r] = src[r * cols + c];
+                }
+            }
+        }
+    }
+}
+
+pub(crate) fn decode(q: &QuantizedTensor) -> Result<Tensor> {
+    let (b, h, n, d) = (q.batch, q.heads, q.tokens, q.layout.head_dim);
+    let mut out = Tensor::f_empty(
+        [b as i64, h as i64, n as i64, d as i64],
+        (q.kind, Device::Cpu),
+    )?;
+    match q.kind {
+        Kind::Float => decode_typed::<f32>(q, &mut out)?,
+        Kind::Half => decode_typed::<f16>(q, &mut out)?,
+        Kind::BFloat16 => decode_typed::<half::bf16>(q, &mut out)?,
+        other => {
+            return Err(KvError::dtype(
+                "quantized tensor",
+                crate::tensor::kind_name(other),
+                "a float dtype",
+            ))
+        }
+    }
+    Ok(out)
+}
+
+/// The read-only data of one quantized tensor on the CPU.
+pub(crate) struct QuantSlices<'a, T> {
+    pub codes: &'a [u8],
+    pub params: &'a [f16],
+    pub positions: &'a [u8],
+    pub values: &'a [T],
+}
+
+impl<'a, T: KvFloat> QuantSlices<'a, T> {
+    pub fn new(q: &'a QuantizedTensor) -> Result<Self> {
+        let codes = array_view::<u8, Ix3>(&q.codes, "codes")?;
+        let params = array_view::<f16, Ix4>(&q.params, "params")?;
+        let internal = || KvError::State("internal: quantized data is not contiguous".into());
+        let (positions, values): (&[u8], &[T]) = match &q.outliers {
+            Some((p, v)) => (
+                array_view::<u8, Ix4>(p, "outlier positions")?
+                    .to_slice()
+                    .ok_or_else(internal)?,
+                array_view::<T, Ix4>(v, "outlier values")?
+                    .to_slice()
+                    .ok_or_else(internal)?,
+            ),
+            None => (&[], &[]),
+        };
+        Ok(QuantSlices {
+            codes: codes.to_slice().ok_or_else(internal)?,
+            params: params.to_slice().ok_or_else(internal)?,
+            positions,
+            values,
+        })
+    }
+}
+
+fn decode_typed<T: KvFloat>(q: &QuantizedTensor, out: &mut Tensor) -> Result<()> {
+    let layout = q.layout;
+    let (g, d) = (layout.group_size, layout.head_dim);
+    let src = QuantSlices::<T>::new(q)?;
+    let dst = slice_mut::<T, Ix4>(out)?;
+    let tile_groups = d;
+    let gb = layout.group_bytes();
+    let no = layout.outliers;
+    let run = |scratch: &mut Scratch, (unit, dst): (usize, &mut [T])| {
+        let first = unit * tile_groups;
+        let tile = TileData {
+            codes: &src.codes[first * gb..(first + tile_groups) * gb],
+            params: &src.params[2 * first..2 * (first + tile_groups)],
+            positions: if no > 0 {
+                &src.positions[first * no..(first + tile_groups) * no]
+            } else {
+                &[]
+            },
+            values: if no > 0 {
+                &src.values[first * no..(first + tile_groups) * no]
+            } else {
+                &[]
+            },
+        };
+        match (layout.bits, g) {
+            (2, 32) => decode_unit::<T, 2, 32>(&layout, &tile, scratch, dst),
+            (2, 64) => decode_unit::<T, 2, 64>(&layout, &tile, scratch, dst),
+            (2, _) => decode_unit::<T, 2, 128>(&layout, &tile, scratch, dst),
+            (3, 32) => decode_unit::<T, 3, 32>(&layout, &tile, scratch, dst),
+            (3, 64) => decode_unit::<T, 3, 64>(&layout, &tile, scratch, dst),
+            (3, _) => decode_unit::<T, 3, 128>(&layout, &tile, scratch, dst),
+            (4, 32) => decode_unit::<T, 4, 32>(&layout, &tile, scratch, dst),
+            (4, 64) => decode_unit::<T, 4, 64>(&layout, &tile, scratch, dst),
+            (4, _) => decode_unit::<T, 4, 128>(&layout, &tile, scratch, dst),
+            (_, 32) => decode_unit::<T, 8, 32>(&layout, &tile, scratch, dst),
+            (_, 64) => decode_unit::<T, 8, 64>(&layout, &tile, scratch, dst),
+            (_, _) => decode_unit::<T, 8, 128>(&layout, &tile, scratch, dst),
+        }
+    };
+    if worth_parallel(dst.len()) {
+        dst.par_chunks_mut(g * d)
+            .enumerate()
+            .for_each_init(|| Scratch::new(g, d), run);
+    } else {
+        let mut scratch = Scratch::new(g, d);
+        dst.chunks_mut(g * d)
+            .enumerate()
+            .for_each(|item| run(&mut scratch, item));
+    }
+    Ok(())
+}
+
+/// The quantized data of one tile (head_dim groups).
+pub(crate) struct TileData<'a, T> {
+    pub codes: &'a [u8],
+    pub params: &'a [f16],
+    pub positions: &'a [u8],
+    pub values: &'a [T],
+}
+
+multiversion!(fn decode_unit<T: KvFloat; const BITS: u32, const G: usize>(layout: &TensorLayout, tile: &TileData<'_, T>, scratch: &mut Scratch, dst: &mut [T]) -> () => decode_unit_body);
+
+// `M` unused on purpose, as in `encode_unit_body`.
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
+    layout: &TensorLayout,
+    tile: &TileData<'_, T>,
+    scratch: &mut Scratch,
+    dst: &mut [T],
+) {
+    let (g, d) = (G, layout.head_dim);
+    let gb = layout.group_bytes();
+    let no = layout.outliers;
+    let target = match layout.grouping {
+        Grouping::Token => &mut scratch.tile,
+        Grouping::Channel => &mut scratch.groups,
+    };
+    for (i, vals) in target.chunks_exact_mut(g).enumerate() {
+        let (s, z) = (tile.params[2 * i].to_f32(), tile.params[2 * i + 1].to_f32());
+        // Exact `code·scale + zero` (two roundings), as the libtorch path computes it.
+        dequant_group::<Separate, BITS, G>(&tile.codes[i * gb..(i + 1) * gb], s, z, vals);
+        for k in 0..no {
+            vals[tile.positions[i * no + k] as usize] = tile.values[i * no + k].to_f32();
+        }
+    }
+    if layout.grouping == Grouping::Channel {
+        transpose(&scratch.groups, d, g, &mut scratch.tile);
+    }
+    if layout.hadamard {
+        for row in scratch.tile.chunks_exact_mut(d) {
+            fwht(row);
+        }
+    }
+    for (o, &v) in dst.iter_mut().zip(&scratch.tile) {
+        *o = T::from_f32(v);
+    }
+}

@@ -1,0 +1,245 @@
+//! Bit packing of one quantization group: `g` codes of `bits` bits into `g·bits/8` bytes.
+//!
+//! The layout is *planar*, chosen so that unpacking is a handful of shift-and-mask loops
+//! over contiguous bytes that the compiler vectorizes (no code straddles a byte):
+//!
+//! - 8 bits: byte `i` is code `i`.
+//! - 4 bits: with `n = g/2`, byte `i` holds code `i` in its low nibble and code `i + n`
+//!   in its high nibble.
+//! - 2 bits: with `n = g/4`, byte `i` holds codes `i, i+n, i+2n, i+3n` in bits 0–1, 2–3,
+//!   4–5, 6–7.
+//! - 3 bits (8 codes per 3 bytes): the low two bits of every code in a 2-bit plane as
+//!   above (`g/4` bytes), followed by the high bit of every code in a 1-bit plane of `g/8`
+//!   bytes, where bit `k` of byte `i` is the high bit of code `i + k·g/8`.
+//!
+//! Group sizes are multiples of 8, so every plane is whole bytes.
+
+use super::simd::Madd;
+
+/// Bytes of a packed group of `g` codes.
+#[inline(always)]
+pub const fn packed_bytes(g: usize, bits: u32) -> usize {
+    g * bits as usize / 8
+}
+
+/// Packs `codes` (each < 2^bits; `codes.len()` a multiple of 8) into `out`
+/// (`packed_bytes(codes.len(), bits)` bytes).
+pub fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
+    let g = codes.len();
+    debug_assert_eq!(g % 8, 0);
+    debug_assert_eq!(out.len(), packed_bytes(g, bits));
+    match bits {
+        8 => out.copy_from_slice(codes),
+        4 => {
+            let n = g / 2;
+            for i in 0..n {
+                out[i] = codes[i] | (codes[i + n] << 4);
+            }
+        }
+        2 => pack2(codes, out),
+        3 => {
+            let (low, high) = out.split_at_mut(g / 4);
+            let mut low_codes = [0u8; 128];
+            for (l, &c) in low_codes.iter_mut().zip(codes) {
+                *l = c & 3;
+            }
+            pack2(&low_codes[..g], low);
+            let n = g / 8;
+            for (i, byte) in high.iter_mut().enumerate() {
+                let mut b = 0u8;
+                for k in 0..8 {
+                    b |= ((codes[i + k * n] >> 2) & 1) << k;
+                }
+                *byte = b;
+            }
+        }
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
+fn pack2(codes: &[u8], out: &mut [u8]) {
+    let n = codes.len() / 4;
+    for i in 0..n {
+        out[i] = codes[i] | (codes[i + n] << 2) | (codes[i + 2 * n] << 4) | (codes[i + 3 * n] << 6);
+    }
+}
+
+/// Unpacks a group of `out.len()` codes as f32 (the form kernels consume).
+#[inline(always)]
+pub fn unpack_f32<const BITS: u32>(bytes: &[u8], out: &mut [f32]) {
+    let g = out.len();
+    match BITS {
+        8 => {
+            for (o, &b) in out.iter_mut().zip(&bytes[..g]) {
+                *o = b as f32;
+            }
+        }
+        4 => {
+            let n = g / 2;
+            let (lo, hi) = out.split_at_mut(n);
+            let bytes = &bytes[..n];
+            for (o, &b) in lo.iter_mut().zip(bytes) {
+                *o = (b & 15) as f32;
+            }
+            for (o, &b) in hi.iter_mut().zip(bytes) {
+                *o = (b >> 4) as f32;
+            }
+        }
+        2 => unpack2_f32(&bytes[..g / 4], out),
+        3 => {
+            let n4 = g / 4;
+            let n8 = g / 8;
+            unpack2_f32(&bytes[..n4], out);
+            let high = &bytes[n4..n4 + n8];
+            for k in 0..8 {
+                let part = &mut out[k * n8..(k + 1) * n8];
+                for (o, &b) in part.iter_mut().zip(high) {
+                    *o += (((b >> k) & 1) << 2) as f32;
+                }
+            }
+        }
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
+#[inline(always)]
+fn unpack2_f32(bytes: &[u8], out: &mut [f32]) {
+    let n = bytes.len();
+    for k in 0..4 {
+        let part = &mut out[k * n..(k + 1) * n];
+        let shift = 2 * k as u32;
+        for (o, &b) in part.iter_mut().zip(bytes) {
+            *o = ((b >> shift) & 3) as f32;
+        }
+    }
+}
+
+/// Dequantizes one packed group of `G` codes: `out[i] = code_i · scale + zero` (through
+/// `M::madd`). `G` and `BITS` are constants, so every loop is unrolled and vectorized
+/// (codes are unpacked in registers, never stored as integers).
+#[inline(always)]
+pub fn dequant_group<M: Madd, const BITS: u32, const G: usize>(
+    bytes: &[u8],
+    scale: f32,
+    zero: f32,
+    out: &mut [f32],
+) {
+    let out: &mut [f32; G] = match out.first_chunk_mut::<G>() {
+        Some(o) => o,
+        None => return,
+    };
+    let f = |c: u8| M::madd(c as f32, scale, zero);
+    match BITS {
+        8 => {
+            let b: &[u8; G] = bytes.first_chunk::<G>().expect("a packed group");
+            for i in 0..G {
+                out[i] = f(b[i]);
+            }
+        }
+        4 => {
+            let b = &bytes[..G / 2];
+            for i in 0..G / 2 {
+                out[i] = f(b[i] & 15);
+                out[i + G / 2] = f(b[i] >> 4);
+            }
+        }
+        2 => {
+            let b = &bytes[..G / 4];
+            for k in 0..4 {
+                for i in 0..G / 4 {
+                    out[k * (G / 4) + i] = f((b[i] >> (2 * k)) & 3);
+                }
+            }
+        }
+        3 => {
+            let (n4, n8) = (G / 4, G / 8);
+            let low = &bytes[..n4];
+            let high = &bytes[n4..n4 + n8];
+            for k in 0..4 {
+                for half in 0..2 {
+                    for (i, &hb) in high.iter().enumerate() {
+                        let j = half * n8 + i;
+                        let m = 2 * k + half;
+                        let c = ((low[j] >> (2 * k)) & 3) | (((hb >> m) & 1) << 2);
+                        out[k * n4 + j] = f(c);
+                    }
+                }
+            }
+        }
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
+/// Unpacks a group of codes as integers (for tests and inspection).
+pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
+    let mut tmp = vec![0f32; out.len()];
+    match bits {
+        2 => unpack_f32::<2>(bytes, &mut tmp),
+        3 => unpack_f32::<3>(bytes, &mut tmp),
+        4 => unpack_f32::<4>(bytes, &mut tmp),
+        8 => unpack_f32::<8>(bytes, &mut tmp),
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+    for (o, t) in out.iter_mut().zip(tmp) {
+        *o = t as u8;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_width_round_trips_every_code() {
+        for bits in [2u32, 3, 4, 8] {
+            for g in [8usize, 32, 64, 128] {
+                let codes: Vec<u8> = (0..g).map(|i| ((i * 7 + 3) % (1 << bits)) as u8).collect();
+                let mut packed = vec![0u8; packed_bytes(g, bits)];
+                pack(&codes, bits, &mut packed);
+                let mut back = vec![0u8; g];
+                unpack(&packed, bits, &mut back);
+                assert_eq!(back, codes, "bits {bits} g {g}");
+            }
+        }
+    }
+
+    #[test]
+    fn dequantizing_a_group_unpacks_every_code() {
+        fn check<const G: usize>() {
+            for bits in [2u32, 3, 4, 8] {
+                let codes: Vec<u8> = (0..G).map(|i| ((i * 5 + 1) % (1 << bits)) as u8).collect();
+                let mut packed = vec![0u8; packed_bytes(G, bits)];
+                pack(&codes, bits, &mut packed);
+                let mut out = vec![0f32; G];
+                match bits {
+                    2 => dequant_group::<crate::quant::simd::Separate, 2, G>(
+                        &packed, 0.5, -1.0, &mut out,
+                    ),
+                    3 => dequant_group::<crate::quant::simd::Separate, 3, G>(
+                        &packed, 0.5, -1.0, &mut out,
+                    ),
+                    4 => dequant_group::<crate::quant::simd::Separate, 4, G>(
+                        &packed, 0.5, -1.0, &mut out,
+                    ),
+                    _ => dequant_group::<crate::quant::simd::Separate, 8, G>(
+                        &packed, 0.5, -1.0, &mut out,
+                    ),
+                }
+                let expected: Vec<f32> = codes.iter().map(|&c| c as f32 * 0.5 - 1.0).collect();
+                assert_eq!(out, expected, "bits {bits} G {G}");
+            }
+        }
+        check::<32>();
+        check::<64>();
+        check::<128>();
+    }
+
+    #[test]
+    fn four_bit_layout_is_planar() {
+        let codes: Vec<u8> = (0..32).map(|i| (i % 16) as u8).collect();
+        let mut packed = [0u8; 16];
+        pack(&codes, 4, &mut packed);
+        assert_eq!(packed[0], codes[0] | (codes[16] << 4));
+        assert_eq!(packed[15], codes[15] | (codes[31] << 4));
+    }
+}

@@ -1,0 +1,522 @@
+//! [`QuantizedStore`]: one layer's quantized KV cache.
+//!
+//! The tokens of every (batch, head) row, in order:
+//!
+//! ```text
+//! [ sinks: first `sink_tokens`, full precision ][ blocks: quantized, append-only ][ residual: full precision, < block_tokens ]
+//! ```
+//!
+//! New tokens fill the sinks first, then the residual window. When the window holds
+//! `block_tokens` (`max(residual_length, group_size)`) tokens, exactly those are quantized
+//! into a new block and the window empties; a long prompt is quantized straight from the
+//! input in one block of whole windows. Blocks are never re-quantized or moved (no
+//! compounding error, no O(T) flush). Keys and values share the token layout; each has
+//! its own [`TensorLayout`] (grouping, head_dim).
+//!
+//! `nbytes` counts what is allocated: the sinks and the residual window at their full
+//! length, and every block's codes, scales/zeros and outliers.
+//!
+//! Pre-RoPE keys (to come): keys would be rotated back by their positions before `append`
+//! quantizes them, and attention would re-apply the rotation per token while reading the
+//! codes; the token order above gives every stored token its position.
+
+use super::attention::{self, AttendInputs};
+use super::config::QuantConfig;
+use super::layout::TensorLayout;
+use super::qtensor::QuantizedTensor;
+use crate::error::{KvError, Result};
+use crate::tensor::{check_finite, check_kv_pair, device_name, kind_name, KvShape, TOKEN_AXIS};
+use tch::{Device, Kind, Tensor};
+
+/// The fixed shape of a store, set by its first append.
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct StoreShape {
+    pub batch: usize,
+    pub heads: usize,
+    pub key_dim: usize,
+    pub value_dim: usize,
+    pub kind: Kind,
+    pub device: Device,
+}
+
+/// One quantized block: keys and values of the same tokens.
+#[derive(Debug)]
+pub struct Block {
+    pub keys: QuantizedTensor,
+    pub values: QuantizedTensor,
+}
+
+/// Full-precision tokens with a fixed capacity: (batch, heads, capacity, dim) keys and values.
+#[derive(Debug)]
+pub struct FullPrecision {
+    pub keys: Tensor,
+    pub values: Tensor,
+    pub len: usize,
+}
+
+impl FullPrecision {
+    fn new(shape: &StoreShape, capacity: usize) -> Result<Self> {
+        let options = (shape.kind, shape.device);
+        let (b, h, c) = (shape.batch as i64, shape.heads as i64, capacity as i64);
+        Ok(FullPrecision {
+            keys: Tensor::f_zeros([b, h, c, shape.key_dim as i64], options)?,
+            values: Tensor::f_zeros([b, h, c, shape.value_dim as i64], options)?,
+            len: 0,
+        })
+    }
+
+    pub fn capacity(&self) -> usize {
+        self.keys.size()[TOKEN_AXIS as usize] as usize
+    }
+
+    fn write(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let q = keys.size()[TOKEN_AXIS as usize];
+        self.keys
+            .f_narrow(TOKEN_AXIS, self.len as i64, q)?
+            .f_copy_(keys)?;
+        self.values
+            .f_narrow(TOKEN_AXIS, self.len as i64, q)?
+            .f_copy_(values)?;
+        self.len += q as usize;
+        Ok(())
+    }
+
+    /// The valid keys and values (views).
+    pub fn view(&self) -> Result<(Tensor, Tensor)> {
+        Ok((
+            self.keys.f_narrow(TOKEN_AXIS, 0, self.len as i64)?,
+            self.values.f_narrow(TOKEN_AXIS, 0, self.len as i64)?,
+        ))
+    }
+
+    fn nbytes(&self) -> usize {
+        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
+        bytes(&self.keys) + bytes(&self.values)
+    }
+
+    fn map_batch(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(FullPrecision {
+            keys: f(&self.keys)?,
+            values: f(&self.values)?,
+            len: self.len,
+        })
+    }
+}
+
+/// One layer's quantized KV cache. See the module documentation.
+#[derive(Debug)]
+pub struct QuantizedStore {
+    config: QuantConfig,
+    shape: Option<StoreShape>,
+    layouts: Option<(TensorLayout, TensorLayout)>,
+    sinks: Option<FullPrecision>,
+    blocks: Vec<Block>,
+    residual: Option<FullPrecision>,
+    seen: usize,
+}
+
+impl QuantizedStore {
+    /// A new, empty store. Refuses options that are not implemented (`pre_rope_keys`).
+    pub fn new(config: QuantConfig) -> Result<Self> {
+        let config = config.validated()?;
+        if config.pre_rope_keys {
+            return Err(KvError::Unsupported(
+                "pre_rope_keys=True is not implemented yet: keys are quantized after RoPE. \
+                 It needs the RoPE module (inverse rotation before quantization, re-rotation \
+                 on read); use pre_rope_keys=False"
+                    .into(),
+            ));
+        }
+        Ok(QuantizedStore {
+            config,
+            shape: None,
+            layouts: None,
+            sinks: None,
+            blocks: Vec::new(),
+            residual: None,
+            seen: 0,
+        })
+    }
+
+    pub fn config(&self) -> &QuantConfig {
+        &self.config
+    }
+
+    /// Tokens seen (= stored: nothing is evicted) since the last reset.
+    pub fn seen(&self) -> usize {
+        self.seen
+    }
+
+    pub fn shape(&self) -> Option<StoreShape> {
+        self.shape
+    }
+
+    /// (keys, values) layouts, fixed at the first append.
+    pub fn layouts(&self) -> Option<(TensorLayout, TensorLayout)> {
+        self.layouts
+    }
+
+    pub fn sinks(&self) -> Option<&FullPrecision> {
+        self.sinks.as_ref()
+    }
+
+    pub fn blocks(&self) -> &[Block] {
+        &self.blocks
+    }
+
+    pub fn residual(&self) -> Option<&FullPrecision> {
+        self.residual.as_ref()
+    }
+
+    /// Tokens held in full precision as attention sinks.
+    pub fn sink_len(&self) -> usize {
+        self.sinks.as_ref().map_or(0, |s| s.len)
+    }
+
+    /// Tokens held in quantized blocks.
+    pub fn quantized_len(&self) -> usize {
+        self.blocks.iter().map(|b| b.keys.tokens()).sum()
+    }
+
+    /// Tokens in the full-precision residual window.
+    pub fn residual_len(&self) -> usize {
+        self.residual.as_ref().map_or(0, |r| r.len)
+    }
+
+    /// Bytes allocated: sinks and residual window (full length), and every block.
+    pub fn nbytes(&self) -> usize {
+        self.sinks.as_ref().map_or(0, FullPrecision::nbytes)
+            + self.residual.as_ref().map_or(0, FullPrecision::nbytes)
+            + self
+                .blocks
+                .iter()
+                .map(|b| b.keys.nbytes() + b.values.nbytes())
+                .sum::<usize>()
+    }
+
+    /// Appends keys/values (batch, kv_heads, q, head_dim). Every value must be finite
+    /// (`NonFinite` otherwise). On any error the store is unchanged.
+    pub fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        let (ks, vs) = check_kv_pair(keys, values)?;
+        if ks.tokens == 0 {
+            return Err(KvError::empty(
+                "keys",
+                "an update must carry at least one token",
+            ));
+        }
+        let shape = match self.shape {
+            Some(shape) => {
+                check_same_shape(&shape, ks, vs.head_dim, keys.kind(), keys.device())?;
+                shape
+            }
+            None => {
+                self.config
+                    .check_head_dim(ks.head_dim, self.config.key_grouping, "keys")?;
+                self.config
+                    .check_head_dim(vs.head_dim, self.config.value_grouping, "values")?;
+                StoreShape {
+                    batch: ks.batch,
+                    heads: ks.heads,
+                    key_dim: ks.head_dim,
+                    value_dim: vs.head_dim,
+                    kind: keys.kind(),
+                    device: keys.device(),
+                }
+            }
+        };
+        check_finite(keys, "keys")?;
+        check_finite(values, "values")?;
+        let layouts = self.layouts.unwrap_or((
+            TensorLayout::new(&self.config, self.config.key_grouping, shape.key_dim),
+            TensorLayout::new(&self.config, self.config.value_grouping, shape.value_dim),
+        ));
+
+        // Plan: sinks take the first tokens, then whole blocks are quantized, then the rest
+        // waits in the residual window. Quantize first (the only step that can fail on
+        // valid input), commit after.
+        let q = ks.tokens;
+        let block = self.config.block_tokens();
+        let sink_len = self.sink_len();
+        let to_sinks = self.config.sink_tokens.saturating_sub(sink_len).min(q);
+        let mut start = to_sinks;
+        let mut new_blocks = Vec::new();
+        let residual_len = self.residual_len();
+        let mut residual_flushed = false;
+        if residual_len > 0 && residual_len + (q - start) >= block {
+            let take = block - residual_len;
+            let old = self.residual.as_ref().ok_or_else(internal)?.view()?;
+            let k = Tensor::f_cat(
+                &[
+                    &old.0,
+                    &keys.f_narrow(TOKEN_AXIS, start as i64, take as i64)?,
+                ],
+                TOKEN_AXIS,
+            )?;
+            let v = Tensor::f_cat(
+                &[
+                    &old.1,
+                    &values.f_narrow(TOKEN_AXIS, start as i64, take as i64)?,
+                ],
+                TOKEN_AXIS,
+            )?;
+            new_blocks.push(quantize_block(&k, &v, layouts)?);
+            start += take;
+            residual_flushed = true;
+        }
+        if residual_len == 0 || residual_flushed {
+            let whole = (q - start) / block * block;
+            if whole > 0 {
+                let k = keys.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
+                let v = values.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
+                new_blocks.push(quantize_block(&k, &v, layouts)?);
+                start += whole;
+            }
+        }
+
+        // Commit.
+        if to_sinks > 0 {
+            if self.sinks.is_none() {
+                self.sinks = Some(FullPrecision::new(&shape, self.config.sink_tokens)?);
+            }
+            let sinks = self.sinks.as_mut().ok_or_else(internal)?;
+            sinks.write(
+                &keys.f_narrow(TOKEN_AXIS, 0, to_sinks as i64)?,
+                &values.f_narrow(TOKEN_AXIS, 0, to_sinks as i64)?,
+            )?;
+        }
+        if residual_flushed {
+            self.residual.as_mut().ok_or_else(internal)?.len = 0;
+        }
+        self.blocks.extend(new_blocks);
+        if start < q {
+            if self.residual.is_none() {
+                self.residual = Some(FullPrecision::new(&shape, block)?);
+            }
+            let n = (q - start) as i64;
+            self.residual.as_mut().ok_or_else(internal)?.write(
+                &keys.f_narrow(TOKEN_AXIS, start as i64, n)?,
+                &values.f_narrow(TOKEN_AXIS, start as i64, n)?,
+            )?;
+        }
+        self.shape = Some(shape);
+        self.layouts = Some(layouts);
+        self.seen += q;
+        Ok(())
+    }
+
+    /// Attention of `query` (batch, q_heads, q_len, key head_dim) over every stored token,
+    /// reading the quantized blocks in place: (batch, q_len, q_heads, value head_dim) in the
+    /// query's dtype. Query head `h` reads KV head `h / (q_heads / kv_heads)`.
+    ///
+    /// `mask`, if given, is a bool (batch or 1, q_len, stored) tensor of the key positions
+    /// each query may attend to; without one, the last `q_len` stored tokens are the
+    /// queries' own and are causal among themselves. `scaling` multiplies the scores.
+    pub fn attend(&self, query: &Tensor, mask: Option<&Tensor>, scaling: f64) -> Result<Tensor> {
+        let shape = self.shape.ok_or_else(empty_store)?;
+        let inputs = AttendInputs::new(self, &shape, query, mask, scaling)?;
+        let (out, _) = attention::attend(self, &inputs)?;
+        Ok(out.f_to_kind(query.kind())?)
+    }
+
+    /// [`attend`](Self::attend) in f32, with the log-sum-exp of every query row's scores
+    /// (batch, q_len, q_heads; −inf for a row that sees nothing): attention over several
+    /// stores merges these ([`attend_union`](super::union::attend_union)).
+    pub fn attend_with_lse(
+        &self,
+        query: &Tensor,
+        mask: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<(Tensor, Tensor)> {
+        let shape = self.shape.ok_or_else(empty_store)?;
+        let inputs = AttendInputs::new(self, &shape, query, mask, scaling)?;
+        attention::attend(self, &inputs)
+    }
+
+    /// Every stored token, dequantized: keys and values (batch, kv_heads, seen, head_dim)
+    /// in the cache dtype (new tensors; for inspection and for attention paths that need
+    /// full tensors).
+    pub fn dequantize(&self) -> Result<(Tensor, Tensor)> {
+        if self.shape.is_none() {
+            return Err(empty_store());
+        }
+        let mut keys = Vec::new();
+        let mut values = Vec::new();
+        if let Some(s) = &self.sinks {
+            let (k, v) = s.view()?;
+            keys.push(k);
+            values.push(v);
+        }
+        for b in &self.blocks {
+            keys.push(b.keys.dequantize()?);
+            values.push(b.values.dequantize()?);
+        }
+        if let Some(r) = &self.residual {
+            let (k, v) = r.view()?;
+            keys.push(k);
+            values.push(v);
+        }
+        Ok((
+            Tensor::f_cat(&keys, TOKEN_AXIS)?,
+            Tensor::f_cat(&values, TOKEN_AXIS)?,
+        ))
+    }
+
+    /// Forgets the last `n` tokens. Only full-precision tokens can be removed: those of the
+    /// residual window, and the sinks while no block exists.
+    pub fn crop(&mut self, n: usize) -> Result<()> {
+        if n == 0 || self.shape.is_none() {
+            return Ok(());
+        }
+        if n > self.seen {
+            return Err(KvError::invalid(
+                "tokens_to_remove",
+                format!("{n} exceeds the {} tokens seen", self.seen),
+            ));
+        }
+        let residual = self.residual_len();
+        let croppable = if self.blocks.is_empty() {
+            residual + self.sink_len()
+        } else {
+            residual
+        };
+        if n > croppable {
+            return Err(KvError::State(format!(
+                "cannot crop {n} tokens: only the last {croppable} are in full precision; \
+                 quantized blocks are never rewritten"
+            )));
+        }
+        let from_residual = n.min(residual);
+        if let Some(r) = &mut self.residual {
+            r.len -= from_residual;
+        }
+        if let Some(s) = &mut self.sinks {
+            s.len -= n - from_residual;
+        }
+        self.seen -= n;
+        Ok(())
+    }
+
+    /// Selects (and reorders) batch rows: beam search and batch selection. `indices` is a
+    /// non-empty int64 vector of rows in [0, batch).
+    pub fn index_batch(&mut self, indices: &Tensor) -> Result<()> {
+        let Some(shape) = self.shape else {
+            return Ok(());
+        };
+        crate::store::check_batch_indices(indices, shape.batch)?;
+        self.map_batch(&|t: &Tensor| Ok(t.f_index_select(0, &indices.f_to(t.device())?)?))
+    }
+
+    /// Repeats every batch row `repeats` times (row i becomes rows i·r..(i+1)·r).
+    pub fn repeat_interleave_batch(&mut self, repeats: i64) -> Result<()> {
+        if repeats < 1 {
+            return Err(KvError::invalid(
+                "repeats",
+                format!("got {repeats}, expected >= 1"),
+            ));
+        }
+        self.map_batch(&|t: &Tensor| Ok(t.f_repeat_interleave_self_int(repeats, 0, None)?))
+    }
+
+    fn map_batch(&mut self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<()> {
+        let Some(mut shape) = self.shape else {
+            return Ok(());
+        };
+        let sinks = self.sinks.as_ref().map(|s| s.map_batch(f)).transpose()?;
+        let residual = self.residual.as_ref().map(|r| r.map_batch(f)).transpose()?;
+        let blocks = self
+            .blocks
+            .iter()
+            .map(|b| {
+                Ok(Block {
+                    keys: b.keys.map_batch(f)?,
+                    values: b.values.map_batch(f)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let probe = f(&Tensor::f_zeros(
+            [shape.batch as i64, 1],
+            (Kind::Uint8, shape.device),
+        )?)?;
+        shape.batch = probe.size()[0] as usize;
+        self.sinks = sinks;
+        self.residual = residual;
+        self.blocks = blocks;
+        self.shape = Some(shape);
+        Ok(())
+    }
+
+    /// Drops everything: the store is as new (same configuration).
+    pub fn reset(&mut self) {
+        self.shape = None;
+        self.layouts = None;
+        self.sinks = None;
+        self.blocks.clear();
+        self.residual = None;
+        self.seen = 0;
+    }
+}
+
+fn quantize_block(
+    keys: &Tensor,
+    values: &Tensor,
+    layouts: (TensorLayout, TensorLayout),
+) -> Result<Block> {
+    Ok(Block {
+        keys: QuantizedTensor::quantize(keys, layouts.0, "keys")?,
+        values: QuantizedTensor::quantize(values, layouts.1, "values")?,
+    })
+}
+
+fn internal() -> KvError {
+    KvError::State("internal: quantized store state is inconsistent".into())
+}
+
+pub(crate) fn empty_store() -> KvError {
+    KvError::State(
+        "the quantized store is empty: nothing has been appended since the last reset".into(),
+    )
+}
+
+fn check_same_shape(
+    held: &StoreShape,
+    ks: KvShape,
+    value_dim: usize,
+    kind: Kind,
+    device: Device,
+) -> Result<()> {
+    let reuse = "; call reset() before reusing the cache for another batch or model";
+    if (ks.batch, ks.heads, ks.head_dim) != (held.batch, held.heads, held.key_dim) {
+        return Err(KvError::shape(
+            "keys",
+            &ks.as_i64(),
+            format!(
+                "({}, {}, tokens, {}) like the keys already cached{reuse}",
+                held.batch, held.heads, held.key_dim
+            ),
+        ));
+    }
+    if value_dim != held.value_dim {
+        return Err(KvError::invalid(
+            "values",
+            format!(
+                "head_dim {value_dim} differs from the cached {}{reuse}",
+                held.value_dim
+            ),
+        ));
+    }
+    if kind != held.kind {
+        return Err(KvError::dtype(
+            "keys",
+            kind_name(kind),
+            format!("{} like the cached keys{reuse}", kind_name(held.kind)),
+        ));
+    }
+    if device != held.device {
+        return Err(KvError::device(
+            "keys",
+            device_name(device),
+            format!("{} like the cached keys{reuse}", device_name(held.device)),
+        ));
+    }
+    Ok(())
+}

@@ -1,0 +1,617 @@
+//! Quantization: round-trip error bounds against a plain reference, outliers, Hadamard,
+//! the quantized store (sinks, append-only blocks, residual window, nbytes, crop, batch
+//! reordering) and attention over it against a reference over the dequantized tensors.
+
+mod common;
+
+use common::*;
+use kvpress_rs::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
+use tch::{Kind, Tensor};
+
+fn config(bits: u32, g: usize, residual: usize) -> QuantConfig {
+    QuantConfig::new(bits, g, residual).unwrap()
+}
+
+fn layout(bits: u32, g: usize, grouping: Grouping, d: usize) -> TensorLayout {
+    TensorLayout::new(&config(bits, g, 0), grouping, d)
+}
+
+/// Flat indices of every quantization group of a (b, h, t, d) row-major array.
+fn groups(shape: [usize; 4], g: usize, grouping: Grouping) -> Vec<Vec<usize>> {
+    let [b, h, t, d] = shape;
+    let at = |bi: usize, hi: usize, ti: usize, c: usize| ((bi * h + hi) * t + ti) * d + c;
+    let mut out = Vec::new();
+    for bi in 0..b {
+        for hi in 0..h {
+            match grouping {
+                Grouping::Channel => {
+                    for t0 in (0..t).step_by(g) {
+                        for c in 0..d {
+                            out.push((t0..t0 + g).map(|ti| at(bi, hi, ti, c)).collect());
+                        }
+                    }
+                }
+                Grouping::Token => {
+                    for ti in 0..t {
+                        for c0 in (0..d).step_by(g) {
+                            out.push((c0..c0 + g).map(|c| at(bi, hi, ti, c)).collect());
+                        }
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+/// Relative rounding of a dtype (what storing a dequantized value in it may add).
+fn dtype_eps(kind: Kind) -> f64 {
+    match kind {
+        Kind::BFloat16 => 2f64.powi(-8),
+        Kind::Half => 2f64.powi(-11),
+        _ => 1e-6,
+    }
+}
+
+/// Keys-like data: normal values, a few channels scaled up (outlier channels).
+fn keys_like(shape: [i64; 4], seed: u64, kind: Kind) -> Tensor {
+    let d = shape[3];
+    let mut scale = vec![1.0f64; d as usize];
+    scale[1] = 8.0;
+    scale[(d / 2) as usize] = -5.0;
+    randn(&shape, seed, Kind::Double)
+        .g_mul(&Tensor::from_slice(&scale))
+        .to_kind(kind)
+}
+
+#[test]
+fn round_trip_error_is_within_half_a_reference_step() {
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for bits in [2u32, 3, 4, 8] {
+            for g in [32usize, 64, 128] {
+                for grouping in [Grouping::Channel, Grouping::Token] {
+                    let shape = [2usize, 3, 2 * g, 128];
+                    let x = keys_like([2, 3, 2 * g as i64, 128], bits as u64 + g as u64, kind);
+                    let q =
+                        QuantizedTensor::quantize(&x, layout(bits, g, grouping, 128), "x").unwrap();
+                    let back = q.dequantize().unwrap();
+                    assert_eq!(back.size(), x.size());
+                    assert_eq!(back.kind(), kind);
+                    let (xs, ys) = (values_f64(&x), values_f64(&back));
+                    let levels = ((1u32 << bits) - 1) as f64;
+                    let mut worst = 0.0f64;
+                    for idx in groups(shape, g, grouping) {
+                        let vals: Vec<f64> = idx.iter().map(|&i| xs[i]).collect();
+                        let mn = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+                        let mx = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                        let step = (mx - mn) / levels;
+                        // float16 rounding of zero (down, ≤ 2^-10 |min|) and scale (up).
+                        let slack = mn.abs() * 2f64.powi(-10) / levels + step * 2f64.powi(-9);
+                        for &i in &idx {
+                            let err = (xs[i] - ys[i]).abs();
+                            let bound = 0.5 * step
+                                + slack
+                                + dtype_eps(kind) * xs[i].abs().max(ys[i].abs())
+                                + 1e-6;
+                            assert!(
+                                err <= bound,
+                                "{kind:?} bits {bits} g {g} {grouping:?}: |{} - {}| = {err} > {bound}",
+                                xs[i],
+                                ys[i]
+                            );
+                            worst = worst.max(err / step.max(1e-12));
+                        }
+                    }
+                    // Half a step is also reached (the bound is not vacuous).
+                    assert!(
+                        worst > 0.3,
+                        "{kind:?} {bits} {g} {grouping:?}: worst {worst}"
+                    );
+                }
+            }
+        }
+    }
+}
+
+#[test]
+fn codes_match_a_reference_quantizer() {
+    // The float16 scale/zero are the reference's up to their rounding: the dequantized
+    // values match the reference's to a small fraction of a step, and almost no value gets
+    // a different code.
+    let x = randn(&[1, 2, 64, 64], 5, Kind::Half).to_kind(Kind::Float);
+    let q = QuantizedTensor::quantize(&x, layout(4, 32, Grouping::Token, 64), "x").unwrap();
+    let (xs, ys) = (values_f64(&x), values_f64(&q.dequantize().unwrap()));
+    let mut differ = 0;
+    for idx in groups([1, 2, 64, 64], 32, Grouping::Token) {
+        let vals: Vec<f64> = idx.iter().map(|&i| xs[i]).collect();
+        let mn = vals.iter().cloned().fold(f64::INFINITY, f64::min);
+        let mx = vals.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+        let s = (mx - mn) / 15.0;
+        for &i in &idx {
+            let reference = ((xs[i] - mn) / s).round().clamp(0.0, 15.0) * s + mn;
+            let diff = (reference - ys[i]).abs();
+            if diff > 0.5 * s {
+                differ += 1;
+            } else {
+                assert!(diff < 0.02 * s, "{} vs {}: step {s}", ys[i], reference);
+            }
+        }
+    }
+    assert!(
+        differ * 100 < xs.len(),
+        "{differ} of {} values have another code",
+        xs.len()
+    );
+}
+
+#[test]
+fn odd_shapes_batch_and_gqa_sized_heads() {
+    for (b, h, d) in [(1, 1, 32), (3, 5, 64), (2, 3, 96), (1, 2, 256)] {
+        let x = randn(&[b, h, 64, d], 7, Kind::BFloat16);
+        for grouping in [Grouping::Channel, Grouping::Token] {
+            let q =
+                QuantizedTensor::quantize(&x, layout(4, 32, grouping, d as usize), "x").unwrap();
+            assert_eq!(q.groups(), 64 * d as usize / 32);
+            let back = q.dequantize().unwrap();
+            let err = (back.to_kind(Kind::Float) - x.to_kind(Kind::Float))
+                .abs()
+                .max()
+                .double_value(&[]);
+            assert!(err < 0.6, "{b} {h} {d} {grouping:?}: {err}");
+        }
+    }
+}
+
+#[test]
+fn outliers_are_kept_exactly_and_shrink_the_range() {
+    let x = randn(&[2, 2, 64, 64], 9, Kind::Float);
+    // Plant large values.
+    let _ = x.get(0).get(0).get(3).get(5).fill_(40.0);
+    let _ = x.get(1).get(1).get(60).get(0).fill_(-55.0);
+    let mut c = config(2, 32, 0);
+    c.outlier_fraction = 0.05; // ceil(1.6) = 2 per group
+    assert_eq!(c.outliers_per_group(), 2);
+    for grouping in [Grouping::Channel, Grouping::Token] {
+        let with = QuantizedTensor::quantize(&x, TensorLayout::new(&c, grouping, 64), "x").unwrap();
+        let without = QuantizedTensor::quantize(&x, layout(2, 32, grouping, 64), "x").unwrap();
+        let xs = values_f64(&x);
+        let ys = values_f64(&with.dequantize().unwrap());
+        let zs = values_f64(&without.dequantize().unwrap());
+        for i in [(3 * 64) + 5, ((3 * 64 + 60) * 64)] {
+            assert_eq!(ys[i], xs[i], "{grouping:?}: outlier not exact");
+        }
+        let err = |v: &[f64]| v.iter().zip(&xs).map(|(a, b)| (a - b).powi(2)).sum::<f64>();
+        assert!(
+            err(&ys) < 0.8 * err(&zs),
+            "{grouping:?}: outliers did not help"
+        );
+        let n_groups = with.groups() * 4;
+        assert_eq!(
+            with.nbytes(),
+            without.nbytes() + n_groups * 2 * (1 + 4),
+            "outliers cost a u8 position and an f32 value each"
+        );
+    }
+}
+
+#[test]
+fn hadamard_round_trip_and_identity_on_attention_scores() {
+    let x = keys_like([1, 2, 64, 64], 11, Kind::Float);
+    let mut c = config(8, 32, 0);
+    c.hadamard = true;
+    let q = QuantizedTensor::quantize(&x, TensorLayout::new(&c, Grouping::Token, 64), "x").unwrap();
+    let err = (q.dequantize().unwrap() - &x).abs().max().double_value(&[]);
+    assert!(err < 0.05, "8-bit rotated round trip error {err}");
+    // The rotation spreads outlier channels: per-token 2-bit groups do much better rotated.
+    let plain = QuantizedTensor::quantize(&x, layout(2, 32, Grouping::Token, 64), "x").unwrap();
+    let mut c2 = config(2, 32, 0);
+    c2.hadamard = true;
+    let rotated =
+        QuantizedTensor::quantize(&x, TensorLayout::new(&c2, Grouping::Token, 64), "x").unwrap();
+    let mse = |t: &Tensor| (t - &x).square().mean(Kind::Float).double_value(&[]);
+    assert!(mse(&rotated.dequantize().unwrap()) < 0.7 * mse(&plain.dequantize().unwrap()));
+}
+
+#[test]
+fn quantize_errors() {
+    let l = layout(4, 32, Grouping::Token, 64);
+    expect_err(
+        QuantizedTensor::quantize(&randn(&[1, 1, 33, 64], 1, Kind::Float), l, "x"),
+        "Shape",
+    );
+    expect_err(
+        QuantizedTensor::quantize(&randn(&[1, 1, 32, 32], 1, Kind::Float), l, "x"),
+        "Shape",
+    );
+    let nan = randn(&[1, 1, 32, 64], 1, Kind::Float);
+    let _ = nan.get(0).get(0).get(7).get(3).fill_(f64::NAN);
+    expect_err(QuantizedTensor::quantize(&nan, l, "x"), "NonFinite");
+    let inf = randn(&[1, 1, 32, 64], 1, Kind::BFloat16);
+    let _ = inf.get(0).get(0).get(2).get(1).fill_(f64::INFINITY);
+    expect_err(QuantizedTensor::quantize(&inf, l, "x"), "NonFinite");
+    let big = randn(&[1, 1, 32, 64], 1, Kind::Float) * 1e5;
+    expect_err(QuantizedTensor::quantize(&big, l, "x"), "InvalidArgument");
+}
+
+#[test]
+fn config_validation() {
+    for bits in [0u32, 1, 5, 16] {
+        expect_err(QuantConfig::new(bits, 32, 128), "InvalidArgument");
+    }
+    for g in [0usize, 16, 48, 256] {
+        expect_err(QuantConfig::new(4, g, 128), "InvalidArgument");
+    }
+    expect_err(QuantConfig::new(4, 32, 100), "InvalidArgument");
+    let mut c = config(4, 32, 128);
+    for f in [-0.1, 0.3, f64::NAN] {
+        c.outlier_fraction = f;
+        expect_err(c.validated(), "InvalidArgument");
+    }
+    let c = config(4, 64, 0);
+    assert_eq!(c.block_tokens(), 64);
+    expect_err(
+        c.check_head_dim(96, Grouping::Token, "keys"),
+        "InvalidArgument",
+    );
+    c.check_head_dim(96, Grouping::Channel, "keys").unwrap();
+    let mut h = c;
+    h.hadamard = true;
+    expect_err(
+        h.check_head_dim(96, Grouping::Channel, "keys"),
+        "InvalidArgument",
+    );
+    let mut p = c;
+    p.pre_rope_keys = true;
+    expect_err(QuantizedStore::new(p), "Unsupported");
+}
+
+// ---------------------------------------------------------------------------------------
+// The store.
+
+fn kv(shape: [i64; 4], seed: u64, kind: Kind) -> (Tensor, Tensor) {
+    (
+        keys_like(shape, seed, kind),
+        randn(&shape, seed + 500, kind),
+    )
+}
+
+fn store_config(bits: u32, g: usize, residual: usize, sinks: usize) -> QuantConfig {
+    let mut c = config(bits, g, residual);
+    c.sink_tokens = sinks;
+    c
+}
+
+/// (sinks, quantized, residual) token counts.
+fn parts(s: &QuantizedStore) -> (usize, usize, usize) {
+    (s.sink_len(), s.quantized_len(), s.residual_len())
+}
+
+#[test]
+fn tokens_flow_through_sinks_blocks_and_the_residual_window() {
+    let mut store = QuantizedStore::new(store_config(4, 32, 128, 4)).unwrap();
+    let (k, v) = kv([2, 3, 300, 64], 1, Kind::Float);
+    store.append(&k, &v).unwrap();
+    assert_eq!(parts(&store), (4, 256, 40));
+    assert_eq!(store.blocks().len(), 1);
+    let first_codes = store.blocks()[0].keys.codes().copy();
+    let mut all_k = vec![k];
+    let mut all_v = vec![v];
+    for step in 0..100 {
+        let (k, v) = kv([2, 3, 1, 64], 10 + step, Kind::Float);
+        store.append(&k, &v).unwrap();
+        all_k.push(k);
+        all_v.push(v);
+        let seen = 301 + step as usize;
+        let residual = (seen - 4) % 128;
+        assert_eq!(
+            parts(&store),
+            (4, seen - 4 - residual, residual),
+            "step {step}"
+        );
+        assert_eq!(store.seen(), seen);
+    }
+    assert_eq!(store.blocks().len(), 2);
+    // Append-only: the first block's codes never changed.
+    assert!(store.blocks()[0].keys.codes().equal(&first_codes));
+    // Dequantized: sinks and residual exact, blocks as quantized alone.
+    let (dk, dv) = store.dequantize().unwrap();
+    let k_all = Tensor::cat(&all_k, 2);
+    let v_all = Tensor::cat(&all_v, 2);
+    assert!(dk.narrow(2, 0, 4).equal(&k_all.narrow(2, 0, 4)));
+    assert!(dk.narrow(2, 388, 12).equal(&k_all.narrow(2, 388, 12)));
+    assert!(dv.narrow(2, 388, 12).equal(&v_all.narrow(2, 388, 12)));
+    let l = store.layouts().unwrap();
+    let block2 = QuantizedTensor::quantize(&k_all.narrow(2, 260, 128), l.0, "k").unwrap();
+    assert!(dk.narrow(2, 260, 128).equal(&block2.dequantize().unwrap()));
+}
+
+#[test]
+fn a_prompt_is_quantized_in_one_block_of_whole_windows() {
+    let mut store = QuantizedStore::new(store_config(2, 64, 128, 0)).unwrap();
+    let (k, v) = kv([1, 2, 1000, 64], 3, Kind::BFloat16);
+    store.append(&k, &v).unwrap();
+    assert_eq!(parts(&store), (0, 896, 104));
+    assert_eq!(store.blocks().len(), 1);
+    // Chunks that straddle the window: fill it, flush it, then whole windows directly.
+    let (k2, v2) = kv([1, 2, 300, 64], 4, Kind::BFloat16);
+    store.append(&k2, &v2).unwrap();
+    assert_eq!(parts(&store), (0, 896 + 128 + 256, 20));
+    assert_eq!(store.blocks().len(), 3);
+    let (dk, _) = store.dequantize().unwrap();
+    let k_all = Tensor::cat(&[&k, &k2], 2);
+    assert!(dk.narrow(2, 1280, 20).equal(&k_all.narrow(2, 1280, 20)));
+}
+
+#[test]
+fn residual_zero_quantizes_every_whole_group() {
+    let mut store = QuantizedStore::new(store_config(4, 32, 0, 0)).unwrap();
+    let (k, v) = kv([1, 1, 70, 32], 5, Kind::Float);
+    store.append(&k, &v).unwrap();
+    assert_eq!(parts(&store), (0, 64, 6));
+    // Sinks that span several appends.
+    let mut store = QuantizedStore::new(store_config(4, 32, 0, 5)).unwrap();
+    for i in 0..3 {
+        let (k, v) = kv([1, 1, 2, 32], 6 + i, Kind::Float);
+        store.append(&k, &v).unwrap();
+    }
+    assert_eq!(parts(&store), (5, 0, 1));
+}
+
+#[test]
+fn nbytes_is_exact_against_the_formula() {
+    // (bits + 32/G)/16 of the float16 bytes for quantized tokens, plus the full-precision
+    // residual window (allocated at its full length) and sinks.
+    for (bits, g) in [(2u32, 32usize), (3, 64), (4, 128), (8, 32)] {
+        let (b, h, d, r, s) = (2usize, 3usize, 128usize, 128usize, 4usize);
+        let mut store = QuantizedStore::new(store_config(bits, g, r, s)).unwrap();
+        let (k, v) = kv([b as i64, h as i64, 1000, d as i64], 8, Kind::Half);
+        store.append(&k, &v).unwrap();
+        let quantized = store.quantized_len();
+        assert_eq!(quantized, (1000 - s) / r * r);
+        let fp16_bytes = |tokens: usize| 2 * b * h * tokens * d * 2; // keys + values
+        let expected_quant = fp16_bytes(quantized) as f64 * (bits as f64 + 32.0 / g as f64) / 16.0;
+        let expected = expected_quant as usize + fp16_bytes(r) + fp16_bytes(s);
+        assert_eq!(store.nbytes(), expected, "bits {bits} g {g}");
+    }
+}
+
+#[test]
+fn crop_removes_full_precision_tokens_only() {
+    let mut store = QuantizedStore::new(store_config(4, 32, 64, 2)).unwrap();
+    let (k, v) = kv([1, 2, 100, 32], 9, Kind::Float);
+    store.append(&k, &v).unwrap();
+    assert_eq!(parts(&store), (2, 64, 34));
+    store.crop(10).unwrap();
+    assert_eq!((parts(&store), store.seen()), ((2, 64, 24), 90));
+    expect_err(store.crop(25), "State");
+    expect_err(store.crop(1000), "InvalidArgument");
+    assert_eq!(store.seen(), 90);
+    let (dk, _) = store.dequantize().unwrap();
+    assert!(dk.narrow(2, 66, 24).equal(&k.narrow(2, 66, 24)));
+    // New tokens overwrite the cropped ones.
+    let (k2, v2) = kv([1, 2, 3, 32], 10, Kind::Float);
+    store.append(&k2, &v2).unwrap();
+    let (dk, _) = store.dequantize().unwrap();
+    assert!(dk.narrow(2, 90, 3).equal(&k2));
+    // Before any block, sinks can be cropped too.
+    let mut store = QuantizedStore::new(store_config(4, 32, 64, 8)).unwrap();
+    let (k, v) = kv([1, 2, 10, 32], 11, Kind::Float);
+    store.append(&k, &v).unwrap();
+    store.crop(5).unwrap();
+    assert_eq!(parts(&store), (5, 0, 0));
+}
+
+#[test]
+fn batch_reordering_acts_on_every_part() {
+    let mut store = QuantizedStore::new(store_config(3, 32, 32, 2)).unwrap();
+    let (k, v) = kv([3, 2, 90, 32], 12, Kind::Float);
+    store.append(&k, &v).unwrap();
+    let (dk, dv) = store.dequantize().unwrap();
+    let idx = tensor_i64(&[2, 0, 0], &[3]);
+    store.index_batch(&idx).unwrap();
+    let (rk, rv) = store.dequantize().unwrap();
+    assert!(rk.equal(&dk.index_select(0, &idx)));
+    assert!(rv.equal(&dv.index_select(0, &idx)));
+    store.repeat_interleave_batch(2).unwrap();
+    assert_eq!(store.shape().unwrap().batch, 6);
+    let (rk2, _) = store.dequantize().unwrap();
+    assert!(rk2.equal(&rk.repeat_interleave_self_int(2, 0, None)));
+    // Appends continue with the new batch size.
+    let (k2, v2) = kv([6, 2, 1, 32], 13, Kind::Float);
+    store.append(&k2, &v2).unwrap();
+    expect_err(
+        store.index_batch(&tensor_i64(&[6], &[1])),
+        "InvalidArgument",
+    );
+    expect_err(store.repeat_interleave_batch(0), "InvalidArgument");
+    store.reset();
+    assert_eq!((store.seen(), store.nbytes()), (0, 0));
+    expect_err(store.dequantize(), "State");
+}
+
+#[test]
+fn store_errors_leave_it_unchanged() {
+    let mut store = QuantizedStore::new(store_config(4, 32, 32, 0)).unwrap();
+    let (k, v) = kv([1, 2, 40, 64], 14, Kind::Float);
+    store.append(&k, &v).unwrap();
+    let before = (parts(&store), store.nbytes(), store.seen());
+    let nan = randn(&[1, 2, 30, 64], 15, Kind::Float);
+    let _ = nan.get(0).get(1).get(29).get(0).fill_(f64::NAN);
+    expect_err(store.append(&nan, &nan), "NonFinite");
+    let big = randn(&[1, 2, 30, 64], 15, Kind::Float) * 1e6;
+    expect_err(store.append(&big, &big), "InvalidArgument");
+    let f = |shape: [i64; 4], kind| randn(&shape, 16, kind);
+    expect_err(
+        store.append(
+            &f([1, 3, 1, 64], Kind::Float),
+            &f([1, 3, 1, 64], Kind::Float),
+        ),
+        "Shape",
+    );
+    expect_err(
+        store.append(&f([1, 2, 1, 64], Kind::Half), &f([1, 2, 1, 64], Kind::Half)),
+        "Dtype",
+    );
+    expect_err(
+        store.append(
+            &f([1, 2, 0, 64], Kind::Float),
+            &f([1, 2, 0, 64], Kind::Float),
+        ),
+        "Empty",
+    );
+    assert_eq!((parts(&store), store.nbytes(), store.seen()), before);
+    // Head dims checked at the first append.
+    let mut s2 = QuantizedStore::new(store_config(4, 64, 64, 0)).unwrap();
+    let (k, v) = kv([1, 1, 4, 32], 17, Kind::Float);
+    expect_err(s2.append(&k, &v), "InvalidArgument");
+    assert_eq!(s2.seen(), 0);
+}
+
+// ---------------------------------------------------------------------------------------
+// Attention.
+
+/// Reference attention in f64 over full keys/values (b, h, n, d): GQA, causal among the
+/// last q queries (or an explicit mask (1|b, q, n)), scaling. Output (b, q, hq, dv).
+fn reference_attention(
+    query: &Tensor,
+    keys: &Tensor,
+    values: &Tensor,
+    mask: Option<&Tensor>,
+    scaling: f64,
+) -> Vec<f64> {
+    let (qd, kd, vd) = (dims(query), dims(keys), dims(values));
+    let (b, hq, q, d) = (qd[0], qd[1], qd[2], qd[3]);
+    let (h, n, dv) = (kd[1], kd[2], vd[3]);
+    let rep = hq / h;
+    let (qs, ks, vs) = (values_f64(query), values_f64(keys), values_f64(values));
+    let ms = mask.map(|m| (values_i64(m), dims(m)[0]));
+    let mut out = vec![0.0; b * q * hq * dv];
+    for bi in 0..b {
+        for head in 0..hq {
+            let kh = head / rep;
+            for i in 0..q {
+                let qrow = &qs[((bi * hq + head) * q + i) * d..][..d];
+                let mut scores = vec![f64::NEG_INFINITY; n];
+                for (t, s) in scores.iter_mut().enumerate() {
+                    let visible = match &ms {
+                        Some((m, mb)) => m[((if *mb == 1 { 0 } else { bi }) * q + i) * n + t] != 0,
+                        None => t < n - q + i + 1,
+                    };
+                    if visible {
+                        let krow = &ks[((bi * h + kh) * n + t) * d..][..d];
+                        *s = scaling * qrow.iter().zip(krow).map(|(a, b)| a * b).sum::<f64>();
+                    }
+                }
+                let m = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                if m == f64::NEG_INFINITY {
+                    continue;
+                }
+                let w: Vec<f64> = scores.iter().map(|s| (s - m).exp()).collect();
+                let l: f64 = w.iter().sum();
+                let dst = &mut out[((bi * q + i) * hq + head) * dv..][..dv];
+                for (t, wt) in w.iter().enumerate() {
+                    let vrow = &vs[((bi * h + kh) * n + t) * dv..][..dv];
+                    for (o, x) in dst.iter_mut().zip(vrow) {
+                        *o += wt / l * x;
+                    }
+                }
+            }
+        }
+    }
+    out
+}
+
+fn max_abs_diff(a: &[f64], b: &[f64]) -> f64 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .map(|(x, y)| (x - y).abs())
+        .fold(0.0, f64::max)
+}
+
+fn filled_store(c: QuantConfig, shape: [i64; 4], decode: usize, kind: Kind) -> QuantizedStore {
+    let mut store = QuantizedStore::new(c).unwrap();
+    let (k, v) = kv(shape, 20, kind);
+    store.append(&k, &v).unwrap();
+    for step in 0..decode {
+        let (k, v) = kv([shape[0], shape[1], 1, shape[3]], 30 + step as u64, kind);
+        store.append(&k, &v).unwrap();
+    }
+    store
+}
+
+#[test]
+fn attention_equals_attention_over_the_dequantized_tensors() {
+    let mut configs = Vec::new();
+    for bits in [2u32, 3, 4, 8] {
+        configs.push(store_config(bits, 32, 64, 3));
+    }
+    let mut c = store_config(4, 64, 128, 0);
+    c.key_grouping = Grouping::Token;
+    c.value_grouping = Grouping::Channel;
+    configs.push(c);
+    let mut c = store_config(2, 32, 32, 4);
+    c.hadamard = true;
+    c.outlier_fraction = 0.04;
+    configs.push(c);
+    let mut c = store_config(3, 32, 0, 0);
+    c.key_grouping = Grouping::Token;
+    c.hadamard = true;
+    configs.push(c);
+    for (ci, c) in configs.into_iter().enumerate() {
+        for kind in [Kind::Float, Kind::BFloat16] {
+            let store = filled_store(c, [2, 2, 300, 64], 7, kind);
+            let (dk, dv) = store.dequantize().unwrap();
+            for q_len in [1i64, 5] {
+                let query = randn(&[2, 6, q_len, 64], 40 + q_len as u64, kind);
+                let out = store.attend(&query, None, 0.125).unwrap();
+                assert_eq!(out.size(), [2, q_len, 6, 64]);
+                assert_eq!(out.kind(), kind);
+                let reference = reference_attention(&query, &dk, &dv, None, 0.125);
+                // f32: only summation order differs. bf16: the reference reads values
+                // rounded to bf16, the kernel the exact dequantized ones.
+                let tol = if kind == Kind::Float { 2e-5 } else { 3e-2 };
+                let diff = max_abs_diff(&values_f64(&out), &reference);
+                assert!(diff < tol, "config {ci} {kind:?} q_len {q_len}: {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn attention_applies_an_explicit_mask() {
+    let store = filled_store(store_config(4, 32, 64, 2), [2, 1, 150, 32], 0, Kind::Float);
+    let (dk, dv) = store.dequantize().unwrap();
+    let query = randn(&[2, 3, 2, 32], 50, Kind::Float);
+    // Left padding in row 0: its first 40 tokens are masked; the queries see everything else.
+    let m = Tensor::ones([2, 2, 150], (Kind::Bool, CPU));
+    let _ = m.get(0).narrow(1, 0, 40).fill_(0);
+    let _ = m.get(1).get(0).narrow(0, 149, 1).fill_(0);
+    let out = store.attend(&query, Some(&m), 0.3).unwrap();
+    let reference = reference_attention(&query, &dk, &dv, Some(&m), 0.3);
+    assert!(max_abs_diff(&values_f64(&out), &reference) < 2e-5);
+    // A query that may see nothing outputs zeros.
+    let none = Tensor::zeros([1, 2, 150], (Kind::Bool, CPU));
+    let out = store.attend(&query, Some(&none), 0.3).unwrap();
+    assert_eq!(out.abs().max().double_value(&[]), 0.0);
+}
+
+#[test]
+fn attention_errors() {
+    let store = filled_store(store_config(4, 32, 64, 0), [1, 2, 40, 32], 0, Kind::Float);
+    let q = |shape: [i64; 4]| randn(&shape, 1, Kind::Float);
+    expect_err(store.attend(&q([1, 3, 1, 32]), None, 1.0), "Shape"); // heads not a multiple
+    expect_err(store.attend(&q([2, 2, 1, 32]), None, 1.0), "Shape"); // batch
+    expect_err(store.attend(&q([1, 2, 1, 16]), None, 1.0), "Shape"); // head_dim
+    expect_err(store.attend(&q([1, 2, 41, 32]), None, 1.0), "Shape"); // more queries than tokens
+    expect_err(
+        store.attend(&q([1, 2, 1, 32]), None, f64::NAN),
+        "InvalidArgument",
+    );
+    let m = Tensor::ones([1, 1, 39], (Kind::Bool, CPU));
+    expect_err(store.attend(&q([1, 2, 1, 32]), Some(&m), 1.0), "Shape");
+    let m = Tensor::ones([1, 1, 40], (Kind::Float, CPU));
+    expect_err(store.attend(&q([1, 2, 1, 32]), Some(&m), 1.0), "Dtype");
+    let empty = QuantizedStore::new(store_config(4, 32, 64, 0)).unwrap();
+    expect_err(empty.attend(&q([1, 2, 1, 32]), None, 1.0), "State");
+}
