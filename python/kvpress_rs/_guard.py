@@ -70,3 +70,40 @@ class TokenLog:
                 f"`input_ids` does not continue the {seen} tokens this cache has seen (they differ at "
                 f"position {first}); call cache.reset() before reusing the cache for an unrelated prompt"
             )
+
+
+class GuardedCache:
+    """The reuse guard's side of a transformers ``Cache`` (mixed in before ``Cache``): keeps
+    the :class:`TokenLog` in step with every batch operation and answers the model hooks
+    (``_record_token_ids``, ``_check_continues``). Subclasses set ``self._token_log``."""
+
+    _token_log: TokenLog
+
+    def reset(self) -> None:
+        """Empties the cache so that it can serve an unrelated prompt."""
+        super().reset()
+        self._token_log.reset()
+
+    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
+        super().reorder_cache(beam_idx)
+        self._token_log.index_batch(beam_idx)
+
+    def batch_select_indices(self, indices: torch.Tensor) -> None:
+        super().batch_select_indices(indices)
+        indices = torch.as_tensor(indices)
+        self._token_log.index_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
+
+    def batch_repeat_interleave(self, repeats: int) -> None:
+        super().batch_repeat_interleave(repeats)
+        self._token_log.repeat_interleave(repeats)
+
+    def crop(self, max_length_or_tokens_to_remove: int) -> None:
+        seen = self.get_seq_length()
+        super().crop(max_length_or_tokens_to_remove)
+        self._token_log.truncate(self.get_seq_length() if seen else 0)
+
+    def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
+        self._token_log.record(input_ids)
+
+    def _check_continues(self, input_ids: torch.Tensor) -> None:
+        self._token_log.check_continues(input_ids, self.get_seq_length())

@@ -29,7 +29,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from . import _compat, attention
-from ._guard import TokenLog
+from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
 from ._native import LayerStore, Press, QuantConfig, QuantizedStore
 from .errors import CacheStateError, InvalidArgumentError, UnsupportedError, UnsupportedModelError
@@ -310,7 +310,7 @@ class CompressedLayer(CacheLayerMixin):
         return f"CompressedLayer(layer_idx={self.layer_idx}, {self._active!r})"
 
 
-class KVCache(Cache):
+class KVCache(GuardedCache, Cache):
     """A transformers cache that compresses the prompt's KV cache once per layer, right
     after that layer's prefill attention, with a Rust policy.
 
@@ -434,29 +434,6 @@ class KVCache(Cache):
         if isinstance(model, torch.nn.Module):
             install_model_hooks(model)
 
-    def reset(self) -> None:
-        """Empties the cache so that it can serve an unrelated prompt."""
-        super().reset()
-        self._token_log.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._token_log.index_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        indices = torch.as_tensor(indices)
-        self._token_log.index_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._token_log.repeat_interleave(repeats)
-
-    def crop(self, max_length_or_tokens_to_remove: int) -> None:
-        seen = self.get_seq_length()
-        super().crop(max_length_or_tokens_to_remove)
-        self._token_log.truncate(self.get_seq_length() if seen else 0)
-
     def _forward_started(self) -> None:
         for _, layer in self._compressed_layers():
             layer._forward_started()
@@ -493,12 +470,6 @@ class KVCache(Cache):
             layer._evicted_kv = layer._store.compress_scored(
                 self.press, scores, n_kept, keep_evicted=layer._low_quantization is not None
             )
-
-    def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
-        self._token_log.record(input_ids)
-
-    def _check_continues(self, input_ids: torch.Tensor) -> None:
-        self._token_log.check_continues(input_ids, self.get_seq_length())
 
     def _compressed_layers(self) -> list[tuple[int, CompressedLayer]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]

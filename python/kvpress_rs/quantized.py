@@ -28,7 +28,7 @@ import torch
 from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
 
 from . import _compat, attention
-from ._guard import TokenLog
+from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
 from ._native import QuantConfig, QuantizedStore
 from .errors import CacheStateError
@@ -204,7 +204,7 @@ def _visible(attention_mask: torch.Tensor | None, q_len: int) -> torch.Tensor | 
     return mask
 
 
-class QuantizedKVCache(Cache):
+class QuantizedKVCache(GuardedCache, Cache):
     """A transformers cache that stores keys and values quantized (bit-packed, append-only
     blocks) and attends over them with a fused Rust kernel.
 
@@ -296,29 +296,6 @@ class QuantizedKVCache(Cache):
             pre_rope_keys=config.pre_rope_keys,
         )
 
-    def reset(self) -> None:
-        """Empties the cache so that it can serve an unrelated prompt."""
-        super().reset()
-        self._token_log.reset()
-
-    def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
-        super().reorder_cache(beam_idx)
-        self._token_log.index_batch(beam_idx)
-
-    def batch_select_indices(self, indices: torch.Tensor) -> None:
-        super().batch_select_indices(indices)
-        indices = torch.as_tensor(indices)
-        self._token_log.index_batch(indices.nonzero().flatten() if indices.dtype == torch.bool else indices)
-
-    def batch_repeat_interleave(self, repeats: int) -> None:
-        super().batch_repeat_interleave(repeats)
-        self._token_log.repeat_interleave(repeats)
-
-    def crop(self, max_length_or_tokens_to_remove: int) -> None:
-        seen = self.get_seq_length()
-        super().crop(max_length_or_tokens_to_remove)
-        self._token_log.truncate(self.get_seq_length() if seen else 0)
-
     # The protocol of the model hooks (_hooks.py).
     def _forward_started(self) -> None:
         for layer in self._quantized_layers():
@@ -326,12 +303,6 @@ class QuantizedKVCache(Cache):
 
     def _forward_finished(self) -> None:
         pass
-
-    def _record_token_ids(self, input_ids: torch.Tensor | None) -> None:
-        self._token_log.record(input_ids)
-
-    def _check_continues(self, input_ids: torch.Tensor) -> None:
-        self._token_log.check_continues(input_ids, self.get_seq_length())
 
     def _quantized_layers(self) -> list[QuantizedLayer]:
         return [layer for layer in self.layers if isinstance(layer, QuantizedLayer)]
