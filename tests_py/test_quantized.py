@@ -398,11 +398,6 @@ def test_options_that_do_not_fit_the_model(tiny_llama):
     kvpress_rs.QuantizedKVCache(odd, key_grouping="channel", value_grouping="channel")
 
 
-def test_pre_rope_keys_is_not_implemented_yet(llama):
-    with pytest.raises(NotImplementedError, match="pre_rope_keys"):
-        kvpress_rs.QuantizedKVCache(llama(), pre_rope_keys=True)
-
-
 def test_non_finite_values_raise_and_store_nothing(llama):
     model = llama()
     cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32)

@@ -55,6 +55,7 @@ class CompressedLayer(CacheLayerMixin):
         layer_idx: int,
         quantization: QuantConfig | None = None,
         low_quantization: QuantConfig | None = None,
+        rope: Rope | None = None,
     ):
         super().__init__()
         self._store = LayerStore()
@@ -64,6 +65,7 @@ class CompressedLayer(CacheLayerMixin):
         self._scored: tuple[torch.Tensor, float] | None = None
         self._quantization = quantization
         self._low_quantization = low_quantization  # mixed precision: evicted tokens' config
+        self._rope = rope  # for quantization with pre_rope_keys
         self._evicted_kv: tuple[torch.Tensor, torch.Tensor] | None = None
         self._low: QuantizedStore | None = None
         # After quantization: the kept tokens (and every later one) and how many tokens seen
@@ -95,8 +97,10 @@ class CompressedLayer(CacheLayerMixin):
             return
         if self._store.is_ragged:
             raise UnsupportedError("quantization of ragged rows (head_budget='adakv') is not supported")
-        qstore = QuantizedStore(self._quantization)
-        qstore.append(self._store.keys(), self._store.values())
+        qstore = QuantizedStore(self._quantization, self._rope)
+        # where each kept key is rotated (original or re-rotated positions): pre-RoPE
+        # quantization rotates them back from there
+        qstore.append(self._store.keys(), self._store.values(), self._store.kept_positions())
         self._evicted = self._store.seen - self._store.stored
         if self._evicted_kv is not None:  # mixed precision: keep them at low_bits
             self._low = QuantizedStore(self._low_quantization)
@@ -150,7 +154,9 @@ class CompressedLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         self._quantize_kept()  # without model hooks, the first forward after the prefill
         if self._qstore is not None:
-            self._qstore.append(key_states, value_states)
+            seen = self._seen
+            positions = torch.arange(seen, seen + key_states.shape[-2])
+            self._qstore.append(key_states, value_states, positions)
             if attention.serves(self):
                 self._attend_quantized = True  # `attend` reads the store
                 return key_states, value_states
@@ -427,7 +433,9 @@ class KVCache(GuardedCache, Cache):
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
             layers.append(
-                CompressedLayer(self.press, idx, quantization, self.low_quantization) if type(layer) is DynamicLayer else layer
+                CompressedLayer(self.press, idx, quantization, self.low_quantization, self.rope)
+                if type(layer) is DynamicLayer
+                else layer
             )
         super().__init__(layers=layers)
         self._token_log = TokenLog()

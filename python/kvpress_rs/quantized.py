@@ -33,6 +33,7 @@ from ._hooks import install_model_hooks
 from ._native import QuantConfig, QuantizedStore
 from .errors import CacheStateError
 from .models import decoder_config
+from .rope import Rope
 
 # Attention options the quantized kernel does not implement: a layer that receives one of
 # them attends through the model's own function over dequantized keys/values instead.
@@ -47,9 +48,9 @@ class QuantizedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: QuantConfig, layer_idx: int):
+    def __init__(self, config: QuantConfig, layer_idx: int, rope: Rope | None = None):
         super().__init__()
-        self._store = QuantizedStore(config)
+        self._store = QuantizedStore(config, rope)
         self.layer_idx = layer_idx
         self._attend_from_store = False
 
@@ -233,7 +234,12 @@ class QuantizedKVCache(GuardedCache, Cache):
     sink_tokens : int
         Keep the first tokens in full precision.
     pre_rope_keys : bool
-        Not implemented yet (raises ``NotImplementedError``).
+        Quantize keys before RoPE (KVQuant): each block's keys are rotated back by their
+        positions (exactly, in Rust) before quantizing — pre-RoPE channels keep their
+        outlier structure, which per-channel groups capture better — and attention
+        re-applies RoPE to every dequantized tile (float64-derived cos/sin tables). Costs
+        4 bytes per token and head for positions. Not with ``hadamard`` nor with rope
+        types whose frequencies depend on the length (``dynamic``, ``longrope``).
 
     Non-finite keys or values raise ``NonFiniteError`` (nothing is stored); a group whose
     range exceeds float16 raises ``InvalidArgumentError``.
@@ -272,9 +278,10 @@ class QuantizedKVCache(GuardedCache, Cache):
         config = decoder_config(model)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.quant_config.check_head_dims(head_dim)
+        rope = Rope.from_config(config) if pre_rope_keys else None
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
-            layers.append(QuantizedLayer(self.quant_config, idx) if type(layer) is DynamicLayer else layer)
+            layers.append(QuantizedLayer(self.quant_config, idx, rope) if type(layer) is DynamicLayer else layer)
         super().__init__(layers=layers)
         self._token_log = TokenLog()
         if isinstance(model, torch.nn.Module):

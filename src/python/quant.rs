@@ -7,6 +7,7 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use crate::error::{KvError, Result};
+use crate::python::rope::PyRope;
 use crate::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -236,18 +237,32 @@ impl PyQuantizedStore {
 
 #[pymethods]
 impl PyQuantizedStore {
+    /// ``rope``: the model's ``Rope``, required with ``pre_rope_keys=True``.
     #[new]
-    fn new(config: &PyQuantConfig) -> PyResult<Self> {
+    #[pyo3(signature = (config, rope=None))]
+    fn new(config: &PyQuantConfig, rope: Option<PyRef<'_, PyRope>>) -> PyResult<Self> {
+        let rope = rope.as_ref().map(|r| &r.inner);
         Ok(PyQuantizedStore {
-            inner: Mutex::new(QuantizedStore::new(config.inner).map_err(to_pyerr)?),
+            inner: Mutex::new(QuantizedStore::with_rope(config.inner, rope).map_err(to_pyerr)?),
         })
     }
 
     /// Appends keys/values (batch, kv_heads, q, head_dim); blocks that fill are quantized.
-    /// Non-finite values raise ``NonFiniteError``; on any error the store is unchanged.
-    fn append(slf: Bound<'_, Self>, keys: PyTensor, values: PyTensor) -> PyResult<()> {
+    /// ``positions`` (integer (q,) or (batch, kv_heads, q)): where the keys were rotated,
+    /// used with pre-RoPE keys (default: right after the tokens seen). Non-finite values
+    /// raise ``NonFiniteError``; on any error the store is unchanged.
+    #[pyo3(signature = (keys, values, positions=None))]
+    fn append(
+        slf: Bound<'_, Self>,
+        keys: PyTensor,
+        values: PyTensor,
+        positions: Option<PyTensor>,
+    ) -> PyResult<()> {
         let me = slf.get();
-        detached(slf.py(), move || me.lock()?.append(&keys.0, &values.0))
+        detached(slf.py(), move || {
+            me.lock()?
+                .append_at(&keys.0, &values.0, positions.as_ref().map(|p| &p.0))
+        })
     }
 
     /// Attention of ``query`` (batch, q_heads, q_len, head_dim) over every stored token,

@@ -59,7 +59,8 @@ impl Grouping {
 ///   elements of largest magnitude are kept exactly (in the cache dtype) in a sparse side
 ///   store and excluded from the group's min/max.
 /// - `sink_tokens`: the first tokens of the sequence, kept in full precision.
-/// - `pre_rope_keys`: quantize keys before RoPE (not implemented yet; refused by the store).
+/// - `pre_rope_keys`: quantize keys before RoPE (KVQuant); the store needs the model's RoPE
+///   (`QuantizedStore::with_rope`) and re-applies it on read.
 ///
 /// ```
 /// use kvpress_rs::quant::QuantConfig;

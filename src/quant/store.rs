@@ -16,15 +16,21 @@
 //! `nbytes` counts what is allocated: the sinks and the residual window at their full
 //! length, and every block's codes, scales/zeros and outliers.
 //!
-//! Pre-RoPE keys (to come): keys would be rotated back by their positions before `append`
-//! quantizes them, and attention would re-apply the rotation per token while reading the
-//! codes; the token order above gives every stored token its position.
+//! Pre-RoPE keys (`pre_rope_keys`, KVQuant): keys arrive rotated; before a block is
+//! quantized its keys are rotated back by their positions ([`Rope::invert`], exact), so the
+//! codes hold pre-RoPE keys, whose channels keep their outlier structure. Every block and
+//! the residual window remember each token's position (int32, counted in `nbytes`), and
+//! attention re-applies s·R(p) to each dequantized tile ([`AngleTable`]). Positions are
+//! given by the caller (`append_at`: kept positions after eviction, chunk offsets) or run
+//! on from the tokens seen.
 
 use super::attention::{self, AttendInputs};
 use super::config::QuantConfig;
 use super::layout::TensorLayout;
 use super::qtensor::QuantizedTensor;
 use crate::error::{KvError, Result};
+use crate::rope::table::AngleTable;
+use crate::rope::Rope;
 use crate::tensor::{check_finite, check_kv_pair, device_name, kind_name, KvShape, TOKEN_AXIS};
 use tch::{Device, Kind, Tensor};
 
@@ -44,6 +50,8 @@ pub struct StoreShape {
 pub struct Block {
     pub keys: QuantizedTensor,
     pub values: QuantizedTensor,
+    /// With pre-RoPE keys: each token's position, int32 (batch, heads, tokens).
+    pub positions: Option<Tensor>,
 }
 
 /// Full-precision tokens with a fixed capacity: (batch, heads, capacity, dim) keys and values.
@@ -51,17 +59,41 @@ pub struct Block {
 pub struct FullPrecision {
     pub keys: Tensor,
     pub values: Tensor,
+    /// With pre-RoPE keys (residual window only): int32 (batch, heads, capacity).
+    pub positions: Option<Tensor>,
     pub len: usize,
 }
 
 impl FullPrecision {
-    fn new(shape: &StoreShape, capacity: usize) -> Result<Self> {
+    fn new(shape: &StoreShape, capacity: usize, with_positions: bool) -> Result<Self> {
         let options = (shape.kind, shape.device);
         let (b, h, c) = (shape.batch as i64, shape.heads as i64, capacity as i64);
+        let positions = if with_positions {
+            Some(Tensor::f_zeros([b, h, c], (Kind::Int, shape.device))?)
+        } else {
+            None
+        };
         Ok(FullPrecision {
             keys: Tensor::f_zeros([b, h, c, shape.key_dim as i64], options)?,
             values: Tensor::f_zeros([b, h, c, shape.value_dim as i64], options)?,
+            positions,
             len: 0,
+        })
+    }
+
+    fn write_positions(&mut self, positions: &Tensor) -> Result<()> {
+        if let Some(p) = &mut self.positions {
+            let q = positions.size()[2];
+            p.f_narrow(2, self.len as i64, q)?.f_copy_(positions)?;
+        }
+        Ok(())
+    }
+
+    /// Positions of the valid tokens (a view), with pre-RoPE keys.
+    pub fn positions_view(&self) -> Result<Option<Tensor>> {
+        Ok(match &self.positions {
+            Some(p) => Some(p.f_narrow(2, 0, self.len as i64)?),
+            None => None,
         })
     }
 
@@ -90,14 +122,16 @@ impl FullPrecision {
     }
 
     fn nbytes(&self) -> usize {
-        let bytes = |t: &Tensor| t.numel() * t.kind().elt_size_in_bytes();
-        bytes(&self.keys) + bytes(&self.values)
+        tensor_bytes(&self.keys)
+            + tensor_bytes(&self.values)
+            + self.positions.as_ref().map_or(0, tensor_bytes)
     }
 
     fn map_batch(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
         Ok(FullPrecision {
             keys: f(&self.keys)?,
             values: f(&self.values)?,
+            positions: self.positions.as_ref().map(f).transpose()?,
             len: self.len,
         })
     }
@@ -113,20 +147,40 @@ pub struct QuantizedStore {
     blocks: Vec<Block>,
     residual: Option<FullPrecision>,
     seen: usize,
+    /// With pre-RoPE keys: the model's RoPE and its cos/sin tables.
+    pre_rope: Option<(Rope, AngleTable)>,
 }
 
 impl QuantizedStore {
-    /// A new, empty store. Refuses options that are not implemented (`pre_rope_keys`).
+    /// A new, empty store without RoPE: `pre_rope_keys` is refused (it needs the model's
+    /// RoPE, see [`with_rope`](Self::with_rope)).
     pub fn new(config: QuantConfig) -> Result<Self> {
+        Self::with_rope(config, None)
+    }
+
+    /// A new, empty store. `rope` is the model's RoPE, required by `pre_rope_keys` (and
+    /// ignored without it).
+    pub fn with_rope(config: QuantConfig, rope: Option<&Rope>) -> Result<Self> {
         let config = config.validated()?;
-        if config.pre_rope_keys {
-            return Err(KvError::Unsupported(
-                "pre_rope_keys=True is not implemented yet: keys are quantized after RoPE. \
-                 It needs the RoPE module (inverse rotation before quantization, re-rotation \
-                 on read); use pre_rope_keys=False"
-                    .into(),
-            ));
-        }
+        let pre_rope = if config.pre_rope_keys {
+            let rope = rope.ok_or_else(|| {
+                KvError::invalid(
+                    "pre_rope_keys",
+                    "True needs the model's RoPE to rotate keys back before quantizing and \
+                     again when reading them: build the cache from the model (not a config)",
+                )
+            })?;
+            if config.hadamard {
+                return Err(KvError::invalid(
+                    "pre_rope_keys",
+                    "True cannot be combined with hadamard=True (the rotation would have to \
+                     be undone per tile before RoPE); choose one",
+                ));
+            }
+            Some((rope.clone(), AngleTable::new(rope)?))
+        } else {
+            None
+        };
         Ok(QuantizedStore {
             config,
             shape: None,
@@ -135,7 +189,13 @@ impl QuantizedStore {
             blocks: Vec::new(),
             residual: None,
             seen: 0,
+            pre_rope,
         })
+    }
+
+    /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE.
+    pub fn angle_table(&self) -> Option<&AngleTable> {
+        self.pre_rope.as_ref().map(|(_, t)| t)
     }
 
     pub fn config(&self) -> &QuantConfig {
@@ -183,20 +243,39 @@ impl QuantizedStore {
         self.residual.as_ref().map_or(0, |r| r.len)
     }
 
-    /// Bytes allocated: sinks and residual window (full length), and every block.
+    /// Bytes allocated: sinks and residual window (full length), every block, and with
+    /// pre-RoPE keys the positions and the cos/sin table.
     pub fn nbytes(&self) -> usize {
         self.sinks.as_ref().map_or(0, FullPrecision::nbytes)
             + self.residual.as_ref().map_or(0, FullPrecision::nbytes)
             + self
                 .blocks
                 .iter()
-                .map(|b| b.keys.nbytes() + b.values.nbytes())
+                .map(|b| {
+                    b.keys.nbytes()
+                        + b.values.nbytes()
+                        + b.positions.as_ref().map_or(0, tensor_bytes)
+                })
                 .sum::<usize>()
+            + self.angle_table().map_or(0, AngleTable::nbytes)
     }
 
-    /// Appends keys/values (batch, kv_heads, q, head_dim). Every value must be finite
-    /// (`NonFinite` otherwise). On any error the store is unchanged.
+    /// Appends keys/values (batch, kv_heads, q, head_dim) at the positions that follow
+    /// the tokens seen. Every value must be finite (`NonFinite` otherwise). On any error
+    /// the store is unchanged.
     pub fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<()> {
+        self.append_at(keys, values, None)
+    }
+
+    /// [`append`](Self::append) with each token's position given: an integer tensor of
+    /// shape (q,) or (batch, kv_heads, q), positions ≥ 0 (what the keys were rotated at).
+    /// Only pre-RoPE keys use positions; without them the argument is checked and ignored.
+    pub fn append_at(
+        &mut self,
+        keys: &Tensor,
+        values: &Tensor,
+        positions: Option<&Tensor>,
+    ) -> Result<()> {
         let (ks, vs) = check_kv_pair(keys, values)?;
         if ks.tokens == 0 {
             return Err(KvError::empty(
@@ -226,6 +305,7 @@ impl QuantizedStore {
         };
         check_finite(keys, "keys")?;
         check_finite(values, "values")?;
+        let positions = self.token_positions(positions, ks, keys.device())?;
         let layouts = self.layouts.unwrap_or((
             TensorLayout::new(&self.config, self.config.key_grouping, shape.key_dim),
             TensorLayout::new(&self.config, self.config.value_grouping, shape.value_dim),
@@ -259,7 +339,20 @@ impl QuantizedStore {
                 ],
                 TOKEN_AXIS,
             )?;
-            new_blocks.push(quantize_block(&k, &v, layouts)?);
+            let p = match (
+                &positions,
+                self.residual
+                    .as_ref()
+                    .ok_or_else(internal)?
+                    .positions_view()?,
+            ) {
+                (Some(new), Some(old)) => Some(Tensor::f_cat(
+                    &[&old, &new.f_narrow(2, start as i64, take as i64)?],
+                    2,
+                )?),
+                _ => None,
+            };
+            new_blocks.push(self.quantize_block(&k, &v, p, layouts)?);
             start += take;
             residual_flushed = true;
         }
@@ -268,7 +361,11 @@ impl QuantizedStore {
             if whole > 0 {
                 let k = keys.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
                 let v = values.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
-                new_blocks.push(quantize_block(&k, &v, layouts)?);
+                let p = positions
+                    .as_ref()
+                    .map(|p| p.f_narrow(2, start as i64, whole as i64))
+                    .transpose()?;
+                new_blocks.push(self.quantize_block(&k, &v, p, layouts)?);
                 start += whole;
             }
         }
@@ -276,7 +373,7 @@ impl QuantizedStore {
         // Commit.
         if to_sinks > 0 {
             if self.sinks.is_none() {
-                self.sinks = Some(FullPrecision::new(&shape, self.config.sink_tokens)?);
+                self.sinks = Some(FullPrecision::new(&shape, self.config.sink_tokens, false)?);
             }
             let sinks = self.sinks.as_mut().ok_or_else(internal)?;
             sinks.write(
@@ -290,18 +387,93 @@ impl QuantizedStore {
         self.blocks.extend(new_blocks);
         if start < q {
             if self.residual.is_none() {
-                self.residual = Some(FullPrecision::new(&shape, block)?);
+                self.residual = Some(FullPrecision::new(&shape, block, self.pre_rope.is_some())?);
             }
             let n = (q - start) as i64;
-            self.residual.as_mut().ok_or_else(internal)?.write(
+            let residual = self.residual.as_mut().ok_or_else(internal)?;
+            if let Some(p) = &positions {
+                residual.write_positions(&p.f_narrow(2, start as i64, n)?)?;
+            }
+            residual.write(
                 &keys.f_narrow(TOKEN_AXIS, start as i64, n)?,
                 &values.f_narrow(TOKEN_AXIS, start as i64, n)?,
             )?;
+        }
+        if let (Some((_, table)), Some(p)) = (&mut self.pre_rope, &positions) {
+            table.cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
         }
         self.shape = Some(shape);
         self.layouts = Some(layouts);
         self.seen += q;
         Ok(())
+    }
+
+    /// With pre-RoPE keys, the int32 (batch, heads, q) positions of the tokens of an
+    /// append: the given ones, or those after the tokens seen. None otherwise.
+    fn token_positions(
+        &self,
+        given: Option<&Tensor>,
+        ks: KvShape,
+        device: Device,
+    ) -> Result<Option<Tensor>> {
+        let (b, h, q) = (ks.batch as i64, ks.heads as i64, ks.tokens as i64);
+        if let Some(p) = given {
+            crate::rope::positions::check_integer(p, "positions")?;
+            let size = p.size();
+            if !(size == [q] || size == [b, h, q]) {
+                return Err(KvError::shape(
+                    "positions",
+                    &size,
+                    format!("({q},) or ({b}, {h}, {q}): one position per appended token"),
+                ));
+            }
+            if p.numel() > 0 && p.f_min()?.f_int64_value(&[])? < 0 {
+                return Err(KvError::invalid("positions", "expected positions >= 0"));
+            }
+        }
+        if self.pre_rope.is_none() {
+            return Ok(None);
+        }
+        let p = match given {
+            Some(p) => p.f_to_device(device)?.f_to_kind(Kind::Int)?,
+            None => {
+                Tensor::f_arange_start(self.seen as i64, self.seen as i64 + q, (Kind::Int, device))?
+            }
+        };
+        Ok(Some(p.f_expand([b, h, q], false)?.f_contiguous()?))
+    }
+
+    fn quantize_block(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        positions: Option<Tensor>,
+        layouts: (TensorLayout, TensorLayout),
+    ) -> Result<Block> {
+        let keys = match (&self.pre_rope, &positions) {
+            (Some((rope, _)), Some(p)) => rope.invert(keys, &p.f_to_kind(Kind::Int64)?, None)?,
+            _ => keys.shallow_clone(),
+        };
+        Ok(Block {
+            keys: QuantizedTensor::quantize(&keys, layouts.0, "keys")?,
+            values: QuantizedTensor::quantize(values, layouts.1, "values")?,
+            positions: positions.map(|p| p.f_contiguous()).transpose()?,
+        })
+    }
+
+    /// A block's keys dequantized (in the cache dtype), with RoPE re-applied when they are
+    /// stored pre-RoPE.
+    pub fn block_keys(&self, block: &Block) -> Result<Tensor> {
+        self.rotate_block_keys(&block.keys.dequantize()?, block)
+    }
+
+    /// `keys` (a block's dequantized keys, any float dtype) with RoPE re-applied at the
+    /// block's positions when keys are stored pre-RoPE; unchanged otherwise.
+    pub fn rotate_block_keys(&self, keys: &Tensor, block: &Block) -> Result<Tensor> {
+        match (&self.pre_rope, &block.positions) {
+            (Some((rope, _)), Some(p)) => rope.apply(keys, &p.f_to_kind(Kind::Int64)?, None),
+            _ => Ok(keys.shallow_clone()),
+        }
     }
 
     /// Attention of `query` (batch, q_heads, q_len, key head_dim) over every stored token,
@@ -347,7 +519,7 @@ impl QuantizedStore {
             values.push(v);
         }
         for b in &self.blocks {
-            keys.push(b.keys.dequantize()?);
+            keys.push(self.block_keys(b)?);
             values.push(b.values.dequantize()?);
         }
         if let Some(r) = &self.residual {
@@ -430,6 +602,7 @@ impl QuantizedStore {
                 Ok(Block {
                     keys: b.keys.map_batch(f)?,
                     values: b.values.map_batch(f)?,
+                    positions: b.positions.as_ref().map(f).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -456,15 +629,8 @@ impl QuantizedStore {
     }
 }
 
-fn quantize_block(
-    keys: &Tensor,
-    values: &Tensor,
-    layouts: (TensorLayout, TensorLayout),
-) -> Result<Block> {
-    Ok(Block {
-        keys: QuantizedTensor::quantize(keys, layouts.0, "keys")?,
-        values: QuantizedTensor::quantize(values, layouts.1, "values")?,
-    })
+fn tensor_bytes(t: &Tensor) -> usize {
+    t.numel() * t.kind().elt_size_in_bytes()
 }
 
 fn internal() -> KvError {

@@ -13,7 +13,8 @@
 //!
 //! The module is split by concept: [`frequencies`] (θ_f and scaling of each rope type),
 //! [`angles`] (p·θ_f in f64, reduced modulo 2π), [`positions`] (shapes of positions and
-//! deltas), [`rotate`] (CPU kernel and libtorch path), [`bounds`] (feasible RoPE bases).
+//! deltas), [`rotate`] (CPU kernel and libtorch path), [`table`] (cos/sin for re-applying RoPE
+//! inside a kernel), [`bounds`] (feasible RoPE bases).
 //!
 //! ```
 //! use kvpress_rs::rope::{Rope, RopeSpec};
@@ -31,6 +32,7 @@ pub mod bounds;
 pub mod frequencies;
 pub mod positions;
 pub mod rotate;
+pub mod table;
 
 pub use bounds::{base_bounds, BaseBounds, Precision};
 pub use frequencies::{Scaling, ScalingParams, ROPE_TYPES};

@@ -27,6 +27,7 @@ use crate::quant::pack::dequant_group;
 use crate::quant::simd::{exp_neg, gemm_acc, max, sum, Madd};
 use crate::quant::store::QuantizedStore;
 use crate::quant::Grouping;
+use crate::rope::table::AngleTable;
 use crate::tensor::{array_view, float_view, KvFloat};
 use crate::with_float_view;
 use half::f16;
@@ -68,6 +69,8 @@ struct QuantPart<'a, T> {
     values: QuantSlices<'a, T>,
     tiles: usize,
     offset: usize,
+    /// Pre-RoPE keys: positions (b·heads, tokens).
+    positions: Option<&'a [i32]>,
 }
 
 enum Span {
@@ -102,6 +105,8 @@ struct Ctx<'a, T> {
     quant: Vec<QuantPart<'a, T>>,
     /// First global tile of each block.
     tile_starts: Vec<usize>,
+    /// Pre-RoPE keys: the cos/sin table that rotates dequantized key tiles.
+    angles: Option<&'a AngleTable>,
 }
 
 /// A piece's partial softmax state.
@@ -186,14 +191,26 @@ fn attend_typed<T: KvFloat>(
     let mut quant = Vec::new();
     let mut tile_starts = Vec::new();
     let (mut offset, mut tiles) = (sink_len, 0usize);
+    let angles = store.angle_table();
     for block in store.blocks() {
         let n = block.keys.tokens();
         tile_starts.push(tiles);
+        let positions = match (angles, &block.positions) {
+            (Some(_), Some(p)) => Some(
+                array_view::<i32, Ix3>(p, "positions")?
+                    .to_slice()
+                    .ok_or_else(|| {
+                        KvError::State("internal: positions are not contiguous".into())
+                    })?,
+            ),
+            _ => None,
+        };
         quant.push(QuantPart {
             keys: QuantSlices::<T>::new(&block.keys)?,
             values: QuantSlices::<T>::new(&block.values)?,
             tiles: n / key_layout.group_size,
             offset,
+            positions,
         });
         offset += n;
         tiles += n / key_layout.group_size;
@@ -242,6 +259,7 @@ fn attend_typed<T: KvFloat>(
         fp,
         quant,
         tile_starts,
+        angles,
     };
     let run = |piece: &Piece| match key_layout.bits {
         2 => run_piece::<T, 2>(&ctx, piece),
@@ -432,6 +450,10 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                             &mut scr.v,
                         );
                     }
+                }
+                if let (Some(table), Some(positions)) = (ctx.angles, part.positions) {
+                    let row = &positions[bh * part.tiles * g + local * g..][..g];
+                    table.apply_transposed(&mut scr.kt, g, row, g);
                 }
                 attend_tile::<M>(ctx, &mut st, &mut scr, qk, bh, part.offset + local * g, g);
             }

@@ -44,7 +44,7 @@ pub(super) fn attend(
         scores.push(q.f_matmul(&k.f_transpose(-1, -2)?)?);
     }
     for block in store.blocks() {
-        let k = decode_f32(&block.keys, false)?;
+        let k = store.rotate_block_keys(&decode_f32(&block.keys, false)?, block)?;
         scores.push(q_rot.f_matmul(&k.f_transpose(-1, -2)?)?);
     }
     if let Some(r) = store.residual().filter(|r| r.len > 0) {
