@@ -96,7 +96,7 @@ def test_positions_and_the_table_are_counted_in_nbytes():
     keys = torch.randn(1, 2, 64, 64)
     plain.append(keys, keys)
     pre.append(keys, keys)
-    positions = 4 * 2 * 64  # int32 per token and head of the two blocks (no residual window yet)
+    positions = 4 * 64  # int32 per token of the two blocks: one row, shared by every head
     table = 8 * 32 * (64 + 1)  # (cos, sin) f32 per frequency: fine table + one coarse entry
     assert pre.nbytes == plain.nbytes + positions + table
 

@@ -50,7 +50,8 @@ pub struct StoreShape {
 pub struct Block {
     pub keys: QuantizedTensor,
     pub values: QuantizedTensor,
-    /// With pre-RoPE keys: each token's position, int32 (batch, heads, tokens).
+    /// With pre-RoPE keys: each token's position, int32 (batch, heads, tokens), or
+    /// (1, 1, tokens) when every row has the same positions (the usual case).
     pub positions: Option<Tensor>,
 }
 
@@ -346,10 +347,12 @@ impl QuantizedStore {
                     .ok_or_else(internal)?
                     .positions_view()?,
             ) {
-                (Some(new), Some(old)) => Some(Tensor::f_cat(
-                    &[&old, &new.f_narrow(2, start as i64, take as i64)?],
-                    2,
-                )?),
+                (Some(new), Some(old)) => {
+                    let new = new
+                        .f_narrow(2, start as i64, take as i64)?
+                        .f_expand([shape.batch as i64, shape.heads as i64, take as i64], false)?;
+                    Some(Tensor::f_cat(&[&old, &new], 2)?)
+                }
                 _ => None,
             };
             new_blocks.push(self.quantize_block(&k, &v, p, layouts)?);
@@ -440,7 +443,11 @@ impl QuantizedStore {
                 Tensor::f_arange_start(self.seen as i64, self.seen as i64 + q, (Kind::Int, device))?
             }
         };
-        Ok(Some(p.f_expand([b, h, q], false)?.f_contiguous()?))
+        // Positions shared by every row stay one row: 4 bytes per token, not per head.
+        Ok(Some(match p.dim() {
+            1 => p.f_view([1, 1, q])?,
+            _ => p.f_contiguous()?,
+        }))
     }
 
     fn quantize_block(
@@ -457,7 +464,7 @@ impl QuantizedStore {
         Ok(Block {
             keys: QuantizedTensor::quantize(&keys, layouts.0, "keys")?,
             values: QuantizedTensor::quantize(values, layouts.1, "values")?,
-            positions: positions.map(|p| p.f_contiguous()).transpose()?,
+            positions: positions.map(|p| one_row_if_shared(&p)).transpose()?,
         })
     }
 
@@ -602,7 +609,7 @@ impl QuantizedStore {
                 Ok(Block {
                     keys: b.keys.map_batch(f)?,
                     values: b.values.map_batch(f)?,
-                    positions: b.positions.as_ref().map(f).transpose()?,
+                    positions: b.positions.as_ref().map(|p| map_rows(p, f)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -626,6 +633,24 @@ impl QuantizedStore {
         self.blocks.clear();
         self.residual = None;
         self.seen = 0;
+    }
+}
+
+/// Positions (b, h, n) as (1, 1, n) when every row holds the same ones.
+fn one_row_if_shared(p: &Tensor) -> Result<Tensor> {
+    let first = p.f_narrow(0, 0, 1)?.f_narrow(1, 0, 1)?;
+    if p.size()[..2] != [1, 1] && p.f_eq_tensor(&first)?.f_all()?.f_int64_value(&[])? == 1 {
+        return Ok(first.f_contiguous()?);
+    }
+    Ok(p.f_contiguous()?)
+}
+
+/// A batch operation on positions: rows shared by the whole batch stay as they are.
+fn map_rows(p: &Tensor, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor> {
+    if p.size()[0] == 1 {
+        Ok(p.shallow_clone())
+    } else {
+        f(p)
     }
 }
 

@@ -53,6 +53,14 @@ OURS = {
     "ours-2b-g64+out": dict(bits=2, group_size=64, outlier_fraction=1 / 64),
     "ours-2b-g64+all": dict(bits=2, group_size=64, hadamard=True, sink_tokens=4, outlier_fraction=1 / 64),
     "ours-2b-g32+all": dict(bits=2, group_size=32, hadamard=True, sink_tokens=4, outlier_fraction=1 / 32),
+    # KVQuant: keys quantized before RoPE (per-channel outliers stay in their channels)
+    "ours-4b+pre": dict(bits=4, pre_rope_keys=True),
+    "ours-4b+pre+sink": dict(bits=4, pre_rope_keys=True, sink_tokens=4),
+    "ours-4b+pre+out": dict(bits=4, pre_rope_keys=True, outlier_fraction=1 / 32),
+    "ours-3b+pre": dict(bits=3, pre_rope_keys=True),
+    "ours-3b+pre+sink": dict(bits=3, pre_rope_keys=True, sink_tokens=4),
+    "ours-2b-g64+pre": dict(bits=2, group_size=64, pre_rope_keys=True),
+    "ours-2b-g32+pre+out": dict(bits=2, group_size=32, pre_rope_keys=True, sink_tokens=4, outlier_fraction=1 / 32),
 }
 
 # Memory-matched configurations: name -> (policy, compression_ratio, QuantConfig kwargs,

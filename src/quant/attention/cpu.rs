@@ -69,8 +69,10 @@ struct QuantPart<'a, T> {
     values: QuantSlices<'a, T>,
     tiles: usize,
     offset: usize,
-    /// Pre-RoPE keys: positions (b·heads, tokens).
+    /// Pre-RoPE keys: positions (b·heads or 1, tokens).
     positions: Option<&'a [i32]>,
+    /// Whether `positions` has one row per (batch, head) (else one shared row).
+    positions_per_row: bool,
 }
 
 enum Span {
@@ -195,6 +197,10 @@ fn attend_typed<T: KvFloat>(
     for block in store.blocks() {
         let n = block.keys.tokens();
         tile_starts.push(tiles);
+        let positions_per_row = block
+            .positions
+            .as_ref()
+            .is_some_and(|p| p.size()[..2] != [1, 1]);
         let positions = match (angles, &block.positions) {
             (Some(_), Some(p)) => Some(
                 array_view::<i32, Ix3>(p, "positions")?
@@ -211,6 +217,7 @@ fn attend_typed<T: KvFloat>(
             tiles: n / key_layout.group_size,
             offset,
             positions,
+            positions_per_row,
         });
         offset += n;
         tiles += n / key_layout.group_size;
@@ -452,7 +459,12 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                     }
                 }
                 if let (Some(table), Some(positions)) = (ctx.angles, part.positions) {
-                    let row = &positions[bh * part.tiles * g + local * g..][..g];
+                    let row0 = if part.positions_per_row {
+                        bh * part.tiles * g
+                    } else {
+                        0
+                    };
+                    let row = &positions[row0 + local * g..][..g];
                     table.apply_transposed(&mut scr.kt, g, row, g);
                 }
                 attend_tile::<M>(ctx, &mut st, &mut scr, qk, bh, part.offset + local * g, g);
