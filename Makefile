@@ -29,7 +29,7 @@ STAMP_TF52  := $(TF_OLDEST_DIR)/.stamp
 STAMP_BUILD := $(VENV)/.stamp-build
 RUST_SRC    := $(shell find src -name '*.rs') Cargo.toml pyproject.toml .cargo/config.toml
 
-.PHONY: demo test test-rs test-py test-py-latest test-py-oldest develop deps style clean bench-deps bench-quant
+.PHONY: demo test test-rs test-py test-py-latest test-py-oldest test-cuda develop deps style clean bench-deps bench-quant
 
 demo: $(STAMP_BUILD)
 	$(VPY) -m kvpress_rs.demo
@@ -75,6 +75,11 @@ test-py-latest: $(STAMP_BUILD)
 
 test-py-oldest: $(STAMP_BUILD) $(STAMP_TF52)
 	PYTHONPATH=$(abspath $(TF_OLDEST_DIR)) $(VPY) -m pytest -q tests_py
+
+# On a machine with a CUDA device: CUDA results against CPU results, caches inside
+# generate on the GPU (skipped without a device; last run: docs/results/cuda.md).
+test-cuda: $(STAMP_BUILD)
+	$(VPY) -m pytest -q tests_py/test_cuda.py
 
 # Benchmarks only: NVIDIA kvpress 0.5.5 (it pins transformers 5.2) in a side venv that
 # reuses this venv's torch through a .pth file; `python -m kvpress_rs.bench presses` runs

@@ -70,6 +70,9 @@ FRONTIER = {
     "snapkv0.7+3b-g64+had": ("snapkv", 0.7, dict(bits=3, group_size=64, hadamard=True, sink_tokens=4, residual_length=0), None),
     "snapkv0.8+4b-g64": ("snapkv", 0.8, dict(bits=4, group_size=64, sink_tokens=4, residual_length=0), None),
     "mikv:snapkv0.5+4b/2b-g64": ("snapkv", 0.5, dict(bits=4, group_size=64, sink_tokens=4, residual_length=0), 2),
+    "snapkv0.65+3b-pre": ("snapkv", 0.65, dict(bits=3, pre_rope_keys=True, sink_tokens=4, residual_length=0), None),
+    "snapkv0.75+4b-pre": ("snapkv", 0.75, dict(bits=4, pre_rope_keys=True, sink_tokens=4, residual_length=0), None),
+    "mikv:snapkv0.6+3b-pre/2b": ("snapkv", 0.6, dict(bits=3, pre_rope_keys=True, sink_tokens=4, residual_length=0), 2),
 }
 
 
@@ -307,7 +310,7 @@ def needle(model: Any, tokenizer: Any, make: Callable[[], Any], length: int, dep
         cache = make()
         model(ctx, past_key_values=cache)
         full = torch.cat([ctx, q], dim=1)
-        out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=16,
+        out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=24,
                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
         found += p.is_correct(tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True))
     return found
