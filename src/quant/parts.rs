@@ -409,15 +409,17 @@ impl Reader<'_> {
                 Some((pos.f_contiguous()?, val.f_contiguous()?))
             }
             (None, None) if n_out == 0 => None,
-            _ => return Err(KvError::invalid(
-                format!("parts[{}]", self.i),
-                format!(
+            _ => {
+                return Err(KvError::invalid(
+                    format!("parts[{}]", self.i),
+                    format!(
                     "{} and {}: expected both with {n_out} outliers per group (outlier_fraction), \
                          neither without",
                     name("outlier_pos"),
                     name("outlier_val")
                 ),
-            )),
+                ))
+            }
         };
         Ok(QuantizedTensor {
             layout,
