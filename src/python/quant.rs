@@ -332,7 +332,7 @@ impl PyQuantizedStore {
     /// The store's parts as named tensors (copies): full-precision ``front.k/v`` and
     /// ``residual.k/v/pos``, and per block ``block.<i>.pos`` and
     /// ``block.<i>.<k|v>.<codes|params|outlier_pos|outlier_val>`` (see
-    /// ``kvpress_rs.chunks.assemble_quantized_layer`` for the reverse). Needs
+    /// ``kvpress_rs._native.assemble_quantized_layer`` for the reverse). Needs
     /// ``pre_rope_keys=True``.
     ///
     /// Examples
