@@ -22,7 +22,7 @@ from .recompute import recompute as _recompute
 
 class ChunkStore:
     """Reusable chunk caches for one model: each chunk's KV is encoded once, on its own at
-    positions 0..n (optionally compressed by an eviction policy), kept in a backend under a
+    positions 0..n (optionally compressed by an eviction policy and/or quantized), kept in a backend under a
     key of everything it depends on (model, tokenizer, token ids, compression, RoPE; see
     ``kvpress_rs.chunks.entry``), and assembled into a drop-in ``past_key_values`` for any
     prompt made of a prefix and chunks, each chunk's keys moved to its offset with one
@@ -68,6 +68,9 @@ class ChunkStore:
     >>> cache = store.assemble(docs, prefix=system_ids, recompute_ratio=0.1)  # doctest: +SKIP
     >>> ids = torch.cat([cache.input_ids, question_ids], dim=1)  # doctest: +SKIP
     >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> q4 = kvpress_rs.ChunkStore(model, tokenizer, backend="/tmp/chunks",  # doctest: +SKIP
+    ...                            quantization={"bits": 4, "group_size": 32})
+    >>> cache = q4.assemble(docs, prefix=system_ids)  # quantized layers, blocks moved by positions  # doctest: +SKIP
     """
 
     def __init__(
@@ -77,7 +80,7 @@ class ChunkStore:
         *,
         backend: Any = None,
         compression: dict[str, Any] | None = None,
-        quantization: dict[str, Any] | None = None,
+        quantization: QuantConfig | dict[str, Any] | None = None,
         on_invalid: str = "miss",
     ):
         if not isinstance(model, torch.nn.Module):
