@@ -235,3 +235,112 @@ fn mismatched_chunks_and_bad_positions_are_refused() {
         Err(KvError::InvalidArgument { .. })
     ));
 }
+
+// -- quantized chunks: store parts and assembly (`kvpress_rs::quant::parts`) -----------------
+
+mod quantized {
+    use super::*;
+    use kvpress_rs::quant::parts::{assemble as assemble_parts, export, NamedParts};
+    use kvpress_rs::quant::store::StoreShape;
+    use kvpress_rs::quant::{QuantConfig, QuantizedStore};
+    use std::collections::HashMap;
+
+    fn config() -> QuantConfig {
+        QuantConfig {
+            pre_rope_keys: true,
+            ..QuantConfig::new(4, 32, 0).unwrap()
+        }
+    }
+
+    fn rope64() -> Rope {
+        Rope::new(RopeSpec::new(64, 10_000.0)).unwrap()
+    }
+
+    fn chunk(tokens: i64, seed: i64) -> HashMap<String, Tensor> {
+        tch::manual_seed(seed);
+        let mut store = QuantizedStore::with_rope(config(), Some(&rope64())).unwrap();
+        let k = Tensor::randn([1, 2, tokens, 64], (Kind::Float, CPU));
+        store.append(&k, &k.f_mul_scalar(2.0).unwrap()).unwrap();
+        export(&store).unwrap().into_iter().collect()
+    }
+
+    fn shape() -> StoreShape {
+        StoreShape {
+            batch: 1,
+            heads: 2,
+            key_dim: 64,
+            value_dim: 64,
+            kind: Kind::Float,
+            device: CPU,
+        }
+    }
+
+    #[test]
+    fn blocks_move_by_positions_and_codes_are_reused() {
+        let (a, b) = (chunk(40, 1), chunk(70, 2));
+        let parts = [
+            NamedParts {
+                tensors: a
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+                tokens: 40,
+            },
+            NamedParts {
+                tensors: b
+                    .iter()
+                    .map(|(n, t)| (n.clone(), t.shallow_clone()))
+                    .collect(),
+                tokens: 70,
+            },
+        ];
+        let store = assemble_parts(config(), &rope64(), shape(), &parts).unwrap();
+        // 8 + 6 full-precision tokens in front, blocks of 32 and 64 tokens, nothing in the window
+        assert_eq!(
+            (
+                store.seen(),
+                store.sink_len(),
+                store.quantized_len(),
+                store.residual_len()
+            ),
+            (110, 14, 96, 0)
+        );
+        let out: HashMap<String, Tensor> = export(&store).unwrap().into_iter().collect();
+        for name in ["k.codes", "k.params", "v.codes", "v.params"] {
+            assert!(out[&format!("block.0.{name}")].equal(&a[&format!("block.0.{name}")]));
+            assert!(out[&format!("block.1.{name}")].equal(&b[&format!("block.0.{name}")]));
+        }
+        assert!(out["block.1.pos"].equal(&b["block.0.pos"].f_add_scalar(40).unwrap()));
+        // the second chunk's remainder: shifted by 40 with one rotation
+        let front = &out["front.k"];
+        let shifted = rope64()
+            .shift(&b["residual.k"], &Tensor::from(40i64), None)
+            .unwrap();
+        assert_close(&front.narrow(2, 8, 6), &shifted, 1e-6);
+    }
+
+    #[test]
+    fn inconsistent_parts_are_errors_naming_the_part() {
+        let mut a = chunk(40, 1);
+        let params = a["block.0.v.params"].to_kind(Kind::Float);
+        a.insert("block.0.v.params".into(), params);
+        let parts = [NamedParts {
+            tensors: a,
+            tokens: 40,
+        }];
+        let err = assemble_parts(config(), &rope64(), shape(), &parts).unwrap_err();
+        assert!(
+            matches!(err, KvError::Dtype { ref argument, .. } if argument.contains("block.0.v.params")),
+            "{err}"
+        );
+        let no_pre_rope = QuantConfig::new(4, 32, 0).unwrap();
+        let parts = [NamedParts {
+            tensors: chunk(40, 1),
+            tokens: 40,
+        }];
+        assert!(matches!(
+            assemble_parts(no_pre_rope, &rope64(), shape(), &parts),
+            Err(KvError::InvalidArgument { .. })
+        ));
+    }
+}

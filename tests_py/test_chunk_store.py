@@ -299,7 +299,8 @@ def test_docstring_examples_run():
     for module in (entry, backends):
         failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
         assert tried and not failures, module.__name__
-    for fn in (_native.assemble_layer, _native.select_deviating):
+    for fn in (_native.assemble_layer, _native.select_deviating, _native.assemble_quantized_layer,
+               _native.QuantizedStore.parts):
         finder = doctest.DocTestFinder()
         runner = doctest.DocTestRunner()
         for test in finder.find(fn, fn.__name__, globs={}):

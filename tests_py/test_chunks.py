@@ -178,7 +178,7 @@ def test_assembly_errors(tmp_path):
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="head_budget"):
         kvpress_rs.ChunkStore(model, backend=tmp_path, compression={"policy": "snapkv", "head_budget": "adakv"})
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="quantization"):
-        kvpress_rs.ChunkStore(model, backend=tmp_path, quantization={"bits": 4})
+        kvpress_rs.ChunkStore(model, backend=tmp_path, quantization="4bit")  # valid configs: test_chunk_quantized.py
     sliding = MistralForCausalLM(MistralConfig(vocab_size=32, hidden_size=64, intermediate_size=64, num_hidden_layers=1,
                                                num_attention_heads=4, num_key_value_heads=2, sliding_window=8))
     with pytest.raises(kvpress_rs.UnsupportedModelError, match="sliding"):

@@ -1,16 +1,22 @@
 //! `kvpress_rs._native.assemble_layer` and `select_deviating`: chunk placement and the
 //! choice of tokens to recompute (`crate::chunks`) for Python.
 
+use super::conversion::DtypeName;
 use super::conversion::PyTensor;
 use super::errors::detached;
+use super::quant::{PyQuantConfig, PyQuantizedStore};
 use super::rope::PyRope;
 use super::store::PyLayerStore;
 use crate::chunks::{self, ChunkLayer};
+use crate::quant::parts::{self, NamedParts};
+use crate::quant::store::StoreShape;
 use pyo3::prelude::*;
+use std::collections::HashMap;
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(assemble_layer, m)?)?;
     m.add_function(wrap_pyfunction!(select_deviating, m)?)?;
+    m.add_function(wrap_pyfunction!(assemble_quantized_layer, m)?)?;
     Ok(())
 }
 
@@ -79,4 +85,68 @@ fn select_deviating(
         chunks::recompute::select_deviating(&reused.0, &fresh.0, &candidates.0, n)
     })
     .map(PyTensor)
+}
+
+/// One layer of an assembled QUANTIZED cache: the parts of quantized chunk stores (as
+/// ``QuantizedStore.parts()`` gives them) placed one after the other. Blocks move by
+/// their offset (positions only: codes are reused as they are); each chunk's
+/// full-precision tokens are shifted to their global positions with one rotation and held
+/// in front; the residual window is empty. Every tensor is checked (shape, dtype, device,
+/// positions within the chunk); a bad one raises naming it.
+///
+/// Parameters
+/// ----------
+/// config : QuantConfig
+///     With ``pre_rope_keys=True`` and ``sink_tokens=0``; its residual window takes the
+///     tokens appended later.
+/// rope : Rope
+///     The model's RoPE.
+/// shape : (batch, kv_heads, key_head_dim, value_head_dim)
+/// dtype : torch.dtype
+///     The cache dtype (of full-precision tokens and outlier values).
+/// parts : list of (dict of name -> tensor, tokens)
+///     Each chunk's parts and its token count.
+///
+/// Examples
+/// --------
+/// >>> import torch, kvpress_rs
+/// >>> rope = kvpress_rs._native.Rope(64)
+/// >>> cfg = kvpress_rs.QuantConfig(bits=8, residual_length=0, pre_rope_keys=True)
+/// >>> chunk = kvpress_rs._native.QuantizedStore(cfg, rope)
+/// >>> chunk.append(torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64))
+/// >>> parts = chunk.parts()
+/// >>> store = kvpress_rs._native.assemble_quantized_layer(cfg, rope, (1, 2, 64, 64), torch.float32, [(parts, 40), (parts, 40)])
+/// >>> store.seen, store.sink_tokens, store.quantized_tokens
+/// (80, 16, 64)
+#[pyfunction]
+fn assemble_quantized_layer(
+    py: Python<'_>,
+    config: &PyQuantConfig,
+    rope: Bound<'_, PyRope>,
+    shape: (usize, usize, usize, usize),
+    dtype: DtypeName,
+    parts: Vec<(HashMap<String, PyTensor>, usize)>,
+) -> PyResult<PyQuantizedStore> {
+    let rope = rope.get();
+    let config = config.inner;
+    let parts: Vec<NamedParts> = parts
+        .into_iter()
+        .map(|(tensors, tokens)| NamedParts {
+            tensors: tensors.into_iter().map(|(n, t)| (n, t.0)).collect(),
+            tokens,
+        })
+        .collect();
+    let store = detached(py, move || {
+        let (batch, heads, key_dim, value_dim) = shape;
+        let shape = StoreShape {
+            batch,
+            heads,
+            key_dim,
+            value_dim,
+            kind: parts::float_kind(&dtype.0)?,
+            device: tch::Device::Cpu,
+        };
+        parts::assemble(config, &rope.inner, shape, &parts)
+    })?;
+    Ok(PyQuantizedStore::from_store(store))
 }

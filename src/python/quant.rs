@@ -225,6 +225,12 @@ pub struct PyQuantizedStore {
 }
 
 impl PyQuantizedStore {
+    pub(crate) fn from_store(store: QuantizedStore) -> Self {
+        PyQuantizedStore {
+            inner: Mutex::new(store),
+        }
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, QuantizedStore>> {
         self.inner.lock().map_err(|_| {
             KvError::State(
@@ -321,6 +327,26 @@ impl PyQuantizedStore {
             )
         })
         .map(PyTensor)
+    }
+
+    /// The store's parts as named tensors (copies): full-precision ``front.k/v`` and
+    /// ``residual.k/v/pos``, and per block ``block.<i>.pos`` and
+    /// ``block.<i>.<k|v>.<codes|params|outlier_pos|outlier_val>`` (see
+    /// ``kvpress_rs._native.assemble_quantized_layer`` for the reverse). Needs
+    /// ``pre_rope_keys=True``.
+    ///
+    /// Examples
+    /// --------
+    /// >>> import torch, kvpress_rs
+    /// >>> rope = kvpress_rs._native.Rope(64)
+    /// >>> store = kvpress_rs._native.QuantizedStore(kvpress_rs.QuantConfig(bits=4, residual_length=0, pre_rope_keys=True), rope)
+    /// >>> store.append(torch.randn(1, 2, 40, 64), torch.randn(1, 2, 40, 64))
+    /// >>> sorted(store.parts())[:3], store.parts()["residual.pos"][0, 0].tolist()
+    /// (['block.0.k.codes', 'block.0.k.params', 'block.0.pos'], [32, 33, 34, 35, 36, 37, 38, 39])
+    fn parts(slf: Bound<'_, Self>) -> PyResult<std::collections::HashMap<String, PyTensor>> {
+        let me = slf.get();
+        let parts = detached(slf.py(), move || crate::quant::parts::export(&*me.lock()?))?;
+        Ok(parts.into_iter().map(|(n, t)| (n, PyTensor(t))).collect())
     }
 
     /// Every stored token dequantized: (keys, values), each (batch, kv_heads, seen,

@@ -12,6 +12,8 @@
 //! - [`cpu`] / [`libtorch`]: quantize and dequantize with Rust kernels (CPU) or libtorch ops
 //!   (other devices), identical codes;
 //! - [`store`]: [`QuantizedStore`], one layer's cache (sinks, blocks, residual window);
+//! - [`parts`]: a store as named tensors, and one store assembled from several stores'
+//!   parts at offsets (quantized chunk caches);
 //! - [`attention`]: attention over a store (fused CPU kernel, libtorch path);
 //! - [`union`]: attention over several stores of one layer (mixed precision), merged by
 //!   log-sum-exp;
@@ -25,6 +27,7 @@ pub mod hadamard;
 pub mod layout;
 pub(crate) mod libtorch;
 pub mod pack;
+pub mod parts;
 pub mod qtensor;
 pub mod simd;
 pub mod store;

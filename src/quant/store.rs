@@ -194,6 +194,53 @@ impl QuantizedStore {
         })
     }
 
+    /// A store made of given pieces (validated by [`crate::quant::parts`]): `front`
+    /// full-precision keys/values (batch, heads, n, dim), already rotated at their final
+    /// positions, held in the sinks region; then `blocks` (pre-RoPE keys, positions given);
+    /// an empty residual window that takes the tokens appended next. It has seen every
+    /// token it holds. Attention ignores the order of stored tokens except for the causal
+    /// mask among the last `q_len`, which are always the newest (appended at the end).
+    pub(crate) fn from_pieces(
+        config: QuantConfig,
+        rope: &Rope,
+        shape: StoreShape,
+        front: Option<(Tensor, Tensor)>,
+        blocks: Vec<Block>,
+    ) -> Result<Self> {
+        let mut store = Self::with_rope(config, Some(rope))?;
+        let layouts = (
+            TensorLayout::new(&store.config, store.config.key_grouping, shape.key_dim),
+            TensorLayout::new(&store.config, store.config.value_grouping, shape.value_dim),
+        );
+        let mut seen = 0usize;
+        if let Some((k, v)) = front {
+            let n = k.size()[TOKEN_AXIS as usize] as usize;
+            if n > 0 {
+                let mut sinks = FullPrecision::new(&shape, n, false)?;
+                sinks.write(&k, &v)?;
+                store.sinks = Some(sinks);
+                seen += n;
+            }
+        }
+        let mut end = 0usize;
+        for block in &blocks {
+            seen += block.keys.tokens();
+            if let Some(p) = &block.positions {
+                if p.numel() > 0 {
+                    end = end.max(p.f_max()?.f_int64_value(&[])? as usize + 1);
+                }
+            }
+        }
+        if let Some((_, table)) = &mut store.pre_rope {
+            table.cover(end);
+        }
+        store.blocks = blocks;
+        store.shape = Some(shape);
+        store.layouts = Some(layouts);
+        store.seen = seen;
+        Ok(store)
+    }
+
     /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE.
     pub fn angle_table(&self) -> Option<&AngleTable> {
         self.pre_rope.as_ref().map(|(_, t)| t)

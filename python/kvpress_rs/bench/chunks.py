@@ -7,10 +7,13 @@ a question:
   checksum-verified, shifted, concatenated — then the question's forward) vs reuse +
   recomputation of 10% / 20% of the chunk tokens; the chunks are already stored, as when
   documents recur;
-- disk bytes per chunk, uncompressed and evicted by a policy (``--policy``, ``--ratio``);
+- disk bytes per chunk, uncompressed, evicted by a policy (``--policy``, ``--ratio``) and
+  quantized (``--quant-bits``, pre-RoPE keys, ``--group-size``), and the time to first
+  token of reuse from quantized chunks;
 - a multi-document needle task: ``--docs`` documents of ``--needle-doc-tokens`` tokens, a
   passcode in one of them (each document in turn, at ``--depths``), answered greedily after
-  full prefill, plain reuse, and reuse + recomputation.
+  full prefill, plain reuse, reuse + recomputation, and reuse of quantized chunks
+  (``--needle-quant-bits``).
 
 Results are printed and written as JSON.
 """
@@ -101,6 +104,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--recompute", type=float, nargs="+", default=[0.1, 0.2])
     parser.add_argument("--policy", default="knorm")
     parser.add_argument("--ratio", type=float, default=0.5, help="compression ratio of the compressed chunks")
+    parser.add_argument("--quant-bits", type=int, nargs="*", default=[4, 2], help="quantized chunk variants")
+    parser.add_argument("--needle-quant-bits", type=int, nargs="*", default=[4])
+    parser.add_argument("--group-size", type=int, default=32)
     parser.add_argument("--depths", type=float, nargs="+", default=[0.3, 0.7])
     parser.add_argument("--needle-doc-tokens", type=int, default=500,
                         help="document length of the needle task (SmolLM2-135M finds a needle at ~2K tokens of context)")
@@ -122,6 +128,11 @@ def main(argv: list[str] | None = None) -> dict:
     model, tokenizer = load_smollm2(dtype="bfloat16")
     root = args.store or Path(tempfile.mkdtemp(prefix="kvpress_rs_chunks_"))
     store = kvpress_rs.ChunkStore(model, tokenizer, backend=root / "plain")
+    qstores = {
+        b: kvpress_rs.ChunkStore(model, tokenizer, backend=root / f"q{b}", quantization=kvpress_rs.QuantConfig(
+            bits=b, group_size=args.group_size, residual_length=args.group_size))
+        for b in sorted(set(args.quant_bits) | set(args.needle_quant_bits), reverse=True)
+    }
     prefix, question = prompt_parts(tokenizer)
     texts = documents(tokenizer, args.docs, args.doc_tokens)
     docs = [store.token_ids(t).tolist() for t in texts]
@@ -140,6 +151,12 @@ def main(argv: list[str] | None = None) -> dict:
         run = lambda r=ratio: first_token_reuse(model, store, prefix, docs, question, r)  # noqa: E731
         ttft[name] = median_seconds(run, args.repeats)
         same_first[name] = run() == reference
+    for b in args.quant_bits:
+        name, qstore = f"reuse {b}-bit", qstores[b]
+        qstore.assemble(docs, prefix=prefix)  # stored before the timed runs
+        run = lambda q=qstore: first_token_reuse(model, q, prefix, docs, question, 0.0)  # noqa: E731
+        ttft[name] = median_seconds(run, args.repeats)
+        same_first[name] = run() == reference
     rows = []
     print(f"\n{'time to first token':<26} {'median s':>9} {'speed-up':>9} {'same 1st token':>15}")
     for name, seconds in ttft.items():
@@ -153,15 +170,21 @@ def main(argv: list[str] | None = None) -> dict:
     sizes = []
     for d in docs:
         compressed.encode(d)
-        sizes.append({"tokens": len(d), "plain": store.entry_nbytes(d), "compressed": compressed.entry_nbytes(d)})
+        sizes.append({"tokens": len(d), "plain": store.entry_nbytes(d), "compressed": compressed.entry_nbytes(d),
+                      **{f"{b}-bit": qstores[b].entry_nbytes(d) for b in args.quant_bits}})
     plain_mean = statistics.mean(s["plain"] for s in sizes)
     comp_mean = statistics.mean(s["compressed"] for s in sizes)
     print(f"\ndisk bytes per chunk (~{args.doc_tokens} tokens): plain {plain_mean:,.0f} "
           f"({plain_mean / statistics.mean(s['tokens'] for s in sizes):,.0f}/token), {args.policy} {args.ratio}: "
           f"{comp_mean:,.0f} ({comp_mean / plain_mean:.3f} of plain)", flush=True)
+    for b in args.quant_bits:
+        q_mean = statistics.mean(s[f"{b}-bit"] for s in sizes)
+        print(f"  quantized {b}-bit (pre-RoPE keys, group {args.group_size}): {q_mean:,.0f} "
+              f"({q_mean / plain_mean:.3f} of plain)", flush=True)
 
     # -- multi-document needle ------------------------------------------------------------
-    methods = ["full_prefill", "reuse", *[f"reuse+recompute{int(round(r * 100))}%" for r in args.recompute]]
+    methods = ["full_prefill", "reuse", *[f"reuse+recompute{int(round(r * 100))}%" for r in args.recompute],
+               *[f"reuse {b}-bit" for b in args.needle_quant_bits]]
     texts = documents(tokenizer, args.docs, args.needle_doc_tokens, start=args.docs * args.doc_tokens)
     docs = [store.token_ids(t).tolist() for t in texts]
     found = {m: 0 for m in methods}
@@ -177,6 +200,9 @@ def main(argv: list[str] | None = None) -> dict:
                 name = "reuse" if ratio == 0 else f"reuse+recompute{int(round(ratio * 100))}%"
                 cache = store.assemble(needle_docs, prefix=prefix, recompute_ratio=ratio)
                 answers[name] = answer(model, tokenizer, ids, cache, args.max_new_tokens)
+            for b in args.needle_quant_bits:
+                cache = qstores[b].assemble(needle_docs, prefix=prefix)
+                answers[f"reuse {b}-bit"] = answer(model, tokenizer, ids, cache, args.max_new_tokens)
             correct = {m: passcode in a.replace(",", "").replace(" ", "") for m, a in answers.items()}
             for m in methods:
                 found[m] += correct[m]

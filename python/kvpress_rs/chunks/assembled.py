@@ -2,6 +2,13 @@
 ``CompressedLayer`` s without a press, each holding one Rust ``LayerStore`` built by
 ``_native.assemble_layer`` (chunks shifted to their offsets and concatenated, in Rust).
 
+Quantized chunks (``ChunkStore(quantization=...)``): each layer holds one Rust
+``QuantizedStore`` built by ``_native.assemble_quantized_layer`` instead (chunk blocks
+moved by their offset, positions only; the chunks' full-precision remainders shifted and
+held in front), set as the ``CompressedLayer``'s quantized store, exactly as a
+``KVCache(quantization=...)`` layer is after its prefill: later tokens are appended to it
+and attention runs through the fused kernel over the codes.
+
 So everything a ``KVCache`` offers works on it unchanged: ``nbytes``, ``stats()``,
 ``kept_positions(layer)`` (global positions of the kept tokens of compressed chunks),
 ``crop``, beam reordering, and the check that ``generate``'s input continues the assembled
@@ -18,6 +25,7 @@ from transformers.cache_utils import Cache
 
 from .._guard import TokenLog
 from .._hooks import install_model_hooks
+from .._native import QuantConfig, QuantizedStore
 from ..cache import CompressedLayer, KVCache
 from ..models import decoder_config
 from ..rope import Rope
@@ -44,18 +52,35 @@ class AssembledCache(KVCache):
     >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, stores: list[Any], input_ids: torch.Tensor, segments: list[tuple[int, int]]):
+    def __init__(
+        self,
+        model: Any,
+        stores: list[Any],
+        input_ids: torch.Tensor,
+        segments: list[tuple[int, int]],
+        quantization: QuantConfig | None = None,
+    ):
         # Not KVCache.__init__: there is no press; the layers are given, filled.
         config = decoder_config(model)
         self.rope = Rope.from_config(config)
         self.rerotate = False
         self.press = None
+        self.quantization = quantization
+        self.low_quantization = None
+        total = int(input_ids.shape[-1])
         layers = []
         for idx, store in enumerate(stores):
-            layer = CompressedLayer(None, idx)
-            layer._store = store
-            keys = store.keys() if not store.is_ragged else store.row(0, 0)[0]
-            layer.dtype, layer.device, layer.is_initialized = keys.dtype, keys.device, True
+            layer = CompressedLayer(None, idx, quantization, None, self.rope)
+            if isinstance(store, QuantizedStore):
+                # as a KVCache layer after its prefill: the tokens not stored were evicted
+                layer._qstore, layer._evicted = store, total - store.seen
+                param = next(model.parameters())
+                layer.dtype, layer.device = param.dtype, param.device
+            else:
+                layer._store = store
+                keys = store.keys() if not store.is_ragged else store.row(0, 0)[0]
+                layer.dtype, layer.device = keys.dtype, keys.device
+            layer.is_initialized = True
             layers.append(layer)
         Cache.__init__(self, layers=layers)
         self._token_log = TokenLog()

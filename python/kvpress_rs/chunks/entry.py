@@ -9,14 +9,19 @@ SHA-256 of a canonical JSON document of:
 - ``tokenizer``: a hash of its full definition (a fast tokenizer's JSON, else its vocab and
   special tokens), or ``None`` when the store works on token ids only;
 - ``rope``: the RoPE parameters read from the config (``kvpress_rs.rope.rope_parameters``);
-- ``compression``: the eviction policy and its parameters, and ``quantization`` (``None``
-  until quantized caches exist: the hook where their settings go);
+- ``compression``: the eviction policy and its parameters, and ``quantization``: ``None``,
+  or the quantization config and the version of the parts layout (``{"config": {...},
+  "parts": 1}``), so a quantized entry never answers for an unquantized chunk or the
+  reverse;
 - ``tokens``: the token ids themselves (their SHA-256, and their count).
 
 Entry. One safetensors file (or Redis value): tensors ``ids`` (int64), ``k.<l>``, ``v.<l>``
 and, when a press evicted tokens, ``p.<l>`` (int32 chunk-local kept positions) per layer;
 the safetensors header's ``__metadata__`` holds the identity JSON (``kvpress_rs``) and a
-SHA-256 over every tensor's name, dtype, shape and bytes (``sha256``). Reading checks, in
+SHA-256 over every tensor's name, dtype, shape and bytes (``sha256``). A quantized entry
+holds, instead of ``k``/``v``/``p``, each layer's quantized store parts as
+``q.<l>.<name>`` (``QuantizedStore.parts()``: codes, scales/zeros, outliers and positions
+of every block, and the full-precision remainder with its positions). Reading checks, in
 order: the container parses (else :class:`CorruptChunkError`), the checksum matches (else
 :class:`CorruptChunkError`), the identity equals the one asked for, field by field, and the
 ids are the ids asked for (else :class:`ChunkMismatchError`, naming the field).
@@ -65,6 +70,9 @@ class EncodedChunk:
     ids: torch.Tensor
     layers: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]]
     key: str = ""
+    #: Quantized chunks: per layer, the parts of its ``QuantizedStore`` by name (then
+    #: ``layers`` is empty).
+    quantized: list[dict[str, torch.Tensor]] | None = None
 
     @property
     def n_tokens(self) -> int:
@@ -72,7 +80,10 @@ class EncodedChunk:
 
     @property
     def nbytes(self) -> int:
-        """Bytes of keys, values and kept positions over all layers."""
+        """Bytes of keys, values and kept positions over all layers (of every quantized
+        part for quantized chunks)."""
+        if self.quantized is not None:
+            return sum(t.nbytes for parts in self.quantized for t in parts.values())
         return sum(k.nbytes + v.nbytes + (p.nbytes if p is not None else 0) for k, v, p in self.layers)
 
 
@@ -169,12 +180,16 @@ def to_bytes(chunk: EncodedChunk, ident: dict[str, Any]) -> bytes:
     from safetensors.torch import save
 
     tensors: dict[str, torch.Tensor] = {"ids": chunk.ids.to("cpu", torch.int64).contiguous()}
+    for i, parts in enumerate(chunk.quantized or []):
+        for name, t in parts.items():
+            tensors[f"q.{i}.{name}"] = t.detach().to("cpu").contiguous()
     for i, (k, v, p) in enumerate(chunk.layers):
         tensors[f"k.{i}"] = k.detach().to("cpu").contiguous()
         tensors[f"v.{i}"] = v.detach().to("cpu").contiguous()
         if p is not None:
             tensors[f"p.{i}"] = p.to("cpu", torch.int32).contiguous()
-    meta = {"kvpress_rs": canonical({**ident, "n_layers": len(chunk.layers)}), "sha256": _checksum(tensors)}
+    n_layers = len(chunk.quantized) if chunk.quantized is not None else len(chunk.layers)
+    meta = {"kvpress_rs": canonical({**ident, "n_layers": n_layers}), "sha256": _checksum(tensors)}
     return save(tensors, metadata=meta)
 
 
@@ -224,7 +239,22 @@ def from_bytes(data: bytes, expected: dict[str, Any], device: torch.device | str
     ids = tensors.get("ids")
     if ids is None or token_identity(ids) != expected["tokens"]:
         raise ChunkMismatchError("chunk entry holds other token ids than its metadata says")
-    if not isinstance(n_layers, int) or any(f"{x}.{i}" not in tensors for i in range(n_layers) for x in "kv"):
+    if not isinstance(n_layers, int):
+        raise CorruptChunkError("chunk entry metadata lacks its layer count")
+    if (expected.get("compression") or {}).get("quantization") is not None:
+        quantized: list[dict[str, torch.Tensor]] = [{} for _ in range(n_layers)]
+        for name, t in tensors.items():
+            if name == "ids":
+                continue
+            tag, _, rest = name.partition(".")
+            layer, _, part = rest.partition(".")
+            if tag != "q" or not layer.isdigit() or int(layer) >= n_layers or not part:
+                raise CorruptChunkError(f"quantized chunk entry holds an unexpected tensor {name!r}")
+            quantized[int(layer)][part] = t.to(device)
+        if any(not parts for parts in quantized):
+            raise CorruptChunkError("quantized chunk entry lacks the parts of some layer")
+        return EncodedChunk(ids, [], quantized=quantized)
+    if any(f"{x}.{i}" not in tensors for i in range(n_layers) for x in "kv"):
         raise CorruptChunkError("chunk entry lacks the keys or values of some layer")
     layers = []
     for i in range(n_layers):

@@ -9,6 +9,7 @@ import torch
 from transformers.cache_utils import DynamicCache, DynamicLayer
 
 from .. import _native
+from .._native import QuantConfig
 from ..errors import ChunkStoreError, InvalidArgumentError, UnsupportedModelError
 from ..models import decoder_config
 from ..rope import Rope
@@ -21,7 +22,7 @@ from .recompute import recompute as _recompute
 
 class ChunkStore:
     """Reusable chunk caches for one model: each chunk's KV is encoded once, on its own at
-    positions 0..n (optionally compressed by an eviction policy), kept in a backend under a
+    positions 0..n (optionally compressed by an eviction policy and/or quantized), kept in a backend under a
     key of everything it depends on (model, tokenizer, token ids, compression, RoPE; see
     ``kvpress_rs.chunks.entry``), and assembled into a drop-in ``past_key_values`` for any
     prompt made of a prefix and chunks, each chunk's keys moved to its offset with one
@@ -40,9 +41,20 @@ class ChunkStore:
         An eviction policy applied to every chunk when encoded, as ``KVCache`` keyword
         arguments: ``{"policy": "knorm", "compression_ratio": 0.5}``. Head budgets
         (``"adakv"``) are not supported for chunks.
-    quantization : dict, optional
-        Reserved for quantized chunks: part of the key, refused until quantized caches
-        exist (the hook: encode through the quantized cache, store its codes).
+    quantization : kvpress_rs.QuantConfig or dict, optional
+        Quantized chunks (a ``QuantConfig`` or a dict of its keyword arguments). Keys are
+        quantized BEFORE RoPE: ``pre_rope_keys`` is forced to True (whatever is given), so
+        a chunk's blocks move to any offset by changing their positions only — nothing is
+        re-quantized. A chunk is encoded by one forward through a ``QuantizedKVCache``
+        (with ``compression`` too, through ``KVCache(..., quantization=...)``: eviction,
+        then quantization of the kept tokens) with blocks of ``group_size`` tokens
+        (``residual_length=0`` while encoding: every whole group is quantized, the last
+        ``< group_size`` tokens stay in full precision). The assembled cache quantizes the
+        tokens that come after the chunks with the given config (its ``residual_length``).
+        Refused: ``hadamard=True`` (pre-RoPE keys exclude it), ``sink_tokens > 0`` (the
+        assembled cache holds the chunks' full-precision remainders where sinks live) and
+        rope types whose frequencies depend on the length (``dynamic``, ``longrope``).
+        ``recompute_ratio`` must be 0 with quantized chunks.
     on_invalid : "miss" or "raise"
         What :meth:`encode` does with a corrupt or mismatched entry: re-encode it and
         overwrite it (counted in ``stats["invalid"]``), or raise
@@ -56,6 +68,9 @@ class ChunkStore:
     >>> cache = store.assemble(docs, prefix=system_ids, recompute_ratio=0.1)  # doctest: +SKIP
     >>> ids = torch.cat([cache.input_ids, question_ids], dim=1)  # doctest: +SKIP
     >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
+    >>> q4 = kvpress_rs.ChunkStore(model, tokenizer, backend="/tmp/chunks",  # doctest: +SKIP
+    ...                            quantization={"bits": 4, "group_size": 32})
+    >>> cache = q4.assemble(docs, prefix=system_ids)  # quantized layers, blocks moved by positions  # doctest: +SKIP
     """
 
     def __init__(
@@ -65,7 +80,7 @@ class ChunkStore:
         *,
         backend: Any = None,
         compression: dict[str, Any] | None = None,
-        quantization: dict[str, Any] | None = None,
+        quantization: QuantConfig | dict[str, Any] | None = None,
         on_invalid: str = "miss",
     ):
         if not isinstance(model, torch.nn.Module):
@@ -76,20 +91,23 @@ class ChunkStore:
                 f"`model` ({type(model).__name__}) has sliding-window or other non-full-attention layers; "
                 "chunk reuse needs every layer to keep every token"
             )
-        if quantization is not None:
-            raise InvalidArgumentError(
-                "invalid `quantization`: quantized chunk caches are not available yet (expected None)"
-            )
+        self.quantization = _check_quantization(quantization, config)
         if on_invalid not in ("miss", "raise"):
             raise InvalidArgumentError(f"invalid `on_invalid`: got {on_invalid!r}, expected 'miss' or 'raise'")
         self.compression = _check_compression(compression)
         self.model, self.tokenizer, self.on_invalid = model, tokenizer, on_invalid
         self.rope = Rope.from_config(config)
+        if self.quantization is not None:
+            _native.QuantizedStore(self.quantization, self.rope)  # refuses length-dependent rope types
         self.backend = _backend(backend)
         self._model_ident = _entry.model_identity(model)
         self._tokenizer_ident = _entry.tokenizer_identity(tokenizer)
         self._rope_ident = _entry.rope_identity(model)
-        self._settings = {"eviction": self.compression, "quantization": quantization}
+        quant_ident = None
+        if self.quantization is not None:
+            # the parts layout version: a change of what the parts mean is another entry
+            quant_ident = {"config": _config_dict(self.quantization), "parts": 1}
+        self._settings = {"eviction": self.compression, "quantization": quant_ident}
         self.stats = {"hits": 0, "misses": 0, "invalid": 0, "bytes_written": 0, "bytes_read": 0}
 
     # -- identity ---------------------------------------------------------------------------
@@ -167,6 +185,8 @@ class ChunkStore:
         from ..cache import KVCache
 
         model = self.model
+        if self.quantization is not None:
+            return self._compute_quantized(ids)
         cache = KVCache(model, **self.compression) if self.compression else DynamicCache(config=model.config)
         model(ids[None].to(model.device), past_key_values=cache, use_cache=True)
         layers = []
@@ -183,6 +203,41 @@ class ChunkStore:
             positions = store.kept_positions().to(torch.int32) if store.has_evicted else None
             layers.append((store.keys().clone(), store.values().clone(), positions))
         return _entry.EncodedChunk(ids, layers)
+
+    @torch.no_grad()
+    def _compute_quantized(self, ids: torch.Tensor) -> _entry.EncodedChunk:
+        from ..cache import KVCache
+        from ..quantized import QuantizedKVCache
+
+        model = self.model
+        # Blocks of group_size while encoding: every whole group quantized.
+        config = _with(self.quantization, residual_length=0)
+        if self.compression:
+            cache = KVCache(model, **self.compression, quantization=config)
+        else:
+            cache = QuantizedKVCache.from_config(model, config)
+        model(ids[None].to(model.device), past_key_values=cache, use_cache=True)
+        parts = []
+        for layer in cache.layers:
+            store = getattr(layer, "_qstore", None) if self.compression else layer._store
+            if store is None:  # compression without model hooks: quantize now
+                layer._quantize_kept()
+                store = layer._qstore
+            parts.append(store.parts())
+        return _entry.EncodedChunk(ids, [], quantized=parts)
+
+    def _assemble_quantized(self, encoded: list[_entry.EncodedChunk]) -> list[Any]:
+        config = decoder_config(self.model)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        dtype = next(self.model.parameters()).dtype
+        return [
+            _native.assemble_quantized_layer(
+                self.quantization, self.rope, (1, heads, head_dim, head_dim), dtype,
+                [(e.quantized[i], e.n_tokens) for e in encoded],
+            )
+            for i in range(config.num_hidden_layers)
+        ]
 
     # -- assembly ---------------------------------------------------------------------------
 
@@ -229,11 +284,16 @@ class ChunkStore:
                 "invalid `recompute_ratio`: recomputation needs uncompressed chunks (this store compresses with "
                 f"{self.compression}); use 0.0"
             )
+        if recompute_ratio > 0 and self.quantization is not None:
+            raise InvalidArgumentError(
+                "invalid `recompute_ratio`: recomputation is not supported with quantized chunks (the recomputed "
+                "tokens would have to be re-quantized into blocks of other tokens); use 0.0"
+            )
         if isinstance(chunks, (str, torch.Tensor)) or not len(chunks):
             raise InvalidArgumentError("invalid `chunks`: expected a non-empty list of chunks")
         segments = ([prefix] if prefix is not None else []) + list(chunks)
         encoded = [self.encode(segment) for segment in segments]
-        stores = [
+        stores = self._assemble_quantized(encoded) if self.quantization is not None else [
             _native.assemble_layer(self.rope, [(e.layers[i][0], e.layers[i][1], e.layers[i][2], e.n_tokens) for e in encoded])
             for i in range(n_layers)
         ]
@@ -242,7 +302,7 @@ class ChunkStore:
         for e in encoded:
             spans.append((start, start + e.n_tokens))
             start += e.n_tokens
-        cache = AssembledCache(self.model, stores, ids, spans)
+        cache = AssembledCache(self.model, stores, ids, spans, quantization=self.quantization)
         if recompute_ratio > 0:
             chunk_tokens = sum(e.n_tokens for e in encoded[1 if prefix is not None else 0 :])
             candidates = torch.zeros(start, dtype=torch.bool)
@@ -252,7 +312,10 @@ class ChunkStore:
         return cache
 
     def __repr__(self) -> str:
-        return f"ChunkStore(backend={self.backend!r}, compression={self.compression or None})"
+        return (
+            f"ChunkStore(backend={self.backend!r}, compression={self.compression or None}, "
+            f"quantization={self.quantization!r})"
+        )
 
 
 def _check_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
@@ -262,6 +325,12 @@ def _check_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"invalid `compression`: got {compression!r}, expected a dict of KVCache arguments with a 'policy'"
         )
+    for name in ("quantization", "low_bits"):
+        if compression.get(name) is not None:
+            raise InvalidArgumentError(
+                f"invalid `compression`: {name!r} does not belong there; pass ChunkStore(quantization=...) "
+                "(low_bits is not supported for chunks)"
+            )
     if compression.get("rerotate"):
         raise InvalidArgumentError("invalid `compression`: rerotate=True is not supported for chunks (expected False)")
     if compression.get("head_budget", "uniform") != "uniform":
@@ -270,6 +339,50 @@ def _check_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
             "chunks support 'uniform' only"
         )
     return dict(compression)
+
+
+_CONFIG_FIELDS = ("bits", "group_size", "residual_length", "key_grouping", "value_grouping", "hadamard",
+                  "outlier_fraction", "sink_tokens", "pre_rope_keys")
+
+
+def _config_dict(config: QuantConfig) -> dict[str, Any]:
+    return {name: getattr(config, name) for name in _CONFIG_FIELDS}
+
+
+def _with(config: QuantConfig, **changes: Any) -> QuantConfig:
+    return QuantConfig(**{**_config_dict(config), **changes})
+
+
+def _check_quantization(quantization: Any, model_config: Any) -> QuantConfig | None:
+    """The chunk quantization config: pre_rope_keys forced on, hadamard and sinks refused."""
+    if quantization is None:
+        return None
+    if isinstance(quantization, dict):
+        unknown = set(quantization) - set(_CONFIG_FIELDS)
+        if unknown:
+            raise InvalidArgumentError(
+                f"invalid `quantization`: unknown option(s) {sorted(unknown)}, expected QuantConfig arguments "
+                f"{list(_CONFIG_FIELDS)}"
+            )
+        quantization = QuantConfig(**{**quantization, "pre_rope_keys": True})
+    if not isinstance(quantization, QuantConfig):
+        raise InvalidArgumentError(
+            f"invalid `quantization`: got {type(quantization).__name__}, expected a kvpress_rs.QuantConfig, "
+            "a dict of its arguments, or None"
+        )
+    if quantization.hadamard:
+        raise InvalidArgumentError(
+            "invalid `quantization`: hadamard=True is not supported for chunks (chunk keys are quantized before "
+            "RoPE, which excludes the Hadamard rotation); expected hadamard=False"
+        )
+    if quantization.sink_tokens:
+        raise InvalidArgumentError(
+            f"invalid `quantization`: sink_tokens={quantization.sink_tokens} is not supported for chunks (the "
+            "assembled cache keeps each chunk's full-precision remainder where sinks live); expected 0"
+        )
+    head_dim = getattr(model_config, "head_dim", None) or model_config.hidden_size // model_config.num_attention_heads
+    quantization.check_head_dims(head_dim)
+    return _with(quantization, pre_rope_keys=True)
 
 
 def _backend(backend: Any) -> Backend:
