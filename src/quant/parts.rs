@@ -285,10 +285,13 @@ impl Reader<'_> {
         [self.shape.batch as i64, self.shape.heads as i64]
     }
 
-    /// Positions `name`: int32 (batch, heads, n), within [0, tokens).
+    /// Positions `name`: int32 (batch, heads, n) — or (1, 1, n), one row shared by every
+    /// (batch, head) — within [0, tokens).
     fn positions(&self, name: &str, t: &Tensor, n: i64) -> Result<()> {
         let [b, h] = self.bh();
-        self.check(name, t, &[b, h, n], Kind::Int)?;
+        let shared = t.dim() == 3 && t.size()[..2] == [1, 1];
+        let rows = if shared { [1, 1] } else { [b, h] };
+        self.check(name, t, &[rows[0], rows[1], n], Kind::Int)?;
         if t.numel() > 0 {
             let (min, max) = (
                 t.f_min()?.f_int64_value(&[])?,
