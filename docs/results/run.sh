@@ -9,6 +9,6 @@ B="python -m kvpress_rs.bench"
 OUT=${OUT:-docs/results}
 $B micro --threads 1 --out "$OUT"
 $B needle --threads 1 --lengths 2000 --ratios 0.25 0.5 0.75 \
-  --methods full streaming_llm knorm snapkv tova keydiff quantized:bits=4 quanto:nbits=4 --out "$OUT"
+  --methods full streaming_llm knorm snapkv tova quantized:bits=4 quanto:nbits=4 --out "$OUT"
 $B ppl --threads 1 --lengths 2048 --ratios 0.5 --out "$OUT"
 $B speed --threads 1 --lengths 2048 6144 --out "$OUT"

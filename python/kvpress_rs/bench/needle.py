@@ -108,7 +108,8 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--lengths", type=int, nargs="+", default=[2000])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--query-aware", action="store_true", help="compress the question with the context")
-    parser.add_argument("--max-new-tokens", type=int, default=16)
+    parser.add_argument("--max-new-tokens", type=int, default=24,
+                        help="greedy answer tokens (SmolLM2 needs ~20 to spell out a 7-digit passcode)")
     args = parser.parse_args(argv)
     run = setup(args, argv, "needle")
     tasks = make_tasks(run.tokenizer, args.lengths, args.depths, args.query_aware)
