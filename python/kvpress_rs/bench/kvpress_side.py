@@ -5,9 +5,10 @@ attention globally, hence a separate process). Invoked by the benchmarks as
     python kvpress_side.py request.json result.json
 
 This file imports neither kvpress_rs nor anything outside torch/transformers/kvpress: it is
-run by path. The request names the local model folder, the tasks (token ids) and the
-presses; the result holds, per press and task, the answer tokens, the kept-token counts
-and the time spent in each layer's compression.
+run by path. The request names the local model folder, the mode (``needle``: answers to
+needle tasks; ``ppl``: teacher-forced log-likelihoods through the decode path; ``speed``:
+prefill, compression, decode and memory per context length), its inputs (token ids) and the
+presses; the result holds one record per press and input.
 """
 
 from __future__ import annotations
@@ -60,57 +61,173 @@ def timed_compress(press, log, clock=time.perf_counter):
     target.compress = compress
 
 
+def peak_rss_reset():
+    """Resets the process's peak resident set to the current one (after returning freed
+    heap memory to the OS, as kvpress_rs.bench.measure.PeakMemory does); returns it."""
+    import ctypes
+    import gc
+
+    gc.collect()
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+    try:
+        open("/proc/self/clear_refs", "w").write("5")
+        return rss("VmRSS")
+    except OSError:
+        return None
+
+
+def rss(field):
+    for line in open("/proc/self/status"):
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) * 1024
+    return None
+
+
+def kv_bytes(cache):
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers if getattr(layer, "keys", None) is not None)
+
+
+def sync(device):
+    if str(device).startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def prefill(model, press, ids, clock, device):
+    """Prefill with the press active; returns the cache, the last logits, the seconds of
+    the prefill and of each compress() call."""
+    from transformers import DynamicCache
+
+    log = []
+    timed_compress(press, log, clock)
+    cache = DynamicCache()
+    sync(device)
+    start = clock()
+    with press(model):
+        out = model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+    sync(device)
+    return cache, out.logits[0, -1], clock() - start, log
+
+
+def run_needle(model, request, spec, clock, device, eos):
+    results = []
+    for task in request["tasks"]:
+        context = torch.tensor([task["context_ids"]], device=device)
+        question = torch.tensor([task["question_ids"]], device=device)
+        cache, _, seconds, log = prefill(model, make_press(spec), context, clock, device)
+        n_ctx = context.shape[1]
+        nbytes = kv_bytes(cache)
+        answer = []
+        if request.get("max_new_tokens", 0) > 0:
+            pos = torch.arange(n_ctx, n_ctx + question.shape[1], device=device)[None]
+            out = model(input_ids=question, past_key_values=cache, position_ids=pos, logits_to_keep=1)
+            token = out.logits[0, -1].argmax()
+            answer.append(int(token))
+            next_pos = pos[:, -1:] + 1
+            for i in range(request["max_new_tokens"] - 1):
+                out = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=next_pos + i)
+                token = out.logits[0, -1].argmax()
+                answer.append(int(token))
+                if int(token) in eos:
+                    break
+        results.append({"press": spec, "task": task.get("name"), "answer_ids": answer, "compress_seconds": log,
+                        "prefill_seconds": seconds, "kv_bytes": nbytes})
+    return results
+
+
+def run_ppl(model, request, spec, clock, device):
+    """Teacher-forced negative log-likelihood of each continuation, one decode step per
+    token after a compressed prefill of the prefix."""
+    results = []
+    for sample in request["samples"]:
+        prefix = torch.tensor([sample["prefix_ids"]], device=device)
+        cont = sample["continuation_ids"]
+        cache, logits, _, _ = prefill(model, make_press(spec), prefix, clock, device)
+        nbytes = kv_bytes(cache)
+        nll = []
+        n = prefix.shape[1]
+        for i, token in enumerate(cont):
+            nll.append(float(-torch.log_softmax(logits.float(), -1)[token]))
+            if i + 1 < len(cont):
+                pos = torch.tensor([[n + i]], device=device)
+                logits = model(input_ids=torch.tensor([[token]], device=device), past_key_values=cache, position_ids=pos).logits[0, -1]
+        results.append({"press": spec, "sample": sample["name"], "nll": nll, "kv_bytes": nbytes})
+    return results
+
+
+def run_speed(model, request, spec, clock, device):
+    """Per context: prefill seconds and compression seconds (medians of ``repeats``), decode
+    ms/token (median of ``steps`` greedy steps after 2 untimed ones), peak memory above the
+    level before the prefill, KV bytes after it."""
+    import statistics
+
+    results = []
+    for ctx in request["contexts"]:
+        ids = torch.tensor([ctx["ids"]], device=device)
+        n = ids.shape[1]
+        prefill(model, make_press(spec), ids[:, : min(n, 256)], clock, device)  # warm-up
+        prefills, compress = [], []
+        for _ in range(request["repeats"]):
+            cache, logits, seconds, log = prefill(model, make_press(spec), ids, clock, device)
+            prefills.append(seconds)
+            compress.append(sum(log))
+            del cache
+        base = peak_rss_reset() if not str(device).startswith("cuda") else None
+        if str(device).startswith("cuda"):
+            torch.cuda.reset_peak_memory_stats()
+            base = torch.cuda.memory_allocated()
+        cache, logits, _, _ = prefill(model, make_press(spec), ids, clock, device)
+        nbytes = kv_bytes(cache)
+        token = logits.argmax()
+        steps = []
+        for i in range(request["steps"] + 2):
+            sync(device)
+            start = clock()
+            out = model(input_ids=token.view(1, 1), past_key_values=cache,
+                        position_ids=torch.tensor([[n + i]], device=device))
+            token = out.logits[0, -1].argmax()
+            sync(device)
+            if i >= 2:
+                steps.append(clock() - start)
+        if str(device).startswith("cuda"):
+            peak = torch.cuda.max_memory_allocated() - base
+        else:
+            hwm = rss("VmHWM")
+            peak = None if base is None or hwm is None else max(0, hwm - base)
+        results.append({"press": spec, "length": ctx["length"], "prefill_seconds": statistics.median(prefills),
+                        "compress_seconds": statistics.median(compress), "decode_ms": statistics.median(steps) * 1e3,
+                        "peak_bytes": peak, "kv_bytes": nbytes})
+    return results
+
+
 @torch.no_grad()
 def run(request: dict) -> dict:
-    from transformers import AutoModelForCausalLM, DynamicCache
+    from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(request.get("threads", torch.get_num_threads()))
     clock = CLOCKS[request.get("clock", "wall")]
+    device = request.get("device", "cpu")
     model = AutoModelForCausalLM.from_pretrained(
         request["model_dir"], dtype=getattr(torch, request["dtype"]), attn_implementation=request.get("attn", "sdpa")
-    ).eval()
+    ).to(device).eval()
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
-    results = []
-    if request["presses"] and request["tasks"]:  # warm-up: first-call allocations, kernel choice
+    mode = request.get("mode", "needle")
+    if mode == "needle" and request["presses"] and request["tasks"]:  # warm-up: first-call allocations, kernel choice
         with make_press(request["presses"][0])(model):
-            model.model(input_ids=torch.tensor([request["tasks"][0]["context_ids"][:512]]), past_key_values=DynamicCache())
+            model.model(input_ids=torch.tensor([request["tasks"][0]["context_ids"][:512]], device=device))
+    results = []
     for spec in request["presses"]:
-        press = make_press(spec)
-        for task in request["tasks"]:
-            context = torch.tensor([task["context_ids"]])
-            question = torch.tensor([task["question_ids"]])
-            log: list[float] = []
-            timed_compress(press, log, clock)
-            cache = DynamicCache()
-            start = clock()
-            with press(model):
-                model.model(input_ids=context, past_key_values=cache)
-            prefill = clock() - start
-            n_ctx = context.shape[1]
-            answer = []
-            if request.get("max_new_tokens", 0) > 0:
-                pos = torch.arange(n_ctx, n_ctx + question.shape[1])[None]
-                out = model(input_ids=question, past_key_values=cache, position_ids=pos, logits_to_keep=1)
-                token = out.logits[0, -1].argmax()
-                answer.append(int(token))
-                next_pos = pos[:, -1:] + 1
-                for i in range(request["max_new_tokens"] - 1):
-                    out = model(input_ids=token.view(1, 1), past_key_values=cache, position_ids=next_pos + i)
-                    token = out.logits[0, -1].argmax()
-                    answer.append(int(token))
-                    if int(token) in eos:
-                        break
-            results.append(
-                {
-                    "press": spec,
-                    "task": task.get("name"),
-                    "answer_ids": answer,
-                    "compress_seconds": log,
-                    "prefill_seconds": prefill,
-                }
-            )
-            press = make_press(spec)
+        if mode == "needle":
+            results += run_needle(model, request, spec, clock, device, eos)
+        elif mode == "ppl":
+            results += run_ppl(model, request, spec, clock, device)
+        elif mode == "speed":
+            results += run_speed(model, request, spec, clock, device)
+        else:
+            raise ValueError(f"unknown mode {mode!r}")
     return {"results": results, "transformers": __import__("transformers").__version__,
             "kvpress": __import__("kvpress").__version__ if hasattr(__import__("kvpress"), "__version__") else "0.5.5"}
 

@@ -1,5 +1,6 @@
 """``python -m kvpress_rs.bench presses``: eviction policies side by side with NVIDIA
-kvpress 0.5.5's presses of the same name, on SmolLM2 and the same inputs, in one run:
+kvpress 0.5.5's presses of the same name, on SmolLM2 and the same inputs, in one run, in
+one table (``needle`` and ``speed`` measure each side in more detail):
 
 - compression overhead: the time spent scoring and evicting during one prefill (every
   layer), ours vs kvpress's ``compress()``, as a ratio;
@@ -16,85 +17,14 @@ import json
 import statistics
 import time
 import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
 import torch
 
-# our policy name -> (kvpress press name, the parameters both sides use)
-KVPRESS_NAMES = {
-    "knorm": "knorm",
-    "streaming_llm": "streaming_llm",
-    "snapkv": "snapkv",
-    "tova": "tova",
-    "observed_attention": "observed_attention",
-    "keydiff": "keydiff",
-    "lagkv": "lagkv",
-    "pyramidkv": "pyramidkv",
-    "adakv": "adakv:snapkv",
-    "expected_attention": "expected_attention",
-    "random": "random",
-}
-
-
-def parse_spec(spec: str) -> tuple[str, dict[str, Any]]:
-    """``"snapkv:head_budget=adakv,window_size=32"`` → ("snapkv", {...}): a policy (or named
-    cache) and keyword arguments of its cache; values parse as int, float, bool or str."""
-    name, _, rest = spec.partition(":")
-    kwargs: dict[str, Any] = {}
-    for item in filter(None, rest.split(",")):
-        key, _, raw = item.partition("=")
-        value: Any = raw
-        for cast in (int, float):
-            try:
-                value = cast(raw)
-                break
-            except ValueError:
-                pass
-        if raw in ("true", "false", "True", "False"):
-            value = raw.lower() == "true"
-        kwargs[key] = value
-    return name, kwargs
-
-
-def our_cache(model: Any, spec: str, ratio: float) -> Any:
-    import kvpress_rs
-    from kvpress_rs.policies import REGISTRY
-
-    name, kwargs = parse_spec(spec)
-    if name in REGISTRY:
-        return REGISTRY[name].cache_class(model, compression_ratio=ratio, **kwargs)
-    return kvpress_rs.KVCache(model, name, compression_ratio=ratio, **kwargs)
-
-
-CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
-
-
-@contextmanager
-def compression_timer(log: list[float], clock=time.perf_counter):
-    """Times every compression step of our caches (scoring and eviction per layer).
-    ``clock=time.process_time`` counts CPU seconds of the process, which a busy machine
-    disturbs less than wall time (use it with one thread per side)."""
-    from kvpress_rs.cache import CompressedLayer, KVCache
-
-    originals = (CompressedLayer._compress, CompressedLayer._score, KVCache._allocate)
-
-    def wrap(fn):
-        def timed(*args, **kwargs):
-            start = clock()
-            try:
-                return fn(*args, **kwargs)
-            finally:
-                log.append(clock() - start)
-
-        return timed
-
-    CompressedLayer._compress, CompressedLayer._score, KVCache._allocate = map(wrap, originals)
-    try:
-        yield
-    finally:
-        CompressedLayer._compress, CompressedLayer._score, KVCache._allocate = originals
+from .measure import CLOCKS, compression_timer
+from .needle import make_tasks
+from .specs import KVPRESS_NAMES, our_cache, parse_spec  # noqa: F401 - parse_spec: the spec syntax, re-exported
 
 
 @torch.no_grad()
@@ -119,21 +49,6 @@ def run_ours(model: Any, tokenizer: Any, tasks: list[dict], policy: str, ratio: 
             answer_ids = gen[0, full.shape[1] :].tolist()
         out.append({"task": task["name"], "answer_ids": answer_ids, "compress_seconds": log, "prefill_seconds": prefill})
     return out
-
-
-def make_tasks(tokenizer: Any, lengths: list[int], depths: list[float], query_aware: bool) -> list[dict]:
-    from kvpress_rs.data import needle_prompt
-
-    tasks = []
-    for length in lengths:
-        for depth in depths:
-            p = needle_prompt(tokenizer, context_tokens=length, depth=depth)
-            ctx, q = p.context_ids[0].tolist(), p.question_ids[0].tolist()
-            if query_aware:  # the question is compressed with the context; only its last token follows
-                ctx, q = ctx + q[:-1], q[-1:]
-            tasks.append({"name": f"{length}@{depth}", "length": length, "depth": depth, "passcode": p.passcode,
-                          "context_ids": ctx, "question_ids": q})
-    return tasks
 
 
 def summarize(results: list[dict], tokenizer: Any, tasks: list[dict]) -> dict:

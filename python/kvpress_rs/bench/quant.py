@@ -37,6 +37,9 @@ from typing import Any, Callable
 
 import torch
 
+from .measure import median_seconds
+from .specs import kv_bytes, quanto_available
+
 BF16_NOTE = "SmolLM2-135M-Instruct, bfloat16, CPU"
 
 # Our configurations: name -> QuantizedKVCache keyword arguments.
@@ -76,14 +79,6 @@ FRONTIER = {
 }
 
 
-def quanto_available() -> bool:
-    try:
-        import optimum.quanto  # noqa: F401
-    except Exception:
-        return False
-    return True
-
-
 def cache_factory(model: Any, name: str) -> Callable[[], Any]:
     """A function that builds a fresh cache of configuration ``name``."""
     import kvpress_rs
@@ -102,27 +97,6 @@ def cache_factory(model: Any, name: str) -> Callable[[], Any]:
             model, policy, compression_ratio=ratio, quantization=kvpress_rs.QuantConfig(**qkw), low_bits=low_bits
         )
     raise SystemExit(f"unknown configuration {name!r}; known: fp, quanto-2b, quanto-4b, {', '.join([*OURS, *FRONTIER])}")
-
-
-def _flat_tensors(t: Any) -> list[torch.Tensor]:
-    """The plain tensors inside a (possibly nested) tensor subclass such as quanto's."""
-    if hasattr(t, "__tensor_flatten__"):
-        names, _ = t.__tensor_flatten__()
-        return [x for n in names for x in _flat_tensors(getattr(t, n))]
-    return [t] if isinstance(t, torch.Tensor) else []
-
-
-def kv_bytes(cache: Any) -> int:
-    """Bytes of keys/values a cache holds (ours: exact ``nbytes``; others: their tensors)."""
-    if hasattr(cache, "nbytes"):
-        return int(cache.nbytes)
-    total = 0
-    for layer in cache.layers:
-        for attr in ("_quantized_keys", "_quantized_values", "keys", "values"):
-            t = getattr(layer, attr, None)
-            if t is not None:
-                total += sum(x.nbytes for x in _flat_tensors(t))
-    return total
 
 
 def austen_ids(tokenizer: Any, n: int, start: int = 2000) -> torch.Tensor:
@@ -221,16 +195,6 @@ def run_decode(model: Any, tokenizer: Any, configs: list[str], lengths: list[int
     return results
 
 
-def _median_seconds(fn: Callable[[], Any], repeats: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def run_kernels(repeats: int) -> dict:
     from kvpress_rs import ops
 
@@ -241,7 +205,7 @@ def run_kernels(repeats: int) -> dict:
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(1, 8, 8192, 128).to(dtype)
         gb = x.nbytes / 1e9
-        clone = gb / _median_seconds(lambda: x.clone(), repeats)
+        clone = gb / median_seconds(lambda: x.clone(), repeats)
         rows = {"clone_gbps": clone}
         kernels: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {}
         for bits in (2, 4):
@@ -258,8 +222,8 @@ def run_kernels(repeats: int) -> dict:
                 kernels[f"quanto {bits}b axis0 G64"] = (lambda layer=layer: layer._quantize(x, axis=0), lambda q: q.dequantize())
         for name, (quant, deq) in kernels.items():
             q = quant()
-            tq = gb / _median_seconds(quant, repeats)
-            td = gb / _median_seconds(lambda: deq(q), repeats)
+            tq = gb / median_seconds(quant, repeats)
+            td = gb / median_seconds(lambda: deq(q), repeats)
             rows[name] = {"quantize_gbps": tq, "dequantize_gbps": td, "quantize_vs_clone": tq / clone, "dequantize_vs_clone": td / clone}
             print(f"{str(dtype).split('.')[1]:<10}{name:<28}{tq:12.2f}{tq / clone:8.2f}{td:10.2f}{td / clone:8.2f}")
         print(f"{str(dtype).split('.')[1]:<10}{'clone()':<28}{clone:12.2f}")
@@ -273,7 +237,6 @@ def run_bytes(model: Any, tokenizer: Any, lengths: list[int]) -> dict:
 
     results: dict = {}
     c = model.config
-    head_dim = getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads
     fp16_per_token = bf16_bytes_per_token(model)  # bf16 and fp16 are both 2 bytes
     print("\nKV bytes held after a prefill vs the formula (bits + 32/G)/16 of fp16 for quantized tokens + fp tokens")
     print(f"{'config':<22}{'tokens':>8}{'measured':>12}{'formula':>12}{'ratio':>8}{'x vs bf16':>10}")
