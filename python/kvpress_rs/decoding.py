@@ -123,8 +123,20 @@ class LayerDecoding:
             protect_last=self.schedule.decoding_interval,
             keep_evicted=keep_evicted,
         )
-        self.forget_queries()
+        # The last `interval` stored tokens are never evicted, so their queries still are
+        # the queries of the last stored tokens: keep them (a short last prompt block then
+        # still has a full window).
+        self._keep_last(self.schedule.decoding_interval)
         return evicted
+
+    def _keep_last(self, n: int) -> None:
+        if not self._queries:
+            return
+        queries = torch.cat(self._queries, dim=-2) if len(self._queries) > 1 else self._queries[0]
+        q = queries.shape[-2]
+        if q > n:
+            queries = queries[..., q - n :, :]
+        self._queries, self._n_queries = [queries], queries.shape[-2]
 
 
 def load_calibration(path: str, n_layers: int) -> list[QueryStats]:
