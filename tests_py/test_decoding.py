@@ -256,4 +256,4 @@ def test_unsupported_combinations_are_refused():
     with pytest.raises(kvpress_rs.UnsupportedError, match="adakv"):
         kvpress_rs.AdaKVCache(model, decoding_budget=64, decoding_interval=16)
     with pytest.raises(kvpress_rs.UnsupportedError, match="quantiz"):
-        kvpress_rs.KnormCache(model, decoding_budget=64, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4))
+        kvpress_rs.KnormCache(model, decoding_budget=64, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4, group_size=16))

@@ -65,8 +65,21 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, block_size: int)
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InvalidArgumentError(f"`input_ids` must be a (batch, tokens) tensor with tokens > 0, got {shape}")
     output = None
+    start, total = 0, input_ids.shape[1]
     with torch.no_grad():
-        for start in range(0, input_ids.shape[1], block_size):
-            block = input_ids[:, start : start + block_size]
-            output = model(input_ids=block, past_key_values=cache, use_cache=True)
+        while start < total:
+            size = _next_block(cache, block_size, window if isinstance(window, int) else 1)
+            output = model(input_ids=input_ids[:, start : start + size], past_key_values=cache, use_cache=True)
+            start += size
     return output
+
+
+def _next_block(cache: Any, block_size: int, min_block: int) -> int:
+    """The next block's size: ``block_size``, or less when the cache holds more than its
+    budget (a generation left it up to budget + interval), so that budget + one block stays
+    the peak — but never fewer tokens than the scorer's query window."""
+    budget = cache.decoding.decoding_budget
+    stored = max((layer._stored for _, layer in cache._compressed_layers()), default=0)
+    if budget is None or stored <= budget:
+        return block_size
+    return max(min(block_size, budget + block_size - stored), min_block)

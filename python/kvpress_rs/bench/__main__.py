@@ -9,6 +9,7 @@ import sys
 COMMANDS = {
     "presses": ("kvpress_rs.bench.presses", "eviction policies vs kvpress 0.5.5: overhead and needle answers"),
     "chunks": ("kvpress_rs.bench.chunks", "reusable chunk caches: time to first token, disk bytes, multi-document needle"),
+    "decoding": ("kvpress_rs.bench.decoding", "decoding-time compression vs kvpress DecodingPress: ppl, ms/token; block-wise prefill memory, needle"),
     "quant": ("kvpress_rs.bench.quant", "quantized caches vs fp and quanto: ppl, decode, kernels, bytes, frontier"),
 }
 
