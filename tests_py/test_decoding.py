@@ -256,4 +256,34 @@ def test_unsupported_combinations_are_refused():
     with pytest.raises(kvpress_rs.UnsupportedError, match="adakv"):
         kvpress_rs.AdaKVCache(model, decoding_budget=64, decoding_interval=16)
     with pytest.raises(kvpress_rs.UnsupportedError, match="quantiz"):
-        kvpress_rs.KnormCache(model, decoding_budget=64, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4, group_size=16))
+        kvpress_rs.KnormCache(
+            tiny(hidden_size=256), decoding_budget=64, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4)
+        )
+
+
+def test_calibration_file_round_trips_and_drives_triattention(tmp_path):
+    from kvpress_rs.calibrate import calibrate
+
+    model = tiny()
+    ids = random_ids(1, 60, seed=4)
+    path = calibrate(model, ids, tmp_path / "stats.safetensors")
+    # the file holds the statistics of the pre-RoPE queries: check layer 0's center by hand
+    from safetensors.torch import load_file
+
+    tensors = load_file(str(path))
+    captured = {}
+    hook = model.model.layers[0].self_attn.q_proj.register_forward_hook(lambda m, a, out: captured.setdefault("q", out))
+    with torch.no_grad():
+        model(ids)
+    hook.remove()
+    q = captured["q"].view(1, 60, 4, 16).transpose(1, 2)  # pre-RoPE queries (b, heads, T, d)
+    torch.testing.assert_close(tensors["layer.0.center_re"], q[..., :8].mean(2), rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(tensors["layer.0.center_im"], q[..., 8:].mean(2), rtol=1e-4, atol=1e-4)
+    assert int(tensors["layer.0.count"]) == 60
+    cache = kvpress_rs.TriAttentionCache(model, decoding_budget=32, decoding_interval=16, protect_prompt=False, query_stats=str(path))
+    out = greedy(model, random_ids(1, 20), cache, 100)
+    assert out.shape[1] == 120 and max(cache.stats()["tokens_kept"]) < 48
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="query_stats"):
+        kvpress_rs.TriAttentionCache(model, decoding_budget=32, decoding_interval=16, query_stats=str(tmp_path / "missing"))
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="query_stats"):
+        kvpress_rs.KnormCache(model, decoding_budget=32, decoding_interval=16, query_stats=str(path))

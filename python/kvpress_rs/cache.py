@@ -371,6 +371,21 @@ class KVCache(GuardedCache, Cache):
         kept, quantized once at ``low_bits`` (2, 3, 4 or 8; the other options of
         ``quantization``, no residual window), instead of dropped; attention covers both
         precisions with one softmax. Not with ``rerotate`` nor with left-padded batches.
+    decoding_budget : int, optional
+        Compress during generation too: each layer keeps this many tokens per KV head,
+        compressing back to it whenever it has grown ``decoding_interval`` past it (a
+        multi-token forward — a prompt block, a chat turn — as soon as it exceeds it). The
+        last ``decoding_interval`` tokens are never evicted (see :mod:`kvpress_rs.decoding`).
+    decoding_ratio : float, optional
+        Instead of ``decoding_budget``: keep this fraction, in (0, 1], of the tokens seen.
+    decoding_interval : int, optional
+        Tokens between compressions during generation (default 128).
+    protect_prompt : bool, optional
+        Never evict the tokens stored when generation starts (default: True for
+        TriAttention, its reference schedule; False otherwise).
+    query_stats : str, optional
+        TriAttention: a calibration file from ``python -m kvpress_rs.calibrate``
+        (default: statistics of the queries the cache sees).
     **policy_kwargs
         Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random),
         ``window_size``/``kernel_size`` (SnapKV, 64/5), ``lag_size`` (LagKV), ...

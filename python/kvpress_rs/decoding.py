@@ -88,6 +88,14 @@ class LayerDecoding:
             self._fold(seen_before)
         self._queries, self._n_queries = [], 0
 
+    def statistics(self, seen: int) -> QueryStats | None:
+        """TriAttention's online query statistics, with the queries buffered so far folded
+        in (``seen``: tokens seen, the position after the last buffered query)."""
+        if self._online and self._queries:
+            self._fold(seen)
+            self._queries, self._n_queries = [], 0
+        return self._online_stats
+
     def _fold(self, seen: int) -> None:
         queries = torch.cat(self._queries, dim=-2) if len(self._queries) > 1 else self._queries[0]
         fresh = QueryStats.from_queries(queries, self.rope, seen - queries.shape[-2])
