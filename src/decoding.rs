@@ -57,12 +57,10 @@ impl DecodingSchedule {
                     "give either `decoding_budget` or `decoding_ratio`, not both",
                 ))
             }
-            (None, None) => {
-                return Err(KvError::invalid(
-                    "decoding_budget",
-                    "decoding-time compression needs `decoding_budget` (tokens) or `decoding_ratio`",
-                ))
-            }
+            (None, None) => return Err(KvError::invalid(
+                "decoding_budget",
+                "decoding-time compression needs `decoding_budget` (tokens) or `decoding_ratio`",
+            )),
             (Some(n), None) if n <= 0 => {
                 return Err(KvError::invalid(
                     "decoding_budget",

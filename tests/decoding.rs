@@ -5,7 +5,9 @@ mod common;
 
 use common::*;
 use kvpress_rs::decoding::DecodingSchedule;
-use kvpress_rs::policies::{query_stats, scorer_from_name, Knorm, Params, ScoreContext, ScoreInput};
+use kvpress_rs::policies::{
+    query_stats, scorer_from_name, Knorm, Params, ScoreContext, ScoreInput,
+};
 use kvpress_rs::rope::{Rope, RopeSpec};
 use kvpress_rs::{Budget, KvError, LayerStore, Press};
 use tch::{Device, Kind, Tensor};
@@ -49,11 +51,26 @@ fn bad_schedules_name_their_argument() {
         Err(KvError::InvalidArgument { argument, .. }) => argument,
         other => panic!("expected InvalidArgument, got {other:?}"),
     };
-    assert_eq!(arg(DecodingSchedule::from_args(Some(0), None, None, false)), "decoding_budget");
-    assert_eq!(arg(DecodingSchedule::from_args(Some(200), None, Some(0), false)), "decoding_interval");
-    assert_eq!(arg(DecodingSchedule::from_args(None, Some(0.0), None, false)), "decoding_ratio");
-    assert_eq!(arg(DecodingSchedule::from_args(None, None, None, false)), "decoding_budget");
-    assert_eq!(arg(DecodingSchedule::from_args(Some(64), None, None, false)), "decoding_budget");
+    assert_eq!(
+        arg(DecodingSchedule::from_args(Some(0), None, None, false)),
+        "decoding_budget"
+    );
+    assert_eq!(
+        arg(DecodingSchedule::from_args(Some(200), None, Some(0), false)),
+        "decoding_interval"
+    );
+    assert_eq!(
+        arg(DecodingSchedule::from_args(None, Some(0.0), None, false)),
+        "decoding_ratio"
+    );
+    assert_eq!(
+        arg(DecodingSchedule::from_args(None, None, None, false)),
+        "decoding_budget"
+    );
+    assert_eq!(
+        arg(DecodingSchedule::from_args(Some(64), None, None, false)),
+        "decoding_budget"
+    );
     // a token budget below the protected prompt + interval
     let s = schedule(40, 16, true);
     match s.plan(60, 60, 1, 30) {
@@ -65,7 +82,9 @@ fn bad_schedules_name_their_argument() {
 /// Keys whose norm is the token index + 1: Knorm (keep the smallest norms) keeps the
 /// earliest tokens, so protection of the last ones is visible.
 fn growing_keys(t: i64) -> Tensor {
-    let norms = Tensor::arange(t, (Kind::Float, Device::Cpu)).f_add_scalar(1.0).unwrap();
+    let norms = Tensor::arange(t, (Kind::Float, Device::Cpu))
+        .f_add_scalar(1.0)
+        .unwrap();
     Tensor::ones([1, 2, t, 4], (Kind::Float, Device::Cpu)) * norms.view([1, 1, t, 1]) / 2.0
 }
 
@@ -123,7 +142,14 @@ fn observed_attention_over_the_last_queries_matches_a_reference() {
             next_position: Some(40),
         },
     };
-    let scores = Vec::<f64>::try_from(scorer.score(&input).unwrap().to_kind(Kind::Double).flatten(0, -1)).unwrap();
+    let scores = Vec::<f64>::try_from(
+        scorer
+            .score(&input)
+            .unwrap()
+            .to_kind(Kind::Double)
+            .flatten(0, -1),
+    )
+    .unwrap();
     let k = Vec::<f64>::try_from(keys.to_kind(Kind::Double).flatten(0, -1)).unwrap();
     let qv = Vec::<f64>::try_from(queries.to_kind(Kind::Double).flatten(0, -1)).unwrap();
     let mut expected = vec![0f64; t as usize];
@@ -198,6 +224,10 @@ fn triattention_decode_queries_sit_just_before_the_next_position() {
     let rest = query_stats(&post.narrow(2, 2, 4), &rope, t0 - q as usize + 2).unwrap();
     let merged = half.merge(&rest).unwrap();
     assert_eq!(merged.count, 6);
-    assert!(merged.center_re.allclose(&stats.center_re, 1e-5, 1e-5, false));
-    assert!(merged.magnitude.allclose(&stats.magnitude, 1e-5, 1e-5, false));
+    assert!(merged
+        .center_re
+        .allclose(&stats.center_re, 1e-5, 1e-5, false));
+    assert!(merged
+        .magnitude
+        .allclose(&stats.magnitude, 1e-5, 1e-5, false));
 }

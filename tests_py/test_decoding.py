@@ -287,3 +287,22 @@ def test_calibration_file_round_trips_and_drives_triattention(tmp_path):
         kvpress_rs.TriAttentionCache(model, decoding_budget=32, decoding_interval=16, query_stats=str(tmp_path / "missing"))
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="query_stats"):
         kvpress_rs.KnormCache(model, decoding_budget=32, decoding_interval=16, query_stats=str(path))
+
+
+@pytest.mark.model
+def test_smollm2_generation_stays_within_budget_and_matches_dynamic_cache_when_it_fits(smollm2_bf16, peak_stored):
+    from kvpress_rs.data import needle_prompt
+
+    model, tokenizer = smollm2_bf16
+    ids = needle_prompt(tokenizer, context_tokens=300, depth=0.5).input_ids
+    expected = greedy(model, ids, DynamicCache(config=model.config), 16)
+    for policy in ("snapkv", "triattention"):
+        roomy = kvpress_rs.KVCache(model, policy, decoding_budget=1024, decoding_interval=128)
+        assert torch.equal(greedy(model, ids, roomy, 16), expected)
+    peak_stored.clear()
+    cache = kvpress_rs.SnapKVCache(model, decoding_budget=192, decoding_interval=64)
+    out = greedy(model, ids, cache, 200)  # prompt ~330 tokens: compressed at once, then every 64
+    assert out.shape[1] == ids.shape[1] + 200
+    assert max(peak_stored.values()) <= 192 + 64
+    assert len(peak_stored) == model.config.num_hidden_layers
+    assert cache.get_seq_length() == ids.shape[1] + 199

@@ -47,7 +47,7 @@ impl Scorer for ObservedAttention {
             ));
         }
         let first = t - q_len; // stored index of the first query's token
-        // converted once, not per chunk (grouped_logits multiplies in float32)
+                               // converted once, not per chunk (grouped_logits multiplies in float32)
         let keys_f32 = keys.f_to_kind(Kind::Float)?;
         let scaling = 1.0 / (d as f64).sqrt();
         let cols = Tensor::f_arange(t, (Kind::Int64, keys.device()))?;

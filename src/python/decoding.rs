@@ -169,10 +169,7 @@ impl PyQueryStats {
         count: usize,
     ) -> PyResult<Self> {
         let heads = center_re.0.size();
-        for (name, t) in [
-            ("center_im", &center_im.0),
-            ("magnitude", &magnitude.0),
-        ] {
+        for (name, t) in [("center_im", &center_im.0), ("magnitude", &magnitude.0)] {
             if t.size() != heads {
                 return Err(to_pyerr(KvError::shape(
                     name,
