@@ -93,7 +93,7 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.0).unwrap());
     let keys = growing_keys(20);
     let mut store = LayerStore::new();
-    store.append(&keys, &keys).unwrap();
+    let _ = store.append(&keys, &keys).unwrap();
     press
         .compress_to(&mut store, 0, None, None, 10, 20, (2, 4), false)
         .unwrap();
@@ -106,7 +106,7 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     }
     // a second compression: positions are those of the tokens seen, not of the store
     let more = growing_keys(6) * 100.0;
-    store.append(&more, &more).unwrap();
+    let _ = store.append(&more, &more).unwrap();
     press
         .compress_to(&mut store, 0, None, None, 8, 26, (0, 3), false)
         .unwrap();
