@@ -306,3 +306,13 @@ def test_smollm2_generation_stays_within_budget_and_matches_dynamic_cache_when_i
     assert max(peak_stored.values()) <= 192 + 64
     assert len(peak_stored) == model.config.num_hidden_layers
     assert cache.get_seq_length() == ids.shape[1] + 199
+
+
+def test_beam_search_with_decoding_compression_keeps_queries_aligned(peak_stored):
+    model = tiny()
+    cache = kvpress_rs.SnapKVCache(model, window_size=8, decoding_budget=32, decoding_interval=16)
+    ids = random_ids(1, 20)
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=60,
+                         min_new_tokens=60, num_beams=3, do_sample=False, pad_token_id=0)
+    assert out.shape[1] == 80
+    assert max(peak_stored.values()) <= 48

@@ -297,6 +297,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, max_length_or_tokens_to_remove: int) -> None:
         self._active.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._seen))
+        if self._decoding is not None:  # the buffered queries may belong to removed tokens
+            self._decoding.forget_queries()
 
     def _stores(self) -> list[LayerStore | QuantizedStore]:
         return [self._active] + ([self._low] if self._low is not None else [])
@@ -304,6 +306,8 @@ class CompressedLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in self._stores():
             store.index_batch(beam_idx.to(torch.long).flatten())
+        if self._decoding is not None:
+            self._decoding.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         indices = torch.as_tensor(indices)
@@ -311,10 +315,14 @@ class CompressedLayer(CacheLayerMixin):
             indices = indices.nonzero()
         for store in self._stores():
             store.index_batch(indices.to(torch.long).flatten())
+        if self._decoding is not None:
+            self._decoding.index_batch(indices.to(torch.long).flatten())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for store in self._stores():
             store.repeat_interleave_batch(repeats)
+        if self._decoding is not None:
+            self._decoding.repeat_interleave_batch(repeats)
 
     def offload(self):
         raise NotImplementedError("offloading is not supported by kvpress_rs caches")

@@ -61,6 +61,13 @@ class LayerDecoding:
         self._online_stats = None
         self.protected, self._generating = 0, False
 
+    def index_batch(self, indices: torch.Tensor) -> None:
+        """Beam search / batch selection reorders the rows: the buffered queries follow."""
+        self._queries = [q.index_select(0, indices.to(q.device)) for q in self._queries]
+
+    def repeat_interleave_batch(self, repeats: int) -> None:
+        self._queries = [q.repeat_interleave(repeats, dim=0) for q in self._queries]
+
     def appended(self, stored_before: int, new_tokens: int) -> None:
         """Called by ``update``: the first one-token forward starts the generation, and
         with ``protect_prompt`` every token stored then is protected from now on."""

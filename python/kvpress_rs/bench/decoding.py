@@ -46,15 +46,17 @@ def austen(tokenizer: Any, n: int, start: int = 2000) -> list[int]:
     return ids[start : start + n]
 
 
-def make_cache(model: Any, policy: str, budget: int, interval: int, calibration: str | None = None) -> Any:
+def make_cache(model: Any, policy: str, budget: int, interval: int, calibration: str | None = None, window: int = 64) -> Any:
     import kvpress_rs
     from transformers import DynamicCache
 
     if policy == "full":
         return DynamicCache(config=model.config)
     kwargs: dict[str, Any] = {"decoding_budget": budget, "decoding_interval": interval, "protect_prompt": False}
-    if policy == "triattention" and calibration:
+    if policy.startswith("triattention") and calibration:
         kwargs["query_stats"] = calibration
+    if policy == "snapkv":
+        kwargs["window_size"] = window
     return kvpress_rs.KVCache(model, policy.split(":")[0], **kwargs)
 
 
@@ -93,7 +95,8 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     configs = ["full", *policies] + (["triattention:calibrated"] if args.calibration else [])
     for name in configs:
         start = time.perf_counter()
-        cache = make_cache(model, name, args.budget, args.interval, args.calibration if name.endswith("calibrated") else None)
+        cache = make_cache(model, name, args.budget, args.interval, args.calibration if name.endswith("calibrated") else None,
+                           args.window)
         rows[f"ours:{name}" if name != "full" else "full"] = teacher_forced(model, cache, prefix, cont)
         print(f"  ours {name:<26} ppl {rows.get('full' if name == 'full' else f'ours:{name}')['ppl']:8.3f}  "
               f"({time.perf_counter() - start:.0f}s)", flush=True)
@@ -101,7 +104,8 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     if kv and not args.no_kvpress:
         request = {"kind": "decoding_ppl", "model_dir": str(smollm2_dir()), "dtype": "bfloat16",
                    "threads": torch.get_num_threads(), "prefix_ids": prefix, "continuation_ids": cont,
-                   "presses": [{"name": p, "budget": args.budget, "interval": args.interval} for p in kv]}
+                   "presses": [{"name": p, "budget": args.budget, "interval": args.interval,
+                                "params": {"window_size": args.window} if p == "snapkv" else {}} for p in kv]}
         for row in run_kvpress(request)["results"]:
             r = {"nll": row["nll"], "tokens": row["tokens"], "ppl": float(torch.tensor(row["nll"] / row["tokens"]).exp()),
                  "ms_per_token": row["ms_per_token"], "final_cache_tokens": row["final_cache_tokens"]}
@@ -209,6 +213,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--interval", type=int, default=128)
     parser.add_argument("--policies", nargs="+", default=None, help=f"default: {' '.join(OURS)}")
+    parser.add_argument("--window", type=int, default=64, help="SnapKV window_size, both sides")
     parser.add_argument("--calibration", default=None, help="TriAttention calibration file (python -m kvpress_rs.calibrate)")
     parser.add_argument("--no-kvpress", action="store_true", help="leave out the kvpress 0.5.5 side")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
