@@ -61,7 +61,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="python -m kvpress_rs.calibrate", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2", help="'smollm2' or a local model folder (transformers format)")
-    parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: Jane Austen's Emma)")
+    parser.add_argument("--text", type=Path, default=None, help="a UTF-8 text file (default: Jane Austen's Sense and Sensibility)")
     parser.add_argument("--tokens", type=int, default=4096)
     parser.add_argument("--out", type=Path, required=True)
     args = parser.parse_args(sys.argv[1:] if argv is None else argv)
@@ -79,7 +79,7 @@ def main(argv: list[str] | None = None) -> None:
     else:
         from .data import austen_novels
 
-        text = austen_novels()[-1]  # not the novel the perplexity benchmark reads
+        text = austen_novels()[-1]  # Sense and Sensibility: not the novel (Emma) the benchmarks read
     ids = tokenizer(text, add_special_tokens=False)["input_ids"][: args.tokens]
     path = calibrate(model, torch.tensor([ids]), args.out)
     print(f"wrote {path} ({len(ids)} tokens, {model.config.num_hidden_layers} layers)")
