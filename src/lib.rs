@@ -9,6 +9,7 @@
 //! - [`policies`]: scorers (one file each), [`select`] top-k, [`gather`] of kept tokens.
 //! - [`budget`]: how many tokens a layer keeps.
 //! - [`press`]: scorer + budget, applied to a layer.
+//! - [`decoding`]: when a growing cache compresses (generation, block-wise prefill).
 //! - [`store`]: the per-layer compressed KV store.
 //! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
 //! - [`chunks`]: reusable chunk caches placed at new positions (one shift per chunk), and
@@ -17,6 +18,7 @@
 
 pub mod budget;
 pub mod chunks;
+pub mod decoding;
 pub mod error;
 pub mod gather;
 pub mod policies;

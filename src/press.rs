@@ -5,12 +5,14 @@
 
 use crate::budget::{Budget, HeadBudget, LayerBudget};
 use crate::error::{KvError, Result};
-use crate::policies::{cake_preference, score_layer, QueryWindow, ScoreContext, Scorer};
+use crate::policies::{
+    cake_preference, score_layer, score_layer_with, QueryStats, QueryWindow, ScoreContext, Scorer,
+};
 use crate::rope::Rope;
 use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
 use crate::tensor::check_finite;
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 /// One layer's scores, kept until every layer's budget is known (CAKE).
 #[derive(Debug)]
@@ -163,7 +165,7 @@ impl Press {
                 ),
             ));
         }
-        let ctx = ScoreContext { layer_idx, n_kept };
+        let ctx = ScoreContext::prefill(layer_idx, n_kept);
         let scores = score_layer(
             self.scorer.as_ref(),
             keys,
@@ -249,6 +251,80 @@ impl Press {
         retain(store, kept)
     }
 
+    /// Compresses a store that has grown (during generation, or after a prompt block) to
+    /// exactly `n_kept` tokens per row: the scorer ranks every stored token, the first
+    /// `protect_first` and the last `protect_last` stored tokens are never evicted, and
+    /// the best of the rest fill the budget. `queries` are the post-RoPE queries of the
+    /// last q stored tokens (those seen since the previous compression), `query_stats`
+    /// pre-RoPE statistics from elsewhere (TriAttention), `next_position` the tokens seen.
+    /// The same `n_kept` for every layer: layer budgets (pyramid, CAKE) shape the prefill
+    /// compression only. With `keep_evicted`, returns the evicted tokens (as
+    /// [`compress_split`](Self::compress_split)).
+    #[allow(clippy::too_many_arguments)]
+    pub fn compress_to(
+        &self,
+        store: &mut LayerStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+        query_stats: Option<&QueryStats>,
+        n_kept: usize,
+        next_position: usize,
+        protect: (usize, usize),
+        keep_evicted: bool,
+    ) -> Result<Option<(Tensor, Tensor)>> {
+        let stored = store.len();
+        let (protect_first, protect_last) = protect;
+        if n_kept == 0 {
+            return Err(KvError::invalid(
+                "decoding_budget",
+                "a compression must keep at least one token",
+            ));
+        }
+        if n_kept < (protect_first + protect_last).min(stored) {
+            return Err(KvError::invalid(
+                "decoding_budget",
+                format!(
+                    "keeps {n_kept} tokens, fewer than the {} protected ones",
+                    protect_first + protect_last
+                ),
+            ));
+        }
+        if n_kept >= stored {
+            return Ok(None);
+        }
+        let (keys, values) = (store.keys_view()?, store.values_view()?);
+        if self.scorer.needs_rope() && self.rope.is_none() {
+            return Err(KvError::invalid(
+                "rope",
+                format!(
+                    "policy {:?} needs the model's RoPE: build the press from the model",
+                    self.scorer.name()
+                ),
+            ));
+        }
+        let ctx = ScoreContext {
+            layer_idx,
+            n_kept,
+            next_position: Some(next_position),
+        };
+        let scores = score_layer_with(
+            self.scorer.as_ref(),
+            &keys,
+            &values,
+            queries,
+            query_stats,
+            self.rope.as_ref(),
+            &ctx,
+        )?;
+        let scores = protect_ends(&scores, protect_first, protect_last)?;
+        let kept = self.select(&scores, n_kept)?;
+        if keep_evicted {
+            retain_split(store, kept).map(Some)
+        } else {
+            retain(store, kept).map(|_| None)
+        }
+    }
+
     /// [`compress`](Self::compress) that returns the tokens it evicts — keys and values
     /// (batch, kv_heads, n_evicted, head_dim) — instead of dropping them (mixed precision);
     /// None when it keeps every token. Uniform head budgets only.
@@ -298,6 +374,25 @@ impl Press {
         let kept = self.select(scores, n_kept)?;
         retain(store, kept)
     }
+}
+
+/// `scores` (batch, heads, T) with the first `first` and last `last` tokens raised to +inf,
+/// so that top-k always keeps them (ties among them go to the earlier token, irrelevant:
+/// all of them fit the budget).
+fn protect_ends(scores: &Tensor, first: usize, last: usize) -> Result<Tensor> {
+    let t = scores.size()[2];
+    let (first, last) = ((first as i64).min(t), (last as i64).min(t));
+    if first == 0 && last == 0 {
+        return Ok(scores.shallow_clone());
+    }
+    let scores = scores.f_to_kind(Kind::Float)?;
+    if first > 0 {
+        let _ = scores.f_narrow(2, 0, first)?.f_fill_(f64::INFINITY)?;
+    }
+    if last > 0 {
+        let _ = scores.f_narrow(2, t - last, last)?.f_fill_(f64::INFINITY)?;
+    }
+    Ok(scores)
 }
 
 fn retain_split(store: &mut LayerStore, kept: Kept) -> Result<(Tensor, Tensor)> {

@@ -11,7 +11,7 @@ use kvpress_rs::select::top_k_indices;
 use tch::{Kind, Tensor};
 
 fn ctx(layer_idx: usize, n_kept: usize) -> ScoreContext {
-    ScoreContext { layer_idx, n_kept }
+    ScoreContext::prefill(layer_idx, n_kept)
 }
 
 /// Asserts |got - want| <= rel * |want| elementwise (plus a tiny absolute floor).

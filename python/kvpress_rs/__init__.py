@@ -14,6 +14,7 @@ import torch  # noqa: F401
 from . import chunks, errors, ops, rope
 from ._native import QuantConfig, __version__
 from .cache import CompressedLayer, KVCache
+from .prefill import prefill
 from .chunks import AssembledCache, ChunkStore
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
 from .policies import (
@@ -37,6 +38,7 @@ from .rope import Rope
 __all__ = [
     "__version__",
     "KVCache",
+    "prefill",
     "CompressedLayer",
     "StreamingLLMCache",
     "KnormCache",

@@ -40,7 +40,31 @@ def _before_forward(module: Any, args: tuple, kwargs: dict[str, Any]) -> None:
     cache._record_token_ids(input_ids if isinstance(input_ids, torch.Tensor) else None)
     attention.enter(decoder_config(module), cache)
     cache._forward_started()
+    if getattr(cache, "rerotate", False):
+        return args, _compact_positions(kwargs, cache.get_seq_length())
     return None
+
+
+def _compact_positions(kwargs: dict[str, Any], seen: int) -> dict[str, Any]:
+    """With re-rotation the cache continues at a compact position (tokens stored), but
+    ``generate`` counts positions itself (tokens fed): shift ``cache_position`` and
+    ``position_ids`` so that the new tokens start at the cache's position."""
+    cache_position = kwargs.get("cache_position")
+    position_ids = kwargs.get("position_ids")
+    if isinstance(cache_position, torch.Tensor) and cache_position.numel():
+        offset = int(cache_position[0]) - seen
+    elif isinstance(position_ids, torch.Tensor) and position_ids.numel():
+        offset = int(position_ids[..., 0].max()) - seen
+    else:
+        return kwargs
+    if offset <= 0:
+        return kwargs
+    kwargs = dict(kwargs)
+    if isinstance(cache_position, torch.Tensor):
+        kwargs["cache_position"] = cache_position - offset
+    if isinstance(position_ids, torch.Tensor):
+        kwargs["position_ids"] = position_ids - offset
+    return kwargs
 
 
 def _after_forward(module: Any, args: tuple, kwargs: dict[str, Any], output: Any) -> None:

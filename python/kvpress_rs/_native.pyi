@@ -77,11 +77,59 @@ class Press:
     def n_kept(self, n_tokens: int, layer_idx: int = 0) -> int: ...
     def kept_indices(self, keys: torch.Tensor, values: torch.Tensor, layer_idx: int) -> torch.Tensor: ...
 
+class DecodingSchedule:
+    def __new__(
+        cls,
+        *,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool = False,
+    ) -> DecodingSchedule: ...
+    @property
+    def decoding_budget(self) -> int | None: ...
+    @property
+    def decoding_ratio(self) -> float | None: ...
+    @property
+    def decoding_interval(self) -> int: ...
+    @property
+    def protect_prompt(self) -> bool: ...
+    def plan(self, stored: int, seen: int, new_tokens: int, protected_prompt: int) -> int | None: ...
+
+class QueryStats:
+    @staticmethod
+    def from_queries(queries: torch.Tensor, rope: Rope, start: int) -> QueryStats: ...
+    @staticmethod
+    def from_tensors(
+        center_re: torch.Tensor,
+        center_im: torch.Tensor,
+        magnitude: torch.Tensor,
+        rest_mean: torch.Tensor,
+        rest_magnitude: torch.Tensor,
+        count: int,
+    ) -> QueryStats: ...
+    def tensors(self) -> list[tuple[str, torch.Tensor]]: ...
+    def merged(self, other: QueryStats) -> QueryStats: ...
+    @property
+    def count(self) -> int: ...
+
 class LayerStore:
     def __new__(cls) -> LayerStore: ...
     def append(self, keys: torch.Tensor, values: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]: ...
     def compress(
         self, press: Press, layer_idx: int, queries: torch.Tensor | None = None, keep_evicted: bool = False
+    ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
+    def compress_to(
+        self,
+        press: Press,
+        layer_idx: int,
+        n_kept: int,
+        next_position: int,
+        queries: torch.Tensor | None = None,
+        query_stats: QueryStats | None = None,
+        protect_first: int = 0,
+        protect_last: int = 0,
+        keep_evicted: bool = False,
     ) -> tuple[torch.Tensor, torch.Tensor] | None: ...
     def score(self, press: Press, layer_idx: int, queries: torch.Tensor | None = None) -> tuple[torch.Tensor, float]: ...
     def compress_scored(

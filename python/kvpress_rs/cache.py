@@ -31,7 +31,8 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
-from ._native import LayerStore, Press, QuantConfig, QuantizedStore
+from ._native import DecodingSchedule, LayerStore, Press, QuantConfig, QuantizedStore
+from .decoding import LayerDecoding, load_calibration
 from .errors import CacheStateError, InvalidArgumentError, UnsupportedError, UnsupportedModelError
 from .models import decoder_config
 from .quantized import _UNSUPPORTED_KWARGS, attend_store
@@ -56,9 +57,12 @@ class CompressedLayer(CacheLayerMixin):
         quantization: QuantConfig | None = None,
         low_quantization: QuantConfig | None = None,
         rope: Rope | None = None,
+        decoding: LayerDecoding | None = None,
     ):
         super().__init__()
         self._store = LayerStore()
+        self._decoding = decoding  # decoding-time compression (decoding_budget=)
+        self._new_tokens = 0  # tokens of the running forward
         self._press = press
         self.layer_idx = layer_idx
         self._pending_compression = False
@@ -162,14 +166,22 @@ class CompressedLayer(CacheLayerMixin):
                 return key_states, value_states
             return self._dequantized()
         is_prefill = self._store.seen == 0
+        stored_before = self._store.stored
+        self._new_tokens = key_states.shape[-2]
         keys, values = self._store.append(key_states, value_states)
+        if self._decoding is not None:
+            self._decoding.appended(stored_before, key_states.shape[-2])
+        served = attention.serves(self)
         if is_prefill and self._press is not None:
             # This forward's attention still sees every token (keys/values above); the
             # store keeps only what the press selects, right after that attention.
-            if attention.serves(self):
+            if served:
                 self._pending_compression = True
             else:  # no attention hook (a cache built from a config): compress now
                 self._compress(None)
+        if self._decoding is not None and not served:
+            # no queries here; the returned keys/values keep the pre-compression storage
+            self._decoding.maybe_compress(self._store, key_states.shape[-2])
         return keys, values
 
     def attend(
@@ -199,6 +211,8 @@ class CompressedLayer(CacheLayerMixin):
         if attention_mask is not None and attention_mask.shape[-1] != key.shape[-2]:
             attention_mask = _fit_mask(attention_mask, key.shape[-2], query.shape[-2])
         output = attention(module, query, key, value, attention_mask, **kwargs)
+        if self._decoding is not None:
+            self._decoding.observe(query)
         if self._pending_compression:
             if self._press.needs_all_layers:
                 # CAKE: score now (this layer's queries are here), evict once every layer's
@@ -207,6 +221,10 @@ class CompressedLayer(CacheLayerMixin):
                 self._scored = self._score(query)
             else:
                 self._compress(query)
+        if self._decoding is not None and self._scored is None:
+            # After this forward's attention (which saw every token): back to the budget
+            # if the schedule says so, scored with the queries since the last compression.
+            self._decoding.maybe_compress(self._store, query.shape[-2])
         return output
 
     def _attend_mixed(
@@ -230,12 +248,15 @@ class CompressedLayer(CacheLayerMixin):
 
     def _compress(self, query: torch.Tensor | None) -> None:
         self._pending_compression = False
+        stored = self._store.stored
         self._evicted_kv = self._store.compress(
             self._press,
             self.layer_idx,
             query if self._press.query_window else None,
             keep_evicted=self._low_quantization is not None,
         )
+        if self._decoding is not None and self._store.stored < stored:
+            self._decoding.forget_queries(self._store.seen)
 
     def _forward_started(self) -> None:
         self._pending_compression = False
@@ -274,12 +295,16 @@ class CompressedLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self._store.reset()
+        if self._decoding is not None:
+            self._decoding.reset()
         self._qstore, self._evicted, self._attend_quantized = None, 0, False
         self._low, self._evicted_kv = None, None
         self.is_initialized = False
 
     def crop(self, max_length_or_tokens_to_remove: int) -> None:
         self._active.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._seen))
+        if self._decoding is not None:  # the buffered queries may belong to removed tokens
+            self._decoding.forget_queries()
 
     def _stores(self) -> list[LayerStore | QuantizedStore]:
         return [self._active] + ([self._low] if self._low is not None else [])
@@ -287,6 +312,8 @@ class CompressedLayer(CacheLayerMixin):
     def reorder_cache(self, beam_idx: torch.LongTensor) -> None:
         for store in self._stores():
             store.index_batch(beam_idx.to(torch.long).flatten())
+        if self._decoding is not None:
+            self._decoding.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
         indices = torch.as_tensor(indices)
@@ -294,10 +321,14 @@ class CompressedLayer(CacheLayerMixin):
             indices = indices.nonzero()
         for store in self._stores():
             store.index_batch(indices.to(torch.long).flatten())
+        if self._decoding is not None:
+            self._decoding.index_batch(indices.to(torch.long).flatten())
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for store in self._stores():
             store.repeat_interleave_batch(repeats)
+        if self._decoding is not None:
+            self._decoding.repeat_interleave_batch(repeats)
 
     def offload(self):
         raise NotImplementedError("offloading is not supported by kvpress_rs caches")
@@ -354,6 +385,21 @@ class KVCache(GuardedCache, Cache):
         kept, quantized once at ``low_bits`` (2, 3, 4 or 8; the other options of
         ``quantization``, no residual window), instead of dropped; attention covers both
         precisions with one softmax. Not with ``rerotate`` nor with left-padded batches.
+    decoding_budget : int, optional
+        Compress during generation too: each layer keeps this many tokens per KV head,
+        compressing back to it whenever it has grown ``decoding_interval`` past it (a
+        multi-token forward — a prompt block, a chat turn — as soon as it exceeds it). The
+        last ``decoding_interval`` tokens are never evicted (see :mod:`kvpress_rs.decoding`).
+    decoding_ratio : float, optional
+        Instead of ``decoding_budget``: keep this fraction, in (0, 1], of the tokens seen.
+    decoding_interval : int, optional
+        Tokens between compressions during generation (default 128).
+    protect_prompt : bool, optional
+        Never evict the tokens stored when generation starts (default: True for
+        TriAttention, its reference schedule; False otherwise).
+    query_stats : str, optional
+        TriAttention: a calibration file from ``python -m kvpress_rs.calibrate``
+        (default: statistics of the queries the cache sees).
     **policy_kwargs
         Policy parameters: ``n_sink`` (StreamingLLM, default 4), ``seed`` (Random),
         ``window_size``/``kernel_size`` (SnapKV, 64/5), ``lag_size`` (LagKV), ...
@@ -379,6 +425,11 @@ class KVCache(GuardedCache, Cache):
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
         low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
         **policy_kwargs: Any,
     ):
         config = decoder_config(model)
@@ -429,18 +480,80 @@ class KVCache(GuardedCache, Cache):
             raise UnsupportedModelError(
                 f"policy {policy!r} scores tokens with the model's queries: pass the model itself, not its config"
             )
+        self.decoding = self._decoding_schedule(
+            decoding_budget, decoding_ratio, decoding_interval, protect_prompt, head_budget
+        )
+        calibration = self._calibration(query_stats, config.num_hidden_layers)
         # transformers decides which layers are sliding-window; those stay as they are.
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
+            if type(layer) is not DynamicLayer:
+                layers.append(layer)
+                continue
+            decoding = None
+            if self.decoding is not None:
+                stats = calibration[idx] if calibration is not None else None
+                decoding = LayerDecoding(self.decoding, self.press, idx, self.rope, stats)
             layers.append(
-                CompressedLayer(self.press, idx, quantization, self.low_quantization, self.rope)
-                if type(layer) is DynamicLayer
-                else layer
+                CompressedLayer(self.press, idx, quantization, self.low_quantization, rope=self.rope, decoding=decoding)
             )
         super().__init__(layers=layers)
         self._token_log = TokenLog()
         if isinstance(model, torch.nn.Module):
             install_model_hooks(model)
+
+    def _decoding_schedule(
+        self,
+        budget: int | None,
+        ratio: float | None,
+        interval: int | None,
+        protect_prompt: bool | None,
+        head_budget: str,
+    ) -> DecodingSchedule | None:
+        """The decoding-time compression schedule, or None when none of its arguments is
+        given. TriAttention protects the prompt by default (its reference schedule)."""
+        if budget is None and ratio is None and interval is None and protect_prompt is None:
+            return None
+        for name, value in (("decoding_budget", budget), ("decoding_interval", interval)):
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise InvalidArgumentError(f"`{name}` must be an int, got {value!r}")
+        if protect_prompt is None:
+            protect_prompt = self.press.policy == "triattention"
+        schedule = DecodingSchedule(
+            decoding_budget=budget, decoding_ratio=ratio, decoding_interval=interval, protect_prompt=bool(protect_prompt)
+        )
+        if head_budget == "adakv":
+            raise UnsupportedError(
+                "decoding-time compression with head_budget='adakv' is not supported: AdaKV leaves "
+                "ragged rows, which are not re-scored; use head_budget='uniform'"
+            )
+        if self.quantization is not None:
+            raise UnsupportedError(
+                "decoding-time compression of a quantized cache (`quantization=`) is not supported yet: "
+                "evicting tokens from packed blocks is not implemented"
+            )
+        window = self.press.query_window
+        if isinstance(window, int) and window > schedule.decoding_interval:
+            raise InvalidArgumentError(
+                f"`decoding_interval` ({schedule.decoding_interval}) must be at least the {window} queries "
+                f"policy {self.press.policy!r} scores with (window_size)"
+            )
+        return schedule
+
+    def _calibration(self, query_stats: Any, n_layers: int) -> list | None:
+        """TriAttention's per-layer query statistics from a calibration file, or None
+        (statistics of the queries the cache sees)."""
+        if query_stats is None or query_stats == "online":
+            return None
+        if self.press.policy != "triattention":
+            raise InvalidArgumentError(
+                f"`query_stats` is TriAttention's calibration file; policy {self.press.policy!r} does not use one"
+            )
+        if self.decoding is None:
+            raise InvalidArgumentError("`query_stats` is used by decoding-time compression: give `decoding_budget`")
+        if isinstance(query_stats, (list, tuple)):
+            return list(query_stats)
+        return load_calibration(query_stats, n_layers)
 
     def _forward_started(self) -> None:
         for _, layer in self._compressed_layers():
@@ -475,9 +588,15 @@ class KVCache(GuardedCache, Cache):
         for layer, n_kept in zip(scored, budgets):
             scores, _ = layer._scored
             layer._scored = None
+            stored = layer._store.stored
             layer._evicted_kv = layer._store.compress_scored(
                 self.press, scores, n_kept, keep_evicted=layer._low_quantization is not None
             )
+            if layer._decoding is not None:
+                if layer._store.stored < stored:
+                    layer._decoding.forget_queries(layer._store.seen)
+                # the decoding schedule could not act before every layer's budget was known
+                layer._decoding.maybe_compress(layer._store, layer._new_tokens)
 
     def _compressed_layers(self) -> list[tuple[int, CompressedLayer]]:
         return [(i, layer) for i, layer in enumerate(self.layers) if isinstance(layer, CompressedLayer)]

@@ -97,21 +97,38 @@ impl Scorer for ExpectedAttention {
         let queries = input.require_queries(self.name())?;
         let rope = input.require_rope(self.name())?;
         let q_len = queries.size()[2];
-        if q_len != t {
-            return Err(KvError::shape(
-                "queries",
-                &queries.size(),
-                format!("the queries of all {t} prompt tokens"),
-            ));
-        }
+        // A prefill gives the queries of every stored token (positions 0..t; the sinks'
+        // queries are left out). During generation the queries are those of the last q
+        // tokens, just before `next_position`.
+        let next = input.ctx.next_position.unwrap_or(t as usize);
         let (n, d) = (t - sink, keys.size()[3]);
         let device = keys.device();
-        let positions = Tensor::f_arange_start(sink, t, (Kind::Int64, device))?;
+        let (query_window, first) = if input.ctx.next_position.is_none() || q_len == t {
+            if q_len != t {
+                return Err(KvError::shape(
+                    "queries",
+                    &queries.size(),
+                    format!("the queries of all {t} prompt tokens"),
+                ));
+            }
+            (queries.f_narrow(2, sink, n)?, next as i64 - n)
+        } else {
+            if q_len > t || q_len as usize > next {
+                return Err(KvError::shape(
+                    "queries",
+                    &queries.size(),
+                    format!("the queries of at most the last {t} tokens"),
+                ));
+            }
+            (queries.shallow_clone(), next as i64 - q_len)
+        };
+        let positions = Tensor::f_arange_start(first, next as i64, (Kind::Int64, device))?;
         let pre = rope
-            .invert(&queries.f_narrow(2, sink, n)?, &positions, Some(t as usize))?
+            .invert(&query_window, &positions, Some(next))?
             .f_to_kind(Kind::Float)?;
+        let observed = pre.size()[2];
         let mean = pre.f_mean_dim(2, true, Kind::Float)?; // (b, h, 1, d)
-        let future = mean_rotation(rope, t as usize, self.n_future, t as usize)?.f_to(device)?; // (d, d)
+        let future = mean_rotation(rope, next, self.n_future, next)?.f_to(device)?; // (d, d)
         let mean_future = mean.f_matmul(&future.f_transpose(0, 1)?)?; // R̄μ as a row
         let keys_f = repeat_kv(
             &keys.f_narrow(2, sink, n)?.f_to_kind(Kind::Float)?,
@@ -126,7 +143,7 @@ impl Scorer for ExpectedAttention {
             let cov = centered
                 .f_transpose(-1, -2)?
                 .f_matmul(&centered)?
-                .f_div_scalar(n as f64)?; // (b, h, d, d)
+                .f_div_scalar(observed as f64)?; // (b, h, d, d)
             let cov_future = future
                 .f_matmul(&cov)?
                 .f_matmul(&future.f_transpose(0, 1)?)?;

@@ -33,7 +33,7 @@ pub use random::Random;
 pub use snapkv::SnapKv;
 pub use streaming::StreamingLlm;
 pub use tova::Tova;
-pub use triattention::TriAttention;
+pub use triattention::{query_stats, QueryStats, TriAttention};
 
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
@@ -48,6 +48,22 @@ pub struct ScoreContext {
     pub layer_idx: usize,
     /// Number of tokens that will be kept (positional policies need it).
     pub n_kept: usize,
+    /// The position of the next token (tokens seen) when the stored tokens are not
+    /// positions 0..T — a compression during generation, after earlier evictions; `None`
+    /// in a prefill, where it is the number of stored tokens. Scorers that work in pre-RoPE
+    /// space invert the queries at the positions just before it.
+    pub next_position: Option<usize>,
+}
+
+impl ScoreContext {
+    /// The context of a prefill compression (stored tokens = positions 0..T).
+    pub fn prefill(layer_idx: usize, n_kept: usize) -> Self {
+        ScoreContext {
+            layer_idx,
+            n_kept,
+            next_position: None,
+        }
+    }
 }
 
 /// Which of the prompt's queries a scorer needs.
@@ -72,6 +88,9 @@ pub struct ScoreInput<'a> {
     pub queries: Option<&'a Tensor>,
     /// The model's RoPE, for scorers that work in pre-RoPE space or over future distances.
     pub rope: Option<&'a Rope>,
+    /// Pre-RoPE query statistics gathered elsewhere (a calibration file, or earlier
+    /// forwards), for scorers that can use them instead of `queries` (TriAttention).
+    pub query_stats: Option<&'a QueryStats>,
     pub ctx: ScoreContext,
 }
 
@@ -174,6 +193,20 @@ pub fn score_layer(
     rope: Option<&Rope>,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
+    score_layer_with(scorer, keys, values, queries, None, rope, ctx)
+}
+
+/// [`score_layer`] with pre-RoPE query statistics from elsewhere (see
+/// [`ScoreInput::query_stats`]).
+pub fn score_layer_with(
+    scorer: &dyn Scorer,
+    keys: &Tensor,
+    values: &Tensor,
+    queries: Option<&Tensor>,
+    query_stats: Option<&QueryStats>,
+    rope: Option<&Rope>,
+    ctx: &ScoreContext,
+) -> Result<Tensor> {
     let (shape, _) = check_kv_pair(keys, values)?;
     if shape.tokens == 0 {
         return Err(KvError::empty(
@@ -190,6 +223,7 @@ pub fn score_layer(
         values,
         queries: window.as_ref(),
         rope,
+        query_stats,
         ctx: *ctx,
     })
 }

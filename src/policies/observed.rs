@@ -36,26 +36,34 @@ impl Scorer for ObservedAttention {
         let queries = input.require_queries(self.name())?;
         let keys = input.keys;
         let (t, d) = (keys.size()[2], keys.size()[3]);
-        if queries.size()[2] != t {
+        // The queries of the last q stored tokens: all of them in a prefill, those seen
+        // since the previous compression during generation.
+        let q_len = queries.size()[2];
+        if q_len == 0 || q_len > t {
             return Err(KvError::shape(
                 "queries",
                 &queries.size(),
-                format!("the queries of all {t} prompt tokens"),
+                format!("the queries of the last 1..={t} stored tokens"),
             ));
         }
-        // converted once, not per chunk (grouped_logits multiplies in float32)
+        let first = t - q_len; // stored index of the first query's token
+                               // converted once, not per chunk (grouped_logits multiplies in float32)
         let keys_f32 = keys.f_to_kind(Kind::Float)?;
         let scaling = 1.0 / (d as f64).sqrt();
         let cols = Tensor::f_arange(t, (Kind::Int64, keys.device()))?;
         let mut received: Option<Tensor> = None;
         let mut start = 0;
-        while start < t {
-            let n = (self.chunk as i64).min(t - start);
+        while start < q_len {
+            let n = (self.chunk as i64).min(q_len - start);
             // eager attention's chain: logits in the model dtype, softmax in float32, weights
             // cast back to the model dtype; accumulated in float32 across chunks.
             let logits = grouped_logits(&queries.f_narrow(2, start, n)?, &keys_f32)?
                 .f_mul_scalar(scaling)?;
-            let rows = Tensor::f_arange_start(start, start + n, (Kind::Int64, keys.device()))?;
+            let rows = Tensor::f_arange_start(
+                first + start,
+                first + start + n,
+                (Kind::Int64, keys.device()),
+            )?;
             let future = cols.f_unsqueeze(0)?.f_gt_tensor(&rows.f_unsqueeze(1)?)?;
             let weights = logits
                 .f_masked_fill(&future, f64::NEG_INFINITY)?
@@ -71,9 +79,11 @@ impl Scorer for ObservedAttention {
         let received = received
             .ok_or_else(|| KvError::empty("keys", "no tokens to score"))?
             .f_to_kind(keys.kind())?;
+        // token j is seen by the queries at stored indices >= j: min(q, t − j) of them
         let observers = Tensor::f_arange(t, (Kind::Int64, keys.device()))?
             .f_neg()?
             .f_add_scalar(t)?
+            .f_clamp_max(q_len)?
             .f_to_kind(keys.kind())?;
         group_mean(&received.f_div(&observers)?, keys.size()[1])
     }

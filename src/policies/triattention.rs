@@ -43,6 +43,45 @@ pub struct QueryStats {
     /// (batch, q_heads, head_dim − rotary_dim): mean and mean |·| of unrotated channels.
     pub rest_mean: Tensor,
     pub rest_magnitude: Tensor,
+    /// How many queries the means are over (to merge statistics).
+    pub count: usize,
+}
+
+impl QueryStats {
+    /// The statistics of both query sets: means weighted by their counts.
+    pub fn merge(&self, other: &QueryStats) -> Result<QueryStats> {
+        let total = self.count + other.count;
+        if total == 0 {
+            return Err(KvError::empty("query_stats", "no queries on either side"));
+        }
+        let (a, b) = (
+            self.count as f64 / total as f64,
+            other.count as f64 / total as f64,
+        );
+        let mix = |x: &Tensor, y: &Tensor| -> Result<Tensor> {
+            Ok(x.f_mul_scalar(a)?.f_add(&y.f_mul_scalar(b)?)?)
+        };
+        Ok(QueryStats {
+            center_re: mix(&self.center_re, &other.center_re)?,
+            center_im: mix(&self.center_im, &other.center_im)?,
+            magnitude: mix(&self.magnitude, &other.magnitude)?,
+            rest_mean: mix(&self.rest_mean, &other.rest_mean)?,
+            rest_magnitude: mix(&self.rest_magnitude, &other.rest_magnitude)?,
+            count: total,
+        })
+    }
+
+    /// An independent copy (tensors are not shared).
+    pub fn copy(&self) -> QueryStats {
+        QueryStats {
+            center_re: self.center_re.copy(),
+            center_im: self.center_im.copy(),
+            magnitude: self.magnitude.copy(),
+            rest_mean: self.rest_mean.copy(),
+            rest_magnitude: self.rest_magnitude.copy(),
+            count: self.count,
+        }
+    }
 }
 
 impl TriAttention {
@@ -93,6 +132,20 @@ impl TriAttention {
         }
         let group = q_heads / kv_heads;
         let device = keys.device();
+        // statistics of one sequence (a calibration file) serve every batch row
+        let per_row = |x: &Tensor| -> Result<Tensor> {
+            let mut shape = x.size();
+            shape[0] = b;
+            Ok(x.f_to(device)?.f_expand(shape.as_slice(), false)?)
+        };
+        let stats = &QueryStats {
+            center_re: per_row(&stats.center_re)?,
+            center_im: per_row(&stats.center_im)?,
+            magnitude: per_row(&stats.magnitude)?,
+            rest_mean: per_row(&stats.rest_mean)?,
+            rest_magnitude: per_row(&stats.rest_magnitude)?,
+            count: stats.count,
+        };
         let rotary = rope.rotary_dim() as i64;
         let f = rotary / 2;
         // W_f = mean over δ of e^{iω_f (t0 + δ)}, angles in f64 reduced modulo 2π.
@@ -129,7 +182,7 @@ impl TriAttention {
             .f_sqrt()?;
         let spread = stats.magnitude.f_sub(&center_abs)?; // m_f − |q̄_f| >= 0
                                                           // per query head: Σ_f (u_re k_re + u_im k_im + spread |k|) / s, grouped by KV head
-        let grouped = |x: &Tensor| -> Result<Tensor> { Ok(x.f_view([b, kv_heads, group, -1])?) };
+        let grouped = |x: &Tensor| -> Result<Tensor> { Ok(x.f_reshape([b, kv_heads, group, -1])?) };
         let per_pair = grouped(&u_re)?
             .f_matmul(&k_re.f_transpose(-1, -2)?)?
             .f_add(&grouped(&u_im)?.f_matmul(&k_im.f_transpose(-1, -2)?)?)?
@@ -176,14 +229,15 @@ fn split_pairs(x: &Tensor, layout: Layout, rotary: i64) -> Result<(Tensor, Tenso
     })
 }
 
-/// Query statistics from post-RoPE queries (batch, q_heads, T, d) at positions 0..T,
-/// inverse-rotated exactly.
-pub fn query_stats(queries: &Tensor, rope: &Rope) -> Result<QueryStats> {
+/// Query statistics from post-RoPE queries (batch, q_heads, q, d) at positions
+/// `start`..`start` + q, inverse-rotated exactly.
+pub fn query_stats(queries: &Tensor, rope: &Rope, start: usize) -> Result<QueryStats> {
     let t = queries.size()[2];
     let d = queries.size()[3];
-    let positions = Tensor::f_arange(t, (Kind::Int64, queries.device()))?;
+    let start = start as i64;
+    let positions = Tensor::f_arange_start(start, start + t, (Kind::Int64, queries.device()))?;
     let pre = rope
-        .invert(queries, &positions, Some(t as usize))?
+        .invert(queries, &positions, Some((start + t) as usize))?
         .f_to_kind(Kind::Float)?;
     let rotary = rope.rotary_dim() as i64;
     let (re, im) = split_pairs(&pre, rope.layout(), rotary)?;
@@ -199,6 +253,7 @@ pub fn query_stats(queries: &Tensor, rope: &Rope) -> Result<QueryStats> {
         magnitude,
         rest_mean: rest.f_mean_dim(2, false, Kind::Float)?,
         rest_magnitude: rest.f_abs()?.f_mean_dim(2, false, Kind::Float)?,
+        count: t as usize,
     })
 }
 
@@ -216,17 +271,32 @@ impl Scorer for TriAttention {
     }
 
     fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
-        let queries = input.require_queries(self.name())?;
         let rope = input.require_rope(self.name())?;
         let t = input.keys.size()[2];
-        if queries.size()[2] != t {
+        // t0, the next token's position: tokens seen (stored tokens in a prefill).
+        let t0 = input.ctx.next_position.unwrap_or(t as usize);
+        if let Some(stats) = input.query_stats {
+            // calibrated (or accumulated) statistics: no live query needed
+            return self.score_with_stats(input.keys, stats, rope, t0);
+        }
+        let queries = input.require_queries(self.name())?;
+        let q_len = queries.size()[2];
+        if input.ctx.next_position.is_none() && q_len != t {
             return Err(KvError::shape(
                 "queries",
                 &queries.size(),
                 format!("the queries of all {t} prompt tokens"),
             ));
         }
-        let stats = query_stats(queries, rope)?;
-        self.score_with_stats(input.keys, &stats, rope, t as usize)
+        if q_len as usize > t0 {
+            return Err(KvError::shape(
+                "queries",
+                &queries.size(),
+                format!("at most the queries of the {t0} tokens seen"),
+            ));
+        }
+        // the queries of the last q tokens seen, at positions t0 − q .. t0
+        let stats = query_stats(queries, rope, t0 - q_len as usize)?;
+        self.score_with_stats(input.keys, &stats, rope, t0)
     }
 }

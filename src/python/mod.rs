@@ -5,6 +5,7 @@
 
 mod chunks;
 mod conversion;
+mod decoding;
 mod errors;
 mod ops;
 mod press;
@@ -24,5 +25,6 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     quant::register(m)?;
     rope::register(m)?;
     chunks::register(m)?;
+    decoding::register(m)?;
     Ok(())
 }

@@ -113,10 +113,7 @@ fn score<'py>(
     );
     let out = detached(py, move || {
         let tokens = crate::tensor::check_kv(&k, "keys")?.tokens;
-        let ctx = ScoreContext {
-            layer_idx,
-            n_kept: n_kept.unwrap_or(tokens),
-        };
+        let ctx = ScoreContext::prefill(layer_idx, n_kept.unwrap_or(tokens));
         score_layer(scorer.as_ref(), &k, &v, q.as_ref(), rope.as_ref(), &ctx)
     })?;
     to_array(py, out, numpy)

@@ -4,6 +4,7 @@
 //! threads are serialised, never interleaved.
 
 use super::conversion::PyTensor;
+use super::decoding::PyQueryStats;
 use super::errors::{detached, to_pyerr};
 use super::press::PyPress;
 use super::rope::PyRope;
@@ -97,6 +98,47 @@ impl PyLayerStore {
                     .compress(&mut store, layer_idx, queries.as_ref())
                     .map(|_| None)
             }
+        })?;
+        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
+    }
+
+    /// Compresses a grown store (generation, a prompt block) to ``n_kept`` tokens per row:
+    /// the first ``protect_first`` and last ``protect_last`` stored tokens are always kept.
+    /// ``queries``: post-RoPE queries of the last q stored tokens (those since the previous
+    /// compression); ``query_stats``: pre-RoPE statistics for TriAttention;
+    /// ``next_position``: tokens seen. Returns the evicted tokens with ``keep_evicted``.
+    #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
+        protect_first=0, protect_last=0, keep_evicted=false))]
+    #[allow(clippy::too_many_arguments)]
+    fn compress_to(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        n_kept: usize,
+        next_position: usize,
+        queries: Option<PyTensor>,
+        query_stats: Option<Bound<'_, PyQueryStats>>,
+        protect_first: usize,
+        protect_last: usize,
+        keep_evicted: bool,
+    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
+        let me = slf.get();
+        let press = press.get();
+        let queries = queries.map(|q| q.0);
+        let stats = query_stats.as_ref().map(|s| s.get());
+        let evicted = detached(slf.py(), move || {
+            let stats = stats.map(|s| s.lock()).transpose()?;
+            let mut store = me.lock()?;
+            press.inner.compress_to(
+                &mut store,
+                layer_idx,
+                queries.as_ref(),
+                stats.as_deref(),
+                n_kept,
+                next_position,
+                (protect_first, protect_last),
+                keep_evicted,
+            )
         })?;
         Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
     }

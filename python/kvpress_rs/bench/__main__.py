@@ -14,6 +14,7 @@ COMMANDS = {
     "report": ("kvpress_rs.bench.report", "the README's results section from committed result files"),
     "presses": ("kvpress_rs.bench.presses", "compression overhead and needle answers vs kvpress 0.5.5, one table"),
     "chunks": ("kvpress_rs.bench.chunks", "reusable chunk caches: time to first token, disk bytes, multi-document needle"),
+    "decoding": ("kvpress_rs.bench.decoding", "decoding-time compression vs kvpress DecodingPress: ppl, ms/token; block-wise prefill memory, needle"),
     "quant": ("kvpress_rs.bench.quant", "quantized caches vs fp and quanto: ppl, decode, kernels, bytes, frontier"),
 }
 

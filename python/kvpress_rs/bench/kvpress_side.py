@@ -203,10 +203,50 @@ def run_speed(model, request, spec, clock, device):
 
 
 @torch.no_grad()
+def run_decoding_ppl(request: dict, model) -> dict:
+    """Teacher-forced perplexity of ``continuation_ids`` after ``prefix_ids``, fed one token
+    per forward through kvpress's DecodingPress around each named scorer (the prefix is not
+    compressed: DecodingPress acts in decoding steps only), and the mean ms per step."""
+    import kvpress
+    from transformers import DynamicCache
+
+    prefix = torch.tensor([request["prefix_ids"]])
+    cont = request["continuation_ids"]
+    rows = []
+    for spec in request["presses"]:
+        base = make_press({"name": spec["name"], "compression_ratio": 0.0, "params": spec.get("params", {})})
+        press = kvpress.DecodingPress(
+            base_press=base, compression_interval=spec["interval"], target_size=spec["budget"],
+            hidden_states_buffer_size=spec.get("buffer", 256),
+        )
+        cache = DynamicCache()
+        nll, steps, seconds = 0.0, 0, 0.0
+        with press(model):
+            logits = model(input_ids=prefix, past_key_values=cache).logits[0, -1].float()
+            for i, token in enumerate(cont):
+                nll -= float(torch.log_softmax(logits, -1)[token])
+                if i == len(cont) - 1:
+                    break
+                pos = torch.tensor([[prefix.shape[1] + i]])
+                start = time.perf_counter()
+                logits = model(input_ids=torch.tensor([[token]]), past_key_values=cache, position_ids=pos).logits[0, -1].float()
+                seconds += time.perf_counter() - start
+                steps += 1
+        rows.append({"press": spec, "nll": nll, "tokens": len(cont), "ms_per_token": 1000 * seconds / max(steps, 1),
+                     "final_cache_tokens": int(cache.layers[0].keys.shape[-2])})
+    return {"results": rows}
+
+
+@torch.no_grad()
 def run(request: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
     torch.set_num_threads(request.get("threads", torch.get_num_threads()))
+    if request.get("kind") == "decoding_ppl":
+        model = AutoModelForCausalLM.from_pretrained(
+            request["model_dir"], dtype=getattr(torch, request["dtype"]), attn_implementation=request.get("attn", "sdpa")
+        ).eval()
+        return run_decoding_ppl(request, model)
     clock = CLOCKS[request.get("clock", "wall")]
     device = request.get("device", "cpu")
     model = AutoModelForCausalLM.from_pretrained(

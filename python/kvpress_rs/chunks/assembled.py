@@ -70,7 +70,7 @@ class AssembledCache(KVCache):
         total = int(input_ids.shape[-1])
         layers = []
         for idx, store in enumerate(stores):
-            layer = CompressedLayer(None, idx, quantization, None, self.rope)
+            layer = CompressedLayer(None, idx, quantization, None, rope=self.rope)
             if isinstance(store, QuantizedStore):
                 # as a KVCache layer after its prefill: the tokens not stored were evicted
                 layer._qstore, layer._evicted = store, total - store.seen
