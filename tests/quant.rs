@@ -260,9 +260,24 @@ fn config_validation() {
         h.check_head_dim(96, Grouping::Channel, "keys"),
         "InvalidArgument",
     );
+    // pre-RoPE keys need the model's RoPE, and refuse Hadamard and length-dependent ropes
     let mut p = c;
     p.pre_rope_keys = true;
-    expect_err(QuantizedStore::new(p), "Unsupported");
+    expect_err(QuantizedStore::new(p), "InvalidArgument");
+    let rope = kvpress_rs::rope::Rope::new(kvpress_rs::rope::RopeSpec::new(64, 10_000.0)).unwrap();
+    QuantizedStore::with_rope(p, Some(&rope)).unwrap();
+    let mut ph = p;
+    ph.hadamard = true;
+    expect_err(
+        QuantizedStore::with_rope(ph, Some(&rope)),
+        "InvalidArgument",
+    );
+    let mut spec = kvpress_rs::rope::RopeSpec::new(64, 10_000.0);
+    spec.rope_type = "dynamic".into();
+    spec.params.factor = Some(2.0);
+    spec.params.max_position_embeddings = Some(128);
+    let dynamic = kvpress_rs::rope::Rope::new(spec).unwrap();
+    expect_err(QuantizedStore::with_rope(p, Some(&dynamic)), "Unsupported");
 }
 
 // ---------------------------------------------------------------------------------------
