@@ -57,6 +57,20 @@ pub struct Press {
 }
 
 impl Press {
+    /// Scorers that work in pre-RoPE space need the model's RoPE.
+    fn check_rope(&self) -> Result<()> {
+        if self.scorer.needs_rope() && self.rope.is_none() {
+            return Err(KvError::invalid(
+                "rope",
+                format!(
+                    "policy {:?} needs the model's RoPE: build the press from the model",
+                    self.scorer.name()
+                ),
+            ));
+        }
+        Ok(())
+    }
+
     /// A press with uniform layer and head budgets.
     pub fn new(scorer: Box<dyn Scorer>, budget: Budget) -> Self {
         Press {
@@ -156,15 +170,7 @@ impl Press {
         let n_kept = self.n_kept(n_tokens, layer_idx)?;
         check_finite(keys, "keys")?;
         check_finite(values, "values")?;
-        if self.scorer.needs_rope() && self.rope.is_none() {
-            return Err(KvError::invalid(
-                "rope",
-                format!(
-                    "policy {:?} needs the model's RoPE: build the press from the model",
-                    self.scorer.name()
-                ),
-            ));
-        }
+        self.check_rope()?;
         let ctx = ScoreContext::prefill(layer_idx, n_kept);
         let scores = score_layer(
             self.scorer.as_ref(),
@@ -293,15 +299,7 @@ impl Press {
             return Ok(None);
         }
         let (keys, values) = (store.keys_view()?, store.values_view()?);
-        if self.scorer.needs_rope() && self.rope.is_none() {
-            return Err(KvError::invalid(
-                "rope",
-                format!(
-                    "policy {:?} needs the model's RoPE: build the press from the model",
-                    self.scorer.name()
-                ),
-            ));
-        }
+        self.check_rope()?;
         let ctx = ScoreContext {
             layer_idx,
             n_kept,
