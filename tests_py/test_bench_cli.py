@@ -193,3 +193,46 @@ def test_console_script_points_at_the_cli():
     with pytest.raises(SystemExit) as exit_:
         main(["--help"])
     assert exit_.value.code == 0
+
+
+def test_a_press_kvpress_cannot_run_is_said_and_left_out(tmp_path, monkeypatch, capsys):
+    """kvpress's PyramidKV cannot decode a multi-token question after compression under
+    transformers 5.2 (layers of different lengths, one mask): its side reports the error per
+    press, the others' answers are kept, and the summary shows no kvpress figure for it."""
+    from kvpress_rs.bench import kvpress_env
+
+    def fake_run(request):
+        ids = [7]
+        return {"results": [{"press": p, "task": t["name"], "answer_ids": ids, "kv_bytes": 1}
+                            for p in request["presses"] if p["name"] != "pyramidkv" for t in request["tasks"]],
+                "errors": [{"press": p, "error": "RuntimeError: sizes"} for p in request["presses"] if p["name"] == "pyramidkv"]}
+
+    monkeypatch.setattr(kvpress_env, "kvpress_python", lambda: "python")
+    monkeypatch.setattr(kvpress_env, "run_kvpress", fake_run)
+    out = needle.main(["--tiny", "--threads", "1", "--quiet", "--ratios", "0.5", "--lengths", "150", "--depths", "0.5",
+                       "--methods", "pyramidkv", "knorm", "--max-new-tokens", "2", "--out", str(tmp_path)])
+    summary = {r["method"]: r for r in out["summary"]}
+    assert summary["knorm@0.5"]["kvpress_found"] == 0
+    assert summary["pyramidkv@0.5"].get("kvpress_found") in (None, "-")
+    assert "kvpress pyramidkv@0.5 failed: RuntimeError: sizes" in capsys.readouterr().out
+    data = json.loads((tmp_path / "needle.json").read_text())
+    assert data["meta"]["kvpress_errors"][0]["press"]["name"] == "pyramidkv"
+
+
+def test_block_prefill_memory_run_on_an_architecture_with_random_weights():
+    """``bench decoding memory --config``: the same measurement from a config alone. The
+    block-wise prefill's cache never holds more than budget + one block, the full prefill's
+    holds every token, and the attention hook is restored afterwards."""
+    from kvpress_rs.bench.decoding import memory_one
+    from kvpress_rs.cache import CompressedLayer
+    from kvpress_rs.models import tiny_dir
+
+    attend = CompressedLayer.attend
+    config = str(tiny_dir() / "config.json")
+    full = memory_one(256, "full", 32, 32, config)
+    block = memory_one(256, "block", 32, 32, config)
+    assert CompressedLayer.attend is attend
+    assert full["weights"].startswith("random")
+    assert block["peak_cache_bytes"] < full["peak_cache_bytes"]
+    # bytes are proportional to tokens held: 256 for the full prefill, at most 32 + 32 after blocks
+    assert 0 < block["cache_bytes_after"] <= full["cache_bytes_after"] * 64 / 256

@@ -9,9 +9,11 @@ Parts (``python -m kvpress_rs.bench decoding <part> [options]``):
   around the same-named scorer run in the same invocation (kvpress in its own venv, see
   ``kvpress_env.py``). TriAttention runs with statistics of the queries it sees
   (``online``) and, with ``--calibration FILE``, from a calibration file.
-- ``memory``: peak process memory (ru_maxrss, one fresh process per run) and peak cache
-  bytes for ``--lengths`` prompts (default 8192 16384 32768), full prefill vs
-  ``kvpress_rs.prefill`` in blocks of ``--block`` tokens with ``--budget``.
+- ``memory``: peak process memory (ru_maxrss, one fresh process per run; on CUDA also the
+  allocator's peak) and peak cache bytes for ``--lengths`` prompts (default 8192 16384
+  32768), full prefill vs ``kvpress_rs.prefill`` in blocks of ``--block`` tokens with
+  ``--budget``. ``--config config.json`` builds the same architecture with random weights
+  (memory does not depend on the weights' values) and ``--device cuda`` runs it on a GPU.
 - ``needle``: answer accuracy of the needle task at ``--needle-length`` (8192) tokens,
   full cache vs block-wise prefill into SnapKV/TriAttention caches of ``--budget`` tokens.
 
@@ -125,15 +127,34 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             "full_cache_tokens_at_end": total, "x_smaller_cache": total / (args.budget + args.interval), "rows": rows}
 
 
-def memory_one(length: int, mode: str, budget: int, block: int) -> dict:
-    """One run in a fresh process (ru_maxrss is a high-water mark)."""
+def memory_one(length: int, mode: str, budget: int, block: int, config: str | None = None, device: str = "cpu") -> dict:
+    """One run in a fresh process (ru_maxrss and the CUDA allocator's peak are high-water
+    marks). With ``config`` (a SmolLM2 ``config.json``), the model is built from that
+    configuration with random weights and the prompt is random ids: memory depends only on
+    the architecture, the dtype and the token count, and the run needs neither the weights
+    nor the text (this is how the GPU machine, which cannot receive the weights, runs it)."""
     import kvpress_rs
     from kvpress_rs.cache import CompressedLayer
-    from kvpress_rs.models import load_smollm2
 
-    model, tokenizer = load_smollm2("bfloat16")
-    ids = torch.tensor([austen(tokenizer, length, start=0)])
+    if config is None:
+        from kvpress_rs.models import load_smollm2
+
+        model, tokenizer = load_smollm2("bfloat16")
+        ids = torch.tensor([austen(tokenizer, length, start=0)])
+    else:
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        cfg = AutoConfig.from_pretrained(config)
+        cfg._attn_implementation = "sdpa"
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(cfg, dtype=torch.bfloat16).eval()
+        ids = torch.randint(0, cfg.vocab_size, (1, length))
+    model, ids = model.to(device), ids.to(device)
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
     base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    base_cuda = torch.cuda.memory_allocated() if device.startswith("cuda") else 0
     peaks: dict[int, int] = {}
     attend = CompressedLayer.attend
 
@@ -143,17 +164,27 @@ def memory_one(length: int, mode: str, budget: int, block: int) -> dict:
 
     CompressedLayer.attend = recording
     start = time.perf_counter()
-    with torch.no_grad():
-        if mode == "full":
-            cache = kvpress_rs.KnormCache(model)  # compression_ratio 0: the full cache, no copy
-            model(ids, past_key_values=cache, logits_to_keep=1)
-        else:
-            cache = kvpress_rs.KnormCache(model, decoding_budget=budget, decoding_interval=min(128, budget))
-            kvpress_rs.prefill(model, ids, cache, block_size=block)
+    try:
+        with torch.no_grad():
+            if mode == "full":
+                cache = kvpress_rs.KnormCache(model)  # compression_ratio 0: the full cache, no copy
+                model(ids, past_key_values=cache, logits_to_keep=1)
+            else:
+                cache = kvpress_rs.KnormCache(model, decoding_budget=budget, decoding_interval=min(128, budget))
+                kvpress_rs.prefill(model, ids, cache, block_size=block)
+    finally:
+        CompressedLayer.attend = attend
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
     seconds = time.perf_counter() - start
-    return {"length": length, "mode": mode, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-            "rss_before_prefill_mib": base / 1024, "peak_cache_bytes": sum(peaks.values()),
-            "cache_bytes_after": cache.nbytes, "seconds": seconds}
+    row = {"length": length, "mode": mode, "weights": "random (architecture only)" if config else "SmolLM2",
+           "device": device, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+           "rss_before_prefill_mib": base / 1024, "peak_cache_bytes": sum(peaks.values()),
+           "cache_bytes_after": cache.nbytes, "seconds": seconds}
+    if device.startswith("cuda"):
+        row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
+        row["cuda_before_prefill_mib"] = base_cuda / 2**20
+    return row
 
 
 def run_memory(args: argparse.Namespace) -> dict:
@@ -161,7 +192,7 @@ def run_memory(args: argparse.Namespace) -> dict:
     for length in args.lengths:
         for mode in ("full", "block"):
             cmd = [sys.executable, "-m", "kvpress_rs.bench.decoding", "_memory_one", str(length), mode,
-                   str(args.budget), str(args.block)]
+                   str(args.budget), str(args.block), args.config or "-", args.device]
             done = subprocess.run(cmd, capture_output=True, text=True)
             if done.returncode != 0:
                 print(done.stderr[-2000:])
@@ -169,9 +200,10 @@ def run_memory(args: argparse.Namespace) -> dict:
                 continue
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
+            cuda = f"  peak CUDA {row['peak_cuda_mib']:8.0f} MiB" if "peak_cuda_mib" in row else ""
             print(f"  {length:>6} {mode:<6} peak RSS {row['peak_rss_mib']:8.0f} MiB (before prefill {row['rss_before_prefill_mib']:.0f})"
-                  f"  peak cache {row['peak_cache_bytes'] / 2**20:8.1f} MiB  ({row['seconds']:.0f}s)", flush=True)
-    return {"budget": args.budget, "block": args.block, "rows": rows}
+                  f"{cuda}  peak cache {row['peak_cache_bytes'] / 2**20:8.1f} MiB  ({row['seconds']:.0f}s)", flush=True)
+    return {"budget": args.budget, "block": args.block, "config": args.config, "device": args.device, "rows": rows}
 
 
 @torch.no_grad()
@@ -203,7 +235,8 @@ def run_needle(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "_memory_one":
-        print(json.dumps(memory_one(int(argv[1]), argv[2], int(argv[3]), int(argv[4]))))
+        config = None if argv[5] == "-" else argv[5]
+        print(json.dumps(memory_one(int(argv[1]), argv[2], int(argv[3]), int(argv[4]), config, argv[6])))
         return {}
     parser = argparse.ArgumentParser(prog="python -m kvpress_rs.bench decoding", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -218,6 +251,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--no-kvpress", action="store_true", help="leave out the kvpress 0.5.5 side")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--block", type=int, default=1024)
+    parser.add_argument("--config", default=None,
+                        help="memory: build the model from this config.json with random weights (architecture only)")
+    parser.add_argument("--device", default="cpu", help="memory: where the model and the cache live")
     parser.add_argument("--needle-length", type=int, default=8192)
     parser.add_argument("--needle-policies", nargs="+", default=["snapkv", "triattention"])
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])

@@ -258,17 +258,18 @@ def run(request: dict) -> dict:
     if mode == "needle" and request["presses"] and request["tasks"]:  # warm-up: first-call allocations, kernel choice
         with make_press(request["presses"][0])(model):
             model.model(input_ids=torch.tensor([request["tasks"][0]["context_ids"][:512]], device=device))
-    results = []
+    runners = {"needle": lambda spec: run_needle(model, request, spec, clock, device, eos),
+               "ppl": lambda spec: run_ppl(model, request, spec, clock, device),
+               "speed": lambda spec: run_speed(model, request, spec, clock, device)}
+    if mode not in runners:
+        raise ValueError(f"unknown mode {mode!r}")
+    results, errors = [], []
     for spec in request["presses"]:
-        if mode == "needle":
-            results += run_needle(model, request, spec, clock, device, eos)
-        elif mode == "ppl":
-            results += run_ppl(model, request, spec, clock, device)
-        elif mode == "speed":
-            results += run_speed(model, request, spec, clock, device)
-        else:
-            raise ValueError(f"unknown mode {mode!r}")
-    return {"results": results, "transformers": __import__("transformers").__version__,
+        try:
+            results += runners[mode](spec)
+        except Exception as e:  # one press failing (a kvpress limitation) must not lose the others' results
+            errors.append({"press": spec, "error": f"{type(e).__name__}: {e}"[:500]})
+    return {"results": results, "errors": errors, "transformers": __import__("transformers").__version__,
             "kvpress": __import__("kvpress").__version__ if hasattr(__import__("kvpress"), "__version__") else "0.5.5"}
 
 

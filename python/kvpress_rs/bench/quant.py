@@ -76,6 +76,10 @@ FRONTIER = {
     "snapkv0.65+3b-pre": ("snapkv", 0.65, dict(bits=3, pre_rope_keys=True, sink_tokens=4, residual_length=0), None),
     "snapkv0.75+4b-pre": ("snapkv", 0.75, dict(bits=4, pre_rope_keys=True, sink_tokens=4, residual_length=0), None),
     "mikv:snapkv0.6+3b-pre/2b": ("snapkv", 0.6, dict(bits=3, pre_rope_keys=True, sink_tokens=4, residual_length=0), 2),
+    # Issue 3's "ratio 0.5 with low-bit keeping of evicted tokens": half the tokens at 8
+    # bits (near-lossless), the evicted half at 4 or 2 bits instead of dropped.
+    "mikv:snapkv0.5+8b/4b": ("snapkv", 0.5, dict(bits=8, sink_tokens=4, residual_length=0), 4),
+    "mikv:snapkv0.5+8b/2b": ("snapkv", 0.5, dict(bits=8, sink_tokens=4, residual_length=0), 2),
 }
 
 
