@@ -234,5 +234,6 @@ def test_block_prefill_memory_run_on_an_architecture_with_random_weights():
     assert CompressedLayer.attend is attend
     assert full["weights"].startswith("random")
     assert block["peak_cache_bytes"] < full["peak_cache_bytes"]
+    assert full["peak_above_loaded_mib"] is not None and full["peak_above_loaded_mib"] >= 0
     # bytes are proportional to tokens held: 256 for the full prefill, at most 32 + 32 after blocks
     assert 0 < block["cache_bytes_after"] <= full["cache_bytes_after"] * 64 / 256

@@ -134,6 +134,7 @@ def memory_one(length: int, mode: str, budget: int, block: int, config: str | No
     the architecture, the dtype and the token count, and the run needs neither the weights
     nor the text (this is how the GPU machine, which cannot receive the weights, runs it)."""
     import kvpress_rs
+    from kvpress_rs.bench.measure import PeakMemory
     from kvpress_rs.cache import CompressedLayer
 
     if config is None:
@@ -165,7 +166,7 @@ def memory_one(length: int, mode: str, budget: int, block: int, config: str | No
     CompressedLayer.attend = recording
     start = time.perf_counter()
     try:
-        with torch.no_grad():
+        with torch.no_grad(), PeakMemory(device) as above_loaded:
             if mode == "full":
                 cache = kvpress_rs.KnormCache(model)  # compression_ratio 0: the full cache, no copy
                 model(ids, past_key_values=cache, logits_to_keep=1)
@@ -179,7 +180,10 @@ def memory_one(length: int, mode: str, budget: int, block: int, config: str | No
     seconds = time.perf_counter() - start
     row = {"length": length, "mode": mode, "weights": "random (architecture only)" if config else "SmolLM2",
            "device": device, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
-           "rss_before_prefill_mib": base / 1024, "peak_cache_bytes": sum(peaks.values()),
+           "rss_before_prefill_mib": base / 1024,
+           # the prefill's own peak: VmHWM reset after loading (ru_maxrss keeps the loading's peak)
+           "peak_above_loaded_mib": None if above_loaded.bytes is None else above_loaded.bytes / 2**20,
+           "peak_cache_bytes": sum(peaks.values()),
            "cache_bytes_after": cache.nbytes, "seconds": seconds}
     if device.startswith("cuda"):
         row["peak_cuda_mib"] = torch.cuda.max_memory_allocated() / 2**20
@@ -201,7 +205,9 @@ def run_memory(args: argparse.Namespace) -> dict:
             row = json.loads(done.stdout.strip().splitlines()[-1])
             rows.append(row)
             cuda = f"  peak CUDA {row['peak_cuda_mib']:8.0f} MiB" if "peak_cuda_mib" in row else ""
-            print(f"  {length:>6} {mode:<6} peak RSS {row['peak_rss_mib']:8.0f} MiB (before prefill {row['rss_before_prefill_mib']:.0f})"
+            above = row.get("peak_above_loaded_mib")
+            print(f"  {length:>6} {mode:<6} prefill peak {above if above is not None else float('nan'):8.0f} MiB above the loaded model"
+                  f"  process peak {row['peak_rss_mib']:8.0f} MiB (before prefill {row['rss_before_prefill_mib']:.0f})"
                   f"{cuda}  peak cache {row['peak_cache_bytes'] / 2**20:8.1f} MiB  ({row['seconds']:.0f}s)", flush=True)
     return {"budget": args.budget, "block": args.block, "config": args.config, "device": args.device, "rows": rows}
 
