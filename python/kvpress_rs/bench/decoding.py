@@ -179,6 +179,7 @@ def memory_one(length: int, mode: str, budget: int, block: int, config: str | No
         torch.cuda.synchronize()
     seconds = time.perf_counter() - start
     row = {"length": length, "mode": mode, "weights": "random (architecture only)" if config else "SmolLM2",
+           # ru_maxrss after PeakMemory's VmHWM reset: the absolute resident peak during the prefill
            "device": device, "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
            "rss_before_prefill_mib": base / 1024,
            # the prefill's own peak: VmHWM reset after loading (ru_maxrss keeps the loading's peak)
@@ -207,7 +208,7 @@ def run_memory(args: argparse.Namespace) -> dict:
             cuda = f"  peak CUDA {row['peak_cuda_mib']:8.0f} MiB" if "peak_cuda_mib" in row else ""
             above = row.get("peak_above_loaded_mib")
             print(f"  {length:>6} {mode:<6} prefill peak {above if above is not None else float('nan'):8.0f} MiB above the loaded model"
-                  f"  process peak {row['peak_rss_mib']:8.0f} MiB (before prefill {row['rss_before_prefill_mib']:.0f})"
+                  f"  process RSS peak during the prefill {row['peak_rss_mib']:8.0f} MiB"
                   f"{cuda}  peak cache {row['peak_cache_bytes'] / 2**20:8.1f} MiB  ({row['seconds']:.0f}s)", flush=True)
     return {"budget": args.budget, "block": args.block, "config": args.config, "device": args.device, "rows": rows}
 
