@@ -6,9 +6,10 @@ use crate::error::{KvError, Result};
 use crate::multiversion;
 use crate::quant::simd::Madd;
 use crate::rope::rotate::bf16_round;
-use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels, KvFloat};
+use crate::tensor::{array_view, array_view_mut, float_view, uses_cpu_kernels, KvFloat};
+use crate::with_float_view;
 use half::{bf16, f16};
-use ndarray::{Ix3, Ix4};
+use ndarray::{Axis, Ix3, Ix4};
 use rayon::prelude::*;
 use tch::{Device, Kind, Tensor};
 
@@ -69,6 +70,17 @@ pub fn window_attention_mean(queries: &Tensor, keys: &Tensor) -> Result<Tensor> 
     let (q, t, d) = (queries.size(), keys.size()[2], keys.size()[3]);
     let mut out = Tensor::f_empty([q[0], q[1], t], (kind, Device::Cpu))?;
     let scale = (d as f64).sqrt() as f32;
+    let rows_per_kv_head = q[1] / keys.size()[1].max(1) * q[2];
+    if rows_per_kv_head <= SMALL_WINDOW_ROWS {
+        // a few queries (TOVA's one): a GEMM would first copy the token-major keys
+        let logits = small_window_products(queries, keys)?;
+        match kind {
+            Kind::Half => mean_kernel::<f32, f16>(&logits, &mut out, scale)?,
+            Kind::BFloat16 => mean_kernel::<f32, bf16>(&logits, &mut out, scale)?,
+            _ => mean_kernel::<f32, f32>(&logits, &mut out, scale)?,
+        }
+        return Ok(out);
+    }
     match kind {
         Kind::Half => {
             let logits = grouped_products(queries, keys)?.f_contiguous()?;
@@ -87,6 +99,89 @@ pub fn window_attention_mean(queries: &Tensor, keys: &Tensor) -> Result<Tensor> 
         }
     }
     Ok(out)
+}
+
+/// Query rows per KV head up to which [`small_window_products`] replaces the GEMM.
+const SMALL_WINDOW_ROWS: i64 = 8;
+
+/// [`grouped_products`] for a few queries per KV head: float32 dot products read straight
+/// from the keys' memory (any token stride), one pass over each KV head's keys for all its
+/// query rows. (batch, q_heads, w, T) float32.
+fn small_window_products(queries: &Tensor, keys: &Tensor) -> Result<Tensor> {
+    let group = group_size(queries, keys)? as usize;
+    let qf = queries.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let (q, k) = (qf.size(), keys.size());
+    let (w, t, d) = (q[2] as usize, k[2] as usize, k[3] as usize);
+    let mut out = Tensor::f_empty([q[0], q[1], q[2], k[2]], (Kind::Float, Device::Cpu))?;
+    let qv = array_view::<f32, Ix4>(&qf, "queries")?;
+    let qs = qv
+        .as_slice()
+        .ok_or_else(|| KvError::invalid("queries", "expected contiguous queries"))?;
+    let mut ov = array_view_mut::<f32, Ix4>(&mut out, "logits")?;
+    let os = ov
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("logits", "the output must be contiguous"))?;
+    let heads = k[1] as usize;
+    let kview = float_view::<Ix4>(keys, "keys")?;
+    with_float_view!(&kview, kv => {
+        os.par_chunks_mut((group * w * t).max(1))
+            .zip(qs.par_chunks((group * w * d).max(1)))
+            .enumerate()
+            .for_each_init(
+                || vec![0f32; d],
+                |kbuf, (r, (dst, qrows))| {
+                    let row = kv.index_axis(Axis(0), r / heads);
+                    small_rows(row.index_axis(Axis(0), r % heads), qrows, dst, kbuf)
+                },
+            )
+    });
+    Ok(out)
+}
+
+multiversion!(fn small_rows<K: KvFloat;>(keys: ndarray::ArrayView2<'_, K>, qrows: &[f32], dst: &mut [f32], kbuf: &mut [f32]) -> () => small_rows_body);
+
+/// One KV head of [`small_window_products`]: `keys` (T, d), `qrows` its query rows (n, d),
+/// `dst` (n, T).
+#[allow(clippy::extra_unused_type_parameters)]
+#[inline(always)]
+fn small_rows_body<M: Madd, K: KvFloat>(
+    keys: ndarray::ArrayView2<'_, K>,
+    qrows: &[f32],
+    dst: &mut [f32],
+    kbuf: &mut [f32],
+) {
+    let (t, d) = keys.dim();
+    for (ti, lane) in keys.outer_iter().enumerate() {
+        match lane.to_slice() {
+            Some(s) => kbuf.iter_mut().zip(s).for_each(|(b, x)| *b = x.to_f32()),
+            None => kbuf
+                .iter_mut()
+                .zip(lane.iter())
+                .for_each(|(b, x)| *b = x.to_f32()),
+        }
+        for (qi, qrow) in qrows.chunks_exact(d).enumerate() {
+            dst[qi * t + ti] = dot8(qrow, kbuf);
+        }
+    }
+}
+
+/// Σ a·b in f32 over 8 interleaved accumulators (vectorizable).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }
 
 /// e^x for x ≤ 0 (softmax after subtracting the maximum) within 2 float32 ulps, written

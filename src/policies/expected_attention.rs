@@ -148,9 +148,9 @@ impl Scorer for ExpectedAttention {
             (queries.shallow_clone(), next as i64 - q_len)
         };
         let positions = Tensor::f_arange_start(first, next as i64, (Kind::Int64, device))?;
-        let pre = rope
-            .invert(&query_window, &positions, Some(next))?
-            .f_to_kind(Kind::Float)?;
+        // pre-RoPE queries in the model dtype: the statistics below read them as float32
+        // (mean in float32, centred values promoted), without a float32 copy first
+        let pre = rope.invert(&query_window, &positions, Some(next))?;
         let observed = pre.size()[2];
         let mean = pre.f_mean_dim(2, true, Kind::Float)?; // (b, h, 1, d)
         let future = self.future_rotation(rope, next, next)?.f_to(device)?; // (d, d)
@@ -202,10 +202,12 @@ impl ExpectedAttention {
         let weights = logits.f_softmax(-1, Kind::Float)?;
         let mut scores = group_mean(&weights, kv_heads)?;
         if self.use_vnorm {
-            let vnorm = values
-                .f_narrow(2, sink, n)?
-                .f_to_kind(Kind::Float)?
-                .f_norm_scalaropt_dim(2.0, [-1i64], false)?;
+            let vnorm = values.f_narrow(2, sink, n)?.f_norm_scalaropt_dim_dtype(
+                2.0,
+                [-1i64],
+                false,
+                Kind::Float,
+            )?;
             scores = scores.f_add_scalar(self.epsilon)?.f_mul(&vnorm)?;
         }
         let top = scores.f_max()?.f_double_value(&[])? + 1.0;
@@ -223,7 +225,16 @@ fn future_covariance(
     future: &Tensor,
     observed: i64,
 ) -> Result<Tensor> {
-    let centered = pre.f_sub(mean)?;
+    // centred in place in a float32 copy of reduced-precision queries (one new tensor of
+    // the queries' size instead of two)
+    let centered = match pre.kind() {
+        Kind::Float => pre.f_sub(mean)?,
+        _ => {
+            let mut c = pre.f_to_kind(Kind::Float)?;
+            let _ = c.f_sub_(mean)?;
+            c
+        }
+    };
     let cov = centered
         .f_transpose(-1, -2)?
         .f_matmul(&centered)?
