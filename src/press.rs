@@ -11,7 +11,7 @@ use crate::policies::{
 use crate::rope::Rope;
 use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
-use crate::tensor::check_finite;
+use crate::tensor::{check_finite, in_pool};
 use tch::{Kind, Tensor};
 
 /// One layer's scores, kept until every layer's budget is known (CAKE).
@@ -166,6 +166,18 @@ impl Press {
         queries: Option<&Tensor>,
         layer_idx: usize,
     ) -> Result<LayerScores> {
+        let (k, v) = (keys.shallow_clone(), values.shallow_clone());
+        let queries = queries.map(Tensor::shallow_clone);
+        in_pool(move || self.score_here(&k, &v, queries.as_ref(), layer_idx))
+    }
+
+    fn score_here(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        queries: Option<&Tensor>,
+        layer_idx: usize,
+    ) -> Result<LayerScores> {
         let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
         let n_kept = self.n_kept(n_tokens, layer_idx)?;
         check_finite(keys, "keys")?;
@@ -224,7 +236,7 @@ impl Press {
     ) -> Result<Kept> {
         let n_tokens = crate::tensor::check_kv_pair(keys, values)?.0.tokens;
         let n_kept = self.n_kept(n_tokens, layer_idx)?;
-        let scored = self.score(keys, values, queries, layer_idx)?;
+        let scored = self.score_here(keys, values, queries, layer_idx)?;
         self.select(&scored.scores, n_kept)
     }
 
@@ -242,6 +254,16 @@ impl Press {
     /// Compresses the store in place: scores its tokens and frees all but the kept ones.
     /// A layer budget that keeps every token leaves the storage untouched (no copy).
     pub fn compress(
+        &self,
+        store: &mut LayerStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+    ) -> Result<()> {
+        let queries = queries.map(Tensor::shallow_clone);
+        in_pool(move || self.compress_here(store, layer_idx, queries.as_ref()))
+    }
+
+    fn compress_here(
         &self,
         store: &mut LayerStore,
         layer_idx: usize,
@@ -332,6 +354,16 @@ impl Press {
         layer_idx: usize,
         queries: Option<&Tensor>,
     ) -> Result<Option<(Tensor, Tensor)>> {
+        let queries = queries.map(Tensor::shallow_clone);
+        in_pool(move || self.compress_split_here(store, layer_idx, queries.as_ref()))
+    }
+
+    fn compress_split_here(
+        &self,
+        store: &mut LayerStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+    ) -> Result<Option<(Tensor, Tensor)>> {
         let (keys, values) = (store.keys_view()?, store.values_view()?);
         let n_kept = self.n_kept(store.len(), layer_idx)?;
         if n_kept >= store.len() {
@@ -354,8 +386,11 @@ impl Press {
         if n_kept >= store.len() {
             return Ok(None);
         }
-        let kept = self.select(scores, n_kept)?;
-        retain_split(store, kept).map(Some)
+        let scores = scores.shallow_clone();
+        in_pool(move || {
+            let kept = self.select(&scores, n_kept)?;
+            retain_split(store, kept).map(Some)
+        })
     }
 
     /// Keeps, in `store`, the `n_kept` best tokens of earlier `scores` (the second half of a
@@ -369,8 +404,11 @@ impl Press {
         if n_kept >= store.len() {
             return Ok(());
         }
-        let kept = self.select(scores, n_kept)?;
-        retain(store, kept)
+        let scores = scores.shallow_clone();
+        in_pool(move || {
+            let kept = self.select(&scores, n_kept)?;
+            retain(store, kept)
+        })
     }
 }
 

@@ -34,8 +34,10 @@ pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
     if uses_cpu_kernels(scores) {
         let mut out = Tensor::f_empty([size[0], size[1], k as i64], (Kind::Int64, Device::Cpu))?;
         let dst = array_view_mut(&mut out, "indices")?;
-        if scores.f_kind()? == Kind::Float {
-            top_k_indices_cpu(array_view::<f32, ndarray::Ix3>(scores, "scores")?, dst)?;
+        if matches!(scores.f_kind()?, Kind::Float | Kind::BFloat16 | Kind::Half) {
+            // float32 holds bf16 and f16 values exactly
+            let wide = scores.f_to_kind(Kind::Float)?;
+            top_k_indices_f32(array_view::<f32, ndarray::Ix3>(&wide, "scores")?, dst)?;
         } else {
             // f64 holds every other dtype's values exactly (int64 up to 2^53): no ranking
             // changes from rounding.
@@ -77,6 +79,64 @@ impl ScoreValue for f64 {
     fn is_nan(self) -> bool {
         f64::is_nan(self)
     }
+}
+
+/// [`top_k_indices_cpu`] for float32 scores, with the same result: each (score, index)
+/// pair becomes one u64 key whose ascending order is higher score first, then earlier
+/// token, so that the selection compares integers instead of calling a comparator through
+/// the view, and the kept indices come back in order from a bitmap instead of a sort.
+pub fn top_k_indices_f32(
+    scores: ArrayView3<'_, f32>,
+    mut out: ArrayViewMut3<'_, i64>,
+) -> Result<()> {
+    let (b, h, t) = scores.dim();
+    let k = out.dim().2;
+    if out.dim().0 != b || out.dim().1 != h || k == 0 || k > t || t > u32::MAX as usize {
+        return Err(KvError::shape(
+            "indices",
+            &[out.dim().0 as i64, out.dim().1 as i64, k as i64],
+            format!("({b}, {h}, k) with 1 <= k <= {t}"),
+        ));
+    }
+    if scores.iter().any(|s| s.is_nan()) {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    let out = out
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("indices", "the output must be contiguous"))?;
+    out.par_chunks_mut(k).enumerate().for_each_init(
+        || (Vec::with_capacity(t), vec![false; t]),
+        |(keys, kept): &mut (Vec<u64>, Vec<bool>), (row_idx, dst)| {
+            let row = scores.index_axis(Axis(0), row_idx / h);
+            let row = row.index_axis(Axis(0), row_idx % h);
+            keys.clear();
+            keys.extend(row.iter().enumerate().map(|(i, &x)| {
+                // +0.0 for −0.0 (they tie), then the bits ordered like the floats:
+                // negative ones reversed, positive ones above them
+                let bits = (x + 0.0).to_bits();
+                let ordered = if bits >> 31 == 1 {
+                    !bits
+                } else {
+                    bits | 1 << 31
+                };
+                (u64::from(!ordered) << 32) | i as u64
+            }));
+            if k < t {
+                keys.select_nth_unstable(k - 1);
+            }
+            kept.fill(false);
+            for &key in &keys[..k] {
+                kept[(key & 0xffff_ffff) as usize] = true;
+            }
+            let mut slots = dst.iter_mut();
+            for (i, _) in kept.iter().enumerate().filter(|(_, &on)| on) {
+                if let Some(d) = slots.next() {
+                    *d = i as i64;
+                }
+            }
+        },
+    );
+    Ok(())
 }
 
 /// The CPU kernel of [`top_k_indices`]: rows in parallel, O(T) selection then a sort of
@@ -150,10 +210,88 @@ pub fn adakv_rows(scores: &Tensor, n_kept: usize, alpha: f64) -> Result<Vec<Tens
             format!("got {n_kept}, expected 1 <= n_kept <= {t}"),
         ));
     }
-    let scores = scores.f_to(Device::Cpu)?.f_to_kind(Kind::Double)?;
-    if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
+    // f64 holds every score dtype exactly: no ranking changes from rounding.
+    let wide = scores
+        .f_to(Device::Cpu)?
+        .f_to_kind(Kind::Double)?
+        .f_contiguous()?;
+    let view = array_view::<f64, ndarray::Ix3>(&wide, "scores")?;
+    let all = view
+        .as_slice()
+        .ok_or_else(|| KvError::invalid("scores", "expected contiguous scores"))?;
+    if all.iter().any(|s| s.is_nan()) {
         return Err(KvError::non_finite("scores", "a scorer produced NaN"));
     }
+    let mut n_safe = (n_kept as f64 * alpha) as usize;
+    if alpha > 0.0 {
+        n_safe = n_safe.max(1);
+    }
+    let (heads, t) = (heads as usize, t as usize);
+    let per_batch: Vec<Vec<Vec<i64>>> = all
+        .par_chunks(heads * t)
+        .map(|flat| adakv_batch_row(flat, heads, n_kept, n_safe))
+        .collect();
+    let mut rows = Vec::with_capacity(batch as usize * heads);
+    for per_head in per_batch {
+        for idx in per_head {
+            rows.push(Tensor::f_from_slice(&idx)?);
+        }
+    }
+    Ok(rows)
+}
+
+/// One batch row of [`adakv_rows`]: `flat` holds the (heads, t) scores head after head.
+/// Each head's top `n_safe` (ties to the earlier token) count as +inf; then the best
+/// `heads * n_kept` of all, higher first and ties to the lower flat index (lower head,
+/// then earlier token) — the order of a stable descending sort of the flattened row.
+fn adakv_batch_row(flat: &[f64], heads: usize, n_kept: usize, n_safe: usize) -> Vec<Vec<i64>> {
+    let t = flat.len() / heads;
+    let mut boosted = flat.to_vec();
+    let mut order: Vec<usize> = Vec::with_capacity(flat.len());
+    if n_safe > 0 {
+        for h in 0..heads {
+            let row = &flat[h * t..(h + 1) * t];
+            order.clear();
+            order.extend(0..t);
+            if n_safe < t {
+                order.select_nth_unstable_by(n_safe - 1, |a, c| {
+                    row[*c]
+                        .partial_cmp(&row[*a])
+                        .unwrap_or(Ordering::Equal)
+                        .then(a.cmp(c))
+                });
+            }
+            for &i in &order[..n_safe.min(t)] {
+                boosted[h * t + i] = f64::INFINITY;
+            }
+        }
+    }
+    let total = (heads * n_kept).min(flat.len());
+    order.clear();
+    order.extend(0..flat.len());
+    if total < flat.len() {
+        order.select_nth_unstable_by(total - 1, |a, c| {
+            boosted[*c]
+                .partial_cmp(&boosted[*a])
+                .unwrap_or(Ordering::Equal)
+                .then(a.cmp(c))
+        });
+    }
+    order.truncate(total);
+    order.sort_unstable();
+    let mut per_head = vec![Vec::new(); heads];
+    for &f in &order {
+        per_head[f / t].push((f % t) as i64);
+    }
+    per_head
+}
+
+/// The libtorch formulation of [`adakv_rows`] (sorts over every head's tokens), kept to
+/// check the kernel against.
+pub fn adakv_rows_libtorch(scores: &Tensor, n_kept: usize, alpha: f64) -> Result<Vec<Tensor>> {
+    let size = scores.size();
+    let (batch, heads, t) = (size[0], size[1], size[2]);
+    let scores = scores.f_to(Device::Cpu)?.f_to_kind(Kind::Double)?;
     let mut n_safe = (n_kept as f64 * alpha) as usize;
     if alpha > 0.0 {
         n_safe = n_safe.max(1);

@@ -90,3 +90,24 @@ def test_caches_generate_the_same_through_both_paths(tiny_llama, policy):
     assert torch.equal(rust[0], libtorch[0])
     assert all(torch.equal(a, b) for a, b in zip(rust[1], libtorch[1]))
     assert rust[2] == libtorch[2]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_keydiff_and_expected_attention_kernels_agree_with_their_libtorch_chains(dtype):
+    # token-major keys (transformers' layout): the fused CPU kernels read them in place
+    from transformers import LlamaConfig
+
+    gen = torch.Generator().manual_seed(7)
+    t = 90
+    keys = torch.randn(1, t, 2, 16, generator=gen).to(dtype).transpose(1, 2)
+    values = torch.randn(1, t, 2, 16, generator=gen).to(dtype).transpose(1, 2)
+    queries = (torch.randn(1, t, 6, 16, generator=gen) + 0.5).to(dtype).transpose(1, 2)
+    rope = kvpress_rs.Rope.from_config(
+        LlamaConfig(hidden_size=96, num_attention_heads=6, num_key_value_heads=2, rope_theta=1000.0)
+    )
+    ea = dict(rope=rope, n_future_positions=16, n_sink=4)
+    rust = (ops.score("keydiff", keys, values), ops.score("expected_attention", keys, values, queries, **ea))
+    with ops.cpu_kernels(False):
+        chain = (ops.score("keydiff", keys, values), ops.score("expected_attention", keys, values, queries, **ea))
+    torch.testing.assert_close(rust[0], chain[0], rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(rust[1], chain[1], rtol=1e-4, atol=1e-7)

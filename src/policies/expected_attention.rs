@@ -13,15 +13,22 @@ use super::attention_weights::{group_mean, repeat_kv};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
+use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels};
+use rayon::prelude::*;
+use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Debug)]
 pub struct ExpectedAttention {
     n_future: usize,
     n_sink: usize,
     use_covariance: bool,
     use_vnorm: bool,
     epsilon: f64,
+    /// The last R̄ built, with what it was built from (the RoPE's description, start,
+    /// seq_len): every layer of a forward asks for the same one, and building it rotates
+    /// n_future_positions · head_dim² values.
+    future: Mutex<Option<(String, usize, usize, Tensor)>>,
 }
 
 impl ExpectedAttention {
@@ -50,7 +57,25 @@ impl ExpectedAttention {
             use_covariance,
             use_vnorm,
             epsilon,
+            future: Mutex::new(None),
         })
+    }
+
+    /// [`mean_rotation`] over the next `n_future` positions from `start`, cached.
+    fn future_rotation(&self, rope: &Rope, start: usize, seq_len: usize) -> Result<Tensor> {
+        let id = format!("{rope:?}");
+        let mut cached = self
+            .future
+            .lock()
+            .map_err(|_| KvError::State("the ExpectedAttention cache is poisoned".into()))?;
+        if let Some((rid, s, l, r)) = cached.as_ref() {
+            if *rid == id && *s == start && *l == seq_len {
+                return Ok(r.shallow_clone());
+            }
+        }
+        let r = mean_rotation(rope, start, self.n_future, seq_len)?.f_contiguous()?;
+        *cached = Some((id, start, seq_len, r.shallow_clone()));
+        Ok(r)
     }
 }
 
@@ -123,13 +148,25 @@ impl Scorer for ExpectedAttention {
             (queries.shallow_clone(), next as i64 - q_len)
         };
         let positions = Tensor::f_arange_start(first, next as i64, (Kind::Int64, device))?;
-        let pre = rope
-            .invert(&query_window, &positions, Some(next))?
-            .f_to_kind(Kind::Float)?;
+        // pre-RoPE queries in the model dtype: the statistics below read them as float32
+        // (mean in float32, centred values promoted), without a float32 copy first
+        let pre = rope.invert(&query_window, &positions, Some(next))?;
         let observed = pre.size()[2];
         let mean = pre.f_mean_dim(2, true, Kind::Float)?; // (b, h, 1, d)
-        let future = mean_rotation(rope, next, self.n_future, next)?.f_to(device)?; // (d, d)
+        let future = self.future_rotation(rope, next, next)?.f_to(device)?; // (d, d)
         let mean_future = mean.f_matmul(&future.f_transpose(0, 1)?)?; // R̄μ as a row
+        if uses_cpu_kernels(keys) {
+            let cov_future = match self.use_covariance {
+                true => Some(future_covariance(&pre, &mean, &future, observed)?),
+                false => None,
+            };
+            let logits = expected_logits_cpu(
+                &keys.f_narrow(2, sink, n)?,
+                &mean_future,
+                cov_future.as_ref(),
+            )?;
+            return self.finish(&logits, values, keys.size()[1], sink, n);
+        }
         let keys_f = repeat_kv(
             &keys.f_narrow(2, sink, n)?.f_to_kind(Kind::Float)?,
             queries.size()[1] / keys.size()[1],
@@ -139,27 +176,38 @@ impl Scorer for ExpectedAttention {
             .f_squeeze_dim(-1)?
             .f_div_scalar((d as f64).sqrt())?;
         if self.use_covariance {
-            let centered = pre.f_sub(&mean)?;
-            let cov = centered
-                .f_transpose(-1, -2)?
-                .f_matmul(&centered)?
-                .f_div_scalar(observed as f64)?; // (b, h, d, d)
-            let cov_future = future
-                .f_matmul(&cov)?
-                .f_matmul(&future.f_transpose(0, 1)?)?;
+            let cov_future = future_covariance(&pre, &mean, &future, observed)?;
             let quad = keys_f
                 .f_matmul(&cov_future)?
                 .f_mul(&keys_f)?
                 .f_sum_dim_intlist([-1i64].as_slice(), false, Kind::Float)?;
             logits = logits.f_add(&quad.f_div_scalar(2.0 * d as f64)?)?;
         }
+        self.finish(&logits, values, keys.size()[1], sink, n)
+    }
+}
+
+impl ExpectedAttention {
+    /// Scores from the expected logits (batch, q_heads, n) of the tokens after the sinks:
+    /// softmax, group mean, value norms, sinks on top.
+    fn finish(
+        &self,
+        logits: &Tensor,
+        values: &Tensor,
+        kv_heads: i64,
+        sink: i64,
+        n: i64,
+    ) -> Result<Tensor> {
+        let device = logits.device();
         let weights = logits.f_softmax(-1, Kind::Float)?;
-        let mut scores = group_mean(&weights, keys.size()[1])?;
+        let mut scores = group_mean(&weights, kv_heads)?;
         if self.use_vnorm {
-            let vnorm = values
-                .f_narrow(2, sink, n)?
-                .f_to_kind(Kind::Float)?
-                .f_norm_scalaropt_dim(2.0, [-1i64], false)?;
+            let vnorm = values.f_narrow(2, sink, n)?.f_norm_scalaropt_dim_dtype(
+                2.0,
+                [-1i64],
+                false,
+                Kind::Float,
+            )?;
             scores = scores.f_add_scalar(self.epsilon)?.f_mul(&vnorm)?;
         }
         let top = scores.f_max()?.f_double_value(&[])? + 1.0;
@@ -167,4 +215,119 @@ impl Scorer for ExpectedAttention {
         let sinks = Tensor::f_full([s[0], s[1], sink], top, (Kind::Float, device))?;
         Ok(Tensor::f_cat(&[sinks, scores], -1)?)
     }
+}
+
+/// R̄ Σ R̄ᵀ: the covariance (batch, q_heads, d, d) of the pre-RoPE queries `pre` (batch,
+/// q_heads, observed, d) around their `mean`, moved to the future positions.
+fn future_covariance(
+    pre: &Tensor,
+    mean: &Tensor,
+    future: &Tensor,
+    observed: i64,
+) -> Result<Tensor> {
+    // centred in place in a float32 copy of reduced-precision queries (one new tensor of
+    // the queries' size instead of two)
+    let centered = match pre.kind() {
+        Kind::Float => pre.f_sub(mean)?,
+        _ => {
+            let mut c = pre.f_to_kind(Kind::Float)?;
+            let _ = c.f_sub_(mean)?;
+            c
+        }
+    };
+    let cov = centered
+        .f_transpose(-1, -2)?
+        .f_matmul(&centered)?
+        .f_div_scalar(observed as f64)?;
+    Ok(future
+        .f_matmul(&cov)?
+        .f_matmul(&future.f_transpose(0, 1)?)?)
+}
+
+/// The expected logits kᵀR̄μ/√d (+ kᵀCk/(2d) with C = `cov_future`) of `keys` (batch,
+/// kv_heads, n, d) for every query head (batch, q_heads, n), float32, without repeating
+/// the keys per query head: one GEMM per KV head against its group's C's and means side by
+/// side (d × (g·d + g)), then one pass per (batch, query head) for the quadratic forms.
+fn expected_logits_cpu(
+    keys: &Tensor,
+    mean_future: &Tensor,
+    cov_future: Option<&Tensor>,
+) -> Result<Tensor> {
+    let (ks, qh) = (keys.size(), mean_future.size()[1]);
+    let (b, kvh, n, d) = (ks[0], ks[1], ks[2], ks[3]);
+    let g = qh / kvh;
+    // (b, kvh, d, g): each query head's R̄μ as a column
+    let means = mean_future.f_reshape([b, kvh, g, d])?.f_transpose(-1, -2)?;
+    let weights = match cov_future {
+        // (b, kvh, d, g·d): C_j's columns for j = 0..g, side by side
+        Some(c) => Tensor::f_cat(
+            &[
+                c.f_reshape([b, kvh, g, d, d])?
+                    .f_permute([0, 1, 3, 2, 4])?
+                    .f_reshape([b, kvh, d, g * d])?,
+                means,
+            ],
+            -1,
+        )?,
+        None => means,
+    };
+    let keys_f = keys.f_to_kind(Kind::Float)?.f_contiguous()?;
+    let products = keys_f.f_matmul(&weights)?.f_contiguous()?; // (b, kvh, n, [g·d +] g)
+    let mut out = Tensor::f_empty([b, qh, n], (Kind::Float, Device::Cpu))?;
+    let quad = cov_future.is_some();
+    let (n, d, g) = (n as usize, d as usize, g as usize);
+    let width = if quad { g * d + g } else { g };
+    let kv = array_view::<f32, ndarray::Ix4>(&keys_f, "keys")?;
+    let kv = kv
+        .as_slice()
+        .ok_or_else(|| KvError::invalid("keys", "expected contiguous keys"))?;
+    let pv = array_view::<f32, ndarray::Ix4>(&products, "products")?;
+    let pv = pv
+        .as_slice()
+        .ok_or_else(|| KvError::invalid("products", "expected contiguous products"))?;
+    let mut ov = array_view_mut::<f32, ndarray::Ix3>(&mut out, "logits")?;
+    let ov = ov
+        .as_slice_mut()
+        .ok_or_else(|| KvError::invalid("logits", "the output must be contiguous"))?;
+    let (inv_sqrt_d, inv_2d) = (1.0 / (d as f32).sqrt(), 1.0 / (2.0 * d as f32));
+    ov.par_chunks_mut(n.max(1))
+        .enumerate()
+        .for_each(|(row, dst)| {
+            // row = b · q_heads + kv head · g + j
+            let (bk, j) = (row / g, row % g);
+            let keys = &kv[bk * n * d..(bk + 1) * n * d];
+            let prods = &pv[bk * n * width..(bk + 1) * n * width];
+            for ((o, k), p) in dst
+                .iter_mut()
+                .zip(keys.chunks_exact(d))
+                .zip(prods.chunks_exact(width))
+            {
+                let mean_term = p[width - g + j] * inv_sqrt_d;
+                *o = if quad {
+                    mean_term + dot8(&p[j * d..(j + 1) * d], k) * inv_2d
+                } else {
+                    mean_term
+                };
+            }
+        });
+    Ok(out)
+}
+
+/// Σ a·b over 8 interleaved accumulators (vectorizable).
+#[inline(always)]
+fn dot8(a: &[f32], b: &[f32]) -> f32 {
+    let mut acc = [0f32; 8];
+    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
+    let tail: f32 = ac
+        .remainder()
+        .iter()
+        .zip(bc.remainder())
+        .map(|(x, y)| x * y)
+        .sum();
+    for (x, y) in ac.zip(bc) {
+        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
+            *s += x * y;
+        }
+    }
+    acc.iter().sum::<f32>() + tail
 }

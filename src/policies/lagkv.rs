@@ -138,30 +138,41 @@ fn partition_softmax<T: KvFloat>(
     out: &mut [f32],
 ) {
     let d = x.dim().1;
-    let (mut lo, mut hi) = (vec![f32::INFINITY; d], vec![f32::NEG_INFINITY; d]);
-    for token in next..next + lag {
-        for (c, v) in x.row(token).iter().enumerate() {
-            let v = v.to_f32();
-            lo[c] = lo[c].min(v);
-            hi[c] = hi[c].max(v);
+    let mut scratch = vec![0f32; 3 * d];
+    let (lo, rest) = scratch.split_at_mut(d);
+    let (hi, normalised) = rest.split_at_mut(d);
+    lo.fill(f32::INFINITY);
+    hi.fill(f32::NEG_INFINITY);
+    match x.strides()[1] == 1 || d == 1 {
+        // each token's channels are one slice (also in the token-major layout that
+        // transformers hands over): the channel loops vectorize
+        true => partition_spread(
+            |i| {
+                x.index_axis_move(Axis(0), i)
+                    .to_slice()
+                    .expect("unit channel stride")
+            },
+            cur,
+            next,
+            lag,
+            (lo, hi, normalised),
+            out,
+        ),
+        false => {
+            let rows: Vec<f32> = x
+                .slice(ndarray::s![cur..next + lag, ..])
+                .iter()
+                .map(|v| v.to_f32())
+                .collect();
+            partition_spread(
+                |i| &rows[(i - cur) * d..(i - cur + 1) * d],
+                cur,
+                next,
+                lag,
+                (lo, hi, normalised),
+                out,
+            )
         }
-    }
-    let mut normalised = vec![0f32; d];
-    for (i, o) in out.iter_mut().enumerate() {
-        for ((n, v), (l, h)) in normalised
-            .iter_mut()
-            .zip(x.row(cur + i).iter())
-            .zip(lo.iter().zip(hi.iter()))
-        {
-            *n = (v.to_f32() - l) / (h - l);
-        }
-        let mean = normalised.iter().sum::<f32>() / d as f32;
-        let var = normalised
-            .iter()
-            .map(|n| (n - mean) * (n - mean))
-            .sum::<f32>()
-            / (d as f32 - 1.0);
-        *o = var.sqrt();
     }
     let max = out.iter().copied().fold(f32::NEG_INFINITY, f32::max);
     let mut total = 0.0;
@@ -171,6 +182,42 @@ fn partition_softmax<T: KvFloat>(
     }
     for o in out.iter_mut() {
         *o /= total;
+    }
+}
+
+/// The spread of tokens cur..cur + lag (into `out`) given `row(i)`, token i's channels.
+#[inline(always)]
+fn partition_spread<'r, E: KvFloat + 'r>(
+    row: impl Fn(usize) -> &'r [E],
+    cur: usize,
+    next: usize,
+    lag: usize,
+    (lo, hi, normalised): (&mut [f32], &mut [f32], &mut [f32]),
+    out: &mut [f32],
+) {
+    let d = lo.len() as f32;
+    for token in next..next + lag {
+        for ((l, h), v) in lo.iter_mut().zip(hi.iter_mut()).zip(row(token)) {
+            let v = v.to_f32();
+            *l = if v < *l { v } else { *l };
+            *h = if v > *h { v } else { *h };
+        }
+    }
+    for (i, o) in out.iter_mut().enumerate() {
+        for ((n, v), (l, h)) in normalised
+            .iter_mut()
+            .zip(row(cur + i))
+            .zip(lo.iter().zip(hi.iter()))
+        {
+            *n = (v.to_f32() - l) / (h - l);
+        }
+        let mean = normalised.iter().sum::<f32>() / d;
+        let var = normalised
+            .iter()
+            .map(|n| (n - mean) * (n - mean))
+            .sum::<f32>()
+            / (d - 1.0);
+        *o = var.sqrt();
     }
 }
 

@@ -2,11 +2,12 @@
 //! keep; [`crate::Press`] turns scores into kept indices with a [`crate::Budget`].
 //!
 //! Scorers that read only keys and values ([`KeyValueScorer`]: Knorm, StreamingLLM,
-//! Random) have two implementations of the same math: a fused CPU kernel over `ndarray`
-//! views and a libtorch path for every other device; tests check that they agree.
-//! Attention-based scorers (SnapKV, TOVA, ObservedAttention, ...) are matmul-bound: they run
-//! libtorch ops on the tensors' device, in the dtype chain kvpress uses, so that the same
-//! inputs keep the same tokens. One file per scorer.
+//! Random, KeyDiff, LagKV) have two implementations of the same math: a fused CPU kernel
+//! over `ndarray` views and a libtorch path for every other device; tests check that they
+//! agree. Attention-based scorers (SnapKV, TOVA, ObservedAttention, ...) are matmul-bound:
+//! the product runs as a libtorch GEMM in the dtype chain kvpress uses, so that the same
+//! inputs keep the same tokens, and on the CPU what follows it is one fused pass
+//! (`attention_weights.rs`, ExpectedAttention's quadratic forms). One file per scorer.
 
 mod attention_weights;
 mod cake;

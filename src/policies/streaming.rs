@@ -56,8 +56,10 @@ impl KeyValueScorer for StreamingLlm {
         mut out: ArrayViewMut3<'_, f32>,
     ) -> Result<()> {
         let n_tokens = out.dim().2;
-        for (t, mut col) in out.axis_iter_mut(Axis(2)).enumerate() {
-            col.fill(self.score_of(t, n_tokens));
+        for mut row in out.lanes_mut(Axis(2)) {
+            for (t, o) in row.iter_mut().enumerate() {
+                *o = self.score_of(t, n_tokens);
+            }
         }
         Ok(())
     }

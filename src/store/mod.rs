@@ -410,7 +410,8 @@ impl LayerStore {
         }
         let kept = match self.rows.as_ref().ok_or_else(empty_store)? {
             Rows::Uniform(u) => {
-                RaggedRows::from_rows(&u.keys.view()?, &u.values.view()?, &u.positions()?, rows)?
+                let positions = u.positions.as_ref().map(|p| p.view()).transpose()?;
+                RaggedRows::from_rows(&u.keys.view()?, &u.values.view()?, positions.as_ref(), rows)?
             }
             Rows::Ragged(old) => {
                 let mut out = RaggedRows {
@@ -421,7 +422,7 @@ impl LayerStore {
                 };
                 for (i, idx) in rows.iter().enumerate() {
                     let (k, v, p) = old.row(i)?;
-                    let one = RaggedRows::from_rows(&k, &v, &p, std::slice::from_ref(idx))?;
+                    let one = RaggedRows::from_rows(&k, &v, Some(&p), std::slice::from_ref(idx))?;
                     out.keys.extend(one.keys);
                     out.values.extend(one.values);
                     out.positions.extend(one.positions);

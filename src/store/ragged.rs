@@ -6,7 +6,7 @@ use super::buffer::TokenBuffer;
 use super::uniform::position_range;
 use crate::error::{KvError, Result};
 use crate::gather::gather_tokens;
-use tch::{Device, Tensor};
+use tch::{Device, Kind, Tensor};
 
 #[derive(Debug)]
 pub(crate) struct RaggedRows {
@@ -20,11 +20,12 @@ pub(crate) struct RaggedRows {
 
 impl RaggedRows {
     /// One row per (batch, head), keeping `rows[r]` (int64 (k_r,), ascending) of the
-    /// tokens of `keys`/`values`/`positions` (batch, kv_heads, tokens[, dim]).
+    /// tokens of `keys`/`values`/`positions` (batch, kv_heads, tokens[, dim]); `None`
+    /// positions: the tokens are positions 0..tokens (the kept ones are their indices).
     pub fn from_rows(
         keys: &Tensor,
         values: &Tensor,
-        positions: &Tensor,
+        positions: Option<&Tensor>,
         rows: &[Tensor],
     ) -> Result<Self> {
         let size = keys.size();
@@ -54,10 +55,14 @@ impl RaggedRows {
                 .push(TokenBuffer::adopt(gather_tokens(&row(keys)?, &idx)?));
             out.values
                 .push(TokenBuffer::adopt(gather_tokens(&row(values)?, &idx)?));
-            out.positions.push(TokenBuffer::adopt(gather_tokens(
-                &row(positions)?,
-                &idx.f_to(Device::Cpu)?,
-            )?));
+            let kept_positions = match positions {
+                Some(p) => gather_tokens(&row(p)?, &idx.f_to(Device::Cpu)?)?,
+                None => idx
+                    .f_to(Device::Cpu)?
+                    .f_to_kind(Kind::Int)?
+                    .f_contiguous()?,
+            };
+            out.positions.push(TokenBuffer::adopt(kept_positions));
         }
         Ok(out)
     }

@@ -64,7 +64,16 @@ impl UniformRows {
 
     /// The rows keeping only `indices` (int64 (batch, kv_heads, k), ascending).
     pub fn gathered(&self, indices: &Tensor) -> Result<UniformRows> {
-        let positions = gather_tokens(&self.positions()?, &indices.f_to(Device::Cpu)?)?;
+        let positions = match &self.positions {
+            // nothing evicted yet: the stored tokens are positions 0..len, so the kept
+            // positions are the kept indices themselves
+            // (the keys' gather below checks that they lie within the stored tokens)
+            None => indices
+                .f_to(Device::Cpu)?
+                .f_to_kind(Kind::Int)?
+                .f_contiguous()?,
+            Some(p) => gather_tokens(&p.view()?, &indices.f_to(Device::Cpu)?)?,
+        };
         Ok(UniformRows {
             keys: TokenBuffer::adopt(gather_tokens(&self.keys.view()?, indices)?),
             values: TokenBuffer::adopt(gather_tokens(&self.values.view()?, indices)?),

@@ -38,6 +38,18 @@ pub fn uses_cpu_kernels(t: &Tensor) -> bool {
     t.device() == Device::Cpu && cpu_kernels_enabled()
 }
 
+/// Runs `f` on a thread of rayon's pool, so that the parallel kernels it starts run there
+/// without each crossing threads again: one compression calls a dozen kernels, and every
+/// call from outside the pool wakes a worker and blocks the caller (tens of microseconds
+/// each, more than the work of a short prompt's kernels). Inside the pool, `f` runs as is.
+pub fn in_pool<R: Send>(f: impl FnOnce() -> R + Send) -> R {
+    if rayon::current_thread_index().is_some() {
+        f()
+    } else {
+        rayon::scope(|_| f())
+    }
+}
+
 /// Axis of the token (sequence) dimension in KV tensors.
 pub const TOKEN_AXIS: i64 = 2;
 
