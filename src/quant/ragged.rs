@@ -274,6 +274,22 @@ impl RaggedTiles {
     }
 }
 
+/// Outlier entries: flat indices and exact values.
+type Outliers = (Tensor, Tensor);
+
+/// One tensor token-major: codes, params, outliers.
+type PartPieces = (Tensor, Tensor, Option<Outliers>);
+
+/// The pieces of one part (keys or values) collected region by region before
+/// concatenation: codes, params, outlier indices, outlier values.
+#[derive(Default)]
+struct Pieces {
+    codes: Vec<Tensor>,
+    params: Vec<Tensor>,
+    idx: Vec<Tensor>,
+    val: Vec<Tensor>,
+}
+
 /// One part of every quantized token of a store, token-major (see [`TokenMajor`]).
 struct PartTokens {
     layout: TensorLayout,
@@ -298,11 +314,7 @@ struct TokenMajor {
 
 /// A block's tensor token-major, its outliers re-indexed into (b, h, q_total, head_dim)
 /// at token offset `offset`, and its channel-group params as a tile table (b·h·tiles, d, 2).
-fn block_part(
-    q: &super::QuantizedTensor,
-    offset: i64,
-    q_total: i64,
-) -> Result<(Tensor, Tensor, Option<(Tensor, Tensor)>)> {
+fn block_part(q: &super::QuantizedTensor, offset: i64, q_total: i64) -> Result<PartPieces> {
     let l = q.layout;
     let (b, h, n) = (q.batch as i64, q.heads as i64, q.tokens as i64);
     let (g, d) = (l.group_size as i64, l.head_dim as i64);
@@ -377,7 +389,7 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
     let mut tile_parts = Vec::new();
     let mut pos_parts = Vec::new();
     let mut tile_base = 0i64;
-    let mut parts: [(Vec<Tensor>, Vec<Tensor>, Vec<Tensor>, Vec<Tensor>); 2] = Default::default();
+    let mut parts: [Pieces; 2] = Default::default();
     let mut layouts = None;
     let mut offset = 0i64;
     if let Some(r) = ragged {
@@ -388,17 +400,17 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
             pos_parts.push(p.shallow_clone());
         }
         for (k, part) in [&r.keys, &r.values].into_iter().enumerate() {
-            let (codes, params, idxs, vals) = &mut parts[k];
-            codes.push(part.codes.shallow_clone());
-            params.push(part.params.shallow_clone());
+            let pieces = &mut parts[k];
+            pieces.codes.push(part.codes.shallow_clone());
+            pieces.params.push(part.params.shallow_clone());
             if let Some((idx, val)) = &part.outliers {
                 // (row, token, channel) of a ragged row of n tokens → of q_total tokens.
                 let d = part.layout.head_dim as i64;
                 let idx = idx.f_to_kind(Kind::Int64)?;
                 let bh = idx.f_div_scalar_mode(n * d, "floor")?;
                 let rest = idx.f_remainder(n * d)?;
-                idxs.push(bh.f_mul_scalar(qt * d)?.f_add(&rest)?);
-                vals.push(val.shallow_clone());
+                pieces.idx.push(bh.f_mul_scalar(qt * d)?.f_add(&rest)?);
+                pieces.val.push(val.shallow_clone());
             }
         }
         layouts = Some((r.keys.layout, r.values.layout));
@@ -419,11 +431,11 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
         }
         for (k, q) in [&block.keys, &block.values].into_iter().enumerate() {
             let (codes, params, outl) = block_part(q, offset, qt)?;
-            parts[k].0.push(codes);
-            parts[k].1.push(params);
+            parts[k].codes.push(codes);
+            parts[k].params.push(params);
             if let Some((idx, val)) = outl {
-                parts[k].2.push(idx);
-                parts[k].3.push(val);
+                parts[k].idx.push(idx);
+                parts[k].val.push(val);
             }
         }
         layouts = Some((block.keys.layout, block.values.layout));
@@ -432,7 +444,12 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
     let (kl, vl) = layouts.ok_or_else(|| KvError::State("internal: no quantized tokens".into()))?;
     let mut built = Vec::new();
     for (k, layout) in [kl, vl].into_iter().enumerate() {
-        let (codes, params, idx, val) = &parts[k];
+        let Pieces {
+            codes,
+            params,
+            idx,
+            val,
+        } = &parts[k];
         let params_axis = match layout.grouping {
             Grouping::Token => 2,
             Grouping::Channel => 0,
@@ -470,11 +487,7 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
 /// The element codes and (scale, zero) of every quantized token of a store (ragged tiles,
 /// then blocks) and their outliers: keys and values as
 /// (codes u8 (b, h, q, d), params f16 (b, h, q, d, 2), outliers (flat int64, values)).
-#[allow(clippy::type_complexity)]
-pub fn element_codes(
-    ragged: Option<&RaggedTiles>,
-    blocks: &[Block],
-) -> Result<Vec<(Tensor, Tensor, Option<(Tensor, Tensor)>)>> {
+pub fn element_codes(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<Vec<PartPieces>> {
     let tm = token_major(ragged, blocks)?;
     let (b, h) = {
         let s = tm.tile.size();

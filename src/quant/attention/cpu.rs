@@ -761,8 +761,8 @@ fn dequantize_ragged<M: Madd, T: KvFloat, const BITS: u32>(
                         s.params[(tok * ng + j) * 2].to_f32(),
                         s.params[(tok * ng + j) * 2 + 1].to_f32(),
                     );
-                    for c in j * gs..(j + 1) * gs {
-                        write(k, c, M::madd(token[c], sc, z));
+                    for (c, &code) in token.iter().enumerate().skip(j * gs).take(gs) {
+                        write(k, c, M::madd(code, sc, z));
                     }
                 }
             }
