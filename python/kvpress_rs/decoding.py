@@ -3,7 +3,8 @@
 A :class:`~kvpress_rs.KVCache` built with ``decoding_budget=N`` (or ``decoding_ratio=r``)
 keeps compressing while it grows. The schedule — when, and to how many tokens — is the
 Rust ``DecodingSchedule``; the scoring, protection and eviction are one Rust call,
-``LayerStore.compress_to``. What is left here is what only the adapter sees: the
+``LayerStore.compress_to`` (``QuantizedStore.compress_to`` once the layer is quantized:
+the kept tokens keep their codes). What is left here is what only the adapter sees: the
 layer's post-RoPE queries since the previous compression (the scorers' "window" during
 generation), TriAttention's query statistics, and which prompt tokens are protected.
 
