@@ -8,6 +8,7 @@ use crate::error::{KvError, Result};
 use crate::policies::{
     cake_preference, score_layer, score_layer_with, QueryStats, QueryWindow, ScoreContext, Scorer,
 };
+use crate::quant::QuantizedStore;
 use crate::rope::Rope;
 use crate::select::{adakv_rows, top_k_indices};
 use crate::store::LayerStore;
@@ -321,6 +322,37 @@ impl Press {
             return Ok(None);
         }
         let (keys, values) = (store.keys_view()?, store.values_view()?);
+        let kept = self.decoding_kept(
+            &keys,
+            &values,
+            layer_idx,
+            queries,
+            query_stats,
+            n_kept,
+            next_position,
+            protect,
+        )?;
+        if keep_evicted {
+            retain_split(store, kept).map(Some)
+        } else {
+            retain(store, kept).map(|_| None)
+        }
+    }
+
+    /// The tokens a decoding-time compression keeps out of `keys`/`values`: scored with
+    /// the scorer, the protected ends raised to +inf, the top `n_kept` per row.
+    #[allow(clippy::too_many_arguments)]
+    fn decoding_kept(
+        &self,
+        keys: &Tensor,
+        values: &Tensor,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+        query_stats: Option<&QueryStats>,
+        n_kept: usize,
+        next_position: usize,
+        (protect_first, protect_last): (usize, usize),
+    ) -> Result<Kept> {
         self.check_rope()?;
         let ctx = ScoreContext {
             layer_idx,
@@ -329,20 +361,81 @@ impl Press {
         };
         let scores = score_layer_with(
             self.scorer.as_ref(),
-            &keys,
-            &values,
+            keys,
+            values,
             queries,
             query_stats,
             self.rope.as_ref(),
             &ctx,
         )?;
         let scores = protect_ends(&scores, protect_first, protect_last)?;
-        let kept = self.select(&scores, n_kept)?;
-        if keep_evicted {
-            retain_split(store, kept).map(Some)
-        } else {
-            retain(store, kept).map(|_| None)
+        self.select(&scores, n_kept)
+    }
+
+    /// [`compress_to`](Self::compress_to) for a quantized store (a
+    /// `KVCache(quantization=...)` with a decoding budget): every stored token is scored
+    /// from a dequantized temporary (scoring reads every token anyway), and the store keeps
+    /// the selected ones with their exact codes ([`QuantizedStore::retain`]: nothing is
+    /// re-quantized). The full-precision sinks and residual window are protected as well
+    /// (`protect` is raised to cover them), so they stay whole. Returns whether it evicted.
+    #[allow(clippy::too_many_arguments)]
+    pub fn compress_quantized_to(
+        &self,
+        store: &mut QuantizedStore,
+        layer_idx: usize,
+        queries: Option<&Tensor>,
+        query_stats: Option<&QueryStats>,
+        n_kept: usize,
+        next_position: usize,
+        protect: (usize, usize),
+    ) -> Result<bool> {
+        let stored = store.seen();
+        let protect_first = protect.0.max(store.sink_len());
+        let protect_last = protect.1.max(store.residual_len());
+        if n_kept == 0 {
+            return Err(KvError::invalid(
+                "decoding_budget",
+                "a compression must keep at least one token",
+            ));
         }
+        if n_kept < (protect_first + protect_last).min(stored) {
+            return Err(KvError::invalid(
+                "decoding_budget",
+                format!(
+                    "keeps {n_kept} tokens, fewer than the {} protected ones (the protected \
+                     prompt and sink tokens, and the last max(decoding_interval, tokens in the \
+                     full-precision residual window)); raise decoding_budget above \
+                     max(decoding_interval, residual_length or group_size) plus the protected prompt",
+                    protect_first + protect_last
+                ),
+            ));
+        }
+        if n_kept >= stored {
+            return Ok(false);
+        }
+        let (keys, values) = store.dequantize()?;
+        let kept = self.decoding_kept(
+            &keys,
+            &values,
+            layer_idx,
+            queries,
+            query_stats,
+            n_kept,
+            next_position,
+            (protect_first, protect_last),
+        )?;
+        drop((keys, values));
+        match kept {
+            Kept::Uniform(indices) => store.retain(&indices)?,
+            Kept::Rows(_) => {
+                return Err(KvError::Unsupported(
+                    "a quantized cache keeps the same count per head: head_budget='adakv' is \
+                     not supported with quantization"
+                        .into(),
+                ))
+            }
+        }
+        Ok(true)
     }
 
     /// [`compress`](Self::compress) that returns the tokens it evicts — keys and values

@@ -255,9 +255,12 @@ def test_unsupported_combinations_are_refused():
     model = tiny()
     with pytest.raises(kvpress_rs.UnsupportedError, match="adakv"):
         kvpress_rs.AdaKVCache(model, decoding_budget=64, decoding_interval=16)
-    with pytest.raises(kvpress_rs.UnsupportedError, match="quantiz"):
+    # quantized caches evict during generation too (tests_py/test_decoding_quantized.py),
+    # but not into a low-precision store (that would re-quantize the evicted codes)
+    with pytest.raises(kvpress_rs.UnsupportedError, match="low_bits"):
         kvpress_rs.KnormCache(
-            tiny(hidden_size=256), decoding_budget=64, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4)
+            tiny(hidden_size=256), decoding_budget=128, decoding_interval=16, quantization=kvpress_rs.QuantConfig(bits=4),
+            low_bits=2,
         )
 
 

@@ -12,6 +12,11 @@ moves them from its ``LayerStore`` into a Rust ``QuantizedStore`` and frees the 
 from then on it behaves like a :class:`~kvpress_rs.QuantizedLayer` (append-only blocks,
 fused attention over the codes) whose first token sits after the evicted ones.
 
+With a decoding budget as well, the quantized store keeps compressing during generation:
+the layer scores its (dequantized) tokens and the store drops the evicted ones' codes,
+keeping the others' exactly (``QuantizedStore.compress_to``; docs/ARCHITECTURE.md,
+"Decoding-time compression of a quantized cache").
+
 With ``low_bits`` as well (mixed precision, MiKV), the tokens the policy evicts are not
 dropped: they go, once, into a second ``QuantizedStore`` at ``low_bits``, and attention runs
 over both stores with one softmax (``QuantizedStore.attend_union``).
@@ -77,6 +82,7 @@ class CompressedLayer(CacheLayerMixin):
         self._qstore: QuantizedStore | None = None
         self._evicted = 0
         self._attend_quantized = False
+        self._evicted_now = False  # a decoding-time eviction in the running forward (rerotate)
 
     @property
     def _seen(self) -> int:
@@ -159,12 +165,18 @@ class CompressedLayer(CacheLayerMixin):
         self._quantize_kept()  # without model hooks, the first forward after the prefill
         if self._qstore is not None:
             seen = self._seen
+            stored_before = self._qstore.seen
             positions = torch.arange(seen, seen + key_states.shape[-2])
             self._qstore.append(key_states, value_states, positions)
+            if self._decoding is not None:
+                self._decoding.appended(stored_before, key_states.shape[-2])
             if attention.serves(self):
                 self._attend_quantized = True  # `attend` reads the store
                 return key_states, value_states
-            return self._dequantized()
+            keys, values = self._dequantized()
+            if self._decoding is not None:  # no queries here; the copies above stay whole
+                self._maybe_compress_quantized(key_states.shape[-2])
+            return keys, values
         is_prefill = self._store.seen == 0
         stored_before = self._store.stored
         self._new_tokens = key_states.shape[-2]
@@ -204,7 +216,12 @@ class CompressedLayer(CacheLayerMixin):
                 return self._attend_mixed(attention, module, query, attention_mask, kwargs)
             if attention_mask is not None and attention_mask.shape[-1] != self._qstore.seen:
                 attention_mask = _fit_mask(attention_mask, self._qstore.seen, query.shape[-2])
-            return attend_store(self._qstore, attention, module, query, attention_mask, kwargs)
+            output = attend_store(self._qstore, attention, module, query, attention_mask, kwargs)
+            if self._decoding is not None:
+                # as below: evict after the attention that saw every token
+                self._decoding.observe(query)
+                self._maybe_compress_quantized(query.shape[-2])
+            return output
         if self._store.is_ragged:
             scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
             return self._store.attend_rows(query, float(scaling)), None
@@ -243,6 +260,14 @@ class CompressedLayer(CacheLayerMixin):
         scaling = kwargs.get("scaling") or getattr(module, "scaling", None) or query.shape[-1] ** -0.5
         return self._qstore.attend_union([self._low], query, None, float(scaling)), None
 
+    def _maybe_compress_quantized(self, new_tokens: int) -> None:
+        """Decoding-time compression of the quantized store: evicted tokens leave it with
+        their codes; kept codes are never re-quantized."""
+        before = self._qstore.seen
+        if self._decoding.maybe_compress_quantized(self._qstore, new_tokens, self._seen):
+            self._evicted += before - self._qstore.seen
+            self._evicted_now = True
+
     def _score(self, query: torch.Tensor) -> tuple[torch.Tensor, float]:
         return self._store.score(self._press, self.layer_idx, query)
 
@@ -262,6 +287,7 @@ class CompressedLayer(CacheLayerMixin):
         self._pending_compression = False
         self._scored = None
         self._attend_quantized = False
+        self._evicted_now = False
 
     def _forward_finished(self) -> None:
         # A model whose attention does not go through transformers' attention interface
@@ -379,7 +405,12 @@ class KVCache(GuardedCache, Cache):
         Quantize the kept tokens once, right after the compression (and re-rotation) of
         the prefill, and every later token append-only, as :class:`QuantizedKVCache`
         does. Not available with ``head_budget="adakv"`` (ragged rows); once quantized, a
-        layer no longer keeps the original positions (``kept_positions`` raises).
+        layer no longer keeps the original positions (``kept_positions`` raises). With
+        ``decoding_budget``, tokens are evicted from the quantized store during generation
+        too: the kept tokens keep their codes and scales/zeros (never re-quantized), the
+        full-precision sinks and residual window are never evicted, and ``rerotate=True``
+        needs ``pre_rope_keys=True``. Example:
+        ``KVCache(model, "knorm", decoding_budget=1024, quantization=QuantConfig(bits=4))``.
     low_bits : int, optional
         Mixed precision (MiKV), with ``quantization``: the tokens the policy would evict are
         kept, quantized once at ``low_bits`` (2, 3, 4 or 8; the other options of
@@ -528,10 +559,7 @@ class KVCache(GuardedCache, Cache):
                 "ragged rows, which are not re-scored; use head_budget='uniform'"
             )
         if self.quantization is not None:
-            raise UnsupportedError(
-                "decoding-time compression of a quantized cache (`quantization=`) is not supported yet: "
-                "evicting tokens from packed blocks is not implemented"
-            )
+            self._check_quantized_decoding(schedule)
         window = self.press.query_window
         if isinstance(window, int) and window > schedule.decoding_interval:
             raise InvalidArgumentError(
@@ -539,6 +567,37 @@ class KVCache(GuardedCache, Cache):
                 f"policy {self.press.policy!r} scores with (window_size)"
             )
         return schedule
+
+    def _check_quantized_decoding(self, schedule: DecodingSchedule) -> None:
+        """What decoding-time compression of a quantized cache cannot do, refused up front."""
+        q = self.quantization
+        if self.low_quantization is not None:
+            raise UnsupportedError(
+                "`low_bits` (mixed precision) with decoding-time compression is not supported: moving "
+                "evicted tokens' codes into the low-precision store would re-quantize them"
+            )
+        if self.rerotate and not q.pre_rope_keys:
+            raise UnsupportedError(
+                "`rerotate=True` with decoding-time compression of a quantized cache needs "
+                "QuantConfig(pre_rope_keys=True): packed post-RoPE keys cannot be re-rotated without "
+                "re-quantizing them (with pre-RoPE keys, re-rotation only changes positions)"
+            )
+        if self.rerotate and q.sink_tokens:
+            raise UnsupportedError(
+                "`rerotate=True` with decoding-time compression of a quantized cache needs "
+                "QuantConfig(sink_tokens=0): sink positions are not recorded"
+            )
+        budget = schedule.decoding_budget
+        # Only quantized tokens are evicted: the sinks and the residual window (fewer than
+        # block_tokens tokens) stay, so the budget must hold them next to the recent tokens.
+        protected = max(schedule.decoding_interval, q.block_tokens - 1) + q.sink_tokens
+        if budget is not None and budget < protected:
+            raise InvalidArgumentError(
+                f"`decoding_budget` ({budget}) must be at least {protected} with this quantization: "
+                f"max(decoding_interval={schedule.decoding_interval}, block_tokens-1={q.block_tokens - 1}) "
+                f"+ sink_tokens={q.sink_tokens} tokens are never evicted (the full-precision sinks and "
+                "residual window stay whole)"
+            )
 
     def _calibration(self, query_stats: Any, n_layers: int) -> list | None:
         """TriAttention's per-layer query statistics from a calibration file, or None
@@ -567,8 +626,23 @@ class KVCache(GuardedCache, Cache):
             self._allocate(scored)
         if self.rerotate:
             self._rerotate()
+            self._rerotate_quantized()
         for _, layer in self._compressed_layers():
             layer._quantize_kept()
+
+    def _rerotate_quantized(self) -> None:
+        """After a decoding-time eviction in quantized layers (pre-RoPE keys): every layer's
+        tokens move to compact positions ending right before one shared next position —
+        positions only, codes untouched."""
+        layers = [layer for _, layer in self._compressed_layers() if layer._qstore is not None]
+        if not any(layer._evicted_now for layer in layers):
+            return
+        next_position = max(layer._stored for layer in layers)
+        for layer in layers:
+            if layer._seen != next_position:
+                layer._qstore.rerotate(next_position)
+                layer._evicted = next_position - layer._stored
+            layer._evicted_now = False
 
     def _rerotate(self) -> None:
         """Compacts the kept keys' positions (after a compression) so that every layer ends

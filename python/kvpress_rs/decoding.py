@@ -3,7 +3,8 @@
 A :class:`~kvpress_rs.KVCache` built with ``decoding_budget=N`` (or ``decoding_ratio=r``)
 keeps compressing while it grows. The schedule — when, and to how many tokens — is the
 Rust ``DecodingSchedule``; the scoring, protection and eviction are one Rust call,
-``LayerStore.compress_to``. What is left here is what only the adapter sees: the
+``LayerStore.compress_to`` (``QuantizedStore.compress_to`` once the layer is quantized:
+the kept tokens keep their codes). What is left here is what only the adapter sees: the
 layer's post-RoPE queries since the previous compression (the scorers' "window" during
 generation), TriAttention's query statistics, and which prompt tokens are protected.
 
@@ -22,7 +23,7 @@ from __future__ import annotations
 
 import torch
 
-from ._native import DecodingSchedule, LayerStore, Press, QueryStats
+from ._native import DecodingSchedule, LayerStore, Press, QuantizedStore, QueryStats
 from .rope import Rope
 
 
@@ -118,15 +119,7 @@ class LayerDecoding:
         n_kept = self.schedule.plan(store.stored, seen, new_tokens, self.protected)
         if n_kept is None:
             return False
-        stats = self._calibrated
-        queries = None
-        if self._online:
-            if self._queries:
-                self._fold(seen)
-                self._queries, self._n_queries = [], 0
-            stats = self._online_stats
-        elif self._needs_queries and self._queries:
-            queries = torch.cat(self._queries, dim=-2) if len(self._queries) > 1 else self._queries[0]
+        queries, stats = self._scoring_inputs(seen)
         evicted = store.compress_to(
             self.press,
             self.layer_idx,
@@ -143,6 +136,41 @@ class LayerDecoding:
         # still has a full window).
         self._keep_last(self.schedule.decoding_interval)
         return evicted
+
+    def maybe_compress_quantized(self, store: QuantizedStore, new_tokens: int, seen: int) -> bool:
+        """:meth:`maybe_compress` for a layer whose tokens are quantized (``seen``: the
+        layer's tokens seen; the store holds ``store.seen`` of them). The store scores
+        dequantized tokens and keeps the selected codes as they are; its full-precision
+        sinks and residual window are protected too. Returns whether it evicted."""
+        n_kept = self.schedule.plan(store.seen, seen, new_tokens, self.protected)
+        if n_kept is None:
+            return False
+        queries, stats = self._scoring_inputs(seen)
+        evicted = store.compress_to(
+            self.press,
+            self.layer_idx,
+            n_kept,
+            seen,
+            queries=queries,
+            query_stats=stats,
+            protect_first=self.protected,
+            protect_last=self.schedule.decoding_interval,
+        )
+        self._keep_last(self.schedule.decoding_interval)
+        return evicted
+
+    def _scoring_inputs(self, seen: int) -> tuple[torch.Tensor | None, QueryStats | None]:
+        """The queries (or, for TriAttention, statistics) a compression scores with."""
+        stats = self._calibrated
+        queries = None
+        if self._online:
+            if self._queries:
+                self._fold(seen)
+                self._queries, self._n_queries = [], 0
+            stats = self._online_stats
+        elif self._needs_queries and self._queries:
+            queries = torch.cat(self._queries, dim=-2) if len(self._queries) > 1 else self._queries[0]
+        return queries, stats
 
     def _keep_last(self, n: int) -> None:
         if not self._queries:

@@ -7,6 +7,8 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use crate::error::{KvError, Result};
+use crate::python::decoding::PyQueryStats;
+use crate::python::press::PyPress;
 use crate::python::rope::PyRope;
 use crate::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
 use pyo3::prelude::*;
@@ -357,6 +359,118 @@ impl PyQuantizedStore {
         Ok((PyTensor(k), PyTensor(v)))
     }
 
+    /// Decoding-time compression of a quantized store: scores every stored token (from a
+    /// dequantized temporary) with ``press``, protects the first ``protect_first`` and the
+    /// last ``protect_last`` stored tokens (raised to cover the full-precision sinks and
+    /// residual window) and keeps ``n_kept`` per (batch, head) row with their exact codes
+    /// (nothing is re-quantized). ``queries``: post-RoPE queries of the last q stored
+    /// tokens; ``query_stats``: TriAttention's statistics; ``next_position``: tokens seen.
+    /// Returns whether tokens were evicted.
+    ///
+    /// Examples
+    /// --------
+    /// >>> import torch, kvpress_rs
+    /// >>> store = kvpress_rs._native.QuantizedStore(kvpress_rs.QuantConfig(bits=4, residual_length=32))
+    /// >>> store.append(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
+    /// >>> store.compress_to(kvpress_rs._native.Press("knorm"), 0, 60, 100, protect_last=8)
+    /// True
+    /// >>> store.seen, store.evicted, store.residual_tokens
+    /// (60, 40, 4)
+    #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
+        protect_first=0, protect_last=0))]
+    #[allow(clippy::too_many_arguments)]
+    fn compress_to(
+        slf: Bound<'_, Self>,
+        press: Bound<'_, PyPress>,
+        layer_idx: usize,
+        n_kept: usize,
+        next_position: usize,
+        queries: Option<PyTensor>,
+        query_stats: Option<Bound<'_, PyQueryStats>>,
+        protect_first: usize,
+        protect_last: usize,
+    ) -> PyResult<bool> {
+        let me = slf.get();
+        let press = press.get();
+        let queries = queries.map(|q| q.0);
+        let stats = query_stats.as_ref().map(|s| s.get());
+        detached(slf.py(), move || {
+            let stats = stats.map(|s| s.lock()).transpose()?;
+            let mut store = me.lock()?;
+            press.inner.compress_quantized_to(
+                &mut store,
+                layer_idx,
+                queries.as_ref(),
+                stats.as_deref(),
+                n_kept,
+                next_position,
+                (protect_first, protect_last),
+            )
+        })
+    }
+
+    /// Keeps the stored tokens at ``kept`` (int64 (batch, kv_heads, n), strictly ascending
+    /// per row, indices in storage order: sinks, tokens kept by earlier evictions, blocks,
+    /// residual window) and frees the others. Sinks and the residual window must be kept
+    /// whole; quantized tokens keep their exact codes and scales/zeros.
+    fn retain(slf: Bound<'_, Self>, kept: PyTensor) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.retain(&kept.0))
+    }
+
+    /// With ``pre_rope_keys``: moves the stored tokens to the compact positions
+    /// ``next_position - stored .. next_position`` (re-rotation after evictions).
+    fn rerotate(slf: Bound<'_, Self>, next_position: usize) -> PyResult<()> {
+        let me = slf.get();
+        detached(slf.py(), move || me.lock()?.rerotate(next_position))
+    }
+
+    /// Integer codes and (scale, zero) of every quantized element, for inspection: a list
+    /// ``[keys, values]`` of ``(codes, params, outliers)`` — codes uint8 (batch, kv_heads,
+    /// q, head_dim), params float16 (batch, kv_heads, q, head_dim, 2), outliers None or
+    /// (int64 flat indices into (batch, kv_heads, q, head_dim), exact values). ``q`` counts
+    /// the tokens kept by evictions, then the blocks' tokens, in storage order.
+    #[allow(clippy::type_complexity)]
+    fn element_codes(
+        slf: Bound<'_, Self>,
+    ) -> PyResult<Vec<(PyTensor, PyTensor, Option<(PyTensor, PyTensor)>)>> {
+        let me = slf.get();
+        let parts = detached(slf.py(), move || me.lock()?.element_codes())?;
+        Ok(parts
+            .into_iter()
+            .map(|(c, p, o)| {
+                (
+                    PyTensor(c),
+                    PyTensor(p),
+                    o.map(|(i, v)| (PyTensor(i), PyTensor(v))),
+                )
+            })
+            .collect())
+    }
+
+    /// Tokens evicted since the last reset (decoding-time compression).
+    #[getter]
+    fn evicted(&self) -> PyResult<usize> {
+        Ok(self.lock().map_err(to_pyerr)?.evicted())
+    }
+
+    /// Tiles (of ``group_size`` tokens when quantized) with at least one token kept by an
+    /// eviction, over every (batch, kv_head) row; 0 before any eviction.
+    #[getter]
+    fn ragged_tiles(&self) -> PyResult<usize> {
+        Ok(self
+            .lock()
+            .map_err(to_pyerr)?
+            .ragged()
+            .map_or(0, |r| r.tiles()))
+    }
+
+    /// Quantized tokens per row kept by evictions (before the blocks quantized since).
+    #[getter]
+    fn ragged_tokens(&self) -> PyResult<usize> {
+        Ok(self.lock().map_err(to_pyerr)?.ragged().map_or(0, |r| r.len))
+    }
+
     /// Forgets the last ``n`` tokens (only full-precision ones can be removed).
     fn crop(slf: Bound<'_, Self>, n: usize) -> PyResult<()> {
         let me = slf.get();
@@ -391,7 +505,8 @@ impl PyQuantizedStore {
         })
     }
 
-    /// Tokens seen (all stored) since the last reset.
+    /// Tokens stored since the last reset (all of them, unless evicted by
+    /// :meth:`compress_to`/:meth:`retain`).
     #[getter]
     fn seen(&self) -> PyResult<usize> {
         Ok(self.lock().map_err(to_pyerr)?.seen())
@@ -413,7 +528,7 @@ impl PyQuantizedStore {
         Ok(self.lock().map_err(to_pyerr)?.sink_len())
     }
 
-    /// Tokens in quantized blocks.
+    /// Tokens held quantized (kept by evictions, and in blocks).
     #[getter]
     fn quantized_tokens(&self) -> PyResult<usize> {
         Ok(self.lock().map_err(to_pyerr)?.quantized_len())

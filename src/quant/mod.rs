@@ -12,6 +12,8 @@
 //! - [`cpu`] / [`libtorch`]: quantize and dequantize with Rust kernels (CPU) or libtorch ops
 //!   (other devices), identical codes;
 //! - [`store`]: [`QuantizedStore`], one layer's cache (sinks, blocks, residual window);
+//! - [`ragged`]: the quantized tokens an eviction keeps (per-row counts per tile, exact
+//!   codes and scales/zeros; decoding-time compression of a quantized cache);
 //! - [`parts`]: a store as named tensors, and one store assembled from several stores'
 //!   parts at offsets (quantized chunk caches);
 //! - [`attention`]: attention over a store (fused CPU kernel, libtorch path);
@@ -29,6 +31,7 @@ pub(crate) mod libtorch;
 pub mod pack;
 pub mod parts;
 pub mod qtensor;
+pub mod ragged;
 pub mod simd;
 pub mod store;
 pub mod union;

@@ -28,6 +28,7 @@ use super::attention::{self, AttendInputs};
 use super::config::QuantConfig;
 use super::layout::TensorLayout;
 use super::qtensor::QuantizedTensor;
+use super::ragged::{self, RaggedTiles};
 use crate::error::{KvError, Result};
 use crate::rope::table::AngleTable;
 use crate::rope::Rope;
@@ -83,9 +84,13 @@ impl FullPrecision {
     }
 
     fn write_positions(&mut self, positions: &Tensor) -> Result<()> {
+        self.write_positions_at(self.len, positions)
+    }
+
+    fn write_positions_at(&mut self, at: usize, positions: &Tensor) -> Result<()> {
         if let Some(p) = &mut self.positions {
             let q = positions.size()[2];
-            p.f_narrow(2, self.len as i64, q)?.f_copy_(positions)?;
+            p.f_narrow(2, at as i64, q)?.f_copy_(positions)?;
         }
         Ok(())
     }
@@ -145,9 +150,16 @@ pub struct QuantizedStore {
     shape: Option<StoreShape>,
     layouts: Option<(TensorLayout, TensorLayout)>,
     sinks: Option<FullPrecision>,
+    /// The quantized tokens kept by evictions (decoding-time compression), between the
+    /// sinks and the blocks: every row keeps the same count, not the same tokens.
+    ragged: Option<RaggedTiles>,
     blocks: Vec<Block>,
     residual: Option<FullPrecision>,
+    /// Tokens stored (appended and not evicted nor cropped).
     seen: usize,
+    /// Tokens evicted (or skipped by re-rotation): the default position of the next
+    /// appended token is `seen + evicted`.
+    evicted: usize,
     /// With pre-RoPE keys: the model's RoPE and its cos/sin tables.
     pre_rope: Option<(Rope, AngleTable)>,
 }
@@ -187,9 +199,11 @@ impl QuantizedStore {
             shape: None,
             layouts: None,
             sinks: None,
+            ragged: None,
             blocks: Vec::new(),
             residual: None,
             seen: 0,
+            evicted: 0,
             pre_rope,
         })
     }
@@ -250,9 +264,20 @@ impl QuantizedStore {
         &self.config
     }
 
-    /// Tokens seen (= stored: nothing is evicted) since the last reset.
+    /// Tokens stored since the last reset (appended, minus those evicted by
+    /// [`retain`](Self::retain) or cropped).
     pub fn seen(&self) -> usize {
         self.seen
+    }
+
+    /// Tokens evicted since the last reset (0 without decoding-time compression).
+    pub fn evicted(&self) -> usize {
+        self.evicted
+    }
+
+    /// The quantized tokens kept by evictions, if any.
+    pub fn ragged(&self) -> Option<&RaggedTiles> {
+        self.ragged.as_ref()
     }
 
     pub fn shape(&self) -> Option<StoreShape> {
@@ -281,9 +306,10 @@ impl QuantizedStore {
         self.sinks.as_ref().map_or(0, |s| s.len)
     }
 
-    /// Tokens held in quantized blocks.
+    /// Tokens held quantized (kept by evictions, and in blocks).
     pub fn quantized_len(&self) -> usize {
-        self.blocks.iter().map(|b| b.keys.tokens()).sum()
+        self.ragged.as_ref().map_or(0, |r| r.len)
+            + self.blocks.iter().map(|b| b.keys.tokens()).sum::<usize>()
     }
 
     /// Tokens in the full-precision residual window.
@@ -291,10 +317,12 @@ impl QuantizedStore {
         self.residual.as_ref().map_or(0, |r| r.len)
     }
 
-    /// Bytes allocated: sinks and residual window (full length), every block, and with
-    /// pre-RoPE keys the positions and the cos/sin table.
+    /// Bytes allocated: sinks and residual window (full length), the tokens kept by
+    /// evictions ([`RaggedTiles::nbytes`]), every block, and with pre-RoPE keys the
+    /// positions and the cos/sin table.
     pub fn nbytes(&self) -> usize {
         self.sinks.as_ref().map_or(0, FullPrecision::nbytes)
+            + self.ragged.as_ref().map_or(0, RaggedTiles::nbytes)
             + self.residual.as_ref().map_or(0, FullPrecision::nbytes)
             + self
                 .blocks
@@ -487,7 +515,8 @@ impl QuantizedStore {
         let p = match given {
             Some(p) => p.f_to_device(device)?.f_to_kind(Kind::Int)?,
             None => {
-                Tensor::f_arange_start(self.seen as i64, self.seen as i64 + q, (Kind::Int, device))?
+                let next = (self.seen + self.evicted) as i64;
+                Tensor::f_arange_start(next, next + q, (Kind::Int, device))?
             }
         };
         // Positions shared by every row stay one row: 4 bytes per token, not per head.
@@ -572,6 +601,12 @@ impl QuantizedStore {
             keys.push(k);
             values.push(v);
         }
+        if let Some(r) = &self.ragged {
+            let (k, v) = self.ragged_keys_values(r, true)?;
+            let kind = self.shape.ok_or_else(empty_store)?.kind;
+            keys.push(self.rotate_ragged_keys(&k.f_to_kind(kind)?, r)?);
+            values.push(v.f_to_kind(kind)?);
+        }
         for b in &self.blocks {
             keys.push(self.block_keys(b)?);
             values.push(b.values.dequantize()?);
@@ -600,7 +635,7 @@ impl QuantizedStore {
             ));
         }
         let residual = self.residual_len();
-        let croppable = if self.blocks.is_empty() {
+        let croppable = if self.blocks.is_empty() && self.ragged.is_none() {
             residual + self.sink_len()
         } else {
             residual
@@ -647,6 +682,19 @@ impl QuantizedStore {
         let Some(mut shape) = self.shape else {
             return Ok(());
         };
+        let sources: Vec<i64> = Vec::<i64>::try_from(
+            f(&Tensor::f_arange(
+                shape.batch as i64,
+                (Kind::Int64, shape.device),
+            )?)?
+            .f_to(Device::Cpu)?,
+        )?;
+        let ragged = match &self.ragged {
+            Some(r) => {
+                Some(r.select_batch(&sources.iter().map(|&s| s as usize).collect::<Vec<_>>())?)
+            }
+            None => None,
+        };
         let sinks = self.sinks.as_ref().map(|s| s.map_batch(f)).transpose()?;
         let residual = self.residual.as_ref().map(|r| r.map_batch(f)).transpose()?;
         let blocks = self
@@ -666,6 +714,7 @@ impl QuantizedStore {
         )?)?;
         shape.batch = probe.size()[0] as usize;
         self.sinks = sinks;
+        self.ragged = ragged;
         self.residual = residual;
         self.blocks = blocks;
         self.shape = Some(shape);
@@ -677,9 +726,194 @@ impl QuantizedStore {
         self.shape = None;
         self.layouts = None;
         self.sinks = None;
+        self.ragged = None;
         self.blocks.clear();
         self.residual = None;
         self.seen = 0;
+        self.evicted = 0;
+    }
+
+    /// The ragged tiles' keys and values as f32 (batch, heads, len, head_dim), keys before
+    /// RoPE when stored pre-RoPE; rotated back from the Hadamard basis when `unrotate`.
+    pub fn ragged_keys_values(&self, r: &RaggedTiles, unrotate: bool) -> Result<(Tensor, Tensor)> {
+        let mut k = r.dequantize_f32(&r.keys)?;
+        let mut v = r.dequantize_f32(&r.values)?;
+        if self.config.hadamard && unrotate {
+            k = super::hadamard::fwht_tensor(&k)?;
+            v = super::hadamard::fwht_tensor(&v)?;
+        }
+        Ok((k, v))
+    }
+
+    /// `keys` (the ragged tiles' dequantized keys) with RoPE re-applied at their positions
+    /// when keys are stored pre-RoPE; unchanged otherwise.
+    pub fn rotate_ragged_keys(&self, keys: &Tensor, r: &RaggedTiles) -> Result<Tensor> {
+        match (&self.pre_rope, &r.positions) {
+            (Some((rope, _)), Some(p)) => rope.apply(keys, &p.f_to_kind(Kind::Int64)?, None),
+            _ => Ok(keys.shallow_clone()),
+        }
+    }
+
+    /// Keeps the stored tokens at `kept` and frees the others (decoding-time compression).
+    /// `kept`: int64 (batch, heads, n), strictly ascending per row, indices into the stored
+    /// tokens in storage order (sinks, tokens kept by earlier evictions, blocks, residual
+    /// window). Every row keeps the same count, not the same tokens. The full-precision
+    /// sinks and residual window must be kept whole (they are few, and every row then
+    /// holds them at the same place); of the quantized tokens, the kept ones keep their
+    /// exact codes, scales/zeros, outliers and positions ([`ragged::retain`]): nothing is
+    /// re-quantized. On any error the store is unchanged.
+    pub fn retain(&mut self, kept: &Tensor) -> Result<()> {
+        let shape = self.shape.ok_or_else(empty_store)?;
+        let stored = self.seen;
+        let size = kept.size();
+        let kind = crate::tensor::kind_of(kept, "kept")?;
+        if kind != Kind::Int64 {
+            return Err(KvError::dtype("kept", kind_name(kind), "torch.int64"));
+        }
+        if size.len() != 3
+            || size[0] != shape.batch as i64
+            || size[1] != shape.heads as i64
+            || size[2] > stored as i64
+        {
+            return Err(KvError::shape(
+                "kept",
+                &size,
+                format!(
+                    "({}, {}, n <= {stored}): the indices of the stored tokens each row keeps",
+                    shape.batch, shape.heads
+                ),
+            ));
+        }
+        let n = size[2] as usize;
+        let (s, r) = (self.sink_len(), self.residual_len());
+        let kept = kept.f_to(shape.device)?;
+        if n > 0 {
+            let min = kept.f_min()?.f_int64_value(&[])?;
+            let max = kept.f_max()?.f_int64_value(&[])?;
+            let ascending = n < 2
+                || kept
+                    .f_narrow(2, 1, n as i64 - 1)?
+                    .f_gt_tensor(&kept.f_narrow(2, 0, n as i64 - 1)?)?
+                    .f_all()?
+                    .f_int64_value(&[])?
+                    == 1;
+            if min < 0 || max >= stored as i64 || !ascending {
+                return Err(KvError::invalid(
+                    "kept",
+                    format!("expected strictly ascending indices in [0, {stored}) per row"),
+                ));
+            }
+        }
+        let whole = |from: usize, at: usize, count: usize| -> Result<bool> {
+            if count == 0 {
+                return Ok(true);
+            }
+            let want = Tensor::f_arange_start(
+                from as i64,
+                (from + count) as i64,
+                (Kind::Int64, shape.device),
+            )?;
+            Ok(kept
+                .f_narrow(2, at as i64, count as i64)?
+                .f_eq_tensor(&want)?
+                .f_all()?
+                .f_int64_value(&[])?
+                == 1)
+        };
+        if n < s + r || !whole(0, 0, s)? || !whole(stored - r, n - r, r)? {
+            return Err(KvError::invalid(
+                "kept",
+                format!(
+                    "every row must keep the {s} sink tokens and the {r} tokens of the                      full-precision residual window (only quantized tokens are evicted)"
+                ),
+            ));
+        }
+        if n == stored {
+            return Ok(());
+        }
+        let middle = kept
+            .f_narrow(2, s as i64, (n - s - r) as i64)?
+            .f_sub_scalar(s as i64)?;
+        let kept_tiles = ragged::retain(self.ragged.as_ref(), &self.blocks, &middle, shape.kind)?;
+        self.ragged = kept_tiles;
+        self.blocks.clear();
+        self.evicted += stored - n;
+        self.seen = n;
+        Ok(())
+    }
+
+    /// Re-rotation after an eviction, with pre-RoPE keys: the stored tokens move to the
+    /// compact positions `next_position − stored .. next_position` (in storage order, which
+    /// is position order). Quantized tokens only change their recorded positions (their
+    /// codes hold pre-RoPE keys); the residual window's full-precision keys are rotated by
+    /// the difference (`Rope::shift`). Refused without pre-RoPE keys (packed post-RoPE keys
+    /// cannot be rotated without re-quantizing) and with sink tokens (their positions are
+    /// not recorded).
+    pub fn rerotate(&mut self, next_position: usize) -> Result<()> {
+        let shape = self.shape.ok_or_else(empty_store)?;
+        let Some((rope, _)) = &self.pre_rope else {
+            return Err(KvError::Unsupported(
+                "rerotate=True with a quantized cache that evicts during generation needs                  pre_rope_keys=True: packed post-RoPE keys cannot be re-rotated without                  re-quantizing them"
+                    .into(),
+            ));
+        };
+        let rope = rope.clone();
+        if self.sink_len() > 0 {
+            return Err(KvError::Unsupported(
+                "rerotate=True with quantization sink_tokens > 0 is not supported: sink                  positions are not recorded"
+                    .into(),
+            ));
+        }
+        let stored = self.seen;
+        if next_position < stored {
+            return Err(KvError::invalid(
+                "next_position",
+                format!("{next_position} leaves no room for the {stored} stored tokens"),
+            ));
+        }
+        let (b, h) = (shape.batch as i64, shape.heads as i64);
+        let device = shape.device;
+        let mut at = (next_position - stored) as i64;
+        let compact = |from: i64, n: i64| -> Result<Tensor> {
+            Ok(Tensor::f_arange_start(from, from + n, (Kind::Int, device))?.f_view([1, 1, n])?)
+        };
+        if let Some(r) = &mut self.ragged {
+            let n = r.len as i64;
+            r.positions = Some(compact(at, n)?.f_expand([b, h, n], false)?.f_contiguous()?);
+            at += n;
+        }
+        for block in &mut self.blocks {
+            let n = block.keys.tokens() as i64;
+            block.positions = Some(compact(at, n)?);
+            at += n;
+        }
+        if let Some(res) = &mut self.residual {
+            let n = res.len as i64;
+            if n > 0 {
+                let new = compact(at, n)?.f_expand([b, h, n], false)?;
+                if let Some(old) = res.positions_view()? {
+                    let delta = new.f_sub(&old)?.f_to_kind(Kind::Int64)?;
+                    let mut keys = res.keys.f_narrow(TOKEN_AXIS, 0, n)?;
+                    let rotated = rope.shift(&keys, &delta, None)?;
+                    keys.f_copy_(&rotated)?;
+                    res.write_positions_at(0, &new)?;
+                }
+            }
+        }
+        self.evicted = next_position - stored;
+        Ok(())
+    }
+
+    /// Integer codes and (scale, zero) of every quantized element (tokens kept by
+    /// evictions, then blocks), for keys and values: codes u8 (batch, heads, q, head_dim),
+    /// params float16 (batch, heads, q, head_dim, 2), and the outliers (int64 flat indices
+    /// into (batch, heads, q, head_dim), ascending; values). For inspection and tests.
+    #[allow(clippy::type_complexity)]
+    pub fn element_codes(&self) -> Result<Vec<(Tensor, Tensor, Option<(Tensor, Tensor)>)>> {
+        if self.quantized_len() == 0 {
+            return Err(KvError::State("the store holds no quantized token".into()));
+        }
+        ragged::element_codes(self.ragged.as_ref(), &self.blocks)
     }
 }
 

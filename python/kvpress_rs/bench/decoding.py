@@ -8,12 +8,15 @@ Parts (``python -m kvpress_rs.bench decoding <part> [options]``):
   decode ms/token; the full cache (DynamicCache) and kvpress 0.5.5's ``DecodingPress``
   around the same-named scorer run in the same invocation (kvpress in its own venv, see
   ``kvpress_env.py``). TriAttention runs with statistics of the queries it sees
-  (``online``) and, with ``--calibration FILE``, from a calibration file.
-- ``memory``: peak process memory (ru_maxrss, one fresh process per run; on CUDA also the
-  allocator's peak) and peak cache bytes for ``--lengths`` prompts (default 8192 16384
-  32768), full prefill vs ``kvpress_rs.prefill`` in blocks of ``--block`` tokens with
-  ``--budget``. ``--config config.json`` builds the same architecture with random weights
-  (memory does not depend on the weights' values) and ``--device cuda`` runs it on a GPU.
+  (``online``) and, with ``--calibration FILE``, from a calibration file. With
+  ``--quant-bits b`` every policy also runs over a b-bit quantized cache (``knorm+q4``:
+  evictions keep the kept tokens' codes), and every row reports its KV bytes at the end.
+- ``memory``: the prefill's peak memory above the loaded model (VmHWM reset after loading,
+  one fresh process per run; on CUDA the allocator's peak) and peak cache bytes for
+  ``--lengths`` prompts (default 8192 16384 32768), full prefill vs ``kvpress_rs.prefill``
+  in blocks of ``--block`` tokens with ``--budget``. ``--config config.json`` builds the
+  same architecture with random weights (memory does not depend on the weights' values)
+  and ``--device cuda`` runs it on a GPU.
 - ``needle``: answer accuracy of the needle task at ``--needle-length`` (8192) tokens,
   full cache vs block-wise prefill into SnapKV/TriAttention caches of ``--budget`` tokens.
 
@@ -55,6 +58,11 @@ def make_cache(model: Any, policy: str, budget: int, interval: int, calibration:
     if policy == "full":
         return DynamicCache(config=model.config)
     kwargs: dict[str, Any] = {"decoding_budget": budget, "decoding_interval": interval, "protect_prompt": False}
+    # "knorm+q4": the same policy over a 4-bit KIVI cache (keys per channel, values per token,
+    # 128-token full-precision residual window); evictions keep the kept tokens' codes
+    policy, _, bits = policy.partition("+q")
+    if bits:
+        kwargs["quantization"] = kvpress_rs.QuantConfig(bits=int(bits), group_size=32, residual_length=128)
     if policy.startswith("triattention") and calibration:
         kwargs["query_stats"] = calibration
     if policy == "snapkv":
@@ -77,13 +85,22 @@ def teacher_forced(model: Any, cache: Any, prefix: list[int], cont: list[int]) -
         seconds += time.perf_counter() - start
         peak = max(peak, _stored(cache))
     return {"nll": nll, "tokens": len(cont), "ppl": float(torch.tensor(nll / len(cont)).exp()),
-            "ms_per_token": 1000 * seconds / max(len(cont) - 1, 1), "max_cache_tokens_after_step": peak}
+            "ms_per_token": 1000 * seconds / max(len(cont) - 1, 1), "max_cache_tokens_after_step": peak,
+            "kv_bytes_at_end": _kv_bytes(cache)}
 
 
 def _stored(cache: Any) -> int:
     layer = cache.layers[0]
-    store = getattr(layer, "_store", None)
-    return store.stored if store is not None else int(layer.keys.shape[-2])
+    stored = getattr(layer, "_stored", None)  # a CompressedLayer, quantized or not
+    return int(stored) if stored is not None else int(layer.keys.shape[-2])
+
+
+def _kv_bytes(cache: Any) -> int:
+    """Bytes of every layer's keys and values (codes, scales/zeros, … once quantized)."""
+    nbytes = getattr(cache, "nbytes", None)
+    if isinstance(nbytes, int):
+        return nbytes
+    return sum(layer.keys.nbytes + layer.values.nbytes for layer in cache.layers)
 
 
 def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
@@ -94,7 +111,8 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     prefix, cont = ids[: args.prefix], ids[args.prefix :]
     policies = args.policies or OURS
     rows: dict[str, dict] = {}
-    configs = ["full", *policies] + (["triattention:calibrated"] if args.calibration else [])
+    quantized = [f"{p}+q{args.quant_bits}" for p in policies] if args.quant_bits else []
+    configs = ["full", *policies, *quantized] + (["triattention:calibrated"] if args.calibration else [])
     for name in configs:
         start = time.perf_counter()
         cache = make_cache(model, name, args.budget, args.interval, args.calibration if name.endswith("calibrated") else None,
@@ -114,14 +132,17 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
             rows[f"kvpress:{row['press']['name']}"] = r
             print(f"  kvpress {row['press']['name']:<23} ppl {r['ppl']:8.3f}", flush=True)
     full = rows["full"]
-    print(f"\n{'config':<30}{'ppl':>9}{'/ full':>8}{'/ kvpress':>10}{'ms/tok':>9}{'x full ms':>10}")
+    print(f"\n{'config':<30}{'ppl':>9}{'/ full':>8}{'/ kvpress':>10}{'ms/tok':>9}{'x full ms':>10}{'KV MB':>8}{'/ full':>8}")
     for name, r in rows.items():
         r["ppl_vs_full"] = r["ppl"] / full["ppl"]
         r["ms_vs_full"] = r["ms_per_token"] / full["ms_per_token"]
         twin = rows.get("kvpress:" + name.split(":", 1)[1]) if name.startswith("ours:") else None
         r["ppl_vs_kvpress"] = r["ppl"] / twin["ppl"] if twin else None
         vs = f"{r['ppl_vs_kvpress']:10.3f}" if r["ppl_vs_kvpress"] else f"{'-':>10}"
-        print(f"{name:<30}{r['ppl']:9.3f}{r['ppl_vs_full']:8.3f}{vs}{r['ms_per_token']:9.1f}{r['ms_vs_full']:10.2f}")
+        kv = r.get("kv_bytes_at_end")
+        r["kv_bytes_vs_full"] = kv / full["kv_bytes_at_end"] if kv else None
+        mem = f"{kv / 2**20:8.2f}{r['kv_bytes_vs_full']:8.3f}" if kv else f"{'-':>8}{'-':>8}"
+        print(f"{name:<30}{r['ppl']:9.3f}{r['ppl_vs_full']:8.3f}{vs}{r['ms_per_token']:9.1f}{r['ms_vs_full']:10.2f}{mem}")
     total = args.prefix + args.continuation
     return {"prefix": args.prefix, "continuation": args.continuation, "budget": args.budget, "interval": args.interval,
             "full_cache_tokens_at_end": total, "x_smaller_cache": total / (args.budget + args.interval), "rows": rows}
@@ -256,6 +277,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--window", type=int, default=64, help="SnapKV window_size, both sides")
     parser.add_argument("--calibration", default=None, help="TriAttention calibration file (python -m kvpress_rs.calibrate)")
     parser.add_argument("--no-kvpress", action="store_true", help="leave out the kvpress 0.5.5 side")
+    parser.add_argument("--quant-bits", type=int, default=None, choices=[2, 3, 4, 8],
+                        help="ppl: also run every policy over a quantized cache at these bits ('knorm+q4'; "
+                             "a policy spec like 'knorm+q4' in --policies works too)")
     parser.add_argument("--lengths", type=int, nargs="+", default=[8192, 16384, 32768])
     parser.add_argument("--block", type=int, default=1024)
     parser.add_argument("--config", default=None,

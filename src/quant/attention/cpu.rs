@@ -23,7 +23,7 @@ use crate::multiversion;
 use crate::quant::cpu::{QuantSlices, TileData};
 use crate::quant::hadamard::fwht;
 use crate::quant::layout::TensorLayout;
-use crate::quant::pack::dequant_group;
+use crate::quant::pack::{dequant_group, unpack_f32};
 use crate::quant::simd::{exp_neg, gemm_acc, max, sum, Madd};
 use crate::quant::store::QuantizedStore;
 use crate::quant::Grouping;
@@ -75,7 +75,34 @@ struct QuantPart<'a, T> {
     positions_per_row: bool,
 }
 
+/// One tensor of the tokens kept by evictions (see `quant/ragged.rs`).
+struct RaggedSlices<'a, T> {
+    codes: &'a [u8],
+    params: &'a [f16],
+    outlier_idx: &'a [i32],
+    outlier_val: &'a [T],
+    code_bytes: usize,
+}
+
+/// The tokens kept by evictions: `len` per row, tile by tile.
+struct RaggedCtx<'a, T> {
+    len: usize,
+    /// Stored index of a row's first ragged token.
+    offset: usize,
+    keys: RaggedSlices<'a, T>,
+    values: RaggedSlices<'a, T>,
+    counts: &'a [u8],
+    /// Where each tile's tokens start within its row.
+    tile_token: Vec<usize>,
+    positions: Option<&'a [i32]>,
+}
+
 enum Span {
+    /// Ragged tiles `[tile0, tile1)` of the piece's row.
+    Ragged {
+        tile0: usize,
+        tile1: usize,
+    },
     Fp {
         part: usize,
         t0: usize,
@@ -104,6 +131,7 @@ struct Ctx<'a, T> {
     q_rot: Vec<f32>,
     mask: Option<ArrayView3<'a, bool>>,
     fp: Vec<FpPart<'a, T>>,
+    ragged: Option<RaggedCtx<'a, T>>,
     quant: Vec<QuantPart<'a, T>>,
     /// First global tile of each block.
     tile_starts: Vec<usize>,
@@ -134,6 +162,36 @@ fn fp_part<'a, T: KvFloat>(
         capacity: part.capacity(),
         len: part.len,
         offset,
+    })
+}
+
+fn ragged_slices<'a, T: KvFloat>(
+    part: &'a crate::quant::ragged::RaggedPart,
+) -> Result<RaggedSlices<'a, T>> {
+    let internal = || KvError::State("internal: ragged tiles are not contiguous".into());
+    let contiguous = |t: &Tensor| t.is_contiguous();
+    if !contiguous(&part.codes) || !contiguous(&part.params) {
+        return Err(internal());
+    }
+    let codes = array_view::<u8, ndarray::IxDyn>(&part.codes, "codes")?;
+    let params = array_view::<f16, ndarray::IxDyn>(&part.params, "params")?;
+    let (outlier_idx, outlier_val): (&[i32], &[T]) = match &part.outliers {
+        Some((i, v)) => (
+            array_view::<i32, ndarray::Ix1>(i, "outlier indices")?
+                .to_slice()
+                .ok_or_else(internal)?,
+            array_view::<T, ndarray::Ix1>(v, "outlier values")?
+                .to_slice()
+                .ok_or_else(internal)?,
+        ),
+        None => (&[], &[]),
+    };
+    Ok(RaggedSlices {
+        codes: codes.to_slice().ok_or_else(internal)?,
+        params: params.to_slice().ok_or_else(internal)?,
+        outlier_idx,
+        outlier_val,
+        code_bytes: crate::quant::ragged::code_bytes(&part.layout),
     })
 }
 
@@ -190,10 +248,42 @@ fn attend_typed<T: KvFloat>(
     if let Some(s) = store.sinks().filter(|s| s.len > 0) {
         fp.push(fp_part::<T>(s, 0)?);
     }
+    let angles = store.angle_table();
+    let ragged = match store.ragged() {
+        Some(r) => {
+            let mut tile_token = Vec::with_capacity(r.counts.len());
+            for row in r.tile_rows.windows(2) {
+                let mut t = 0usize;
+                for &n in &r.counts[row[0]..row[1]] {
+                    tile_token.push(t);
+                    t += n as usize;
+                }
+            }
+            let positions = match (angles, &r.positions) {
+                (Some(_), Some(p)) => Some(
+                    array_view::<i32, Ix3>(p, "positions")?
+                        .to_slice()
+                        .ok_or_else(|| {
+                            KvError::State("internal: positions are not contiguous".into())
+                        })?,
+                ),
+                _ => None,
+            };
+            Some(RaggedCtx {
+                len: r.len,
+                offset: sink_len,
+                keys: ragged_slices::<T>(&r.keys)?,
+                values: ragged_slices::<T>(&r.values)?,
+                counts: &r.counts,
+                tile_token,
+                positions,
+            })
+        }
+        None => None,
+    };
     let mut quant = Vec::new();
     let mut tile_starts = Vec::new();
-    let (mut offset, mut tiles) = (sink_len, 0usize);
-    let angles = store.angle_table();
+    let (mut offset, mut tiles) = (sink_len + ragged.as_ref().map_or(0, |r| r.len), 0usize);
     for block in store.blocks() {
         let n = block.keys.tokens();
         tile_starts.push(tiles);
@@ -242,6 +332,21 @@ fn attend_typed<T: KvFloat>(
                 },
             });
         }
+        if let Some(r) = store.ragged() {
+            let (first, last) = (r.tile_rows[bh], r.tile_rows[bh + 1]);
+            let mut t = first;
+            while t < last {
+                let end = (t + MIN_TILES_PER_PIECE).min(last);
+                pieces.push(Piece {
+                    bh,
+                    span: Span::Ragged {
+                        tile0: t,
+                        tile1: end,
+                    },
+                });
+                t = end;
+            }
+        }
         let mut t = 0;
         while t < tiles {
             let end = (t + tiles_per_piece).min(tiles);
@@ -264,6 +369,7 @@ fn attend_typed<T: KvFloat>(
         q_rot,
         mask,
         fp,
+        ragged,
         quant,
         tile_starts,
         angles,
@@ -351,6 +457,8 @@ struct Scratch {
     v: Vec<f32>,
     /// One unpacked group.
     group: Vec<f32>,
+    /// One token's unpacked codes (ragged tiles).
+    token: Vec<f32>,
 }
 
 #[inline(always)]
@@ -364,16 +472,59 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
         m: vec![f32::NEG_INFINITY; rows],
         l: vec![0.0; rows],
         acc: vec![0.0; rows * dv],
-        quantized: matches!(piece.span, Span::Quant { .. }),
+        quantized: matches!(piece.span, Span::Quant { .. } | Span::Ragged { .. }),
     };
     let mut scr = Scratch {
         sc: vec![0f32; rows * g],
         kt: vec![0f32; dk * g],
         v: vec![0f32; g * dv],
         group: vec![0f32; g],
+        token: vec![0f32; dk.max(dv)],
     };
     let q = &ctx.q[bh * rows * dk..(bh + 1) * rows * dk];
     match piece.span {
+        Span::Ragged { tile0, tile1 } => {
+            let qk = if ctx.key_layout.hadamard {
+                &ctx.q_rot[bh * rows * dk..(bh + 1) * rows * dk]
+            } else {
+                q
+            };
+            if let Some(r) = &ctx.ragged {
+                for tile in tile0..tile1 {
+                    let n = r.counts[tile] as usize;
+                    let t0 = r.tile_token[tile];
+                    let at = RaggedAt {
+                        len: r.len,
+                        bh,
+                        tile,
+                        t0,
+                        n,
+                        stride: g,
+                    };
+                    dequantize_ragged::<M, T, BITS>(
+                        &ctx.key_layout,
+                        &r.keys,
+                        &at,
+                        true,
+                        &mut scr.token,
+                        &mut scr.kt,
+                    );
+                    dequantize_ragged::<M, T, BITS>(
+                        &ctx.value_layout,
+                        &r.values,
+                        &at,
+                        false,
+                        &mut scr.token,
+                        &mut scr.v,
+                    );
+                    if let (Some(table), Some(positions)) = (ctx.angles, r.positions) {
+                        let row = &positions[bh * r.len + t0..][..n];
+                        table.apply_transposed(&mut scr.kt, g, row, n);
+                    }
+                    attend_tile::<M>(ctx, &mut st, &mut scr, qk, bh, r.offset + t0, n);
+                }
+            }
+        }
         Span::Fp { part, t0, t1 } => {
             let f = &ctx.fp[part];
             let mut t = t0;
@@ -546,6 +697,85 @@ fn dequantize_tile<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
                     }
                 }
             }
+        }
+    }
+}
+
+/// Which tokens of the ragged tiles one call dequantizes: row `bh` (of `len` tokens), tile
+/// `tile` (global index, for channel-group scales/zeros), its `n` tokens from `t0`;
+/// transposed keys are written with row stride `stride`.
+struct RaggedAt {
+    len: usize,
+    bh: usize,
+    tile: usize,
+    t0: usize,
+    n: usize,
+    stride: usize,
+}
+
+/// Dequantizes the `at.n` tokens of one ragged tile into f32: keys transposed
+/// (`head_dim × stride`, first n columns), values as they are (`n × head_dim`). Each token's
+/// codes are unpacked once into `token`; outliers get their exact values.
+#[inline(always)]
+fn dequantize_ragged<M: Madd, T: KvFloat, const BITS: u32>(
+    layout: &TensorLayout,
+    s: &RaggedSlices<'_, T>,
+    at: &RaggedAt,
+    transposed: bool,
+    token: &mut [f32],
+    out: &mut [f32],
+) {
+    let d = layout.head_dim;
+    let cb = s.code_bytes;
+    let mut write = |k: usize, c: usize, x: f32| {
+        if transposed {
+            out[c * at.stride + k] = x;
+        } else {
+            out[k * d + c] = x;
+        }
+    };
+    for k in 0..at.n {
+        let tok = at.bh * at.len + at.t0 + k;
+        let bytes = &s.codes[tok * cb..(tok + 1) * cb];
+        match layout.grouping {
+            Grouping::Channel => {
+                unpack_f32::<BITS>(bytes, &mut token[..d]);
+                let p = &s.params[at.tile * d * 2..(at.tile + 1) * d * 2];
+                for c in 0..d {
+                    write(
+                        k,
+                        c,
+                        M::madd(token[c], p[2 * c].to_f32(), p[2 * c + 1].to_f32()),
+                    );
+                }
+            }
+            Grouping::Token => {
+                let (gs, gb) = (layout.group_size, layout.group_bytes());
+                let ng = d / gs;
+                for j in 0..ng {
+                    unpack_f32::<BITS>(
+                        &bytes[j * gb..(j + 1) * gb],
+                        &mut token[j * gs..(j + 1) * gs],
+                    );
+                    let (sc, z) = (
+                        s.params[(tok * ng + j) * 2].to_f32(),
+                        s.params[(tok * ng + j) * 2 + 1].to_f32(),
+                    );
+                    for (c, &code) in token.iter().enumerate().skip(j * gs).take(gs) {
+                        write(k, c, M::madd(code, sc, z));
+                    }
+                }
+            }
+        }
+    }
+    if !s.outlier_idx.is_empty() {
+        let lo = ((at.bh * at.len + at.t0) * d) as i32;
+        let hi = lo + (at.n * d) as i32;
+        let a = s.outlier_idx.partition_point(|&i| i < lo);
+        let b = s.outlier_idx.partition_point(|&i| i < hi);
+        for e in a..b {
+            let rel = (s.outlier_idx[e] - lo) as usize;
+            write(rel / d, rel % d, s.outlier_val[e].to_f32());
         }
     }
 }

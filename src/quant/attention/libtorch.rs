@@ -1,6 +1,7 @@
 //! Attention over a quantized store with libtorch ops (devices other than the CPU, and the
 //! CPU with the Rust kernels switched off). Blocks are dequantized one at a time (keys for
-//! the scores, then values for the weighted sum), never all at once; softmax in f32.
+//! the scores, then values for the weighted sum), never all at once; the tokens kept by
+//! evictions (ragged tiles) are dequantized as one more block; softmax in f32.
 
 use super::AttendInputs;
 use crate::error::Result;
@@ -43,6 +44,16 @@ pub(super) fn attend(
         let k = s.view()?.0.f_to_kind(Kind::Float)?;
         scores.push(q.f_matmul(&k.f_transpose(-1, -2)?)?);
     }
+    // Tokens kept by evictions: one dequantized tensor (like one block).
+    let ragged = match store.ragged() {
+        Some(r) => {
+            let (k, v) = store.ragged_keys_values(r, false)?;
+            let k = store.rotate_ragged_keys(&k, r)?;
+            scores.push(q_rot.f_matmul(&k.f_transpose(-1, -2)?)?);
+            Some((v, r.len as i64))
+        }
+        None => None,
+    };
     for block in store.blocks() {
         let k = store.rotate_block_keys(&decode_f32(&block.keys, false)?, block)?;
         scores.push(q_rot.f_matmul(&k.f_transpose(-1, -2)?)?);
@@ -89,6 +100,10 @@ pub(super) fn attend(
         let v = s.view()?.1.f_to_kind(Kind::Float)?;
         let n = s.len as i64;
         out_full = out_full.f_add(&p.f_narrow(-1, offset, n)?.f_matmul(&v)?)?;
+        offset += n;
+    }
+    if let Some((v, n)) = &ragged {
+        out_quant = out_quant.f_add(&p.f_narrow(-1, offset, *n)?.f_matmul(v)?)?;
         offset += n;
     }
     for block in store.blocks() {
