@@ -302,22 +302,7 @@ impl Press {
         keep_evicted: bool,
     ) -> Result<Option<(Tensor, Tensor)>> {
         let stored = store.len();
-        let (protect_first, protect_last) = protect;
-        if n_kept == 0 {
-            return Err(KvError::invalid(
-                "decoding_budget",
-                "a compression must keep at least one token",
-            ));
-        }
-        if n_kept < (protect_first + protect_last).min(stored) {
-            return Err(KvError::invalid(
-                "decoding_budget",
-                format!(
-                    "keeps {n_kept} tokens, fewer than the {} protected ones",
-                    protect_first + protect_last
-                ),
-            ));
-        }
+        check_decoding_budget(n_kept, protect, stored, "")?;
         if n_kept >= stored {
             return Ok(None);
         }
@@ -392,24 +377,14 @@ impl Press {
         let stored = store.seen();
         let protect_first = protect.0.max(store.sink_len());
         let protect_last = protect.1.max(store.residual_len());
-        if n_kept == 0 {
-            return Err(KvError::invalid(
-                "decoding_budget",
-                "a compression must keep at least one token",
-            ));
-        }
-        if n_kept < (protect_first + protect_last).min(stored) {
-            return Err(KvError::invalid(
-                "decoding_budget",
-                format!(
-                    "keeps {n_kept} tokens, fewer than the {} protected ones (the protected \
-                     prompt and sink tokens, and the last max(decoding_interval, tokens in the \
-                     full-precision residual window)); raise decoding_budget above \
-                     max(decoding_interval, residual_length or group_size) plus the protected prompt",
-                    protect_first + protect_last
-                ),
-            ));
-        }
+        check_decoding_budget(
+            n_kept,
+            (protect_first, protect_last),
+            stored,
+            " (the protected prompt and sink tokens, and the last max(decoding_interval, tokens in \
+             the full-precision residual window)); raise decoding_budget above \
+             max(decoding_interval, residual_length or group_size) plus the protected prompt",
+        )?;
         if n_kept >= stored {
             return Ok(false);
         }
@@ -540,4 +515,28 @@ fn retain(store: &mut LayerStore, kept: Kept) -> Result<()> {
         Kept::Uniform(indices) => store.retain(&indices),
         Kept::Rows(rows) => store.retain_rows(&rows),
     }
+}
+
+/// A decoding compression keeps at least one token and every protected one (the first
+/// and last `protect` of `stored`); `why` says what the protected tokens are.
+fn check_decoding_budget(
+    n_kept: usize,
+    protect: (usize, usize),
+    stored: usize,
+    why: &str,
+) -> Result<()> {
+    if n_kept == 0 {
+        return Err(KvError::invalid(
+            "decoding_budget",
+            "a compression must keep at least one token",
+        ));
+    }
+    let protected = protect.0 + protect.1;
+    if n_kept < protected.min(stored) {
+        return Err(KvError::invalid(
+            "decoding_budget",
+            format!("keeps {n_kept} tokens, fewer than the {protected} protected ones{why}"),
+        ));
+    }
+    Ok(())
 }

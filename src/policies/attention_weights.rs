@@ -167,7 +167,7 @@ fn small_rows_body<M: Madd, K: KvFloat>(
 
 /// Σ a·b in f32 over 8 interleaved accumulators (vectorizable).
 #[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac

@@ -9,7 +9,7 @@
 //! rotation of the post-RoPE queries the attention saw (not a re-projection), and the
 //! statistics and scores are computed in float32 rather than the model dtype.
 
-use super::attention_weights::{group_mean, repeat_kv};
+use super::attention_weights::{dot8, group_mean, repeat_kv};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
@@ -311,23 +311,4 @@ fn expected_logits_cpu(
             }
         });
     Ok(out)
-}
-
-/// Σ a·b over 8 interleaved accumulators (vectorizable).
-#[inline(always)]
-fn dot8(a: &[f32], b: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
-    let tail: f32 = ac
-        .remainder()
-        .iter()
-        .zip(bc.remainder())
-        .map(|(x, y)| x * y)
-        .sum();
-    for (x, y) in ac.zip(bc) {
-        for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
