@@ -188,3 +188,15 @@ def test_unknown_budgets(tiny_llama):
         kvpress_rs.KnormCache(tiny_llama(), compression_ratio=0.5, head_budget="ada")
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="alpha_safeguard"):
         kvpress_rs.AdaKVCache(tiny_llama(), scorer="knorm", compression_ratio=0.5, alpha_safeguard=2.0)
+
+
+@pytest.mark.parametrize("make", [lambda m: kvpress_rs.KnormCache(m, compression_ratio=0.5),
+                                  lambda m: kvpress_rs.QuantizedKVCache(m, bits=4)])
+@pytest.mark.parametrize("method", ["offload", "prefetch"])
+def test_offloading_is_refused_with_a_kvpress_rs_error(tiny_llama, make, method):
+    """A layer refuses offloading in the kvpress_rs hierarchy (still a NotImplementedError,
+    as transformers' callers expect)."""
+    layer = make(tiny_llama(hidden_size=128, num_attention_heads=4, num_key_value_heads=2)).layers[0]  # head_dim 32
+    with pytest.raises(kvpress_rs.errors.UnsupportedError, match="offloading"):
+        getattr(layer, method)()
+    assert issubclass(kvpress_rs.errors.UnsupportedError, NotImplementedError)

@@ -33,6 +33,8 @@ from transformers import AttentionInterface
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
 
+from .errors import UnsupportedError
+
 PREFIX = "kvpress_rs_"
 
 
@@ -95,7 +97,7 @@ def original_attention(module: torch.nn.Module, name: str) -> Callable:
         return ALL_ATTENTION_FUNCTIONS[name]
     eager = getattr(sys.modules.get(type(module).__module__), "eager_attention_forward", None)
     if eager is None:
-        raise NotImplementedError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
+        raise UnsupportedError(f"{type(module).__name__} has no eager_attention_forward to fall back to")
     return eager
 
 
@@ -127,7 +129,7 @@ def _register(original: str) -> str:
     name = PREFIX + original
     if name not in ALL_ATTENTION_FUNCTIONS:
         if original not in ALL_MASK_ATTENTION_FUNCTIONS:
-            raise NotImplementedError(f"attention implementation {original!r} has no mask function")
+            raise UnsupportedError(f"attention implementation {original!r} has no mask function")
         AttentionInterface.register(name, kvpress_attention)
         ALL_MASK_ATTENTION_FUNCTIONS.register(name, ALL_MASK_ATTENTION_FUNCTIONS[original])
     return name

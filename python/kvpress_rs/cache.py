@@ -357,10 +357,10 @@ class CompressedLayer(CacheLayerMixin):
             self._decoding.repeat_interleave_batch(repeats)
 
     def offload(self):
-        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     def prefetch(self):
-        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     @property
     def nbytes(self) -> int:

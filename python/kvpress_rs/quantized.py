@@ -31,7 +31,7 @@ from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
 from ._native import QuantConfig, QuantizedStore
-from .errors import CacheStateError
+from .errors import CacheStateError, UnsupportedError
 from .models import decoder_config
 from .rope import Rope
 
@@ -149,10 +149,10 @@ class QuantizedLayer(CacheLayerMixin):
         self._store.repeat_interleave_batch(repeats)
 
     def offload(self):
-        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     def prefetch(self):
-        raise NotImplementedError("offloading is not supported by kvpress_rs caches")
+        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     @property
     def nbytes(self) -> int:
