@@ -21,6 +21,8 @@ True
 
 from __future__ import annotations
 
+from typing import Any
+
 import torch
 
 from ._native import DecodingSchedule, LayerStore, Press, QuantizedStore, QueryStats
@@ -115,34 +117,18 @@ class LayerDecoding:
         """Compresses ``store`` if the schedule says so after a forward of ``new_tokens``
         tokens. Returns False when it did not, else what ``compress_to`` returns (the
         evicted tokens with ``keep_evicted``)."""
-        seen = store.seen
-        n_kept = self.schedule.plan(store.stored, seen, new_tokens, self.protected)
-        if n_kept is None:
-            return False
-        queries, stats = self._scoring_inputs(seen)
-        evicted = store.compress_to(
-            self.press,
-            self.layer_idx,
-            n_kept,
-            seen,
-            queries=queries,
-            query_stats=stats,
-            protect_first=self.protected,
-            protect_last=self.schedule.decoding_interval,
-            keep_evicted=keep_evicted,
-        )
-        # The last `interval` stored tokens are never evicted, so their queries still are
-        # the queries of the last stored tokens: keep them (a short last prompt block then
-        # still has a full window).
-        self._keep_last(self.schedule.decoding_interval)
-        return evicted
+        return self._compress_if_planned(store, store.stored, store.seen, new_tokens, keep_evicted=keep_evicted)
 
     def maybe_compress_quantized(self, store: QuantizedStore, new_tokens: int, seen: int) -> bool:
         """:meth:`maybe_compress` for a layer whose tokens are quantized (``seen``: the
         layer's tokens seen; the store holds ``store.seen`` of them). The store scores
         dequantized tokens and keeps the selected codes as they are; its full-precision
         sinks and residual window are protected too. Returns whether it evicted."""
-        n_kept = self.schedule.plan(store.seen, seen, new_tokens, self.protected)
+        return self._compress_if_planned(store, store.seen, seen, new_tokens)
+
+    def _compress_if_planned(self, store: LayerStore | QuantizedStore, stored: int, seen: int, new_tokens: int,
+                             **extra: bool) -> Any:
+        n_kept = self.schedule.plan(stored, seen, new_tokens, self.protected)
         if n_kept is None:
             return False
         queries, stats = self._scoring_inputs(seen)
@@ -155,7 +141,11 @@ class LayerDecoding:
             query_stats=stats,
             protect_first=self.protected,
             protect_last=self.schedule.decoding_interval,
+            **extra,
         )
+        # The last `interval` stored tokens are never evicted, so their queries still are
+        # the queries of the last stored tokens: keep them (a short last prompt block then
+        # still has a full window).
         self._keep_last(self.schedule.decoding_interval)
         return evicted
 
