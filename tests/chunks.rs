@@ -11,9 +11,8 @@ use kvpress_rs::rope::{Rope, RopeSpec, ScalingParams};
 use kvpress_rs::{KeptPositions, KvError, LayerStore};
 use tch::{Kind, Tensor};
 
-fn pre_keys(tokens: i64, seed: i64) -> Tensor {
-    tch::manual_seed(seed);
-    Tensor::randn([1, 2, tokens, 8], (Kind::Float, CPU))
+fn pre_keys(tokens: i64, seed: u64) -> Tensor {
+    randn(&[1, 2, tokens, 8], seed, Kind::Float)
 }
 
 fn arange(start: i64, end: i64) -> Tensor {
@@ -43,7 +42,7 @@ fn chunks_land_at_their_offsets() {
     let pre: Vec<Tensor> = sizes
         .iter()
         .enumerate()
-        .map(|(i, &n)| pre_keys(n, i as i64))
+        .map(|(i, &n)| pre_keys(n, i as u64))
         .collect();
     let parts: Vec<ChunkLayer> = pre
         .iter()
@@ -129,9 +128,8 @@ fn compressed_chunks_keep_their_positions_offset() {
 
 #[test]
 fn select_deviating_matches_plain_sorting() {
-    tch::manual_seed(7);
-    let reused = Tensor::randn([2, 3, 40, 4], (Kind::Float, CPU));
-    let fresh = &reused + Tensor::randn([2, 3, 40, 4], (Kind::Float, CPU));
+    let reused = randn(&[2, 3, 40, 4], 7, Kind::Float);
+    let fresh = &reused + randn(&[2, 3, 40, 4], 8, Kind::Float);
     let mut mask = vec![true; 40];
     mask[..10].iter_mut().for_each(|m| *m = false);
     let candidates = Tensor::from_slice(&mask);
@@ -256,10 +254,9 @@ mod quantized {
         Rope::new(RopeSpec::new(64, 10_000.0)).unwrap()
     }
 
-    fn chunk(tokens: i64, seed: i64) -> HashMap<String, Tensor> {
-        tch::manual_seed(seed);
+    fn chunk(tokens: i64, seed: u64) -> HashMap<String, Tensor> {
         let mut store = QuantizedStore::with_rope(config(), Some(&rope64())).unwrap();
-        let k = Tensor::randn([1, 2, tokens, 64], (Kind::Float, CPU));
+        let k = randn(&[1, 2, tokens, 64], seed, Kind::Float);
         store.append(&k, &k.f_mul_scalar(2.0).unwrap()).unwrap();
         export(&store).unwrap().into_iter().collect()
     }

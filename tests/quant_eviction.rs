@@ -10,17 +10,16 @@ use common::*;
 use kvpress_rs::policies::Knorm;
 use kvpress_rs::quant::{QuantConfig, QuantizedStore};
 use kvpress_rs::{Budget, Press};
-use tch::{Device, Kind, Tensor};
+use tch::{Kind, Tensor};
 
 const B: i64 = 1;
 const H: i64 = 2;
 const D: i64 = 64;
 
 fn store(config: QuantConfig, tokens: i64) -> QuantizedStore {
-    tch::manual_seed(11);
     let mut s = QuantizedStore::new(config).unwrap();
-    let k = Tensor::randn([B, H, tokens, D], (Kind::Float, Device::Cpu));
-    let v = Tensor::randn([B, H, tokens, D], (Kind::Float, Device::Cpu));
+    let k = randn(&[B, H, tokens, D], 11, Kind::Float);
+    let v = randn(&[B, H, tokens, D], 12, Kind::Float);
     s.append(&k, &v).unwrap();
     s
 }
@@ -108,8 +107,7 @@ fn attention_after_eviction_matches_a_reference_over_the_kept_tokens() {
     let k = kept(&s, &picks);
     s.retain(&k).unwrap();
     let (kk, vv) = (gather_tokens(&keys, &k), gather_tokens(&values, &k));
-    tch::manual_seed(3);
-    let query = Tensor::randn([B, 2 * H, 1, D], (Kind::Float, Device::Cpu));
+    let query = randn(&[B, 2 * H, 1, D], 3, Kind::Float);
     let out = s.attend(&query, None, 0.125).unwrap();
     let kr = kk.repeat_interleave_self_int(2, 1, None);
     let vr = vv.repeat_interleave_self_int(2, 1, None);
