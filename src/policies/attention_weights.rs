@@ -165,20 +165,21 @@ fn small_rows_body<M: Madd, K: KvFloat>(
     }
 }
 
-/// Σ a·b in f32 over 8 interleaved accumulators (vectorizable).
+/// Σ a·b in f32 over 8 interleaved accumulators (vectorizable), either side f32, f16 or
+/// bf16 (widened to f32 as it is read).
 #[inline(always)]
-pub(crate) fn dot8(a: &[f32], b: &[f32]) -> f32 {
+pub(crate) fn dot8<A: KvFloat, B: KvFloat>(a: &[A], b: &[B]) -> f32 {
     let mut acc = [0f32; 8];
     let (ac, bc) = (a.chunks_exact(8), b.chunks_exact(8));
     let tail: f32 = ac
         .remainder()
         .iter()
         .zip(bc.remainder())
-        .map(|(x, y)| x * y)
+        .map(|(x, y)| x.to_f32() * y.to_f32())
         .sum();
     for (x, y) in ac.zip(bc) {
         for ((s, x), y) in acc.iter_mut().zip(x).zip(y) {
-            *s += x * y;
+            *s += x.to_f32() * y.to_f32();
         }
     }
     acc.iter().sum::<f32>() + tail

@@ -6,6 +6,7 @@
 //! kernel is two passes over each (batch, head) row — normalised-key sum, then cosines —
 //! instead of libtorch's chain of six ops and four temporaries of the keys' size.
 
+use super::attention_weights::dot8;
 use super::knorm::sum_squares;
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
@@ -73,25 +74,6 @@ fn keydiff_rows<T: KvFloat>(
             }
         });
     Ok(())
-}
-
-/// Σ x·a in f32 over 8 interleaved accumulators (vectorizable).
-#[inline(always)]
-fn dot8<T: KvFloat>(x: &[T], a: &[f32]) -> f32 {
-    let mut acc = [0f32; 8];
-    let (xc, ac) = (x.chunks_exact(8), a.chunks_exact(8));
-    let tail: f32 = xc
-        .remainder()
-        .iter()
-        .zip(ac.remainder())
-        .map(|(v, w)| v.to_f32() * w)
-        .sum();
-    for (c, w) in xc.zip(ac) {
-        for ((s, v), w) in acc.iter_mut().zip(c).zip(w) {
-            *s += v.to_f32() * w;
-        }
-    }
-    acc.iter().sum::<f32>() + tail
 }
 
 impl KeyValueScorer for KeyDiff {
