@@ -368,8 +368,8 @@ fn cpu_kernel_and_libtorch_path_agree() {
                         layout: r.layout(),
                     };
                     for input in [&x, &xt] {
-                        let cpu = rotate_cpu(input, &pos, &rot).unwrap();
-                        let lt = rotate_libtorch(input, &pos, &rot).unwrap();
+                        let cpu = rotate_cpu(input, &pos, &rot, false).unwrap();
+                        let lt = rotate_libtorch(input, &pos, &rot, false).unwrap();
                         assert_eq!(cpu.kind(), kind);
                         assert_eq!(lt.kind(), kind);
                         let tol = match kind {
@@ -377,6 +377,13 @@ fn cpu_kernel_and_libtorch_path_agree() {
                             _ => 2.0 * 2f64.powi(-8) * 4.0, // one rounding of values up to 4
                         };
                         assert_abs(&values_f64(&cpu), &values_f64(&lt), tol);
+                        // float32 out: the same rotation unrounded (both paths compute
+                        // halves in float32), and rounding it gives the dtype's result
+                        let cpu32 = rotate_cpu(input, &pos, &rot, true).unwrap();
+                        let lt32 = rotate_libtorch(input, &pos, &rot, true).unwrap();
+                        assert_eq!((cpu32.kind(), lt32.kind()), (Kind::Float, Kind::Float));
+                        assert_abs(&values_f64(&cpu32), &values_f64(&lt32), 1e-5);
+                        assert_eq!(values_f64(&cpu32.to_kind(kind)), values_f64(&cpu));
                     }
                 }
             }

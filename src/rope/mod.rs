@@ -224,6 +224,18 @@ impl Rope {
         self.rotate(x, positions, "positions", seq_len, Op::Invert)
     }
 
+    /// [`Rope::invert`] with the result in float32: for f16/bf16 input, the rotation's own
+    /// float32 values, not rounded back to the input's dtype (statistics of pre-RoPE
+    /// queries read them without a second copy or that rounding).
+    pub fn invert_to_float(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        seq_len: Option<usize>,
+    ) -> Result<Tensor> {
+        self.rotate_into(x, positions, "positions", seq_len, Op::Invert, true)
+    }
+
     /// Moves rotated x by `delta` positions: R(δ)·x, so that a key rotated at p becomes the
     /// key rotated at p + δ. `delta` has the shapes `positions` may have; the attention
     /// scaling is not applied again.
@@ -238,6 +250,18 @@ impl Rope {
         argument: &str,
         seq_len: Option<usize>,
         op: Op,
+    ) -> Result<Tensor> {
+        self.rotate_into(x, positions, argument, seq_len, op, false)
+    }
+
+    fn rotate_into(
+        &self,
+        x: &Tensor,
+        positions: &Tensor,
+        argument: &str,
+        seq_len: Option<usize>,
+        op: Op,
+        float32_out: bool,
     ) -> Result<Tensor> {
         let shape = check_kv(x, "x")?;
         if shape.head_dim != self.head_dim() {
@@ -266,9 +290,9 @@ impl Rope {
             layout: self.layout(),
         };
         if uses_cpu_kernels(x) {
-            rotate::rotate_cpu(x, &pos, &rot)
+            rotate::rotate_cpu(x, &pos, &rot, float32_out)
         } else {
-            rotate::rotate_libtorch(x, &pos, &rot)
+            rotate::rotate_libtorch(x, &pos, &rot, float32_out)
         }
     }
 }

@@ -70,11 +70,47 @@ impl Accumulator for f32 {
 }
 
 /// A tensor element with the type its rotation is computed in.
-pub trait RotElement: KvFloat {
+pub trait RotElement: KvFloat + StoreFrom<Self::Acc> {
     type Acc: Accumulator;
     fn load(self) -> Self::Acc;
     /// Rounds once to the element type (to nearest, ties to even).
-    fn store(v: Self::Acc) -> Self;
+    fn store(v: Self::Acc) -> Self {
+        Self::store_from(v)
+    }
+}
+
+/// An output element that rotations computed in `A` are written as: the input's own type,
+/// or float32 for halves (their rotation's precision, unrounded).
+pub trait StoreFrom<A>: KvFloat {
+    fn store_from(v: A) -> Self;
+}
+
+impl StoreFrom<f64> for f32 {
+    #[inline(always)]
+    fn store_from(v: f64) -> f32 {
+        v as f32
+    }
+}
+
+impl StoreFrom<f32> for f32 {
+    #[inline(always)]
+    fn store_from(v: f32) -> f32 {
+        v
+    }
+}
+
+impl StoreFrom<f32> for f16 {
+    #[inline(always)]
+    fn store_from(v: f32) -> f16 {
+        f16::from_f32(v)
+    }
+}
+
+impl StoreFrom<f32> for bf16 {
+    #[inline(always)]
+    fn store_from(v: f32) -> bf16 {
+        bf16_round(v)
+    }
 }
 
 impl RotElement for f32 {
@@ -83,10 +119,6 @@ impl RotElement for f32 {
     fn load(self) -> f64 {
         self as f64
     }
-    #[inline(always)]
-    fn store(v: f64) -> f32 {
-        v as f32
-    }
 }
 
 impl RotElement for f16 {
@@ -94,10 +126,6 @@ impl RotElement for f16 {
     #[inline(always)]
     fn load(self) -> f32 {
         self.to_f32()
-    }
-    #[inline(always)]
-    fn store(v: f32) -> f16 {
-        f16::from_f32(v)
     }
 }
 
@@ -108,10 +136,6 @@ impl RotElement for bf16 {
         // bf16 is the upper half of an f32: exact for every value (NaN payloads included),
         // and a plain shift, so the loops vectorize.
         f32::from_bits((self.to_bits() as u32) << 16)
-    }
-    #[inline(always)]
-    fn store(v: f32) -> bf16 {
-        bf16_round(v)
     }
 }
 
@@ -127,7 +151,13 @@ pub fn bf16_round(v: f32) -> bf16 {
 
 /// Rotates one row given the (c, s) of each frequency.
 #[inline(always)]
-fn rotate_row<T: RotElement>(xs: &[T], out: &mut [T], c: &[T::Acc], s: &[T::Acc], layout: Layout) {
+fn rotate_row<T: RotElement, O: StoreFrom<T::Acc>>(
+    xs: &[T],
+    out: &mut [O],
+    c: &[T::Acc],
+    s: &[T::Acc],
+    layout: Layout,
+) {
     let n = c.len();
     let (rot_out, pass_out) = out.split_at_mut(2 * n);
     let (rot_in, pass_in) = xs.split_at(2 * n);
@@ -143,8 +173,8 @@ fn rotate_row<T: RotElement>(xs: &[T], out: &mut [T], c: &[T::Acc], s: &[T::Acc]
                 .zip(s)
             {
                 let (a, b) = (a.load(), b.load());
-                *o1 = T::store(a * c - b * s);
-                *o2 = T::store(b * c + a * s);
+                *o1 = O::store_from(a * c - b * s);
+                *o2 = O::store_from(b * c + a * s);
             }
         }
         Layout::Interleaved => {
@@ -155,12 +185,15 @@ fn rotate_row<T: RotElement>(xs: &[T], out: &mut [T], c: &[T::Acc], s: &[T::Acc]
                 .zip(s)
             {
                 let (a, b) = (x[0].load(), x[1].load());
-                o[0] = T::store(a * c - b * s);
-                o[1] = T::store(b * c + a * s);
+                o[0] = O::store_from(a * c - b * s);
+                o[1] = O::store_from(b * c + a * s);
             }
         }
     }
-    pass_out.copy_from_slice(pass_in);
+    // exact: a load widens, and storing to the input's type or float32 rounds nothing
+    for (o, &x) in pass_out.iter_mut().zip(pass_in) {
+        *o = O::store_from(x.load());
+    }
 }
 
 /// Fills `c`, `s` with (scale·cos, sign·scale·sin) of every frequency at position `p`:
@@ -226,7 +259,12 @@ struct Scratch<T: RotElement> {
 impl<T: RotElement> Rows<'_, T> {
     /// Rotates the rows first_row.. into `chunk` (whole rows of the contiguous output).
     #[inline(always)]
-    fn run(&self, first_row: usize, chunk: &mut [T], scratch: &mut Scratch<T>) {
+    fn run<O: StoreFrom<T::Acc>>(
+        &self,
+        first_row: usize,
+        chunk: &mut [O],
+        scratch: &mut Scratch<T>,
+    ) {
         let (_, h, t, d) = self.x.dim();
         let (pb, ph, pt) = self.pos.dim();
         let n = self.rot.inv_freq.len();
@@ -272,7 +310,13 @@ impl<T: RotElement> Rows<'_, T> {
         }
     }
 
-    fn run_with(&self, simd: Simd, first_row: usize, chunk: &mut [T], scratch: &mut Scratch<T>) {
+    fn run_with<O: StoreFrom<T::Acc>>(
+        &self,
+        simd: Simd,
+        first_row: usize,
+        chunk: &mut [O],
+        scratch: &mut Scratch<T>,
+    ) {
         match simd {
             Simd::Baseline => self.run(first_row, chunk, scratch),
             // SAFETY: AVX2 was detected on this CPU.
@@ -284,10 +328,10 @@ impl<T: RotElement> Rows<'_, T> {
 
 #[cfg(target_arch = "x86_64")]
 #[target_feature(enable = "avx2")]
-unsafe fn run_avx2<T: RotElement>(
+unsafe fn run_avx2<T: RotElement, O: StoreFrom<T::Acc>>(
     rows: &Rows<'_, T>,
     first_row: usize,
-    chunk: &mut [T],
+    chunk: &mut [O],
     scratch: &mut Scratch<T>,
 ) {
     rows.run(first_row, chunk, scratch)
@@ -310,20 +354,20 @@ fn fill_cis_with<A: Accumulator>(simd: Simd, p: i64, rot: &Rotation<'_>, c: &mut
 
 /// The CPU kernel: `out[b, h, t] = rotation of x[b, h, t]` by the angle of
 /// `pos[b|0, h|0, t|0]` (`pos` sizes are full or 1); `out` is contiguous.
-fn rotate_view<T: RotElement>(
+fn rotate_view<T: RotElement, O: StoreFrom<T::Acc>>(
     x: ArrayView4<'_, T>,
     pos: ArrayView3<'_, i64>,
-    out: &mut [T],
+    out: &mut [O],
     rot: &Rotation<'_>,
 ) -> Result<()> {
     rotate_view_with(Simd::detect(), x, pos, out, rot)
 }
 
-fn rotate_view_with<T: RotElement>(
+fn rotate_view_with<T: RotElement, O: StoreFrom<T::Acc>>(
     simd: Simd,
     x: ArrayView4<'_, T>,
     pos: ArrayView3<'_, i64>,
-    out: &mut [T],
+    out: &mut [O],
     rot: &Rotation<'_>,
 ) -> Result<()> {
     let (b, h, t, d) = x.dim();
@@ -382,11 +426,15 @@ fn rotate_view_with<T: RotElement>(
     Ok(())
 }
 
-fn rotate_cpu_typed<T: RotElement>(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor> {
-    let mut out = Tensor::f_empty(x.size(), (T::KIND, Device::Cpu))?;
+fn rotate_cpu_typed<T: RotElement, O: StoreFrom<T::Acc>>(
+    x: &Tensor,
+    pos: &Tensor,
+    rot: &Rotation<'_>,
+) -> Result<Tensor> {
+    let mut out = Tensor::f_empty(x.size(), (O::KIND, Device::Cpu))?;
     let xv = array_view::<T, ndarray::Ix4>(x, "x")?;
     let pv = array_view::<i64, ndarray::Ix3>(pos, "positions")?;
-    let mut ov = array_view_mut::<T, ndarray::Ix4>(&mut out, "out")?;
+    let mut ov = array_view_mut::<O, ndarray::Ix4>(&mut out, "out")?;
     let slice = ov
         .as_slice_mut()
         .ok_or_else(|| KvError::invalid("out", "an output tensor must be contiguous"))?;
@@ -395,14 +443,22 @@ fn rotate_cpu_typed<T: RotElement>(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>)
 }
 
 /// The CPU kernel over tensors: `x` a float CPU tensor (batch, heads, tokens, head_dim),
-/// any strides; `pos` int64 (B|1, H|1, T|1). Returns a new contiguous tensor.
-pub fn rotate_cpu(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor> {
+/// any strides; `pos` int64 (B|1, H|1, T|1). Returns a new contiguous tensor of `x`'s
+/// dtype, or float32 when `float32_out` (halves' rotation then is not rounded).
+pub fn rotate_cpu(
+    x: &Tensor,
+    pos: &Tensor,
+    rot: &Rotation<'_>,
+    float32_out: bool,
+) -> Result<Tensor> {
     let pos = pos.f_to_device(Device::Cpu)?;
-    match kind_of(x, "x")? {
-        Kind::Float => rotate_cpu_typed::<f32>(x, &pos, rot),
-        Kind::Half => rotate_cpu_typed::<f16>(x, &pos, rot),
-        Kind::BFloat16 => rotate_cpu_typed::<bf16>(x, &pos, rot),
-        other => Err(KvError::dtype(
+    match (kind_of(x, "x")?, float32_out) {
+        (Kind::Float, _) => rotate_cpu_typed::<f32, f32>(x, &pos, rot),
+        (Kind::Half, false) => rotate_cpu_typed::<f16, f16>(x, &pos, rot),
+        (Kind::Half, true) => rotate_cpu_typed::<f16, f32>(x, &pos, rot),
+        (Kind::BFloat16, false) => rotate_cpu_typed::<bf16, bf16>(x, &pos, rot),
+        (Kind::BFloat16, true) => rotate_cpu_typed::<bf16, f32>(x, &pos, rot),
+        (other, _) => Err(KvError::dtype(
             "x",
             kind_name(other),
             "torch.float32, torch.float16 or torch.bfloat16",
@@ -411,7 +467,12 @@ pub fn rotate_cpu(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor
 }
 
 /// The same rotation with libtorch ops on the device of `x` (what CUDA tensors take).
-pub fn rotate_libtorch(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<Tensor> {
+pub fn rotate_libtorch(
+    x: &Tensor,
+    pos: &Tensor,
+    rot: &Rotation<'_>,
+    float32_out: bool,
+) -> Result<Tensor> {
     let device = x.device();
     let kind = kind_of(x, "x")?;
     // f32 tensors rotate in f64 (except on MPS, which has no f64), halves in f32.
@@ -451,7 +512,8 @@ pub fn rotate_libtorch(x: &Tensor, pos: &Tensor, rot: &Rotation<'_>) -> Result<T
     if rd < d {
         y = Tensor::f_cat(&[&y, &x.f_narrow(-1, rd, d - rd)?.f_to_kind(acc)?], -1)?;
     }
-    Ok(y.f_to_kind(kind)?.f_contiguous()?)
+    let out = if float32_out { Kind::Float } else { kind };
+    Ok(y.f_to_kind(out)?.f_contiguous()?)
 }
 
 #[cfg(test)]
