@@ -8,6 +8,7 @@ use common::*;
 use kvpress_rs::policies::{
     score_layer, scorer_from_name, ExpectedAttention, Params, ScoreContext, Scorer,
 };
+use kvpress_rs::quant::simd::native_bf16_matmul;
 use kvpress_rs::rope::{Rope, RopeSpec};
 use kvpress_rs::select::{
     adakv_rows, adakv_rows_libtorch, top_k_indices, top_k_indices_cpu, top_k_indices_f32,
@@ -97,7 +98,14 @@ fn expected_attention_kernel_equals_the_libtorch_chain() {
             let v = token_major(8, 1, 2, 80, 32, kind);
             let q = token_major(9, 1, 6, 80, 32, kind);
             let (fused, chain) = score_both(&ea, &k, &v, Some(&q), Some(&rope));
-            assert_all_close(&fused, &chain, 1e-4, 1e-7);
+            // bf16 models on CPUs that multiply bf16 natively take the covariance term's
+            // products in bf16 (results rounded to 2⁻⁹): that term (~0.5 here) moves by
+            // its rounding, a weight by about twice that
+            let rel = match kind == Kind::BFloat16 && native_bf16_matmul() {
+                true => 1e-2,
+                false => 1e-4,
+            };
+            assert_all_close(&fused, &chain, rel, 1e-7);
         }
     }
 }

@@ -21,7 +21,17 @@ Example
 from contextlib import contextmanager
 from typing import Iterator
 
-from ._native import cpu_kernels_enabled, gather, kept_indices, n_kept, quantize, score, set_cpu_kernels, top_k
+from ._native import (
+    cpu_kernels_enabled,
+    gather,
+    kept_indices,
+    n_kept,
+    native_bf16_matmul,
+    quantize,
+    score,
+    set_cpu_kernels,
+    top_k,
+)
 
 
 @contextmanager
@@ -52,4 +62,5 @@ __all__ = [
     "set_cpu_kernels",
     "cpu_kernels_enabled",
     "cpu_kernels",
+    "native_bf16_matmul",
 ]

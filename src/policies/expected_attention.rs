@@ -6,14 +6,16 @@
 //! head's group and multiplied by ‖v‖ (+ε, if `use_vnorm`). Sinks are always kept.
 //!
 //! Deliberate differences from kvpress: pre-RoPE queries come from the exact inverse
-//! rotation of the post-RoPE queries the attention saw (not a re-projection), and the
-//! statistics and scores are computed in float32 rather than the model dtype.
+//! rotation of the post-RoPE queries the attention saw (not a re-projection), kept in
+//! float32 (not rounded to the model dtype), and the statistics and scores are computed in
+//! float32 rather than the model dtype.
 
 use super::attention_weights::{dot8, group_mean, repeat_kv};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
-use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels};
+use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels, KvFloat};
+use half::bf16;
 use rayon::prelude::*;
 use std::sync::Mutex;
 use tch::{Device, Kind, Tensor};
@@ -148,16 +150,22 @@ impl Scorer for ExpectedAttention {
             (queries.shallow_clone(), next as i64 - q_len)
         };
         let positions = Tensor::f_arange_start(first, next as i64, (Kind::Int64, device))?;
-        // pre-RoPE queries in the model dtype: the statistics below read them as float32
-        // (mean in float32, centred values promoted), without a float32 copy first
-        let pre = rope.invert(&query_window, &positions, Some(next))?;
+        // pre-RoPE queries in float32 (the rotation's own precision, not rounded back to
+        // the model dtype): a buffer of our own, centred in place for the covariance
+        let pre = rope.invert_to_float(&query_window, &positions, Some(next))?;
         let observed = pre.size()[2];
         let mean = pre.f_mean_dim(2, true, Kind::Float)?; // (b, h, 1, d)
         let future = self.future_rotation(rope, next, next)?.f_to(device)?; // (d, d)
         let mean_future = mean.f_matmul(&future.f_transpose(0, 1)?)?; // R̄μ as a row
         if uses_cpu_kernels(keys) {
             let cov_future = match self.use_covariance {
-                true => Some(future_covariance(&pre, &mean, &future, observed)?),
+                true => Some(future_covariance(
+                    pre,
+                    &mean,
+                    &future,
+                    observed,
+                    product_kind(queries.kind()),
+                )?),
                 false => None,
             };
             let logits = expected_logits_cpu(
@@ -176,7 +184,7 @@ impl Scorer for ExpectedAttention {
             .f_squeeze_dim(-1)?
             .f_div_scalar((d as f64).sqrt())?;
         if self.use_covariance {
-            let cov_future = future_covariance(&pre, &mean, &future, observed)?;
+            let cov_future = future_covariance(pre, &mean, &future, observed, Kind::Float)?;
             let quad = keys_f
                 .f_matmul(&cov_future)?
                 .f_mul(&keys_f)?
@@ -217,98 +225,141 @@ impl ExpectedAttention {
     }
 }
 
-/// R̄ Σ R̄ᵀ: the covariance (batch, q_heads, d, d) of the pre-RoPE queries `pre` (batch,
-/// q_heads, observed, d) around their `mean`, moved to the future positions.
+/// R̄ Σ R̄ᵀ: the covariance (batch, q_heads, d, d) of the float32 pre-RoPE queries `pre`
+/// (batch, q_heads, observed, d) around their `mean`, moved to the future positions.
+/// `pre` is centred in place. `products` is the dtype of the d × d products (float32, or
+/// bfloat16 where the CPU multiplies it natively, see [`product_kind`]).
 fn future_covariance(
-    pre: &Tensor,
+    mut pre: Tensor,
     mean: &Tensor,
     future: &Tensor,
     observed: i64,
+    products: Kind,
 ) -> Result<Tensor> {
-    // centred in place in a float32 copy of reduced-precision queries (one new tensor of
-    // the queries' size instead of two)
-    let centered = match pre.kind() {
-        Kind::Float => pre.f_sub(mean)?,
-        _ => {
-            let mut c = pre.f_to_kind(Kind::Float)?;
-            let _ = c.f_sub_(mean)?;
-            c
-        }
-    };
+    let _ = pre.f_sub_(mean)?;
+    let centered = pre.f_to_kind(products)?;
     let cov = centered
         .f_transpose(-1, -2)?
         .f_matmul(&centered)?
+        .f_to_kind(Kind::Float)?
         .f_div_scalar(observed as f64)?;
     Ok(future
         .f_matmul(&cov)?
         .f_matmul(&future.f_transpose(0, 1)?)?)
 }
 
+/// The dtype of the fused kernel's two large products (the query covariance and the
+/// keys' quadratic forms): bfloat16 for a bfloat16 model on a CPU that multiplies bf16
+/// natively (float32 accumulation, results rounded to bf16: relative errors ~2⁻⁹ in the
+/// covariance term, which is divided by 2·d, where kvpress computes every step in bf16),
+/// float32 otherwise. The mean term kᵀR̄μ stays float32 throughout.
+fn product_kind(model: Kind) -> Kind {
+    if model == Kind::BFloat16 && crate::quant::simd::native_bf16_matmul() {
+        Kind::BFloat16
+    } else {
+        Kind::Float
+    }
+}
+
 /// The expected logits kᵀR̄μ/√d (+ kᵀCk/(2d) with C = `cov_future`) of `keys` (batch,
 /// kv_heads, n, d) for every query head (batch, q_heads, n), float32, without repeating
-/// the keys per query head: one GEMM per KV head against its group's C's and means side by
-/// side (d × (g·d + g)), then one pass per (batch, query head) for the quadratic forms.
+/// the keys per query head: one GEMM per KV head against its group's C's side by side
+/// (d × g·d, in [`product_kind`]), then one pass per (batch, query head) that takes the
+/// mean term's dot product and the quadratic form's.
 fn expected_logits_cpu(
     keys: &Tensor,
     mean_future: &Tensor,
     cov_future: Option<&Tensor>,
 ) -> Result<Tensor> {
+    let kind = product_kind(keys.kind());
+    let keys_p = keys.f_to_kind(kind)?.f_contiguous()?;
     let (ks, qh) = (keys.size(), mean_future.size()[1]);
     let (b, kvh, n, d) = (ks[0], ks[1], ks[2], ks[3]);
     let g = qh / kvh;
-    // (b, kvh, d, g): each query head's R̄μ as a column
-    let means = mean_future.f_reshape([b, kvh, g, d])?.f_transpose(-1, -2)?;
-    let weights = match cov_future {
+    let products = match cov_future {
         // (b, kvh, d, g·d): C_j's columns for j = 0..g, side by side
-        Some(c) => Tensor::f_cat(
-            &[
-                c.f_reshape([b, kvh, g, d, d])?
-                    .f_permute([0, 1, 3, 2, 4])?
-                    .f_reshape([b, kvh, d, g * d])?,
-                means,
-            ],
-            -1,
-        )?,
-        None => means,
+        Some(c) => Some(
+            keys_p
+                .f_matmul(
+                    &c.f_reshape([b, kvh, g, d, d])?
+                        .f_permute([0, 1, 3, 2, 4])?
+                        .f_reshape([b, kvh, d, g * d])?
+                        .f_to_kind(kind)?,
+                )?
+                .f_contiguous()?,
+        ),
+        None => None,
     };
-    let keys_f = keys.f_to_kind(Kind::Float)?.f_contiguous()?;
-    let products = keys_f.f_matmul(&weights)?.f_contiguous()?; // (b, kvh, n, [g·d +] g)
+    let means = mean_future.f_contiguous()?;
     let mut out = Tensor::f_empty([b, qh, n], (Kind::Float, Device::Cpu))?;
-    let quad = cov_future.is_some();
-    let (n, d, g) = (n as usize, d as usize, g as usize);
-    let width = if quad { g * d + g } else { g };
-    let kv = array_view::<f32, ndarray::Ix4>(&keys_f, "keys")?;
+    match kind {
+        Kind::BFloat16 => logits_pass::<bf16>(&keys_p, &means, products.as_ref(), g, &mut out)?,
+        _ => logits_pass::<f32>(&keys_p, &means, products.as_ref(), g, &mut out)?,
+    }
+    Ok(out)
+}
+
+/// out[b, kv·g + j, t] = k_t·m_j/√d (+ k_t·p_tj/(2d)) for the contiguous `keys` (b, kvh,
+/// n, d) and `products` (b, kvh, n, g·d) of element type `E`, `means` (b, q_heads, 1, d).
+fn logits_pass<E: KvFloat>(
+    keys: &Tensor,
+    means: &Tensor,
+    products: Option<&Tensor>,
+    g: i64,
+    out: &mut Tensor,
+) -> Result<()> {
+    let d = keys.size()[3] as usize;
+    let n = keys.size()[2] as usize;
+    let g = g as usize;
+    let kv = array_view::<E, ndarray::Ix4>(keys, "keys")?;
     let kv = kv
         .as_slice()
         .ok_or_else(|| KvError::invalid("keys", "expected contiguous keys"))?;
-    let pv = array_view::<f32, ndarray::Ix4>(&products, "products")?;
-    let pv = pv
+    let mv = array_view::<f32, ndarray::Ix4>(means, "means")?;
+    let mv = mv
         .as_slice()
-        .ok_or_else(|| KvError::invalid("products", "expected contiguous products"))?;
-    let mut ov = array_view_mut::<f32, ndarray::Ix3>(&mut out, "logits")?;
+        .ok_or_else(|| KvError::invalid("means", "expected contiguous means"))?;
+    let pv = match products {
+        Some(p) => Some(array_view::<E, ndarray::Ix4>(p, "products")?),
+        None => None,
+    };
+    let pv = match &pv {
+        Some(p) => Some(
+            p.as_slice()
+                .ok_or_else(|| KvError::invalid("products", "expected contiguous products"))?,
+        ),
+        None => None,
+    };
+    let mut ov = array_view_mut::<f32, ndarray::Ix3>(out, "logits")?;
     let ov = ov
         .as_slice_mut()
         .ok_or_else(|| KvError::invalid("logits", "the output must be contiguous"))?;
     let (inv_sqrt_d, inv_2d) = (1.0 / (d as f32).sqrt(), 1.0 / (2.0 * d as f32));
+    let width = g * d;
     ov.par_chunks_mut(n.max(1))
         .enumerate()
         .for_each(|(row, dst)| {
             // row = b · q_heads + kv head · g + j
             let (bk, j) = (row / g, row % g);
             let keys = &kv[bk * n * d..(bk + 1) * n * d];
-            let prods = &pv[bk * n * width..(bk + 1) * n * width];
-            for ((o, k), p) in dst
-                .iter_mut()
-                .zip(keys.chunks_exact(d))
-                .zip(prods.chunks_exact(width))
-            {
-                let mean_term = p[width - g + j] * inv_sqrt_d;
-                *o = if quad {
-                    mean_term + dot8(&p[j * d..(j + 1) * d], k) * inv_2d
-                } else {
-                    mean_term
-                };
+            let mean = &mv[row * d..(row + 1) * d];
+            match pv {
+                Some(pv) => {
+                    let prods = &pv[bk * n * width..(bk + 1) * n * width];
+                    for ((o, k), p) in dst
+                        .iter_mut()
+                        .zip(keys.chunks_exact(d))
+                        .zip(prods.chunks_exact(width))
+                    {
+                        *o = dot8(k, mean) * inv_sqrt_d + dot8(&p[j * d..(j + 1) * d], k) * inv_2d;
+                    }
+                }
+                None => {
+                    for (o, k) in dst.iter_mut().zip(keys.chunks_exact(d)) {
+                        *o = dot8(k, mean) * inv_sqrt_d;
+                    }
+                }
             }
         });
-    Ok(out)
+    Ok(())
 }

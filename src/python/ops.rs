@@ -19,6 +19,7 @@ pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_function(wrap_pyfunction!(n_kept, m)?)?;
     m.add_function(wrap_pyfunction!(set_cpu_kernels, m)?)?;
     m.add_function(wrap_pyfunction!(cpu_kernels_enabled, m)?)?;
+    m.add_function(wrap_pyfunction!(native_bf16_matmul, m)?)?;
     Ok(())
 }
 
@@ -39,6 +40,20 @@ fn set_cpu_kernels(enabled: bool) {
 #[pyfunction]
 fn cpu_kernels_enabled() -> bool {
     crate::tensor::cpu_kernels_enabled()
+}
+
+/// Whether this CPU multiplies bfloat16 natively (AVX512-BF16). There, the fused
+/// ExpectedAttention kernel takes its covariance term's matrix products in bf16 for bf16
+/// models (several times faster than float32); elsewhere it keeps them in float32.
+///
+/// Examples
+/// --------
+/// >>> import kvpress_rs
+/// >>> isinstance(kvpress_rs.ops.native_bf16_matmul(), bool)
+/// True
+#[pyfunction]
+fn native_bf16_matmul() -> bool {
+    crate::quant::simd::native_bf16_matmul()
 }
 
 fn same_library(args: &[&ArrayArg<'_>]) -> PyResult<bool> {
