@@ -8,7 +8,9 @@
 //! Deliberate differences from kvpress: pre-RoPE queries come from the exact inverse
 //! rotation of the post-RoPE queries the attention saw (not a re-projection), kept in
 //! float32 (not rounded to the model dtype), and the statistics and scores are computed in
-//! float32 rather than the model dtype.
+//! float32 rather than the model dtype — except that for bf16 models on CPUs that multiply
+//! bf16 natively, the covariance term's two matrix products are bf16 GEMMs (float32
+//! accumulation; the term they feed is divided by 2·d), where kvpress runs every step in bf16.
 
 use super::attention_weights::{dot8, group_mean, repeat_kv};
 use super::{QueryWindow, ScoreInput, Scorer};

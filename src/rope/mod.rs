@@ -216,12 +216,12 @@ impl Rope {
     /// integer, shape (), (tokens,), (batch, tokens) or (batch, heads, tokens) (sizes may be
     /// 1). Returns a new tensor of x's dtype and device.
     pub fn apply(&self, x: &Tensor, positions: &Tensor, seq_len: Option<usize>) -> Result<Tensor> {
-        self.rotate(x, positions, "positions", seq_len, Op::Apply)
+        self.rotate(x, positions, "positions", seq_len, Op::Apply, false)
     }
 
     /// Inverts RoPE exactly: x rotated at `positions` → R(−p)·x / s (pre-RoPE).
     pub fn invert(&self, x: &Tensor, positions: &Tensor, seq_len: Option<usize>) -> Result<Tensor> {
-        self.rotate(x, positions, "positions", seq_len, Op::Invert)
+        self.rotate(x, positions, "positions", seq_len, Op::Invert, false)
     }
 
     /// [`Rope::invert`] with the result in float32: for f16/bf16 input, the rotation's own
@@ -233,28 +233,18 @@ impl Rope {
         positions: &Tensor,
         seq_len: Option<usize>,
     ) -> Result<Tensor> {
-        self.rotate_into(x, positions, "positions", seq_len, Op::Invert, true)
+        self.rotate(x, positions, "positions", seq_len, Op::Invert, true)
     }
 
     /// Moves rotated x by `delta` positions: R(δ)·x, so that a key rotated at p becomes the
     /// key rotated at p + δ. `delta` has the shapes `positions` may have; the attention
     /// scaling is not applied again.
     pub fn shift(&self, x: &Tensor, delta: &Tensor, seq_len: Option<usize>) -> Result<Tensor> {
-        self.rotate(x, delta, "delta", seq_len, Op::Shift)
+        self.rotate(x, delta, "delta", seq_len, Op::Shift, false)
     }
 
+    /// The rotation `op` of x; the result in x's dtype, or float32 when `float32_out`.
     fn rotate(
-        &self,
-        x: &Tensor,
-        positions: &Tensor,
-        argument: &str,
-        seq_len: Option<usize>,
-        op: Op,
-    ) -> Result<Tensor> {
-        self.rotate_into(x, positions, argument, seq_len, op, false)
-    }
-
-    fn rotate_into(
         &self,
         x: &Tensor,
         positions: &Tensor,
