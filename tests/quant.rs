@@ -630,3 +630,130 @@ fn attention_errors() {
     let empty = QuantizedStore::new(store_config(4, 32, 64, 0)).unwrap();
     expect_err(empty.attend(&q([1, 2, 1, 32]), None, 1.0), "State");
 }
+
+/// Every finite float16 value in ascending order (the test's own directed rounding: a
+/// binary search in this table, independent of the library's bit stepping).
+fn finite_f16_values() -> Vec<f32> {
+    let mut v: Vec<f32> = (0..=u16::MAX)
+        .map(|b| half::f16::from_bits(b).to_f32())
+        .filter(|x| x.is_finite())
+        .collect();
+    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+    v.dedup();
+    v
+}
+
+/// The planar layout of `pack.rs`, written out from its documentation.
+fn reference_pack(codes: &[u8], bits: u32) -> Vec<u8> {
+    let g = codes.len();
+    let plane = |codes: &[u8], width: usize| -> Vec<u8> {
+        let n = g * width / 8;
+        (0..n)
+            .map(|i| (0..8 / width).fold(0u8, |b, k| b | (codes[i + k * n] << (width * k))))
+            .collect()
+    };
+    match bits {
+        3 => {
+            let low: Vec<u8> = codes.iter().map(|c| c & 3).collect();
+            let high: Vec<u8> = codes.iter().map(|c| c >> 2).collect();
+            [plane(&low, 2), plane(&high, 1)].concat()
+        }
+        _ => plane(codes, bits as usize),
+    }
+}
+
+/// A straightforward scalar quantizer following `group.rs`'s definition, group by group in
+/// the layout's order: (packed codes per (b, h), [scale, zero] per group).
+fn reference_quantize(x: &Tensor, l: &TensorLayout, table: &[f32]) -> (Vec<u8>, Vec<f32>) {
+    let [b, h, t, d] = [0, 1, 2, 3].map(|i| x.size()[i] as usize);
+    let xs: Vec<f32> = values_f64(x).iter().map(|&v| v as f32).collect();
+    let at = |bi: usize, hi: usize, ti: usize, c: usize| xs[((bi * h + hi) * t + ti) * d + c];
+    let g = l.group_size;
+    let levels = ((1u32 << l.bits) - 1) as f32;
+    let (mut codes, mut params) = (Vec::new(), Vec::new());
+    for bi in 0..b {
+        for hi in 0..h {
+            for t0 in (0..t).step_by(g) {
+                // The tile's groups: channel c over the G tokens, or G channels of a token.
+                let mut tile_groups: Vec<Vec<f32>> = Vec::new();
+                match l.grouping {
+                    Grouping::Channel => {
+                        for c in 0..d {
+                            tile_groups.push((t0..t0 + g).map(|ti| at(bi, hi, ti, c)).collect());
+                        }
+                    }
+                    Grouping::Token => {
+                        for ti in t0..t0 + g {
+                            for c0 in (0..d).step_by(g) {
+                                tile_groups.push((c0..c0 + g).map(|c| at(bi, hi, ti, c)).collect());
+                            }
+                        }
+                    }
+                }
+                for vals in tile_groups {
+                    let mn = vals.iter().cloned().fold(f32::INFINITY, f32::min);
+                    let mx = vals.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                    // Largest float16 ≤ mn, smallest float16 ≥ the f32 step.
+                    let zero = table[table.partition_point(|&v| v <= mn) - 1];
+                    let raw = (mx - zero) * (1.0 / levels);
+                    let scale = table[table.partition_point(|&v| v < raw)];
+                    let inv = if scale > 0.0 { 1.0 / scale } else { 0.0 };
+                    let group_codes: Vec<u8> = vals
+                        .iter()
+                        .map(|&v| ((v - zero) * inv).round_ties_even().clamp(0.0, levels) as u8)
+                        .collect();
+                    codes.extend(reference_pack(&group_codes, l.bits));
+                    params.extend([scale, zero]);
+                }
+            }
+        }
+    }
+    (codes, params)
+}
+
+#[test]
+fn kernels_equal_a_scalar_reference_quantizer_bit_for_bit() {
+    // Shapes the vectorized kernels handle in pieces: head_dim not a multiple of their
+    // column blocks (80 for channel groups), batch 2, GQA-like head counts, several tiles,
+    // and a non-contiguous input (a transposed view, loaded row by row).
+    let table = finite_f16_values();
+    let mut checked = 0;
+    for kind in [Kind::Half, Kind::BFloat16, Kind::Float] {
+        for bits in [2u32, 3, 4, 8] {
+            for g in [32usize, 64, 128] {
+                for grouping in [Grouping::Channel, Grouping::Token] {
+                    let (h, d) = match grouping {
+                        Grouping::Channel => (3, 80),
+                        Grouping::Token => (5, 128),
+                    };
+                    let seed = (bits as u64) * 1000 + g as u64;
+                    let x = keys_like([2, h, 3 * g as i64, d], seed, kind);
+                    let strided =
+                        keys_like([2, 3 * g as i64, h, d], seed + 1, kind).transpose(1, 2);
+                    for x in [x, strided] {
+                        let l = layout(bits, g, grouping, d as usize);
+                        let q = QuantizedTensor::quantize(&x, l, "x").unwrap();
+                        let (codes, params) = reference_quantize(&x, &l, &table);
+                        let got_codes: Vec<u8> =
+                            values_i64(q.codes()).iter().map(|&c| c as u8).collect();
+                        assert!(
+                            got_codes == codes,
+                            "{kind:?} bits {bits} g {g} {grouping:?}: codes differ"
+                        );
+                        let got: Vec<u32> = values_f64(q.params())
+                            .iter()
+                            .map(|&v| (v as f32).to_bits())
+                            .collect();
+                        let expected: Vec<u32> = params.iter().map(|v| v.to_bits()).collect();
+                        assert!(
+                            got == expected,
+                            "{kind:?} bits {bits} g {g} {grouping:?}: scales/zeros differ"
+                        );
+                        checked += 1;
+                    }
+                }
+            }
+        }
+    }
+    assert_eq!(checked, 3 * 4 * 3 * 2 * 2);
+}

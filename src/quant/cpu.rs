@@ -2,16 +2,19 @@
 //!
 //! Work is split into units of one tile (G tokens of one (batch, head) = head_dim groups),
 //! run in parallel with rayon; each unit writes its own contiguous slice of every output.
-//! A unit loads its tile as f32 (rotating each token if `hadamard`), lays every group out
-//! contiguously (a transpose for channel groups), and quantizes group by group
-//! (`group.rs`, `pack.rs`).
+//! A unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
+//! channel groups row by row, vectorized across the head_dim channels (`encode_channels`);
+//! token groups, and channel groups with outliers (after a transpose), group by group
+//! (`encode_groups`). Both use the arithmetic of `group.rs` and the layout of `pack.rs`,
+//! so they write the same bytes.
 
 use super::group::{
-    code, inverse_scale, min_max, min_max_skipping, outlier_positions, params_slice, ParamScratch,
+    code, code_u32, column_min_max, inverse_scale, min_max, min_max_skipping, outlier_positions,
+    params_slice, ParamScratch,
 };
 use super::hadamard::fwht;
 use super::layout::TensorLayout;
-use super::pack::{dequant_group, pack};
+use super::pack::{dequant_group, pack, pack_code_row};
 use super::qtensor::QuantizedTensor;
 use super::simd::{Madd, Separate};
 use super::Grouping;
@@ -31,9 +34,16 @@ struct Scratch {
     tile: Vec<f32>,
     /// The tile with every group contiguous (channel groups: [c][t]).
     groups: Vec<f32>,
+    /// Codes of one group (token groups, or any grouping with outliers).
     codes: Vec<u8>,
+    /// Channel groups: the codes of one token row (code `t` of every channel's group).
+    row_codes: Vec<u32>,
+    /// Channel groups: the tile's packed groups as u32 words, word row `w` holding word
+    /// `w` of every channel's group (`pack_code_row`).
+    words: Vec<u32>,
     mins: Vec<f32>,
     maxs: Vec<f32>,
+    zeros: Vec<f32>,
     inv: Vec<f32>,
     params: ParamScratch,
 }
@@ -44,8 +54,12 @@ impl Scratch {
             tile: vec![0.0; g * d],
             groups: vec![0.0; g * d],
             codes: vec![0; g],
+            row_codes: vec![0; d],
+            // At most 8 bits: a group packs into at most g bytes, g/4 words.
+            words: vec![0; g / 4 * d],
             mins: vec![0.0; d],
             maxs: vec![0.0; d],
+            zeros: vec![0.0; d],
             inv: vec![0.0; d],
             params: ParamScratch::new(d),
         }
@@ -118,7 +132,13 @@ fn encode_typed<T: KvFloat>(
         let run = |scratch: &mut Scratch, (unit, out): (usize, EncodeOut<'_, T>)| {
             let (bh, tile) = (unit / tiles, unit % tiles);
             let (bi, hi) = (bh / h, bh % h);
-            if !encode_unit::<T>(&layout, &x, bi, hi, tile * g, scratch, out) {
+            // The group size as a constant: per-group loops unroll into whole vectors.
+            let fits = match g {
+                32 => encode_unit::<T, 32>(&layout, &x, bi, hi, tile * g, scratch, out),
+                64 => encode_unit::<T, 64>(&layout, &x, bi, hi, tile * g, scratch, out),
+                _ => encode_unit::<T, 128>(&layout, &x, bi, hi, tile * g, scratch, out),
+            };
+            if !fits {
                 ok.store(false, Ordering::Relaxed);
             }
         };
@@ -174,7 +194,8 @@ fn slice_mut<T: crate::tensor::TorchElement, D: ndarray::Dimension>(
         .ok_or_else(|| KvError::State("internal: output tensor is not contiguous".into()))
 }
 
-/// Loads tokens `t0..t0+g` of (b, h) as f32, token-major.
+/// Loads tokens `t0..t0+g` of (b, h) as f32, token-major: one vectorized conversion of the
+/// whole tile when its rows are contiguous (the usual case), row by row otherwise.
 #[inline(always)]
 fn load_tile<T: KvFloat>(
     x: &ArrayView4<'_, T>,
@@ -185,15 +206,15 @@ fn load_tile<T: KvFloat>(
     out: &mut [f32],
 ) {
     let d = x.dim().3;
-    for t in 0..g {
-        let row = x.slice(ndarray::s![b, h, t0 + t, ..]);
+    let tile = x.slice(ndarray::s![b, h, t0..t0 + g, ..]);
+    if let Some(src) = tile.as_slice() {
+        T::slice_to_f32(src, &mut out[..g * d]);
+        return;
+    }
+    for (t, row) in tile.outer_iter().enumerate() {
         let dst = &mut out[t * d..(t + 1) * d];
         match row.as_slice() {
-            Some(src) => {
-                for (o, &v) in dst.iter_mut().zip(src) {
-                    *o = v.to_f32();
-                }
-            }
+            Some(src) => T::slice_to_f32(src, dst),
             None => {
                 for (o, &v) in dst.iter_mut().zip(row.iter()) {
                     *o = v.to_f32();
@@ -203,7 +224,7 @@ fn load_tile<T: KvFloat>(
     }
 }
 
-multiversion!(fn encode_unit<T: KvFloat;>(layout: &TensorLayout, x: &ArrayView4<'_, T>, b: usize, h: usize, t0: usize, scratch: &mut Scratch, out: EncodeOut<'_, T>) -> bool => encode_unit_body);
+multiversion!(fn encode_unit<T: KvFloat; const G: usize>(layout: &TensorLayout, x: &ArrayView4<'_, T>, b: usize, h: usize, t0: usize, scratch: &mut Scratch, out: EncodeOut<'_, T>) -> bool => encode_unit_body);
 
 /// Quantizes tokens `t0..t0+G` of (b, h) into `out`; false if a group's range does not fit
 /// float16. (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
@@ -211,7 +232,7 @@ multiversion!(fn encode_unit<T: KvFloat;>(layout: &TensorLayout, x: &ArrayView4<
 // let the compiler vectorize with those features; the arithmetic itself is exact.
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
-fn encode_unit_body<M: Madd, T: KvFloat>(
+fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
     layout: &TensorLayout,
     x: &ArrayView4<'_, T>,
     b: usize,
@@ -227,6 +248,76 @@ fn encode_unit_body<M: Madd, T: KvFloat>(
             fwht(row);
         }
     }
+    if layout.grouping == Grouping::Channel && layout.outliers == 0 {
+        encode_channels(layout, scratch, out)
+    } else {
+        encode_groups::<T, G>(layout, scratch, out)
+    }
+}
+
+/// Channel groups without outliers, straight from the token-major tile: ranges are
+/// column min/max over the G rows, and each row's codes (code `t` of every channel's
+/// group) are computed and packed with whole-row operations, vectorized across channels;
+/// the only per-group step left is spreading the packed byte rows to their groups.
+#[inline(always)]
+fn encode_channels<T: KvFloat>(
+    layout: &TensorLayout,
+    scratch: &mut Scratch,
+    out: EncodeOut<'_, T>,
+) -> bool {
+    let (g, d) = (layout.group_size, layout.head_dim);
+    let gb = layout.group_bytes();
+    let levels = layout.levels();
+    let Scratch {
+        tile,
+        row_codes,
+        words,
+        mins,
+        maxs,
+        zeros,
+        inv,
+        params: param_scratch,
+        ..
+    } = scratch;
+    let (mins, maxs, zeros, inv) = (
+        &mut mins[..d],
+        &mut maxs[..d],
+        &mut zeros[..d],
+        &mut inv[..d],
+    );
+    column_min_max(&tile[..g * d], mins, maxs);
+    let ok = params_slice(mins, maxs, 1.0 / levels, param_scratch, out.params);
+    for (c, (z, iv)) in zeros.iter_mut().zip(inv.iter_mut()).enumerate() {
+        *z = out.params[2 * c + 1].to_f32();
+        *iv = inverse_scale(out.params[2 * c].to_f32());
+    }
+    let wpg = gb / 4;
+    let (row_codes, words) = (&mut row_codes[..d], &mut words[..wpg * d]);
+    words.fill(0);
+    for (t, row) in tile[..g * d].chunks_exact(d).enumerate() {
+        for (((o, &v), &z), &iv) in row_codes.iter_mut().zip(row).zip(&*zeros).zip(&*inv) {
+            *o = code_u32(v, z, iv, levels);
+        }
+        pack_code_row(row_codes, t, g, layout.bits, words);
+    }
+    // Word w of group c is words[w·d + c]: interleave the word rows into group order.
+    for (c, group) in out.codes[..d * gb].chunks_exact_mut(gb).enumerate() {
+        for (w, bytes) in group.chunks_exact_mut(4).enumerate() {
+            bytes.copy_from_slice(&words[w * d + c].to_le_bytes());
+        }
+    }
+    ok
+}
+
+/// Every other case, group by group: token groups are contiguous in the tile; channel
+/// groups (with outliers) are laid out contiguously by a transpose first.
+#[inline(always)]
+fn encode_groups<T: KvFloat, const G: usize>(
+    layout: &TensorLayout,
+    scratch: &mut Scratch,
+    out: EncodeOut<'_, T>,
+) -> bool {
+    let (g, d) = (G, layout.head_dim);
     let grouped: &[f32] = match layout.grouping {
         Grouping::Token => &scratch.tile,
         Grouping::Channel => {
@@ -245,8 +336,9 @@ fn encode_unit_body<M: Madd, T: KvFloat>(
         params: param_scratch,
         ..
     } = scratch;
+    let codes: &mut [u8; G] = codes.first_chunk_mut::<G>().expect("scratch holds a group");
     // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
-    for (i, vals) in grouped.chunks_exact(g).enumerate() {
+    for (i, vals) in grouped.chunks_exact(G).enumerate() {
         let (mn, mx) = if no == 0 {
             min_max(vals)
         } else {
@@ -270,16 +362,24 @@ fn encode_unit_body<M: Madd, T: KvFloat>(
     for (i, v) in inv[..d].iter_mut().enumerate() {
         *v = inverse_scale(out.params[2 * i].to_f32());
     }
-    for (i, vals) in grouped.chunks_exact(g).enumerate() {
+    for (i, vals) in grouped.chunks_exact(G).enumerate() {
         let z = out.params[2 * i + 1].to_f32();
         let iv = inv[i];
-        for (c, &v) in codes.iter_mut().zip(vals) {
-            *c = code(v, z, iv, levels);
+        let vals: &[f32; G] = match vals.first_chunk::<G>() {
+            Some(v) => v,
+            None => break,
+        };
+        for k in 0..G {
+            codes[k] = code(vals[k], z, iv, levels);
         }
         for &p in &out.positions[i * no..(i + 1) * no] {
             codes[p as usize] = 0;
         }
-        pack(codes, layout.bits, &mut out.codes[i * gb..(i + 1) * gb]);
+        pack(
+            &codes[..],
+            layout.bits,
+            &mut out.codes[i * gb..(i + 1) * gb],
+        );
     }
     ok
 }

@@ -75,11 +75,17 @@ pub fn inverse_scale(scale: f32) -> f32 {
 /// float addition's own rounding), the integer then sitting in the low mantissa bits.
 #[inline(always)]
 pub fn code(x: f32, zero: f32, inv: f32, levels: f32) -> u8 {
+    code_u32(x, zero, inv, levels) as u8
+}
+
+/// [`code`] as a 32-bit lane (what row-wise packing shifts; no narrowing in between).
+#[inline(always)]
+pub fn code_u32(x: f32, zero: f32, inv: f32, levels: f32) -> u32 {
     const ROUND: f32 = 12_582_912.0;
     let v = (x - zero) * inv;
     let v = if v > 0.0 { v } else { 0.0 };
     let v = if v < levels { v } else { levels };
-    ((v + ROUND).to_bits() & 0xff) as u8
+    (v + ROUND).to_bits() & 0xff
 }
 
 /// [`params`] for many groups at once (vectorized float16 conversions): writes
@@ -95,13 +101,12 @@ pub fn params_slice(
     let n = min.len();
     let ParamScratch { h, back, raw } = tmp;
     let (h, back, raw) = (&mut h[..n], &mut back[..n], &mut raw[..n]);
-    // zero = f16_down(min)
+    // zero = f16_down(min). The corrections are selects, not branches: whether float16
+    // rounding went up or down is a coin flip per group, which a branch mispredicts.
     h.convert_from_f32_slice(min);
     h.convert_to_f32_slice(back);
     for i in 0..n {
-        if back[i] > min[i] {
-            h[i] = step(h[i], back[i], true);
-        }
+        h[i] = step_if(back[i] > min[i], h[i], back[i], true);
     }
     h.convert_to_f32_slice(back);
     for i in 0..n {
@@ -113,9 +118,7 @@ pub fn params_slice(
     h.convert_to_f32_slice(back);
     let mut ok = true;
     for i in 0..n {
-        if back[i] < raw[i] {
-            h[i] = step(h[i], back[i], false);
-        }
+        h[i] = step_if(back[i] < raw[i], h[i], back[i], false);
         out[2 * i] = h[i];
         ok &= h[i].is_finite() && out[2 * i + 1].is_finite();
     }
@@ -139,18 +142,22 @@ impl ParamScratch {
     }
 }
 
-/// One float16 step down (`down`) or up from `h` (whose value is `value`).
+/// `h` (whose value is `value`) moved one float16 step down (`down`) or up when `cond`,
+/// else `h`; written as selects so that it compiles without branches.
 #[inline(always)]
-fn step(h: f16, value: f32, down: bool) -> f16 {
+fn step_if(cond: bool, h: f16, value: f32, down: bool) -> f16 {
     let bits = h.to_bits();
-    f16::from_bits(match (down, value > 0.0, value < 0.0) {
-        (true, true, _) => bits - 1,
-        (true, _, true) => bits + 1,
-        (true, _, _) => 0x8001,
-        (false, true, _) => bits + 1,
-        (false, _, true) => bits - 1,
-        (false, _, _) => 0x0001,
-    })
+    // Away from zero is +1 on the magnitude bits, towards zero −1; from ±0 the smallest
+    // subnormal of the direction's sign.
+    let away = if down { value < 0.0 } else { value > 0.0 };
+    let moved = if away {
+        bits.wrapping_add(1)
+    } else {
+        bits.wrapping_sub(1)
+    };
+    let from_zero = if down { 0x8001 } else { 0x0001 };
+    let moved = if value == 0.0 { from_zero } else { moved };
+    f16::from_bits(if cond { moved } else { bits })
 }
 
 /// Positions of the `n` elements of largest magnitude, ties to the lower index, in
@@ -191,13 +198,53 @@ pub fn min_max(vals: &[f32]) -> (f32, f32) {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
     }
-    let mut mn = f32::INFINITY;
-    let mut mx = f32::NEG_INFINITY;
-    for i in 0..L {
-        mn = if lo[i] < mn { lo[i] } else { mn };
-        mx = if hi[i] > mx { hi[i] } else { mx };
+    // Halve the lanes (a tree the compiler turns into a few shuffles; a chain of 16
+    // dependent scalar min/max was a sizeable share of quantizing).
+    let mut w = L / 2;
+    while w > 0 {
+        for i in 0..w {
+            lo[i] = if lo[i + w] < lo[i] { lo[i + w] } else { lo[i] };
+            hi[i] = if hi[i + w] > hi[i] { hi[i + w] } else { hi[i] };
+        }
+        w /= 2;
     }
-    (mn, mx)
+    (lo[0], hi[0])
+}
+
+/// Per column `c` of the row-major `rows` (rows of `mins.len()` values), the min and max
+/// over the rows: channel groups' ranges straight from token rows, vectorized across
+/// channels (no transpose). At least one row.
+#[inline(always)]
+pub fn column_min_max(rows: &[f32], mins: &mut [f32], maxs: &mut [f32]) {
+    // Blocks of B columns whose running min/max stay in registers across the rows (a
+    // whole-row pass would store both rows to memory after every token).
+    const B: usize = 32;
+    let d = mins.len();
+    let maxs = &mut maxs[..d];
+    let mut c0 = 0;
+    while c0 < d {
+        let w = (d - c0).min(B);
+        let mut lo = [0f32; B];
+        lo[..w].copy_from_slice(&rows[c0..c0 + w]);
+        let mut hi = lo;
+        for row in rows[d..].chunks_exact(d) {
+            let row = &row[c0..c0 + w];
+            if let Some(row) = row.first_chunk::<B>() {
+                for i in 0..B {
+                    lo[i] = if row[i] < lo[i] { row[i] } else { lo[i] };
+                    hi[i] = if row[i] > hi[i] { row[i] } else { hi[i] };
+                }
+            } else {
+                for (i, &v) in row.iter().enumerate() {
+                    lo[i] = if v < lo[i] { v } else { lo[i] };
+                    hi[i] = if v > hi[i] { v } else { hi[i] };
+                }
+            }
+        }
+        mins[c0..c0 + w].copy_from_slice(&lo[..w]);
+        maxs[c0..c0 + w].copy_from_slice(&hi[..w]);
+        c0 += w;
+    }
 }
 
 /// Min and max of `vals` leaving out the (sorted) positions `skip`.
@@ -272,6 +319,21 @@ mod tests {
         ] {
             assert_eq!(code(x, 0.0, 1.0, 15.0), expected, "{x}");
         }
+    }
+
+    #[test]
+    fn ranges_of_groups_and_columns() {
+        let v: Vec<f32> = (0..37).map(|i| ((i * 17) % 37) as f32 - 20.0).collect();
+        assert_eq!(min_max(&v), (-20.0, 16.0));
+        assert_eq!(min_max(&v[..5]), (-20.0, 14.0));
+        // 3 rows of 4 columns.
+        let rows = [
+            1.0, -2.0, 3.0, 0.5, -1.0, 5.0, 3.0, 0.25, 2.0, 0.0, -3.0, 0.75,
+        ];
+        let (mut mins, mut maxs) = ([0.0; 4], [0.0; 4]);
+        column_min_max(&rows, &mut mins, &mut maxs);
+        assert_eq!(mins, [-1.0, -2.0, -3.0, 0.25]);
+        assert_eq!(maxs, [2.0, 5.0, 3.0, 0.75]);
     }
 
     #[test]

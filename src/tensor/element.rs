@@ -24,6 +24,15 @@ pub trait KvFloat: TorchElement {
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     fn is_finite(self) -> bool;
+    /// `dst[i] = src[i].to_f32()` over `min(len)` elements, exactly. A loop the compiler
+    /// vectorizes for f32 and bf16; f16 overrides it because `f16::to_f32` checks for the
+    /// F16C instruction set at every call (a branch per element, no vectorization).
+    #[inline(always)]
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        for (o, &v) in dst.iter_mut().zip(src) {
+            *o = v.to_f32();
+        }
+    }
 }
 
 impl KvFloat for f32 {
@@ -53,6 +62,14 @@ impl KvFloat for f16 {
     #[inline(always)]
     fn is_finite(self) -> bool {
         self.to_bits() & 0x7c00 != 0x7c00
+    }
+    #[inline(always)]
+    fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
+        use half::slice::HalfFloatSliceExt;
+        // One feature check per slice, then 8 values per F16C instruction where the CPU has
+        // it (an exact conversion either way).
+        let n = src.len().min(dst.len());
+        src[..n].convert_to_f32_slice(&mut dst[..n]);
     }
 }
 
