@@ -107,12 +107,12 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
     from kvpress_rs.bench.kvpress_env import run_kvpress
     from kvpress_rs.models import smollm2_dir
 
-    ids = austen(tokenizer, args.prefix + args.continuation)
+    ids = austen(tokenizer, args.prefix + args.continuation, start=args.start)
     prefix, cont = ids[: args.prefix], ids[args.prefix :]
     policies = args.policies or OURS
     rows: dict[str, dict] = {}
     quantized = [f"{p}+q{args.quant_bits}" for p in policies] if args.quant_bits else []
-    configs = ["full", *policies, *quantized] + (["triattention:calibrated"] if args.calibration else [])
+    configs = ([] if args.no_full else ["full"]) + [*policies, *quantized] + (["triattention:calibrated"] if args.calibration else [])
     for name in configs:
         start = time.perf_counter()
         cache = make_cache(model, name, args.budget, args.interval, args.calibration if name.endswith("calibrated") else None,
@@ -131,20 +131,21 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
                  "ms_per_token": row["ms_per_token"], "final_cache_tokens": row["final_cache_tokens"]}
             rows[f"kvpress:{row['press']['name']}"] = r
             print(f"  kvpress {row['press']['name']:<23} ppl {r['ppl']:8.3f}", flush=True)
-    full = rows["full"]
+    full = rows.get("full")
     print(f"\n{'config':<30}{'ppl':>9}{'/ full':>8}{'/ kvpress':>10}{'ms/tok':>9}{'x full ms':>10}{'KV MB':>8}{'/ full':>8}")
     for name, r in rows.items():
-        r["ppl_vs_full"] = r["ppl"] / full["ppl"]
-        r["ms_vs_full"] = r["ms_per_token"] / full["ms_per_token"]
+        # without the full cache (--no-full) the "/ full" columns read as 1.0 of nothing: NaN
+        r["ppl_vs_full"] = r["ppl"] / full["ppl"] if full else float("nan")
+        r["ms_vs_full"] = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
         twin = rows.get("kvpress:" + name.split(":", 1)[1]) if name.startswith("ours:") else None
         r["ppl_vs_kvpress"] = r["ppl"] / twin["ppl"] if twin else None
         vs = f"{r['ppl_vs_kvpress']:10.3f}" if r["ppl_vs_kvpress"] else f"{'-':>10}"
         kv = r.get("kv_bytes_at_end")
-        r["kv_bytes_vs_full"] = kv / full["kv_bytes_at_end"] if kv else None
-        mem = f"{kv / 2**20:8.2f}{r['kv_bytes_vs_full']:8.3f}" if kv else f"{'-':>8}{'-':>8}"
+        r["kv_bytes_vs_full"] = kv / full["kv_bytes_at_end"] if kv and full else None
+        mem = f"{kv / 2**20:8.2f}{r['kv_bytes_vs_full'] or float('nan'):8.3f}" if kv else f"{'-':>8}{'-':>8}"
         print(f"{name:<30}{r['ppl']:9.3f}{r['ppl_vs_full']:8.3f}{vs}{r['ms_per_token']:9.1f}{r['ms_vs_full']:10.2f}{mem}")
     total = args.prefix + args.continuation
-    return {"prefix": args.prefix, "continuation": args.continuation, "budget": args.budget, "interval": args.interval,
+    return {"start": args.start, "prefix": args.prefix, "continuation": args.continuation, "budget": args.budget, "interval": args.interval,
             "full_cache_tokens_at_end": total, "x_smaller_cache": total / (args.budget + args.interval), "rows": rows}
 
 
@@ -271,6 +272,10 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("part", choices=["ppl", "memory", "needle", "all"])
     parser.add_argument("--prefix", type=int, default=1024)
     parser.add_argument("--continuation", type=int, default=4096)
+    parser.add_argument("--start", type=int, default=2000,
+                        help="ppl: where the prefix starts in the first Austen novel (tokens; repeat at other starts "
+                             "to see whether a difference between two policies is systematic)")
+    parser.add_argument("--no-full", action="store_true", help="ppl: leave out the full-cache row")
     parser.add_argument("--budget", type=int, default=1024)
     parser.add_argument("--interval", type=int, default=128)
     parser.add_argument("--policies", nargs="+", default=None, help=f"default: {' '.join(OURS)}")
