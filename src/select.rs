@@ -81,6 +81,28 @@ impl ScoreValue for f64 {
     }
 }
 
+/// The checks both CPU selection kernels share: `out` is (batch, heads, k) with
+/// 1 <= k <= T and contiguous, and no score is NaN (a NaN has no rank).
+fn checked_output<'a, S: ScoreValue>(
+    scores: &ArrayView3<'_, S>,
+    out: &'a mut ArrayViewMut3<'_, i64>,
+) -> Result<&'a mut [i64]> {
+    let (b, h, t) = scores.dim();
+    let (ob, oh, k) = out.dim();
+    if ob != b || oh != h || k == 0 || k > t {
+        return Err(KvError::shape(
+            "indices",
+            &[ob as i64, oh as i64, k as i64],
+            format!("({b}, {h}, k) with 1 <= k <= {t}"),
+        ));
+    }
+    if scores.iter().any(|s| s.is_nan()) {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    out.as_slice_mut()
+        .ok_or_else(|| KvError::invalid("indices", "the output must be contiguous"))
+}
+
 /// [`top_k_indices_cpu`] for float32 scores, with the same result: each (score, index)
 /// pair becomes one u64 key whose ascending order is higher score first, then earlier
 /// token, so that the selection compares integers instead of calling a comparator through
@@ -89,21 +111,15 @@ pub fn top_k_indices_f32(
     scores: ArrayView3<'_, f32>,
     mut out: ArrayViewMut3<'_, i64>,
 ) -> Result<()> {
-    let (b, h, t) = scores.dim();
+    let (_, h, t) = scores.dim();
     let k = out.dim().2;
-    if out.dim().0 != b || out.dim().1 != h || k == 0 || k > t || t > u32::MAX as usize {
-        return Err(KvError::shape(
-            "indices",
-            &[out.dim().0 as i64, out.dim().1 as i64, k as i64],
-            format!("({b}, {h}, k) with 1 <= k <= {t}"),
+    if t > u32::MAX as usize {
+        return Err(KvError::invalid(
+            "scores",
+            format!("got {t} tokens, expected at most {} (u32 indices)", u32::MAX),
         ));
     }
-    if scores.iter().any(|s| s.is_nan()) {
-        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
-    }
-    let out = out
-        .as_slice_mut()
-        .ok_or_else(|| KvError::invalid("indices", "the output must be contiguous"))?;
+    let out = checked_output(&scores, &mut out)?;
     out.par_chunks_mut(k).enumerate().for_each_init(
         || (Vec::with_capacity(t), vec![false; t]),
         |(keys, kept): &mut (Vec<u64>, Vec<bool>), (row_idx, dst)| {
@@ -145,21 +161,9 @@ pub fn top_k_indices_cpu<S: ScoreValue>(
     scores: ArrayView3<'_, S>,
     mut out: ArrayViewMut3<'_, i64>,
 ) -> Result<()> {
-    let (b, h, t) = scores.dim();
+    let (_, h, t) = scores.dim();
     let k = out.dim().2;
-    if out.dim().0 != b || out.dim().1 != h || k == 0 || k > t {
-        return Err(KvError::shape(
-            "indices",
-            &[out.dim().0 as i64, out.dim().1 as i64, k as i64],
-            format!("({b}, {h}, k) with 1 <= k <= {t}"),
-        ));
-    }
-    if scores.iter().any(|s| s.is_nan()) {
-        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
-    }
-    let out = out
-        .as_slice_mut()
-        .ok_or_else(|| KvError::invalid("indices", "the output must be contiguous"))?;
+    let out = checked_output(&scores, &mut out)?;
     out.par_chunks_mut(k).enumerate().for_each_init(
         || Vec::with_capacity(t),
         |order: &mut Vec<usize>, (row_idx, dst)| {
