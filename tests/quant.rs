@@ -233,6 +233,38 @@ fn quantize_errors() {
     expect_err(QuantizedTensor::quantize(&big, l, "x"), "InvalidArgument");
 }
 
+/// The CPU kernel checks finiteness tile by tile (no separate pass): one NaN or ±inf
+/// anywhere — the last tile of the last head of the second batch row, the last channel,
+/// with outliers or a Hadamard rotation that would spread it — still raises, for every
+/// dtype and grouping, and a large parallel input too.
+#[test]
+fn one_non_finite_value_anywhere_raises() {
+    for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
+        for grouping in [Grouping::Channel, Grouping::Token] {
+            for (outliers, hadamard) in [(0.0, false), (1.0 / 16.0, false), (0.0, true)] {
+                let mut c = config(2, 32, 0);
+                c.outlier_fraction = outliers;
+                c.hadamard = hadamard;
+                let l = TensorLayout::new(&c, grouping, 64);
+                for (t, ch, value) in [
+                    (95, 63, f64::NAN),
+                    (64, 0, f64::INFINITY),
+                    (70, 17, f64::NEG_INFINITY),
+                ] {
+                    let x = randn(&[2, 3, 96, 64], 2, kind);
+                    let _ = x.get(1).get(2).get(t).get(ch).fill_(value);
+                    expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
+                }
+            }
+        }
+        // Above the size at which the kernel goes parallel.
+        let x = randn(&[1, 4, 1024, 128], 3, kind);
+        let _ = x.get(0).get(3).get(1000).get(127).fill_(f64::NAN);
+        let l = layout(4, 32, Grouping::Token, 128);
+        expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
+    }
+}
+
 #[test]
 fn config_validation() {
     for bits in [0u32, 1, 5, 16] {

@@ -14,7 +14,7 @@ use super::group::{
 };
 use super::hadamard::fwht;
 use super::layout::TensorLayout;
-use super::pack::{dequant_group, pack, pack_code_row};
+use super::pack::{dequant_group, pack, pack_code_row, unpack_code_row};
 use super::qtensor::QuantizedTensor;
 use super::simd::{Madd, Separate};
 use super::Grouping;
@@ -100,6 +100,7 @@ fn encode_typed<T: KvFloat>(
     let mut opos = Tensor::f_empty(osize, (Kind::Uint8, Device::Cpu))?;
     let mut oval = Tensor::f_empty(osize, (kind, Device::Cpu))?;
     let ok = AtomicBool::new(true);
+    let finite = AtomicBool::new(true);
     {
         let codes_s = slice_mut::<u8, Ix3>(&mut codes)?;
         let params_s = slice_mut::<f16, Ix4>(&mut params_t)?;
@@ -133,13 +134,15 @@ fn encode_typed<T: KvFloat>(
             let (bh, tile) = (unit / tiles, unit % tiles);
             let (bi, hi) = (bh / h, bh % h);
             // The group size as a constant: per-group loops unroll into whole vectors.
-            let fits = match g {
+            let encoded = match g {
                 32 => encode_unit::<T, 32>(&layout, &x, bi, hi, tile * g, scratch, out),
                 64 => encode_unit::<T, 64>(&layout, &x, bi, hi, tile * g, scratch, out),
                 _ => encode_unit::<T, 128>(&layout, &x, bi, hi, tile * g, scratch, out),
             };
-            if !fits {
-                ok.store(false, Ordering::Relaxed);
+            match encoded {
+                Encoded::Done => {}
+                Encoded::OutOfRange => ok.store(false, Ordering::Relaxed),
+                Encoded::NonFinite => finite.store(false, Ordering::Relaxed),
             }
         };
         if worth_parallel(b * h * n * d) {
@@ -152,6 +155,9 @@ fn encode_typed<T: KvFloat>(
                 .enumerate()
                 .for_each(|item| run(&mut scratch, item));
         }
+    }
+    if !finite.load(Ordering::Relaxed) {
+        return Err(non_finite_error(argument));
     }
     if !ok.load(Ordering::Relaxed) {
         return Err(range_error(argument));
@@ -176,6 +182,11 @@ const PARALLEL_ELEMENTS: usize = 1 << 18;
 /// Whether work over `elements` values is worth the rayon pool.
 pub(crate) fn worth_parallel(elements: usize) -> bool {
     elements >= PARALLEL_ELEMENTS && rayon::current_num_threads() > 1
+}
+
+/// What [`crate::tensor::check_finite`] says, for the check fused into the CPU kernel.
+pub(crate) fn non_finite_error(argument: &str) -> KvError {
+    KvError::non_finite(argument, "every key and value must be finite")
 }
 
 pub(crate) fn range_error(argument: &str) -> KvError {
@@ -224,10 +235,21 @@ fn load_tile<T: KvFloat>(
     }
 }
 
-multiversion!(fn encode_unit<T: KvFloat; const G: usize>(layout: &TensorLayout, x: &ArrayView4<'_, T>, b: usize, h: usize, t0: usize, scratch: &mut Scratch, out: EncodeOut<'_, T>) -> bool => encode_unit_body);
+multiversion!(fn encode_unit<T: KvFloat; const G: usize>(layout: &TensorLayout, x: &ArrayView4<'_, T>, b: usize, h: usize, t0: usize, scratch: &mut Scratch, out: EncodeOut<'_, T>) -> Encoded => encode_unit_body);
 
-/// Quantizes tokens `t0..t0+G` of (b, h) into `out`; false if a group's range does not fit
-/// float16. (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
+/// How one unit's quantization ended.
+enum Encoded {
+    Done,
+    /// A group's range does not fit float16.
+    OutOfRange,
+    /// The tile holds a NaN or an infinity (nothing was written).
+    NonFinite,
+}
+
+/// Quantizes tokens `t0..t0+G` of (b, h) into `out`. The finiteness check is here, on the
+/// tile already converted to f32 in L1, rather than a separate pass over the input: that
+/// pass read the whole tensor from memory once more (~12% of quantizing).
+/// (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
 // `M` (the CPU feature set) is unused in the body on purpose: the macro's per-feature copies
 // let the compiler vectorize with those features; the arithmetic itself is exact.
 #[allow(clippy::extra_unused_type_parameters)]
@@ -240,19 +262,45 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
     t0: usize,
     scratch: &mut Scratch,
     out: EncodeOut<'_, T>,
-) -> bool {
+) -> Encoded {
     let (g, d) = (layout.group_size, layout.head_dim);
     load_tile(x, b, h, t0, g, &mut scratch.tile);
+    if !all_finite(&scratch.tile[..g * d]) {
+        return Encoded::NonFinite;
+    }
     if layout.hadamard {
         for row in scratch.tile.chunks_exact_mut(d) {
             fwht(row);
         }
     }
-    if layout.grouping == Grouping::Channel && layout.outliers == 0 {
+    let fits = if layout.grouping == Grouping::Channel && layout.outliers == 0 {
         encode_channels(layout, scratch, out)
     } else {
         encode_groups::<T, G>(layout, scratch, out)
+    };
+    if fits {
+        Encoded::Done
+    } else {
+        Encoded::OutOfRange
     }
+}
+
+/// Whether no value is NaN or ±inf: an all-ones exponent, or-ed over lanes the compiler
+/// vectorizes (no branch, no dependency longer than one OR).
+#[inline(always)]
+fn all_finite(vals: &[f32]) -> bool {
+    const L: usize = 16;
+    const EXP: u32 = 0x7f80_0000;
+    let mut bad = [0u32; L];
+    let chunks = vals.chunks_exact(L);
+    let rest = chunks.remainder();
+    for c in chunks {
+        for i in 0..L {
+            bad[i] |= u32::from(c[i].to_bits() & EXP == EXP);
+        }
+    }
+    let tail = rest.iter().any(|v| v.to_bits() & EXP == EXP);
+    !tail && bad.iter().all(|&b| b == 0)
 }
 
 /// Channel groups without outliers, straight from the token-major tile: ranges are
@@ -505,6 +553,44 @@ fn decode_typed<T: KvFloat>(q: &QuantizedTensor, out: &mut Tensor) -> Result<()>
     Ok(())
 }
 
+/// Channel groups without outliers into the token-major `scratch.tile`, row by row (the
+/// mirror of [`encode_channels`]): the groups' packed words are first laid side by side
+/// (word `w` of every channel's group in one row, a transpose of gb/4 words per group
+/// rather than of G floats), then each token's codes are shifted out of those rows and
+/// scaled across all channels at once. Exact `code·scale + zero` (two roundings), as the
+/// libtorch path computes it.
+#[inline(always)]
+fn decode_channels<T>(layout: &TensorLayout, tile: &TileData<'_, T>, scratch: &mut Scratch) {
+    let (g, d) = (layout.group_size, layout.head_dim);
+    let gb = layout.group_bytes();
+    let wpg = gb / 4;
+    let Scratch {
+        tile: rows,
+        row_codes,
+        words,
+        zeros,
+        inv: scales,
+        ..
+    } = scratch;
+    let (words, row_codes) = (&mut words[..wpg * d], &mut row_codes[..d]);
+    let (scales, zeros) = (&mut scales[..d], &mut zeros[..d]);
+    for (c, group) in tile.codes[..d * gb].chunks_exact(gb).enumerate() {
+        for (w, bytes) in group.chunks_exact(4).enumerate() {
+            words[w * d + c] = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
+        }
+    }
+    for (c, (s, z)) in scales.iter_mut().zip(zeros.iter_mut()).enumerate() {
+        *s = tile.params[2 * c].to_f32();
+        *z = tile.params[2 * c + 1].to_f32();
+    }
+    for (t, row) in rows[..g * d].chunks_exact_mut(d).enumerate() {
+        unpack_code_row(words, t, g, layout.bits, row_codes);
+        for (((o, &code), &s), &z) in row.iter_mut().zip(&*row_codes).zip(&*scales).zip(&*zeros) {
+            *o = code as f32 * s + z;
+        }
+    }
+}
+
 /// The quantized data of one tile (head_dim groups).
 pub(crate) struct TileData<'a, T> {
     pub codes: &'a [u8],
@@ -527,6 +613,16 @@ fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
     let (g, d) = (G, layout.head_dim);
     let gb = layout.group_bytes();
     let no = layout.outliers;
+    if layout.grouping == Grouping::Channel && no == 0 {
+        decode_channels(layout, tile, scratch);
+        if layout.hadamard {
+            for row in scratch.tile.chunks_exact_mut(d) {
+                fwht(row);
+            }
+        }
+        T::slice_from_f32(&scratch.tile, dst);
+        return;
+    }
     let target = match layout.grouping {
         Grouping::Token => &mut scratch.tile,
         Grouping::Channel => &mut scratch.groups,
@@ -547,7 +643,5 @@ fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
             fwht(row);
         }
     }
-    for (o, &v) in dst.iter_mut().zip(&scratch.tile) {
-        *o = T::from_f32(v);
-    }
+    T::slice_from_f32(&scratch.tile, dst);
 }

@@ -32,9 +32,10 @@ pub fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
     match bits {
         8 => out.copy_from_slice(codes),
         4 => {
-            let n = g / 2;
-            for i in 0..n {
-                out[i] = codes[i] | (codes[i + n] << 4);
+            // Zipped planes, not indices: no bounds checks, so the loop is whole vectors.
+            let (low, high) = codes.split_at(g / 2);
+            for ((o, &l), &h) in out.iter_mut().zip(low).zip(high) {
+                *o = l | (h << 4);
             }
         }
         2 => pack2(codes, out),
@@ -45,13 +46,11 @@ pub fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
                 *l = c & 3;
             }
             pack2(&low_codes[..g], low);
-            let n = g / 8;
-            for (i, byte) in high.iter_mut().enumerate() {
-                let mut b = 0u8;
-                for k in 0..8 {
-                    b |= ((codes[i + k * n] >> 2) & 1) << k;
+            high.fill(0);
+            for (k, plane) in codes.chunks_exact(g / 8).enumerate() {
+                for (byte, &c) in high.iter_mut().zip(plane) {
+                    *byte |= ((c >> 2) & 1) << k;
                 }
-                *byte = b;
             }
         }
         _ => unreachable!("bits validated by QuantConfig"),
@@ -61,8 +60,11 @@ pub fn pack(codes: &[u8], bits: u32, out: &mut [u8]) {
 #[inline(always)]
 fn pack2(codes: &[u8], out: &mut [u8]) {
     let n = codes.len() / 4;
-    for i in 0..n {
-        out[i] = codes[i] | (codes[i + n] << 2) | (codes[i + 2 * n] << 4) | (codes[i + 3 * n] << 6);
+    let (c0, rest) = codes.split_at(n);
+    let (c1, rest) = rest.split_at(n);
+    let (c2, c3) = rest.split_at(n);
+    for ((((o, &a), &b), &c), &d) in out.iter_mut().zip(c0).zip(c1).zip(c2).zip(c3) {
+        *o = a | (b << 2) | (c << 4) | (d << 6);
     }
 }
 
@@ -92,6 +94,45 @@ pub fn pack_code_row(codes: &[u32], t: usize, g: usize, bits: u32, words: &mut [
             let (n4, n8) = (g / 4, g / 8);
             put(t % n4, 0, 3, 2 * (t / n4) as u32);
             put(n4 + t % n8, 2, 1, (t / n8) as u32);
+        }
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
+/// The inverse of [`pack_code_row`]: code `t` of every group whose packed words sit side
+/// by side in `words` (`words[w·n + i]` = word `w` of group `i`, `n = codes.len()`) into
+/// `codes`, with whole-row shifts and masks (vectorized across groups). Channel groups are
+/// dequantized this way, one token row at a time, with no transpose of the tile.
+#[inline(always)]
+pub fn unpack_code_row(words: &[u32], t: usize, g: usize, bits: u32, codes: &mut [u32]) {
+    let n = codes.len();
+    // The field of byte `j` of every group at bit `shift`, `mask` wide.
+    let field = |j: usize, mask: u32, shift: u32| {
+        let at = 8 * (j % 4) as u32 + shift;
+        words[(j / 4) * n..(j / 4 + 1) * n]
+            .iter()
+            .map(move |&w| (w >> at) & mask)
+    };
+    match bits {
+        8 => codes
+            .iter_mut()
+            .zip(field(t, 0xff, 0))
+            .for_each(|(o, c)| *o = c),
+        4 => {
+            let it = field(t % (g / 2), 15, 4 * (t / (g / 2)) as u32);
+            codes.iter_mut().zip(it).for_each(|(o, c)| *o = c);
+        }
+        2 => {
+            let it = field(t % (g / 4), 3, 2 * (t / (g / 4)) as u32);
+            codes.iter_mut().zip(it).for_each(|(o, c)| *o = c);
+        }
+        3 => {
+            let (n4, n8) = (g / 4, g / 8);
+            let low = field(t % n4, 3, 2 * (t / n4) as u32);
+            let high = field(n4 + t % n8, 1, (t / n8) as u32);
+            for ((o, l), h) in codes.iter_mut().zip(low).zip(high) {
+                *o = l | (h << 2);
+            }
         }
         _ => unreachable!("bits validated by QuantConfig"),
     }
@@ -288,6 +329,31 @@ mod tests {
                         .flat_map(|w| words[w * groups + i].to_le_bytes())
                         .collect();
                     assert_eq!(got, expected, "bits {bits} g {g} group {i}");
+                }
+            }
+        }
+    }
+
+    #[test]
+    fn unpacking_code_rows_inverts_packing_them() {
+        for bits in [2u32, 3, 4, 8] {
+            for g in [32usize, 64, 128] {
+                let n = 5;
+                let codes: Vec<Vec<u32>> = (0..g)
+                    .map(|t| {
+                        (0..n)
+                            .map(|i| ((t * 7 + i * 13) % (1 << bits)) as u32)
+                            .collect()
+                    })
+                    .collect();
+                let mut words = vec![0u32; packed_bytes(g, bits) / 4 * n];
+                for (t, row) in codes.iter().enumerate() {
+                    pack_code_row(row, t, g, bits, &mut words);
+                }
+                let mut back = vec![0u32; n];
+                for (t, row) in codes.iter().enumerate() {
+                    unpack_code_row(&words, t, g, bits, &mut back);
+                    assert_eq!(&back, row, "bits {bits} G {g} token {t}");
                 }
             }
         }

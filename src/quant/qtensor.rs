@@ -50,10 +50,10 @@ impl QuantizedTensor {
                 ),
             ));
         }
-        check_finite(x, argument)?;
         if uses_cpu_kernels(x) {
-            cpu::encode(x, layout, argument)
+            cpu::encode(x, layout, argument) // checks finiteness tile by tile
         } else {
+            check_finite(x, argument)?;
             libtorch::encode(x, layout, argument)
         }
     }

@@ -322,12 +322,13 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--question-after", action="store_true",
                         help="frontier needle: compress the context alone (default: with the question)")
-    parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's)")
+    parser.add_argument("--threads", type=int, default=None, help="torch and rayon threads (default: theirs)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/quant.json"))
     args = parser.parse_args(argv)
     warnings.filterwarnings("ignore")
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    from .measure import set_threads
+
+    set_threads(args.threads)  # torch's and rayon's: our kernels and clone() on the same cores
     quanto = ["quanto-2b", "quanto-4b"] if quanto_available() else []
     if not quanto:
         print("optimum-quanto is not importable: the quanto columns are left out (make bench-deps installs it)")
