@@ -116,7 +116,10 @@ pub fn top_k_indices_f32(
     if t > u32::MAX as usize {
         return Err(KvError::invalid(
             "scores",
-            format!("got {t} tokens, expected at most {} (u32 indices)", u32::MAX),
+            format!(
+                "got {t} tokens, expected at most {} (u32 indices)",
+                u32::MAX
+            ),
         ));
     }
     let out = checked_output(&scores, &mut out)?;
