@@ -73,27 +73,19 @@ impl KvFloat for f16 {
     }
     #[inline(always)]
     fn slice_to_f32(src: &[Self], dst: &mut [f32]) {
-        let n = src.len().min(dst.len());
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (checked just above).
-            unsafe { f16_to_f32_f16c(&src[..n], &mut dst[..n]) };
-            return;
-        }
         use half::slice::HalfFloatSliceExt;
-        src[..n].convert_to_f32_slice(&mut dst[..n]);
+        if !f16c::convert_to_f32(src, dst) {
+            let n = src.len().min(dst.len());
+            src[..n].convert_to_f32_slice(&mut dst[..n]);
+        }
     }
     #[inline(always)]
     fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
-        let n = src.len().min(dst.len());
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("f16c") {
-            // SAFETY: the CPU has F16C (checked just above).
-            unsafe { f32_to_f16_f16c(&src[..n], &mut dst[..n]) };
-            return;
-        }
         use half::slice::HalfFloatSliceExt;
-        dst[..n].convert_from_f32_slice(&src[..n]);
+        if !f16c::convert_from_f32(src, dst) {
+            let n = src.len().min(dst.len());
+            dst[..n].convert_from_f32_slice(&src[..n]);
+        }
     }
 }
 
@@ -114,58 +106,78 @@ impl KvFloat for bf16 {
     }
 }
 
-/// `dst[i] = src[i]` as f32, 8 values per F16C instruction (exact). `#[inline(always)]`
-/// rather than `#[target_feature]`: inlined into a kernel compiled with F16C (the
-/// `multiversion!` copies) the instructions sit in the kernel's loop; `half`'s slice
-/// conversion is an out-of-line call per 8 values there (~20% of quantizing float16).
-///
-/// # Safety
-/// The CPU must support F16C and AVX.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn f16_to_f32_f16c(src: &[f16], dst: &mut [f32]) {
-    use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
-    let n = src.len().min(dst.len());
-    let whole = n - n % 8;
-    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-    let mut i = 0;
-    while i < whole {
-        // SAFETY: i + 8 <= n, within both slices; unaligned loads and stores.
-        unsafe {
-            let h = _mm_loadu_si128(s.add(i) as *const __m128i);
-            _mm256_storeu_ps(d.add(i), _mm256_cvtph_ps(h));
-        }
-        i += 8;
-    }
-    for (o, v) in dst[whole..n].iter_mut().zip(&src[whole..n]) {
-        *o = v.to_f32();
-    }
-}
+/// float16 ⇄ float32 slices with F16C, 8 values per instruction, exact (round to nearest
+/// even towards float16, as `half` does, bit for bit). `#[inline(always)]` rather than
+/// `#[target_feature]`: inlined into a kernel compiled with F16C (the `multiversion!`
+/// copies) the instructions sit in the kernel's loop, where `half`'s slice conversion is an
+/// out-of-line call per 8 values (~20% of quantizing float16). Each returns false, having
+/// done nothing, on a CPU without F16C.
+#[cfg_attr(not(target_arch = "x86_64"), allow(dead_code, unused_imports))]
+mod f16c {
+    use half::f16;
 
-/// `dst[i] = f16::from_f32(src[i])`, 8 values per F16C instruction, rounding to nearest
-/// even as `half` does (bit for bit). Inlined like [`f16_to_f32_f16c`].
-///
-/// # Safety
-/// The CPU must support F16C and AVX.
-#[cfg(target_arch = "x86_64")]
-#[inline(always)]
-unsafe fn f32_to_f16_f16c(src: &[f32], dst: &mut [f16]) {
-    use std::arch::x86_64::{
-        __m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128, _MM_FROUND_TO_NEAREST_INT,
-    };
-    let n = src.len().min(dst.len());
-    let whole = n - n % 8;
-    let (s, d) = (src.as_ptr(), dst.as_mut_ptr());
-    let mut i = 0;
-    while i < whole {
-        // SAFETY: i + 8 <= n, within both slices; unaligned loads and stores.
-        unsafe {
-            let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s.add(i)));
-            _mm_storeu_si128(d.add(i) as *mut __m128i, h);
+    #[inline(always)]
+    pub(super) fn convert_to_f32(src: &[f16], dst: &mut [f32]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            use std::arch::x86_64::{__m128i, _mm256_cvtph_ps, _mm256_storeu_ps, _mm_loadu_si128};
+            // SAFETY: the CPU has F16C and AVX (checked above); `by_eights` hands over 8
+            // readable and 8 writable elements; unaligned loads and stores.
+            by_eights(
+                src,
+                dst,
+                |s, d| unsafe {
+                    _mm256_storeu_ps(d, _mm256_cvtph_ps(_mm_loadu_si128(s as *const __m128i)));
+                },
+                f16::to_f32,
+            );
+            return true;
         }
-        i += 8;
+        false
     }
-    for (o, &v) in dst[whole..n].iter_mut().zip(&src[whole..n]) {
-        *o = f16::from_f32(v);
+
+    #[inline(always)]
+    pub(super) fn convert_from_f32(src: &[f32], dst: &mut [f16]) -> bool {
+        #[cfg(target_arch = "x86_64")]
+        if std::arch::is_x86_feature_detected!("f16c") {
+            use std::arch::x86_64::{
+                __m128i, _mm256_cvtps_ph, _mm256_loadu_ps, _mm_storeu_si128,
+                _MM_FROUND_TO_NEAREST_INT,
+            };
+            // SAFETY: as in `convert_to_f32`.
+            by_eights(
+                src,
+                dst,
+                |s, d| unsafe {
+                    let h = _mm256_cvtps_ph::<_MM_FROUND_TO_NEAREST_INT>(_mm256_loadu_ps(s));
+                    _mm_storeu_si128(d as *mut __m128i, h);
+                },
+                f16::from_f32,
+            );
+            return true;
+        }
+        false
+    }
+
+    /// `eight(src + i, dst + i)` for every whole run of 8 elements of the shorter slice,
+    /// `one` for the rest.
+    #[inline(always)]
+    fn by_eights<S: Copy, D>(
+        src: &[S],
+        dst: &mut [D],
+        eight: impl Fn(*const S, *mut D),
+        one: impl Fn(S) -> D,
+    ) {
+        let n = src.len().min(dst.len());
+        let whole = n - n % 8;
+        for (s, d) in src[..whole]
+            .chunks_exact(8)
+            .zip(dst[..whole].chunks_exact_mut(8))
+        {
+            eight(s.as_ptr(), d.as_mut_ptr());
+        }
+        for (o, &v) in dst[whole..n].iter_mut().zip(&src[whole..n]) {
+            *o = one(v);
+        }
     }
 }
