@@ -6,7 +6,8 @@
 use crate::budget::{Budget, HeadBudget, LayerBudget};
 use crate::error::{KvError, Result};
 use crate::policies::{
-    cake_preference, score_layer, score_layer_with, QueryStats, QueryWindow, ScoreContext, Scorer,
+    cake_preference, score_layer, score_layer_with, QueryStats, QueryWindow, ScoreContext,
+    ScoreSources, Scorer,
 };
 use crate::quant::QuantizedStore;
 use crate::rope::Rope;
@@ -22,6 +23,47 @@ pub struct LayerScores {
     pub scores: Tensor,
     /// The layer's preference for the CAKE layer budget (0 for other budgets).
     pub preference: f64,
+}
+
+/// One decoding-time compression of a layer: what [`Press::compress_to`] needs besides
+/// the store.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct DecodingStep<'a> {
+    pub layer_idx: usize,
+    /// Tokens kept per row.
+    pub n_kept: usize,
+    /// Tokens seen: the position of the next token.
+    pub next_position: usize,
+    /// The first stored tokens never evicted (a protected prompt).
+    pub protect_first: usize,
+    /// The last stored tokens never evicted (those since the previous compression).
+    pub protect_last: usize,
+    /// Post-RoPE queries of the last q stored tokens (those seen since the previous
+    /// compression), for scorers that read queries.
+    pub queries: Option<&'a Tensor>,
+    /// Pre-RoPE query statistics from elsewhere (TriAttention).
+    pub query_stats: Option<&'a QueryStats>,
+    /// What the previous compression returned as [`Compressed::kept_scores`], for a
+    /// scorer that remembers; the caller keeps it aligned with the store (the first m
+    /// stored tokens).
+    pub previous_scores: Option<&'a Tensor>,
+}
+
+impl DecodingStep<'_> {
+    fn protected(&self) -> (usize, usize) {
+        (self.protect_first, self.protect_last)
+    }
+}
+
+/// What a decoding-time compression did.
+#[derive(Debug, Default)]
+pub struct Compressed {
+    /// Whether it evicted (false: the store was within its budget, and is untouched).
+    pub evicted: bool,
+    /// For a scorer that [remembers](Scorer::remembers_scores): the scores of the kept
+    /// tokens (float (batch, kv_heads, n_kept), in storage order; −inf for the ones the
+    /// scorer kept without ranking them), to pass as the next step's `previous_scores`.
+    pub kept_scores: Option<Tensor>,
 }
 
 /// The tokens a press keeps in one layer.
@@ -281,80 +323,81 @@ impl Press {
     }
 
     /// Compresses a store that has grown (during generation, or after a prompt block) to
-    /// exactly `n_kept` tokens per row: the scorer ranks every stored token, the first
-    /// `protect_first` and the last `protect_last` stored tokens are never evicted, and
-    /// the best of the rest fill the budget. `queries` are the post-RoPE queries of the
-    /// last q stored tokens (those seen since the previous compression), `query_stats`
-    /// pre-RoPE statistics from elsewhere (TriAttention), `next_position` the tokens seen.
-    /// The same `n_kept` for every layer: layer budgets (pyramid, CAKE) shape the prefill
-    /// compression only. With `keep_evicted`, returns the evicted tokens (as
-    /// [`compress_split`](Self::compress_split)).
-    #[allow(clippy::too_many_arguments)]
+    /// exactly `step.n_kept` tokens per row: the scorer ranks every stored token, the first
+    /// `protect_first` and the last `protect_last` stored tokens are never evicted, and the
+    /// best of the rest fill the budget (see [`DecodingStep`]). The same `n_kept` for every
+    /// layer: layer budgets (pyramid, CAKE) shape the prefill compression only.
+    ///
+    /// ```
+    /// use kvpress_rs::{press::DecodingStep, policies::Knorm, Budget, LayerStore, Press};
+    /// let press = Press::new(Box::new(Knorm), Budget::ratio(0.0).unwrap());
+    /// let keys = tch::Tensor::randn([1, 2, 40, 8], (tch::Kind::Float, tch::Device::Cpu));
+    /// let mut store = LayerStore::new();
+    /// store.append(&keys, &keys).unwrap();
+    /// let step = DecodingStep { n_kept: 24, next_position: 40, protect_last: 8, ..Default::default() };
+    /// let done = press.compress_to(&mut store, &step).unwrap();
+    /// assert!(done.evicted && store.len() == 24);
+    /// ```
     pub fn compress_to(
         &self,
         store: &mut LayerStore,
-        layer_idx: usize,
-        queries: Option<&Tensor>,
-        query_stats: Option<&QueryStats>,
-        n_kept: usize,
-        next_position: usize,
-        protect: (usize, usize),
-        keep_evicted: bool,
-    ) -> Result<Option<(Tensor, Tensor)>> {
+        step: &DecodingStep<'_>,
+    ) -> Result<Compressed> {
         let stored = store.len();
-        check_decoding_budget(n_kept, protect, stored, "")?;
-        if n_kept >= stored {
-            return Ok(None);
+        check_decoding_budget(step.n_kept, step.protected(), stored, "")?;
+        if step.n_kept >= stored {
+            return Ok(Compressed::default());
         }
         let (keys, values) = (store.keys_view()?, store.values_view()?);
-        let kept = self.decoding_kept(
-            &keys,
-            &values,
-            layer_idx,
-            queries,
-            query_stats,
-            n_kept,
-            next_position,
-            protect,
-        )?;
-        if keep_evicted {
-            retain_split(store, kept).map(Some)
-        } else {
-            retain(store, kept).map(|_| None)
-        }
+        let (kept, kept_scores) = self.decoding_kept(&keys, &values, step, step.protected())?;
+        retain(store, kept)?;
+        Ok(Compressed {
+            evicted: true,
+            kept_scores,
+        })
     }
 
     /// The tokens a decoding-time compression keeps out of `keys`/`values`: scored with
-    /// the scorer, the protected ends raised to +inf, the top `n_kept` per row.
-    #[allow(clippy::too_many_arguments)]
+    /// the scorer, the protected ends raised to +inf, the top `n_kept` per row; and, for a
+    /// scorer that remembers, the scores of the kept tokens.
     fn decoding_kept(
         &self,
         keys: &Tensor,
         values: &Tensor,
-        layer_idx: usize,
-        queries: Option<&Tensor>,
-        query_stats: Option<&QueryStats>,
-        n_kept: usize,
-        next_position: usize,
+        step: &DecodingStep<'_>,
         (protect_first, protect_last): (usize, usize),
-    ) -> Result<Kept> {
+    ) -> Result<(Kept, Option<Tensor>)> {
         self.check_rope()?;
         let ctx = ScoreContext {
-            layer_idx,
-            n_kept,
-            next_position: Some(next_position),
+            layer_idx: step.layer_idx,
+            n_kept: step.n_kept,
+            next_position: Some(step.next_position),
+        };
+        let sources = ScoreSources {
+            queries: step.queries,
+            query_stats: step.query_stats,
+            previous_scores: step.previous_scores,
         };
         let scores = score_layer_with(
             self.scorer.as_ref(),
             keys,
             values,
-            queries,
-            query_stats,
+            sources,
             self.rope.as_ref(),
             &ctx,
         )?;
-        let scores = protect_ends(&scores, protect_first, protect_last)?;
-        self.select(&scores, n_kept)
+        let kept = self.select(
+            &protect_ends(&scores, protect_first, protect_last)?,
+            step.n_kept,
+        )?;
+        let kept_scores =
+            match &kept {
+                Kept::Uniform(indices) if self.scorer.remembers_scores() => Some(
+                    remembered_scores(&scores, indices, self.scorer.protected_window())?,
+                ),
+                _ => None,
+            };
+        Ok((kept, kept_scores))
     }
 
     /// [`compress_to`](Self::compress_to) for a quantized store (a
@@ -362,43 +405,29 @@ impl Press {
     /// from a dequantized temporary (scoring reads every token anyway), and the store keeps
     /// the selected ones with their exact codes ([`QuantizedStore::retain`]: nothing is
     /// re-quantized). The full-precision sinks and residual window are protected as well
-    /// (`protect` is raised to cover them), so they stay whole. Returns whether it evicted.
-    #[allow(clippy::too_many_arguments)]
+    /// (the protected ends are raised to cover them), so they stay whole.
     pub fn compress_quantized_to(
         &self,
         store: &mut QuantizedStore,
-        layer_idx: usize,
-        queries: Option<&Tensor>,
-        query_stats: Option<&QueryStats>,
-        n_kept: usize,
-        next_position: usize,
-        protect: (usize, usize),
-    ) -> Result<bool> {
+        step: &DecodingStep<'_>,
+    ) -> Result<Compressed> {
         let stored = store.seen();
-        let protect_first = protect.0.max(store.sink_len());
-        let protect_last = protect.1.max(store.residual_len());
+        let protect_first = step.protect_first.max(store.sink_len());
+        let protect_last = step.protect_last.max(store.residual_len());
         check_decoding_budget(
-            n_kept,
+            step.n_kept,
             (protect_first, protect_last),
             stored,
             " (the protected prompt and sink tokens, and the last max(decoding_interval, tokens in \
              the full-precision residual window)); raise decoding_budget above \
              max(decoding_interval, residual_length or group_size) plus the protected prompt",
         )?;
-        if n_kept >= stored {
-            return Ok(false);
+        if step.n_kept >= stored {
+            return Ok(Compressed::default());
         }
         let (keys, values) = store.dequantize()?;
-        let kept = self.decoding_kept(
-            &keys,
-            &values,
-            layer_idx,
-            queries,
-            query_stats,
-            n_kept,
-            next_position,
-            (protect_first, protect_last),
-        )?;
+        let (kept, kept_scores) =
+            self.decoding_kept(&keys, &values, step, (protect_first, protect_last))?;
         drop((keys, values));
         match kept {
             Kept::Uniform(indices) => store.retain(&indices)?,
@@ -410,7 +439,10 @@ impl Press {
                 ))
             }
         }
-        Ok(true)
+        Ok(Compressed {
+            evicted: true,
+            kept_scores,
+        })
     }
 
     /// [`compress`](Self::compress) that returns the tokens it evicts — keys and values
@@ -483,13 +515,26 @@ impl Press {
 /// `scores` (batch, heads, T) with the first `first` and last `last` tokens raised to +inf,
 /// so that top-k always keeps them (ties among them go to the earlier token, irrelevant:
 /// all of them fit the budget).
+/// The scores of the kept tokens, as float; the last `unranked` scored tokens (a window
+/// the scorer keeps by convention, scored +max) become −inf: they were not ranked.
+fn remembered_scores(scores: &Tensor, kept: &Tensor, unranked: usize) -> Result<Tensor> {
+    let kept_scores = scores.f_to_kind(Kind::Float)?.f_gather(2, kept, false)?;
+    if unranked == 0 {
+        return Ok(kept_scores);
+    }
+    let first_unranked = (scores.size()[2] - unranked as i64).max(0);
+    let mask = kept.f_ge(first_unranked)?;
+    Ok(kept_scores.f_masked_fill(&mask, f64::NEG_INFINITY)?)
+}
+
 fn protect_ends(scores: &Tensor, first: usize, last: usize) -> Result<Tensor> {
     let t = scores.size()[2];
     let (first, last) = ((first as i64).min(t), (last as i64).min(t));
     if first == 0 && last == 0 {
         return Ok(scores.shallow_clone());
     }
-    let scores = scores.f_to_kind(Kind::Float)?;
+    // a copy: the caller may still read the scores (a remembering scorer's kept scores)
+    let scores = scores.f_to_dtype(Kind::Float, false, true)?;
     if first > 0 {
         let _ = scores.f_narrow(2, 0, first)?.f_fill_(f64::INFINITY)?;
     }

@@ -6,8 +6,10 @@ mod common;
 use common::*;
 use kvpress_rs::decoding::DecodingSchedule;
 use kvpress_rs::policies::{
-    query_stats, scorer_from_name, Knorm, Params, ScoreContext, ScoreInput,
+    query_stats, scorer_from_name, Knorm, ParamValue, Params, ScoreContext, ScoreInput, Scorer,
+    SnapKv,
 };
+use kvpress_rs::press::DecodingStep;
 use kvpress_rs::rope::{Rope, RopeSpec};
 use kvpress_rs::{Budget, KvError, LayerStore, Press};
 use tch::{Device, Kind, Tensor};
@@ -88,6 +90,16 @@ fn growing_keys(t: i64) -> Tensor {
     Tensor::ones([1, 2, t, 4], (Kind::Float, Device::Cpu)) * norms.view([1, 1, t, 1]) / 2.0
 }
 
+fn step(n_kept: usize, next_position: usize, protect: (usize, usize)) -> DecodingStep<'static> {
+    DecodingStep {
+        n_kept,
+        next_position,
+        protect_first: protect.0,
+        protect_last: protect.1,
+        ..DecodingStep::default()
+    }
+}
+
 #[test]
 fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.0).unwrap());
@@ -95,7 +107,7 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     press
-        .compress_to(&mut store, 0, None, None, 10, 20, (2, 4), false)
+        .compress_to(&mut store, &step(10, 20, (2, 4)))
         .unwrap();
     assert_eq!((store.len(), store.seen()), (10, 20));
     let kept = store.kept_positions().unwrap().into_uniform().unwrap();
@@ -107,16 +119,14 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     // a second compression: positions are those of the tokens seen, not of the store
     let more = growing_keys(6) * 100.0;
     let _ = store.append(&more, &more).unwrap();
-    press
-        .compress_to(&mut store, 0, None, None, 8, 26, (0, 3), false)
-        .unwrap();
+    press.compress_to(&mut store, &step(8, 26, (0, 3))).unwrap();
     let kept = store.kept_positions().unwrap().into_uniform().unwrap();
     assert_eq!(
         Vec::<i64>::try_from(kept.get(0).get(0)).unwrap(),
         vec![0, 1, 2, 3, 4, 23, 24, 25]
     );
     // fewer than the protected tokens: an error naming the budget
-    match press.compress_to(&mut store, 0, None, None, 2, 26, (0, 3), false) {
+    match press.compress_to(&mut store, &step(2, 26, (0, 3))) {
         Err(KvError::InvalidArgument { argument, .. }) => assert_eq!(argument, "decoding_budget"),
         other => panic!("{other:?}"),
     }
@@ -136,6 +146,7 @@ fn observed_attention_over_the_last_queries_matches_a_reference() {
         queries: Some(&queries),
         rope: None,
         query_stats: None,
+        previous_scores: None,
         ctx: ScoreContext {
             layer_idx: 0,
             n_kept: 4,
@@ -201,6 +212,7 @@ fn triattention_decode_queries_sit_just_before_the_next_position() {
             queries: Some(&post),
             rope: Some(&rope),
             query_stats: None,
+            previous_scores: None,
             ctx,
         })
         .unwrap();
@@ -212,6 +224,7 @@ fn triattention_decode_queries_sit_just_before_the_next_position() {
             queries: None,
             rope: Some(&rope),
             query_stats: Some(&stats),
+            previous_scores: None,
             ctx,
         })
         .unwrap();
@@ -230,4 +243,258 @@ fn triattention_decode_queries_sit_just_before_the_next_position() {
     assert!(merged
         .magnitude
         .allclose(&stats.magnitude, 1e-5, 1e-5, false));
+}
+
+/// SnapKV's pooling over the previous ranking, by hand: each row's order is the first m
+/// tokens by decreasing previous score (ties, and −inf, in position order) then tokens
+/// m..n; the kernel-k mean over that order (zero padding counted, as SnapKV's position
+/// pooling) goes back to each token. `raw` are the unpooled scores of the n tokens.
+fn reference_rank_pooling(raw: &[f64], previous: &[f64], n: usize, m: usize, k: usize) -> Vec<f64> {
+    let rows = raw.len() / n;
+    let mut out = vec![0.0; raw.len()];
+    for r in 0..rows {
+        let prev = &previous[r * m..(r + 1) * m];
+        let mut order: Vec<usize> = (0..m).collect();
+        order.sort_by(|&a, &b| prev[b].partial_cmp(&prev[a]).unwrap().then(a.cmp(&b)));
+        order.extend(m..n);
+        let ranked: Vec<f64> = order.iter().map(|&i| raw[r * n + i]).collect();
+        for (j, &token) in order.iter().enumerate() {
+            let lo = j.saturating_sub(k / 2);
+            let hi = (j + k / 2).min(n - 1);
+            out[r * n + token] = ranked[lo..=hi].iter().sum::<f64>() / k as f64;
+        }
+    }
+    out
+}
+
+fn snapkv_input<'a>(
+    keys: &'a Tensor,
+    queries: &'a Tensor,
+    previous_scores: Option<&'a Tensor>,
+) -> ScoreInput<'a> {
+    ScoreInput {
+        keys,
+        values: keys,
+        queries: Some(queries),
+        rope: None,
+        query_stats: None,
+        previous_scores,
+        ctx: ScoreContext {
+            layer_idx: 0,
+            n_kept: 8,
+            next_position: Some(500),
+        },
+    }
+}
+
+#[test]
+fn snapkv_rank_pooling_matches_a_reference() {
+    let (b, h, t, d, w, m) = (2i64, 2i64, 30i64, 8i64, 4usize, 20usize);
+    let n = t as usize - w;
+    let keys = randn(&[b, h, t, d], 21, Kind::Float);
+    let queries = randn(&[b, 2 * h, w as i64, d], 22, Kind::Float);
+    // previous scores with ties and never-ranked (−inf) tokens among the first m
+    let mut rng = Rng::new(23);
+    let mut previous: Vec<f64> = (0..(b * h) as usize * m).map(|_| rng.uniform()).collect();
+    for row in previous.chunks_mut(m) {
+        row[3] = row[7];
+        row[m - 2] = f64::NEG_INFINITY;
+        row[m - 1] = f64::NEG_INFINITY;
+    }
+    let prev = tensor_f64(&previous, &[b, h, m as i64], Kind::Float);
+    let unpooled = SnapKv::new(w, 1)
+        .unwrap()
+        .score(&snapkv_input(&keys, &queries, None))
+        .unwrap();
+    let raw = values_f64(&unpooled.narrow(2, 0, n as i64));
+    let expected = reference_rank_pooling(&raw, &values_f64(&prev), n, m, 5);
+
+    let rank = SnapKv::with_decoding_pooling(w, 5, "rank").unwrap();
+    assert!(rank.remembers_scores());
+    let got = rank
+        .score(&snapkv_input(&keys, &queries, Some(&prev)))
+        .unwrap();
+    assert_eq!(dims(&got), [2, 2, 30]);
+    let got_values = values_f64(&got);
+    for (r, row) in got_values.chunks(t as usize).enumerate() {
+        for i in 0..n {
+            let e = expected[r * n + i];
+            assert!(
+                (row[i] - e).abs() < 1e-6,
+                "row {r} token {i}: {} vs {e}",
+                row[i]
+            );
+        }
+        // the window is still kept first
+        let top = row[..n].iter().cloned().fold(f64::MIN, f64::max);
+        assert!(row[n..].iter().all(|&x| x > top));
+    }
+    // no previous ranking: SnapKV's position pooling, exactly
+    let plain = SnapKv::new(w, 5).unwrap();
+    let first = rank.score(&snapkv_input(&keys, &queries, None)).unwrap();
+    let by_position = plain.score(&snapkv_input(&keys, &queries, None)).unwrap();
+    assert_eq!(values_f64(&first), values_f64(&by_position));
+    // "position" never remembers, and ignores previous scores
+    let position = SnapKv::with_decoding_pooling(w, 5, "position").unwrap();
+    assert!(!position.remembers_scores());
+    let ignored = position
+        .score(&snapkv_input(&keys, &queries, Some(&prev)))
+        .unwrap();
+    assert_eq!(values_f64(&ignored), values_f64(&by_position));
+    let e = expect_err(
+        SnapKv::with_decoding_pooling(w, 5, "ranked"),
+        "InvalidArgument",
+    );
+    assert!(e.to_string().contains("decoding_pooling"), "{e}");
+}
+
+/// Two decoding compressions of a SnapKV store: the first returns the kept tokens' scores
+/// (−inf for the window), the second pools over that ranking; the kept tokens are those of
+/// a reference built from the unpooled scores.
+#[test]
+fn snapkv_decoding_compressions_remember_the_ranking() {
+    let (b, h, d, w) = (1i64, 2i64, 8i64, 4usize);
+    let mut params = Params::new();
+    params.insert("window_size", ParamValue::Int(4));
+    let press = Press::new(
+        scorer_from_name("snapkv", params).unwrap(),
+        Budget::ratio(0.0).unwrap(),
+    );
+    assert!(press.scorer().remembers_scores());
+    let mut store = LayerStore::new();
+    let _ = store
+        .append(
+            &randn(&[b, h, 40, d], 31, Kind::Float),
+            &randn(&[b, h, 40, d], 32, Kind::Float),
+        )
+        .unwrap();
+    let q1 = randn(&[b, 2 * h, w as i64, d], 33, Kind::Float);
+    let step = |n_kept, next_position, queries, previous_scores| DecodingStep {
+        n_kept,
+        next_position,
+        protect_last: 8,
+        queries,
+        previous_scores,
+        ..DecodingStep::default()
+    };
+    let scores1 = press
+        .scorer()
+        .score(&snapkv_input(&store.keys_view().unwrap(), &q1, None))
+        .unwrap();
+    let first = press
+        .compress_to(&mut store, &step(24, 40, Some(&q1), None))
+        .unwrap();
+    assert!(first.evicted);
+    let kept_scores = first.kept_scores.expect("snapkv remembers");
+    assert_eq!(dims(&kept_scores), [1, 2, 24]);
+    let kept1 = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
+    let (all1, remembered) = (values_f64(&scores1), values_f64(&kept_scores));
+    for (i, (&pos, &s)) in kept1.iter().zip(&remembered).enumerate() {
+        let row = i / 24;
+        if pos >= 36 {
+            assert_eq!(s, f64::NEG_INFINITY, "window token {pos}");
+        } else {
+            assert!(
+                (s - all1[row * 40 + pos as usize]).abs() < 1e-6,
+                "{pos}: {s} vs {}",
+                all1[row * 40 + pos as usize]
+            );
+        }
+    }
+
+    // 12 more tokens, then a compression that pools over the first one's ranking
+    let _ = store
+        .append(
+            &randn(&[b, h, 12, d], 34, Kind::Float),
+            &randn(&[b, h, 12, d], 35, Kind::Float),
+        )
+        .unwrap();
+    let q2 = randn(&[b, 2 * h, w as i64, d], 36, Kind::Float);
+    let (keys2, values2) = (store.keys_view().unwrap(), store.values_view().unwrap());
+    let unpooled = SnapKv::new(w, 1)
+        .unwrap()
+        .score(&snapkv_input(&keys2, &q2, None))
+        .unwrap();
+    let (n, t) = (36usize - w, 36usize);
+    let raw: Vec<f64> = values_f64(&unpooled)
+        .chunks(t)
+        .flat_map(|row| row[..n].to_vec())
+        .collect();
+    let mut expected_scores = reference_rank_pooling(&raw, &remembered, n, 24, 5);
+    // the last 8 stored tokens are protected (the window among them)
+    let mut full = vec![];
+    for row in expected_scores.chunks_mut(n) {
+        full.extend(
+            row.iter()
+                .enumerate()
+                .map(|(i, &s)| if i >= t - 8 { f64::INFINITY } else { s }),
+        );
+        full.extend(std::iter::repeat_n(f64::INFINITY, w));
+    }
+    let expected_idx = reference_top_k_rows(&full, t, 24);
+    let second = press
+        .compress_to(&mut store, &step(24, 52, Some(&q2), Some(&kept_scores)))
+        .unwrap();
+    assert!(second.evicted && second.kept_scores.is_some());
+    let kept2 = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
+    let expected_pos: Vec<i64> = expected_idx
+        .iter()
+        .enumerate()
+        .map(|(i, &j)| {
+            let row = i / 24;
+            let j = j as usize;
+            if j < 24 {
+                kept1[row * 24 + j]
+            } else {
+                40 + (j - 24) as i64
+            }
+        })
+        .collect();
+    assert_eq!(kept2, expected_pos);
+    // pooled by position instead, the same compression keeps other tokens
+    let mut twin = LayerStore::new();
+    let _ = twin.append(&keys2, &values2).unwrap();
+    let _ = press
+        .compress_to(&mut twin, &step(24, 36, Some(&q2), None))
+        .unwrap();
+    let by_position = values_i64(&twin.kept_positions().unwrap().into_uniform().unwrap());
+    assert_ne!(by_position, expected_idx);
+}
+
+#[test]
+fn previous_scores_of_the_wrong_shape_are_refused() {
+    let press = Press::new(
+        scorer_from_name("snapkv", Params::new()).unwrap(),
+        Budget::ratio(0.0).unwrap(),
+    );
+    let mut store = LayerStore::new();
+    let keys = randn(&[1, 2, 200, 8], 41, Kind::Float);
+    let _ = store.append(&keys, &keys).unwrap();
+    let queries = randn(&[1, 4, 64, 8], 42, Kind::Float);
+    for (bad, expected) in [
+        (
+            Tensor::zeros([1, 3, 100], (Kind::Float, Device::Cpu)),
+            "Shape",
+        ),
+        (
+            Tensor::zeros([1, 2, 201], (Kind::Float, Device::Cpu)),
+            "Shape",
+        ),
+        (
+            Tensor::zeros([1, 2, 100], (Kind::Int64, Device::Cpu)),
+            "Dtype",
+        ),
+    ] {
+        let step = DecodingStep {
+            n_kept: 150,
+            next_position: 200,
+            protect_last: 64,
+            queries: Some(&queries),
+            previous_scores: Some(&bad),
+            ..DecodingStep::default()
+        };
+        let e = expect_err(press.compress_to(&mut store, &step), expected);
+        assert!(e.to_string().contains("previous_scores"), "{e}");
+        assert_eq!(store.len(), 200, "nothing evicted");
+    }
 }

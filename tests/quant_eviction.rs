@@ -8,6 +8,7 @@ mod common;
 
 use common::*;
 use kvpress_rs::policies::Knorm;
+use kvpress_rs::press::DecodingStep;
 use kvpress_rs::quant::{QuantConfig, QuantizedStore};
 use kvpress_rs::{Budget, Press};
 use tch::{Kind, Tensor};
@@ -125,14 +126,21 @@ fn a_press_evicts_quantized_tokens_but_never_the_residual_window() {
     assert_eq!(s.residual_len(), 8);
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.0).unwrap());
     // protect_last 4 < residual 8: the whole residual window is protected anyway
-    assert!(press
-        .compress_quantized_to(&mut s, 0, None, None, 50, 200, (0, 4))
-        .unwrap());
+    let step = |n_kept| DecodingStep {
+        n_kept,
+        next_position: 200,
+        protect_last: 4,
+        ..DecodingStep::default()
+    };
+    assert!(
+        press
+            .compress_quantized_to(&mut s, &step(50))
+            .unwrap()
+            .evicted
+    );
     assert_eq!((s.seen(), s.residual_len(), s.evicted()), (50, 8, 150));
     // fewer tokens than the protected residual window: an error naming decoding_budget
-    let e = press
-        .compress_quantized_to(&mut s, 0, None, None, 6, 200, (0, 4))
-        .unwrap_err();
+    let e = press.compress_quantized_to(&mut s, &step(6)).unwrap_err();
     assert!(e.to_string().contains("decoding_budget"), "{e}");
 }
 

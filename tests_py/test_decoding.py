@@ -323,3 +323,86 @@ def test_beam_search_with_decoding_compression_keeps_queries_aligned(peak_stored
                          min_new_tokens=60, num_beams=3, do_sample=False, pad_token_id=0)
     assert out.shape[1] == 80
     assert max(peak_stored.values()) <= 48
+
+
+# ---- SnapKV's memory of the previous ranking -------------------------------------------
+
+
+def assert_kept_scores_aligned(cache, window):
+    """Each layer's kept scores describe its first m stored tokens: −inf exactly for the
+    tokens that were the scoring window at the last compression (positions ≥ tokens seen
+    then − window), finite for the others."""
+    checked = 0
+    for idx, layer in enumerate(cache.layers):
+        scores = layer._decoding.kept_scores
+        assert scores is not None, f"layer {idx} never compressed"
+        stored, seen = layer._store.stored, layer._store.seen
+        m = scores.shape[-1]
+        assert tuple(scores.shape[:2]) == layer._store.batch_heads
+        assert m <= stored
+        seen_then = seen - (stored - m)
+        positions = cache.kept_positions(idx)[..., :m]
+        assert torch.equal(torch.isneginf(scores), positions >= seen_then - window)
+        assert torch.isfinite(scores[positions < seen_then - window]).all()
+        checked += 1
+    assert checked == len(cache.layers)
+
+
+def test_snapkv_remembers_the_ranking_aligned_with_the_store_through_beam_search():
+    model = tiny()
+    cache = kvpress_rs.SnapKVCache(model, window_size=8, decoding_budget=32, decoding_interval=16)
+    assert cache.press.remembers_scores
+    ids = random_ids(2, 20)
+    model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=70,
+                   min_new_tokens=70, num_beams=3, do_sample=False, pad_token_id=0)
+    assert cache.layers[0]._decoding.kept_scores.shape[0] == 6  # 2 prompts x 3 beams
+    assert_kept_scores_aligned(cache, window=8)
+
+
+def test_kept_scores_follow_crop_and_reset():
+    model = tiny()
+    cache = kvpress_rs.SnapKVCache(model, window_size=8, decoding_budget=32, decoding_interval=16)
+    greedy(model, random_ids(1, 20), cache, 45)
+    assert_kept_scores_aligned(cache, window=8)
+    layer = cache.layers[0]
+    before = layer._decoding.kept_scores
+    m, stored = before.shape[-1], layer._store.stored
+    since = stored - m  # tokens appended after the last compression
+    cache.crop(-(since + 5))  # 5 of the remembered tokens go too
+    assert layer._store.stored == m - 5
+    assert torch.equal(layer._decoding.kept_scores, before[..., : m - 5])
+    cache.reset()
+    assert all(layer._decoding.kept_scores is None for layer in cache.layers)
+
+
+def test_rank_pooling_changes_what_snapkv_keeps_and_position_pooling_remembers_nothing():
+    model = tiny()
+    ids = random_ids(1, 20)
+    kept = {}
+    for pooling in ("rank", "position"):
+        cache = kvpress_rs.SnapKVCache(model, window_size=8, decoding_budget=32, decoding_interval=16,
+                                       decoding_pooling=pooling)
+        greedy(model, ids, cache, 120)
+        kept[pooling] = [cache.kept_positions(i) for i in range(len(cache.layers))]
+        remembered = [layer._decoding.kept_scores is not None for layer in cache.layers]
+        assert all(remembered) if pooling == "rank" else not any(remembered)
+    assert any(not torch.equal(a, b) for a, b in zip(kept["rank"], kept["position"]))
+
+
+def test_bad_decoding_pooling_raises_naming_it():
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="decoding_pooling"):
+        kvpress_rs.SnapKVCache(tiny(), decoding_budget=256, decoding_pooling="ranked")
+
+
+def test_previous_scores_of_the_wrong_shape_raise_naming_them():
+    store = kvpress_rs._native.LayerStore()
+    keys = torch.randn(1, 2, 100, 16)
+    store.append(keys, keys)
+    press = kvpress_rs._native.Press("snapkv", window_size=8)
+    queries = torch.randn(1, 4, 8, 16)
+    with pytest.raises(kvpress_rs.ShapeError, match="previous_scores"):
+        store.compress_to(press, 0, 60, 100, queries=queries, protect_last=16, previous_scores=torch.zeros(1, 2, 101))
+    assert store.stored == 100
+    evicted, kept_scores = store.compress_to(press, 0, 60, 100, queries=queries, protect_last=16,
+                                             previous_scores=torch.zeros(1, 2, 80))
+    assert evicted and kept_scores.shape == (1, 2, 60)

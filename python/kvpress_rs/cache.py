@@ -281,7 +281,7 @@ class CompressedLayer(CacheLayerMixin):
             keep_evicted=self._low_quantization is not None,
         )
         if self._decoding is not None and self._store.stored < stored:
-            self._decoding.forget_queries(self._store.seen)
+            self._decoding.evicted_elsewhere(self._store.seen)
 
     def _forward_started(self) -> None:
         self._pending_compression = False
@@ -329,8 +329,8 @@ class CompressedLayer(CacheLayerMixin):
 
     def crop(self, max_length_or_tokens_to_remove: int) -> None:
         self._active.crop(_compat.tokens_to_remove(max_length_or_tokens_to_remove, self._seen))
-        if self._decoding is not None:  # the buffered queries may belong to removed tokens
-            self._decoding.forget_queries()
+        if self._decoding is not None:
+            self._decoding.cropped(self._stored)
 
     def _stores(self) -> list[LayerStore | QuantizedStore]:
         return [self._active] + ([self._low] if self._low is not None else [])
@@ -668,7 +668,7 @@ class KVCache(GuardedCache, Cache):
             )
             if layer._decoding is not None:
                 if layer._store.stored < stored:
-                    layer._decoding.forget_queries(layer._store.seen)
+                    layer._decoding.evicted_elsewhere(layer._store.seen)
                 # the decoding schedule could not act before every layer's budget was known
                 layer._decoding.maybe_compress(layer._store, layer._new_tokens)
 

@@ -6,7 +6,10 @@ Rust ``DecodingSchedule``; the scoring, protection and eviction are one Rust cal
 ``LayerStore.compress_to`` (``QuantizedStore.compress_to`` once the layer is quantized:
 the kept tokens keep their codes). What is left here is what only the adapter sees: the
 layer's post-RoPE queries since the previous compression (the scorers' "window" during
-generation), TriAttention's query statistics, and which prompt tokens are protected.
+generation), TriAttention's query statistics, which prompt tokens are protected, and —
+for a scorer that remembers (SnapKV's rank pooling) — the scores the kept tokens had at
+the previous compression, kept aligned with the store's first tokens through crop, beam
+reordering and batch selection.
 
 No scoring happens per step: a decoding step only appends its query to a list (for the
 policies that read queries) and asks the schedule one integer question.
@@ -20,8 +23,6 @@ True
 """
 
 from __future__ import annotations
-
-from typing import Any
 
 import torch
 
@@ -58,18 +59,40 @@ class LayerDecoding:
         # one-token forward), if protect_prompt.
         self.protected = 0
         self._generating = False
+        # (batch, kv_heads, m): the scores of the first m stored tokens when the previous
+        # compression kept them, for a press that remembers_scores; None before the first.
+        self.kept_scores: torch.Tensor | None = None
 
     def reset(self) -> None:
         self._queries, self._n_queries = [], 0
         self._online_stats = None
         self.protected, self._generating = 0, False
+        self.kept_scores = None
 
     def index_batch(self, indices: torch.Tensor) -> None:
-        """Beam search / batch selection reorders the rows: the buffered queries follow."""
+        """Beam search / batch selection reorders the rows: the buffered queries and the
+        kept scores follow."""
         self._queries = [q.index_select(0, indices.to(q.device)) for q in self._queries]
+        if self.kept_scores is not None:
+            self.kept_scores = self.kept_scores.index_select(0, indices.to(self.kept_scores.device))
 
     def repeat_interleave_batch(self, repeats: int) -> None:
         self._queries = [q.repeat_interleave(repeats, dim=0) for q in self._queries]
+        if self.kept_scores is not None:
+            self.kept_scores = self.kept_scores.repeat_interleave(repeats, dim=0)
+
+    def cropped(self, stored: int) -> None:
+        """The store was cut back to ``stored`` tokens (assisted decoding's rollback): the
+        buffered queries may belong to removed tokens, and kept scores past it go."""
+        self.forget_queries()
+        if self.kept_scores is not None and self.kept_scores.shape[-1] > stored:
+            self.kept_scores = self.kept_scores[..., :stored]
+
+    def evicted_elsewhere(self, seen: int) -> None:
+        """A compression other than this schedule's (a prompt's) evicted tokens: the
+        buffered queries and the kept scores no longer match the stored tokens."""
+        self.forget_queries(seen)
+        self.kept_scores = None
 
     def appended(self, stored_before: int, new_tokens: int) -> None:
         """Called by ``update``: the first one-token forward starts the generation, and
@@ -111,13 +134,10 @@ class LayerDecoding:
         fresh = QueryStats.from_queries(queries, self.rope, seen - queries.shape[-2])
         self._online_stats = fresh if self._online_stats is None else self._online_stats.merged(fresh)
 
-    def maybe_compress(
-        self, store: LayerStore, new_tokens: int, keep_evicted: bool = False
-    ) -> tuple[torch.Tensor, torch.Tensor] | None | bool:
+    def maybe_compress(self, store: LayerStore, new_tokens: int) -> bool:
         """Compresses ``store`` if the schedule says so after a forward of ``new_tokens``
-        tokens. Returns False when it did not, else what ``compress_to`` returns (the
-        evicted tokens with ``keep_evicted``)."""
-        return self._compress_if_planned(store, store.stored, store.seen, new_tokens, keep_evicted=keep_evicted)
+        tokens. Returns whether it evicted."""
+        return self._compress_if_planned(store, store.stored, store.seen, new_tokens)
 
     def maybe_compress_quantized(self, store: QuantizedStore, new_tokens: int, seen: int) -> bool:
         """:meth:`maybe_compress` for a layer whose tokens are quantized (``seen``: the
@@ -126,13 +146,12 @@ class LayerDecoding:
         sinks and residual window are protected too. Returns whether it evicted."""
         return self._compress_if_planned(store, store.seen, seen, new_tokens)
 
-    def _compress_if_planned(self, store: LayerStore | QuantizedStore, stored: int, seen: int, new_tokens: int,
-                             **extra: bool) -> Any:
+    def _compress_if_planned(self, store: LayerStore | QuantizedStore, stored: int, seen: int, new_tokens: int) -> bool:
         n_kept = self.schedule.plan(stored, seen, new_tokens, self.protected)
         if n_kept is None:
             return False
         queries, stats = self._scoring_inputs(seen)
-        evicted = store.compress_to(
+        evicted, kept_scores = store.compress_to(
             self.press,
             self.layer_idx,
             n_kept,
@@ -141,8 +160,10 @@ class LayerDecoding:
             query_stats=stats,
             protect_first=self.protected,
             protect_last=self.schedule.decoding_interval,
-            **extra,
+            previous_scores=self.kept_scores,
         )
+        if evicted:
+            self.kept_scores = kept_scores
         # The last `interval` stored tokens are never evicted, so their queries still are
         # the queries of the last stored tokens: keep them (a short last prompt block then
         # still has a full window).

@@ -38,7 +38,9 @@ pub use triattention::{query_stats, QueryStats, TriAttention};
 
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
-use crate::tensor::{array_view_mut, check_kv_pair, float_view, uses_cpu_kernels, FloatView4};
+use crate::tensor::{
+    array_view_mut, check_kv_pair, device_name, float_view, kind_name, uses_cpu_kernels, FloatView4,
+};
 use ndarray::ArrayViewMut3;
 use tch::{Device, Kind, Tensor};
 
@@ -92,6 +94,10 @@ pub struct ScoreInput<'a> {
     /// Pre-RoPE query statistics gathered elsewhere (a calibration file, or earlier
     /// forwards), for scorers that can use them instead of `queries` (TriAttention).
     pub query_stats: Option<&'a QueryStats>,
+    /// During generation, for scorers that [remember](Scorer::remembers_scores): the
+    /// scores (batch, kv_heads, m) the first m stored tokens had when the previous
+    /// compression kept them; −inf for tokens it kept without ranking them.
+    pub previous_scores: Option<&'a Tensor>,
     pub ctx: ScoreContext,
 }
 
@@ -134,6 +140,12 @@ pub trait Scorer: Send + Sync + std::fmt::Debug {
     /// budgets never go below it.
     fn protected_window(&self) -> usize {
         0
+    }
+
+    /// Whether a decoding-time compression should hand this scorer the scores the kept
+    /// tokens had at the previous compression ([`ScoreInput::previous_scores`]).
+    fn remembers_scores(&self) -> bool {
+        false
     }
 
     /// Whether the scorer needs the model's RoPE.
@@ -194,17 +206,30 @@ pub fn score_layer(
     rope: Option<&Rope>,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
-    score_layer_with(scorer, keys, values, queries, None, rope, ctx)
+    let sources = ScoreSources {
+        queries,
+        ..ScoreSources::default()
+    };
+    score_layer_with(scorer, keys, values, sources, rope, ctx)
 }
 
-/// [`score_layer`] with pre-RoPE query statistics from elsewhere (see
-/// [`ScoreInput::query_stats`]).
+/// What a caller has for a scorer besides keys and values; [`score_layer_with`] hands each
+/// scorer the part it uses (see the fields of [`ScoreInput`]).
+#[derive(Clone, Copy, Debug, Default)]
+pub struct ScoreSources<'a> {
+    /// Post-RoPE queries of the last q stored tokens (q ≥ the scorer's window).
+    pub queries: Option<&'a Tensor>,
+    pub query_stats: Option<&'a QueryStats>,
+    pub previous_scores: Option<&'a Tensor>,
+}
+
+/// [`score_layer`] with everything a decoding-time compression may have
+/// ([`ScoreSources`]).
 pub fn score_layer_with(
     scorer: &dyn Scorer,
     keys: &Tensor,
     values: &Tensor,
-    queries: Option<&Tensor>,
-    query_stats: Option<&QueryStats>,
+    sources: ScoreSources<'_>,
     rope: Option<&Rope>,
     ctx: &ScoreContext,
 ) -> Result<Tensor> {
@@ -215,18 +240,61 @@ pub fn score_layer_with(
             "cannot score a sequence of zero tokens",
         ));
     }
-    let window = match (scorer.query_window(), queries) {
+    let window = match (scorer.query_window(), sources.queries) {
         (QueryWindow::None, _) | (_, None) => None,
         (need, Some(q)) => Some(slice_queries(q, need, &shape)?),
+    };
+    let previous_scores = match sources.previous_scores {
+        Some(p) if scorer.remembers_scores() => Some(check_previous_scores(p, keys, &shape)?),
+        _ => None,
     };
     scorer.score(&ScoreInput {
         keys,
         values,
         queries: window.as_ref(),
         rope,
-        query_stats,
+        query_stats: sources.query_stats,
+        previous_scores,
         ctx: *ctx,
     })
+}
+
+/// Previous scores must be floats (batch, kv_heads, m ≤ stored tokens) on the keys' device.
+fn check_previous_scores<'a>(
+    p: &'a Tensor,
+    keys: &Tensor,
+    shape: &crate::tensor::KvShape,
+) -> Result<&'a Tensor> {
+    let size = p.size();
+    if size.len() != 3
+        || size[0] != shape.batch as i64
+        || size[1] != shape.heads as i64
+        || size[2] > shape.tokens as i64
+    {
+        return Err(KvError::shape(
+            "previous_scores",
+            &size,
+            format!(
+                "({}, {}, at most the {} stored tokens)",
+                shape.batch, shape.heads, shape.tokens
+            ),
+        ));
+    }
+    if !p.is_floating_point() {
+        return Err(KvError::dtype(
+            "previous_scores",
+            kind_name(p.kind()),
+            "a floating-point dtype",
+        ));
+    }
+    if p.device() != keys.device() {
+        return Err(KvError::device(
+            "previous_scores",
+            device_name(p.device()),
+            device_name(keys.device()),
+        ));
+    }
+    Ok(p)
 }
 
 fn slice_queries(q: &Tensor, need: QueryWindow, shape: &crate::tensor::KvShape) -> Result<Tensor> {
@@ -288,11 +356,12 @@ pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer
             &["seed"],
         ),
         "snapkv" => (
-            Box::new(SnapKv::new(
+            Box::new(SnapKv::with_decoding_pooling(
                 params.take_usize("window_size", 64)?,
                 params.take_usize("kernel_size", 5)?,
+                &params.take_str("decoding_pooling", "rank")?,
             )?),
-            &["window_size", "kernel_size"],
+            &["window_size", "kernel_size", "decoding_pooling"],
         ),
         "tova" => (Box::new(Tova), &[]),
         "observed_attention" | "h2o" => (

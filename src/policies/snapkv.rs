@@ -1,20 +1,52 @@
 //! SnapKV (Li et al. 2024): the attention the last `window_size` prompt queries pay to
 //! each earlier token, averaged over the window, smoothed by average pooling
 //! (`kernel_size`), averaged over each KV head's group; the window itself is always kept.
+//!
+//! During generation the cache is compressed again and again, and the tokens kept last time
+//! are no longer neighbours in the text. With `decoding_pooling="rank"` (the default), a
+//! compression pools each token's score over its neighbours in the PREVIOUS compression's
+//! ranking instead of its neighbours in storage: a token's standing is then smoothed over
+//! tokens that were as important as it last time, a memory of earlier windows that keeps a
+//! token from being evicted for one window that happened to ignore it. Tokens that ranking
+//! did not hold (those stored since, the window) come after it, in position order; with no
+//! previous ranking (a prompt), this is SnapKV's position pooling exactly. Measured in the
+//! README ("Compression during generation vs kvpress").
 
 use super::attention_weights::{append_protected, group_mean, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
-use tch::Tensor;
+use tch::{Kind, Tensor};
 
 #[derive(Clone, Copy, Debug)]
 pub struct SnapKv {
     window: usize,
     kernel: usize,
+    rank_pooling: bool,
 }
 
 impl SnapKv {
+    /// SnapKV with position pooling only (as in the paper and kvpress).
     pub fn new(window_size: usize, kernel_size: usize) -> Result<Self> {
+        Self::with_decoding_pooling(window_size, kernel_size, "position")
+    }
+
+    /// SnapKV whose decoding-time compressions pool over the previous ranking
+    /// (`decoding_pooling = "rank"`) or over storage neighbours (`"position"`).
+    pub fn with_decoding_pooling(
+        window_size: usize,
+        kernel_size: usize,
+        decoding_pooling: &str,
+    ) -> Result<Self> {
+        let rank_pooling = match decoding_pooling {
+            "rank" => true,
+            "position" => false,
+            other => {
+                return Err(KvError::invalid(
+                    "decoding_pooling",
+                    format!("got {other:?}, expected \"rank\" or \"position\""),
+                ))
+            }
+        };
         if window_size == 0 {
             return Err(KvError::invalid(
                 "window_size",
@@ -30,6 +62,7 @@ impl SnapKv {
         Ok(SnapKv {
             window: window_size,
             kernel: kernel_size,
+            rank_pooling,
         })
     }
 }
@@ -49,6 +82,35 @@ pub(crate) fn pooled_window_scores(
     group_mean(&pooled, kv_heads)
 }
 
+/// [`pooled_window_scores`] pooled over the previous ranking (see the module
+/// documentation): `previous` (batch, kv_heads, m) are the scores the first m stored tokens
+/// had when they were last kept. The pooling order of each row is those m tokens by
+/// decreasing previous score (ties in position order), then the tokens stored since.
+fn rank_pooled_window_scores(
+    mean: &Tensor,
+    window: i64,
+    kv_heads: i64,
+    kernel: usize,
+    previous: &Tensor,
+) -> Result<Tensor> {
+    let n = mean.size()[2] - window;
+    let scores = group_mean(&mean.f_narrow(-1, 0, n)?, kv_heads)?;
+    let (batch, m) = (scores.size()[0], previous.size()[2].min(n));
+    let (_, ranked) = previous
+        .f_narrow(-1, 0, m)?
+        .f_to_kind(Kind::Float)?
+        .f_sort_stable(true, -1, true)?;
+    let since = Tensor::f_arange_start(m, n, (Kind::Int64, scores.device()))?
+        .f_expand([batch, kv_heads, n - m], false)?;
+    let order = Tensor::f_cat(&[ranked, since], -1)?;
+    let k = kernel as i64;
+    let pooled =
+        scores
+            .f_gather(-1, &order, false)?
+            .f_avg_pool1d([k], [1], [k / 2], false, true)?;
+    Ok(scores.f_scatter(-1, &order, &pooled)?)
+}
+
 impl Scorer for SnapKv {
     fn name(&self) -> &'static str {
         "snapkv"
@@ -62,6 +124,10 @@ impl Scorer for SnapKv {
         self.window
     }
 
+    fn remembers_scores(&self) -> bool {
+        self.rank_pooling && self.kernel > 1
+    }
+
     fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
         let t = input.keys.size()[2];
         let w = self.window as i64;
@@ -73,7 +139,11 @@ impl Scorer for SnapKv {
         }
         let queries = input.require_queries(self.name())?;
         let mean = window_attention_mean(queries, input.keys)?;
-        let scores = pooled_window_scores(&mean, w, input.keys.size()[1], self.kernel)?;
+        let kv_heads = input.keys.size()[1];
+        let scores = match input.previous_scores.filter(|_| self.remembers_scores()) {
+            Some(previous) => rank_pooled_window_scores(&mean, w, kv_heads, self.kernel, previous)?,
+            None => pooled_window_scores(&mean, w, kv_heads, self.kernel)?,
+        };
         append_protected(&scores, w)
     }
 }

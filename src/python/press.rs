@@ -210,6 +210,13 @@ impl PyPress {
             .map_err(to_pyerr)
     }
 
+    /// Whether decoding-time compressions of this policy take the previous compression's
+    /// kept scores (``compress_to(previous_scores=...)``: SnapKV's rank pooling).
+    #[getter]
+    fn remembers_scores(&self) -> bool {
+        self.inner.scorer().remembers_scores()
+    }
+
     /// Whether the policy needs the model's RoPE.
     #[getter]
     fn needs_rope(&self) -> bool {

@@ -7,6 +7,7 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use crate::error::{KvError, Result};
+use crate::press::DecodingStep;
 use crate::python::decoding::PyQueryStats;
 use crate::python::press::PyPress;
 use crate::python::rope::PyRope;
@@ -364,8 +365,9 @@ impl PyQuantizedStore {
     /// last ``protect_last`` stored tokens (raised to cover the full-precision sinks and
     /// residual window) and keeps ``n_kept`` per (batch, head) row with their exact codes
     /// (nothing is re-quantized). ``queries``: post-RoPE queries of the last q stored
-    /// tokens; ``query_stats``: TriAttention's statistics; ``next_position``: tokens seen.
-    /// Returns whether tokens were evicted.
+    /// tokens; ``query_stats``: TriAttention's statistics; ``next_position``: tokens seen;
+    /// ``previous_scores``: as for ``LayerStore.compress_to``. Returns whether tokens were
+    /// evicted, and the kept tokens' scores for a press that ``remembers_scores``.
     ///
     /// Examples
     /// --------
@@ -373,11 +375,11 @@ impl PyQuantizedStore {
     /// >>> store = kvpress_rs._native.QuantizedStore(kvpress_rs.QuantConfig(bits=4, residual_length=32))
     /// >>> store.append(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
     /// >>> store.compress_to(kvpress_rs._native.Press("knorm"), 0, 60, 100, protect_last=8)
-    /// True
+    /// (True, None)
     /// >>> store.seen, store.evicted, store.residual_tokens
     /// (60, 40, 4)
     #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
-        protect_first=0, protect_last=0))]
+        protect_first=0, protect_last=0, previous_scores=None))]
     #[allow(clippy::too_many_arguments)]
     fn compress_to(
         slf: Bound<'_, Self>,
@@ -389,24 +391,26 @@ impl PyQuantizedStore {
         query_stats: Option<Bound<'_, PyQueryStats>>,
         protect_first: usize,
         protect_last: usize,
-    ) -> PyResult<bool> {
+        previous_scores: Option<PyTensor>,
+    ) -> PyResult<(bool, Option<PyTensor>)> {
         let me = slf.get();
         let press = press.get();
-        let queries = queries.map(|q| q.0);
         let stats = query_stats.as_ref().map(|s| s.get());
-        detached(slf.py(), move || {
+        let done = detached(slf.py(), move || {
             let stats = stats.map(|s| s.lock()).transpose()?;
-            let mut store = me.lock()?;
-            press.inner.compress_quantized_to(
-                &mut store,
+            let step = DecodingStep {
                 layer_idx,
-                queries.as_ref(),
-                stats.as_deref(),
                 n_kept,
                 next_position,
-                (protect_first, protect_last),
-            )
-        })
+                protect_first,
+                protect_last,
+                queries: queries.as_ref().map(|q| &q.0),
+                query_stats: stats.as_deref(),
+                previous_scores: previous_scores.as_ref().map(|p| &p.0),
+            };
+            press.inner.compress_quantized_to(&mut *me.lock()?, &step)
+        })?;
+        Ok((done.evicted, done.kept_scores.map(PyTensor)))
     }
 
     /// Keeps the stored tokens at ``kept`` (int64 (batch, kv_heads, n), strictly ascending

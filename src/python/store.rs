@@ -9,6 +9,7 @@ use super::errors::{detached, to_pyerr};
 use super::press::PyPress;
 use super::rope::PyRope;
 use crate::error::{KvError, Result};
+use crate::press::DecodingStep;
 use crate::store::{KeptPositions, LayerStore};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -106,9 +107,12 @@ impl PyLayerStore {
     /// the first ``protect_first`` and last ``protect_last`` stored tokens are always kept.
     /// ``queries``: post-RoPE queries of the last q stored tokens (those since the previous
     /// compression); ``query_stats``: pre-RoPE statistics for TriAttention;
-    /// ``next_position``: tokens seen. Returns the evicted tokens with ``keep_evicted``.
+    /// ``next_position``: tokens seen; ``previous_scores``: what the previous compression
+    /// returned as kept scores, for a press that ``remembers_scores``. Returns whether it
+    /// evicted, and the kept tokens' scores (float (batch, kv_heads, n_kept)) for such a
+    /// press, else None.
     #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
-        protect_first=0, protect_last=0, keep_evicted=false))]
+        protect_first=0, protect_last=0, previous_scores=None))]
     #[allow(clippy::too_many_arguments)]
     fn compress_to(
         slf: Bound<'_, Self>,
@@ -120,27 +124,26 @@ impl PyLayerStore {
         query_stats: Option<Bound<'_, PyQueryStats>>,
         protect_first: usize,
         protect_last: usize,
-        keep_evicted: bool,
-    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
+        previous_scores: Option<PyTensor>,
+    ) -> PyResult<(bool, Option<PyTensor>)> {
         let me = slf.get();
         let press = press.get();
-        let queries = queries.map(|q| q.0);
         let stats = query_stats.as_ref().map(|s| s.get());
-        let evicted = detached(slf.py(), move || {
+        let done = detached(slf.py(), move || {
             let stats = stats.map(|s| s.lock()).transpose()?;
-            let mut store = me.lock()?;
-            press.inner.compress_to(
-                &mut store,
+            let step = DecodingStep {
                 layer_idx,
-                queries.as_ref(),
-                stats.as_deref(),
                 n_kept,
                 next_position,
-                (protect_first, protect_last),
-                keep_evicted,
-            )
+                protect_first,
+                protect_last,
+                queries: queries.as_ref().map(|q| &q.0),
+                query_stats: stats.as_deref(),
+                previous_scores: previous_scores.as_ref().map(|p| &p.0),
+            };
+            press.inner.compress_to(&mut *me.lock()?, &step)
         })?;
-        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
+        Ok((done.evicted, done.kept_scores.map(PyTensor)))
     }
 
     /// Scores the stored tokens with ``press`` without evicting any: returns the scores
