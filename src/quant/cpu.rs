@@ -20,7 +20,7 @@ use super::simd::{Madd, Separate};
 use super::Grouping;
 use crate::error::{KvError, Result};
 use crate::multiversion;
-use crate::tensor::{array_view, array_view_mut, float_view, KvFloat};
+use crate::tensor::{array_view, array_view_mut, finite_slice, float_view, KvFloat};
 use crate::with_float_view;
 use half::f16;
 use ndarray::{ArrayView4, Ix3, Ix4};
@@ -35,7 +35,6 @@ struct Scratch {
     /// The tile with every group contiguous (channel groups: [c][t]).
     groups: Vec<f32>,
     /// Codes of one group (token groups, or any grouping with outliers).
-    codes: Vec<u8>,
     /// Channel groups: the codes of one token row (code `t` of every channel's group).
     row_codes: Vec<u32>,
     /// Channel groups: the tile's packed groups as u32 words, word row `w` holding word
@@ -53,7 +52,6 @@ impl Scratch {
         Scratch {
             tile: vec![0.0; g * d],
             groups: vec![0.0; g * d],
-            codes: vec![0; g],
             row_codes: vec![0; d],
             // At most 8 bits: a group packs into at most g bytes, g/4 words.
             words: vec![0; g / 4 * d],
@@ -265,7 +263,7 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
 ) -> Encoded {
     let (g, d) = (layout.group_size, layout.head_dim);
     load_tile(x, b, h, t0, g, &mut scratch.tile);
-    if !all_finite(&scratch.tile[..g * d]) {
+    if !finite_slice(&scratch.tile[..g * d]) {
         return Encoded::NonFinite;
     }
     if layout.hadamard {
@@ -283,24 +281,6 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
     } else {
         Encoded::OutOfRange
     }
-}
-
-/// Whether no value is NaN or ±inf: an all-ones exponent, or-ed over lanes the compiler
-/// vectorizes (no branch, no dependency longer than one OR).
-#[inline(always)]
-fn all_finite(vals: &[f32]) -> bool {
-    const L: usize = 16;
-    const EXP: u32 = 0x7f80_0000;
-    let mut bad = [0u32; L];
-    let chunks = vals.chunks_exact(L);
-    let rest = chunks.remainder();
-    for c in chunks {
-        for i in 0..L {
-            bad[i] |= u32::from(c[i].to_bits() & EXP == EXP);
-        }
-    }
-    let tail = rest.iter().any(|v| v.to_bits() & EXP == EXP);
-    !tail && bad.iter().all(|&b| b == 0)
 }
 
 /// Channel groups without outliers, straight from the token-major tile: ranges are
@@ -377,14 +357,13 @@ fn encode_groups<T: KvFloat, const G: usize>(
     let no = layout.outliers;
     let levels = layout.levels();
     let Scratch {
-        codes,
         mins,
         maxs,
         inv,
         params: param_scratch,
         ..
     } = scratch;
-    let codes: &mut [u8; G] = codes.first_chunk_mut::<G>().expect("scratch holds a group");
+    let mut codes = [0u8; G];
     // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
     for (i, vals) in grouped.chunks_exact(G).enumerate() {
         let (mn, mx) = if no == 0 {

@@ -9,6 +9,7 @@ mod element;
 mod view;
 
 pub use element::{KvFloat, TorchElement, FLOAT_KINDS};
+pub(crate) use view::finite_slice;
 pub use view::{array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4};
 
 use crate::error::{KvError, Result};

@@ -166,8 +166,10 @@ pub(crate) fn all_finite<T: KvFloat, D: Dimension>(v: &ArrayView<'_, T, D>) -> b
 
 /// A non-short-circuiting fold per block (branch-free, so it vectorizes) that stops at the
 /// first block holding a non-finite element. Small tensors are not split: a parallel task
-/// costs more than scanning a megabyte.
-fn finite_slice<T: KvFloat>(s: &[T]) -> bool {
+/// costs more than scanning a megabyte. Always inlined: the quantize kernel calls it on
+/// each tile inside its CPU-feature-specific versions.
+#[inline(always)]
+pub(crate) fn finite_slice<T: KvFloat>(s: &[T]) -> bool {
     s.chunks(1 << 12)
         .all(|c| c.iter().fold(true, |ok, x| ok & x.is_finite()))
 }
