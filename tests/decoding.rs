@@ -307,9 +307,9 @@ fn snapkv_rank_pooling_matches_a_reference() {
         .score(&snapkv_input(&keys, &queries, None))
         .unwrap();
     let raw = values_f64(&unpooled.narrow(2, 0, n as i64));
-    let expected = reference_rank_pooling(&raw, &values_f64(&prev), n, m, 5);
+    let expected = reference_rank_pooling(&raw, &values_f64(&prev), n, m, 7);
 
-    let rank = SnapKv::with_decoding_pooling(w, 5, "rank").unwrap();
+    let rank = SnapKv::with_decoding_pooling(w, 5, "rank", 7).unwrap();
     assert!(rank.remembers_scores());
     let got = rank
         .score(&snapkv_input(&keys, &queries, Some(&prev)))
@@ -329,23 +329,39 @@ fn snapkv_rank_pooling_matches_a_reference() {
         let top = row[..n].iter().cloned().fold(f64::MIN, f64::max);
         assert!(row[n..].iter().all(|&x| x > top));
     }
-    // no previous ranking: SnapKV's position pooling, exactly
-    let plain = SnapKv::new(w, 5).unwrap();
-    let first = rank.score(&snapkv_input(&keys, &queries, None)).unwrap();
-    let by_position = plain.score(&snapkv_input(&keys, &queries, None)).unwrap();
-    assert_eq!(values_f64(&first), values_f64(&by_position));
-    // "position" never remembers, and ignores previous scores
-    let position = SnapKv::with_decoding_pooling(w, 5, "position").unwrap();
+    // no previous ranking (the first decoding compression): pooled over positions
+    let first = values_f64(&rank.score(&snapkv_input(&keys, &queries, None)).unwrap());
+    let by_position = reference_rank_pooling(&raw, &[], n, 0, 7);
+    for (r, row) in first.chunks(t as usize).enumerate() {
+        for i in 0..n {
+            assert!((row[i] - by_position[r * n + i]).abs() < 1e-6);
+        }
+    }
+    // a prompt's compression (no tokens-seen context) is SnapKV's kernel_size pooling
+    let mut prefill = snapkv_input(&keys, &queries, Some(&prev));
+    prefill.ctx.next_position = None;
+    let plain = SnapKv::new(w, 5).unwrap().score(&prefill).unwrap();
+    assert_eq!(
+        values_f64(&rank.score(&prefill).unwrap()),
+        values_f64(&plain)
+    );
+    // "position" never remembers, and pools decoding compressions by position too
+    let position = SnapKv::with_decoding_pooling(w, 5, "position", 7).unwrap();
     assert!(!position.remembers_scores());
     let ignored = position
         .score(&snapkv_input(&keys, &queries, Some(&prev)))
         .unwrap();
-    assert_eq!(values_f64(&ignored), values_f64(&by_position));
+    assert_eq!(values_f64(&ignored), values_f64(&plain));
     let e = expect_err(
-        SnapKv::with_decoding_pooling(w, 5, "ranked"),
+        SnapKv::with_decoding_pooling(w, 5, "ranked", 7),
         "InvalidArgument",
     );
     assert!(e.to_string().contains("decoding_pooling"), "{e}");
+    let e = expect_err(
+        SnapKv::with_decoding_pooling(w, 5, "rank", 4),
+        "InvalidArgument",
+    );
+    assert!(e.to_string().contains("decoding_kernel_size"), "{e}");
 }
 
 /// Two decoding compressions of a SnapKV store: the first returns the kept tokens' scores
@@ -420,7 +436,7 @@ fn snapkv_decoding_compressions_remember_the_ranking() {
         .chunks(t)
         .flat_map(|row| row[..n].to_vec())
         .collect();
-    let mut expected_scores = reference_rank_pooling(&raw, &remembered, n, 24, 5);
+    let mut expected_scores = reference_rank_pooling(&raw, &remembered, n, 24, 7);
     // the last 8 stored tokens are protected (the window among them)
     let mut full = vec![];
     for row in expected_scores.chunks_mut(n) {

@@ -62,18 +62,19 @@ class SnapKVCache(KVCache):
 
     During generation (``decoding_budget``), the kept tokens are no longer neighbours in the
     text: with ``decoding_pooling="rank"`` (the default) each compression pools a token's
-    score over the tokens ranked next to it by the previous compression instead, a memory
-    of earlier windows; ``"position"`` pools over storage neighbours, as kvpress's
-    DecodingPress does with position-ordered tokens.
+    score over the ``decoding_kernel_size`` tokens ranked next to it by the previous
+    compression instead, a memory of earlier windows; ``"position"`` pools over storage
+    neighbours with ``kernel_size``, as kvpress's DecodingPress does with position-ordered
+    tokens.
 
     >>> cache = SnapKVCache(model, compression_ratio=0.5, window_size=64, kernel_size=5)  # doctest: +SKIP
     >>> cache = SnapKVCache(model, decoding_budget=1024, decoding_pooling="position")  # doctest: +SKIP
     """
 
     def __init__(self, model: Any, *, window_size: int = 64, kernel_size: int = 5, decoding_pooling: str = "rank",
-                 **budget: Any):
+                 decoding_kernel_size: int = 7, **budget: Any):
         super().__init__(model, "snapkv", window_size=window_size, kernel_size=kernel_size,
-                         decoding_pooling=decoding_pooling, **budget)
+                         decoding_pooling=decoding_pooling, decoding_kernel_size=decoding_kernel_size, **budget)
 
 
 class PyramidKVCache(KVCache):

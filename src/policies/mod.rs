@@ -360,8 +360,14 @@ pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer
                 params.take_usize("window_size", 64)?,
                 params.take_usize("kernel_size", 5)?,
                 &params.take_str("decoding_pooling", "rank")?,
+                params.take_usize("decoding_kernel_size", snapkv::DEFAULT_RANK_KERNEL)?,
             )?),
-            &["window_size", "kernel_size", "decoding_pooling"],
+            &[
+                "window_size",
+                "kernel_size",
+                "decoding_pooling",
+                "decoding_kernel_size",
+            ],
         ),
         "tova" => (Box::new(Tova), &[]),
         "observed_attention" | "h2o" => (

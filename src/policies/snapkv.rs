@@ -4,13 +4,14 @@
 //!
 //! During generation the cache is compressed again and again, and the tokens kept last time
 //! are no longer neighbours in the text. With `decoding_pooling="rank"` (the default), a
-//! compression pools each token's score over its neighbours in the PREVIOUS compression's
-//! ranking instead of its neighbours in storage: a token's standing is then smoothed over
-//! tokens that were as important as it last time, a memory of earlier windows that keeps a
-//! token from being evicted for one window that happened to ignore it. Tokens that ranking
-//! did not hold (those stored since, the window) come after it, in position order; with no
-//! previous ranking (a prompt), this is SnapKV's position pooling exactly. Measured in the
-//! README ("Compression during generation vs kvpress").
+//! decoding-time compression pools each token's score over `decoding_kernel_size`
+//! neighbours in the PREVIOUS compression's ranking instead of its neighbours in storage: a
+//! token's standing is then smoothed over tokens that were as important as it last time, a
+//! memory of earlier windows that keeps a token from being evicted for one window that
+//! happened to ignore it. Tokens that ranking did not hold (those stored since, the window)
+//! come after it, in position order; with no previous ranking (the first compression) the
+//! order is the positions. A prompt's compression pools over positions with `kernel_size`,
+//! as the paper does. Measured in the README ("Compression during generation vs kvpress").
 
 use super::attention_weights::{append_protected, group_mean, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
@@ -21,25 +22,32 @@ use tch::{Kind, Tensor};
 pub struct SnapKv {
     window: usize,
     kernel: usize,
-    rank_pooling: bool,
+    /// The kernel of decoding-time compressions pooling over the previous ranking; None:
+    /// they pool over storage positions with `kernel`, as kvpress does.
+    rank_kernel: Option<usize>,
 }
+
+/// The default `decoding_kernel_size` (measured in the README).
+pub const DEFAULT_RANK_KERNEL: usize = 7;
 
 impl SnapKv {
     /// SnapKV with position pooling only (as in the paper and kvpress).
     pub fn new(window_size: usize, kernel_size: usize) -> Result<Self> {
-        Self::with_decoding_pooling(window_size, kernel_size, "position")
+        Self::with_decoding_pooling(window_size, kernel_size, "position", kernel_size)
     }
 
-    /// SnapKV whose decoding-time compressions pool over the previous ranking
-    /// (`decoding_pooling = "rank"`) or over storage neighbours (`"position"`).
+    /// SnapKV whose decoding-time compressions pool over the previous ranking with
+    /// `decoding_kernel_size` (`decoding_pooling = "rank"`) or over storage neighbours with
+    /// `kernel_size` (`"position"`).
     pub fn with_decoding_pooling(
         window_size: usize,
         kernel_size: usize,
         decoding_pooling: &str,
+        decoding_kernel_size: usize,
     ) -> Result<Self> {
-        let rank_pooling = match decoding_pooling {
-            "rank" => true,
-            "position" => false,
+        let rank_kernel = match decoding_pooling {
+            "rank" => Some(odd_kernel("decoding_kernel_size", decoding_kernel_size)?),
+            "position" => None,
             other => {
                 return Err(KvError::invalid(
                     "decoding_pooling",
@@ -53,18 +61,22 @@ impl SnapKv {
                 "got 0, expected at least 1 query",
             ));
         }
-        if kernel_size == 0 || kernel_size % 2 == 0 {
-            return Err(KvError::invalid(
-                "kernel_size",
-                format!("got {kernel_size}, expected an odd number >= 1"),
-            ));
-        }
         Ok(SnapKv {
             window: window_size,
-            kernel: kernel_size,
-            rank_pooling,
+            kernel: odd_kernel("kernel_size", kernel_size)?,
+            rank_kernel,
         })
     }
+}
+
+fn odd_kernel(argument: &str, k: usize) -> Result<usize> {
+    if k == 0 || k % 2 == 0 {
+        return Err(KvError::invalid(
+            argument,
+            format!("got {k}, expected an odd number >= 1"),
+        ));
+    }
+    Ok(k)
 }
 
 /// Scores of the tokens before the window from the window's mean attention (batch,
@@ -84,25 +96,32 @@ pub(crate) fn pooled_window_scores(
 
 /// [`pooled_window_scores`] pooled over the previous ranking (see the module
 /// documentation): `previous` (batch, kv_heads, m) are the scores the first m stored tokens
-/// had when they were last kept. The pooling order of each row is those m tokens by
-/// decreasing previous score (ties in position order), then the tokens stored since.
+/// had when they were last kept (None: no ranking yet). The pooling order of each row is
+/// those m tokens by decreasing previous score (ties in position order), then the tokens
+/// stored since.
 fn rank_pooled_window_scores(
     mean: &Tensor,
     window: i64,
     kv_heads: i64,
     kernel: usize,
-    previous: &Tensor,
+    previous: Option<&Tensor>,
 ) -> Result<Tensor> {
     let n = mean.size()[2] - window;
     let scores = group_mean(&mean.f_narrow(-1, 0, n)?, kv_heads)?;
-    let (batch, m) = (scores.size()[0], previous.size()[2].min(n));
-    let (_, ranked) = previous
-        .f_narrow(-1, 0, m)?
-        .f_to_kind(Kind::Float)?
-        .f_sort_stable(true, -1, true)?;
+    let batch = scores.size()[0];
+    let m = previous.map_or(0, |p| p.size()[2].min(n));
     let since = Tensor::f_arange_start(m, n, (Kind::Int64, scores.device()))?
         .f_expand([batch, kv_heads, n - m], false)?;
-    let order = Tensor::f_cat(&[ranked, since], -1)?;
+    let order = match previous {
+        Some(p) if m > 0 => {
+            let (_, ranked) = p
+                .f_narrow(-1, 0, m)?
+                .f_to_kind(Kind::Float)?
+                .f_sort_stable(true, -1, true)?;
+            Tensor::f_cat(&[ranked, since], -1)?
+        }
+        _ => since,
+    };
     let k = kernel as i64;
     let pooled =
         scores
@@ -125,7 +144,7 @@ impl Scorer for SnapKv {
     }
 
     fn remembers_scores(&self) -> bool {
-        self.rank_pooling && self.kernel > 1
+        self.rank_kernel.is_some_and(|k| k > 1)
     }
 
     fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
@@ -140,9 +159,13 @@ impl Scorer for SnapKv {
         let queries = input.require_queries(self.name())?;
         let mean = window_attention_mean(queries, input.keys)?;
         let kv_heads = input.keys.size()[1];
-        let scores = match input.previous_scores.filter(|_| self.remembers_scores()) {
-            Some(previous) => rank_pooled_window_scores(&mean, w, kv_heads, self.kernel, previous)?,
-            None => pooled_window_scores(&mean, w, kv_heads, self.kernel)?,
+        // decoding-time compressions (through the schedule) know the tokens seen
+        let decoding = input.ctx.next_position.is_some();
+        let scores = match self.rank_kernel {
+            Some(k) if decoding => {
+                rank_pooled_window_scores(&mean, w, kv_heads, k, input.previous_scores)?
+            }
+            _ => pooled_window_scores(&mean, w, kv_heads, self.kernel)?,
         };
         append_protected(&scores, w)
     }

@@ -65,8 +65,10 @@ def make_cache(model: Any, policy: str, budget: int, interval: int, calibration:
         kwargs["quantization"] = kvpress_rs.QuantConfig(bits=int(bits), group_size=32, residual_length=128)
     if policy.startswith("triattention") and calibration:
         kwargs["query_stats"] = calibration
-    if policy == "snapkv":
+    if policy.startswith("snapkv"):
         kwargs["window_size"] = window
+    if policy == "snapkv:position":  # kvpress's pooling over storage neighbours, for comparison
+        kwargs["decoding_pooling"] = "position"
     return kvpress_rs.KVCache(model, policy.split(":")[0], **kwargs)
 
 
@@ -137,7 +139,8 @@ def run_ppl(model: Any, tokenizer: Any, args: argparse.Namespace) -> dict:
         # without the full cache (--no-full) the "/ full" columns read as 1.0 of nothing: NaN
         r["ppl_vs_full"] = r["ppl"] / full["ppl"] if full else float("nan")
         r["ms_vs_full"] = r["ms_per_token"] / full["ms_per_token"] if full else float("nan")
-        twin = rows.get("kvpress:" + name.split(":", 1)[1]) if name.startswith("ours:") else None
+        # the same scorer's kvpress row ("ours:snapkv:position" is compared with kvpress:snapkv)
+        twin = rows.get("kvpress:" + name.split(":")[1]) if name.startswith("ours:") else None
         r["ppl_vs_kvpress"] = r["ppl"] / twin["ppl"] if twin else None
         vs = f"{r['ppl_vs_kvpress']:10.3f}" if r["ppl_vs_kvpress"] else f"{'-':>10}"
         kv = r.get("kv_bytes_at_end")
