@@ -348,3 +348,63 @@ def test_triattention_keeps_the_key_aligned_with_the_query_center():
     for n_offsets in (1, 4):
         kept = ops.kept_indices("triattention", k, v, q, rope=rope, max_tokens=1, n_offsets=n_offsets)
         assert kept[0, :, 0].tolist() == [38, 38]
+
+
+def ref_snapkv_rank_pooled(q_win, k, window, kernel, previous):
+    """SnapKV during generation with rank pooling, from its definition: the window's mean
+    attention averaged over each KV head's group, then pooled over an order made of the
+    first m tokens by decreasing ``previous`` score (stable: ties in position order) and the
+    tokens after them in position order. Scores of the t − window tokens before the window."""
+    t, hk = k.shape[2], k.shape[1]
+    attn = ref_window_attention(q_win, k)[..., : t - window]
+    m = attn.mean(dim=2)
+    b, h, n = m.shape
+    scores = m.view(b, hk, h // hk, n).mean(2)
+    order = torch.arange(n).expand(b, hk, n).clone()
+    if previous is not None:
+        r = min(previous.shape[-1], n)
+        order[..., :r] = previous[..., :r].float().sort(dim=-1, descending=True, stable=True).indices
+    pooled = F.avg_pool1d(scores.gather(-1, order), kernel_size=kernel, stride=1, padding=kernel // 2,
+                          count_include_pad=True)
+    return torch.empty_like(scores).scatter_(-1, order, pooled)
+
+
+def ref_decoding_keep(scores, window, n_kept, protect_last):
+    """Top n_kept with the window and the last protect_last stored tokens always kept."""
+    b, hk, _ = scores.shape
+    ranked = torch.cat([scores, torch.full((b, hk, window), float("inf"))], dim=-1)
+    ranked[..., ranked.shape[-1] - protect_last :] = float("inf")
+    return ranked.topk(n_kept, dim=-1).indices.sort(dim=-1).values
+
+
+def test_snapkv_decoding_compressions_pool_over_the_previous_ranking_as_the_reference():
+    window, kernel, n_kept, protect = 8, 7, 40, 16
+    press = kvpress_rs._native.Press("snapkv", window_size=window, decoding_kernel_size=kernel)
+    assert press.remembers_scores
+    q, k, v = rand_kv(b=2, hk=2, g=2, t=60, seed=3)
+    store = kvpress_rs._native.LayerStore()
+    store.append(k, v)
+    q1 = q[:, :, -window:]
+    # first compression: no ranking yet, pooled over positions
+    evicted, remembered = store.compress_to(press, 0, n_kept, 60, queries=q1, protect_last=protect)
+    s1 = ref_snapkv_rank_pooled(q1, k, window, kernel, None)
+    kept1 = ref_decoding_keep(s1, window, n_kept, protect)
+    assert evicted and torch.equal(store.kept_positions(), kept1)
+    unranked = torch.cat([s1, torch.full((2, 2, window), float("-inf"))], dim=-1)
+    torch.testing.assert_close(remembered, unranked.gather(-1, kept1), rtol=1e-5, atol=1e-8)
+    # 20 more tokens, then a compression that pools over that ranking
+    _, k2, v2 = rand_kv(b=2, hk=2, g=2, t=20, seed=4)
+    store.append(k2, v2)
+    stored_keys, positions = store.keys().clone(), store.kept_positions().clone()
+    q2 = rand_kv(b=2, hk=2, g=2, t=window, seed=5)[0]
+    evicted, _ = store.compress_to(press, 0, n_kept, 80, queries=q2, protect_last=protect, previous_scores=remembered)
+    s2 = ref_snapkv_rank_pooled(q2, stored_keys, window, kernel, remembered)
+    expected = positions.gather(-1, ref_decoding_keep(s2, window, n_kept, protect))
+    assert evicted and torch.equal(store.kept_positions(), expected)
+    # pooled over positions instead (no previous scores), it keeps other tokens
+    twin = kvpress_rs._native.LayerStore()
+    twin.append(stored_keys, stored_keys)
+    twin.compress_to(press, 0, n_kept, 60, queries=q2, protect_last=protect)
+    by_position = ref_decoding_keep(ref_snapkv_rank_pooled(q2, stored_keys, window, kernel, None), window, n_kept, protect)
+    assert torch.equal(twin.kept_positions(), by_position)
+    assert not torch.equal(by_position, ref_decoding_keep(s2, window, n_kept, protect))
