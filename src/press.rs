@@ -6,8 +6,8 @@
 use crate::budget::{Budget, HeadBudget, LayerBudget};
 use crate::error::{KvError, Result};
 use crate::policies::{
-    cake_preference, score_layer, score_layer_with, QueryStats, QueryWindow, ScoreContext,
-    ScoreSources, Scorer,
+    cake_preference, previous_ranking_order, score_layer, score_layer_with, QueryStats,
+    QueryWindow, ScoreContext, ScoreSources, Scorer,
 };
 use crate::quant::QuantizedStore;
 use crate::rope::Rope;
@@ -386,10 +386,25 @@ impl Press {
             self.rope.as_ref(),
             &ctx,
         )?;
-        let kept = self.select(
-            &protect_ends(&scores, protect_first, protect_last)?,
-            step.n_kept,
-        )?;
+        let protected = protect_ends(&scores, protect_first, protect_last)?;
+        let kept = match self.head_budget {
+            HeadBudget::Uniform if self.scorer.remembers_scores() => {
+                // Equal scores (window attention that underflowed to zero) go to the token
+                // the previous compression ranked higher, not to the earlier one.
+                let s = protected.size();
+                let order = previous_ranking_order(
+                    step.previous_scores,
+                    s[0],
+                    s[1],
+                    s[2],
+                    protected.device(),
+                )?;
+                let best = top_k_indices(&protected.f_gather(-1, &order, false)?, step.n_kept)?;
+                let (kept, _) = order.f_gather(-1, &best, false)?.f_sort(-1, false)?;
+                Kept::Uniform(kept)
+            }
+            _ => self.select(&protected, step.n_kept)?,
+        };
         let kept_scores =
             match &kept {
                 Kept::Uniform(indices) if self.scorer.remembers_scores() => Some(

@@ -31,6 +31,7 @@ pub use lagkv::LagKv;
 pub use observed::ObservedAttention;
 pub use params::{ParamValue, Params};
 pub use random::Random;
+pub(crate) use snapkv::previous_ranking_order;
 pub use snapkv::SnapKv;
 pub use streaming::StreamingLlm;
 pub use tova::Tova;

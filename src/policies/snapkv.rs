@@ -107,12 +107,32 @@ fn rank_pooled_window_scores(
     previous: Option<&Tensor>,
 ) -> Result<Tensor> {
     let n = mean.size()[2] - window;
-    let scores = group_mean(&mean.f_narrow(-1, 0, n)?, kv_heads)?;
-    let batch = scores.size()[0];
+    // in float32: the ranking this pooling leaves behind is the next one's order, and bf16
+    // scores (a bf16 model's) would tie by the hundred
+    let scores = group_mean(&mean.f_narrow(-1, 0, n)?, kv_heads)?.f_to_kind(Kind::Float)?;
+    let order = previous_ranking_order(previous, scores.size()[0], kv_heads, n, scores.device())?;
+    let k = kernel as i64;
+    let pooled =
+        scores
+            .f_gather(-1, &order, false)?
+            .f_avg_pool1d([k], [1], [k / 2], false, true)?;
+    Ok(scores.f_scatter(-1, &order, &pooled)?)
+}
+
+/// Each row's tokens 0..n in the order of the previous compression's ranking: the first m
+/// stored tokens by decreasing `previous` score (ties in position order; m = its length,
+/// at most n), then tokens m..n in position order. int64 (batch, kv_heads, n).
+pub(crate) fn previous_ranking_order(
+    previous: Option<&Tensor>,
+    batch: i64,
+    kv_heads: i64,
+    n: i64,
+    device: tch::Device,
+) -> Result<Tensor> {
     let m = previous.map_or(0, |p| p.size()[2].min(n));
-    let since = Tensor::f_arange_start(m, n, (Kind::Int64, scores.device()))?
+    let since = Tensor::f_arange_start(m, n, (Kind::Int64, device))?
         .f_expand([batch, kv_heads, n - m], false)?;
-    let order = match previous {
+    Ok(match previous {
         Some(p) if m > 0 => {
             let (_, ranked) = p
                 .f_narrow(-1, 0, m)?
@@ -120,14 +140,8 @@ fn rank_pooled_window_scores(
                 .f_sort_stable(true, -1, true)?;
             Tensor::f_cat(&[ranked, since], -1)?
         }
-        _ => since,
-    };
-    let k = kernel as i64;
-    let pooled =
-        scores
-            .f_gather(-1, &order, false)?
-            .f_avg_pool1d([k], [1], [k / 2], false, true)?;
-    Ok(scores.f_scatter(-1, &order, &pooled)?)
+        _ => since.f_contiguous()?,
+    })
 }
 
 impl Scorer for SnapKv {
