@@ -180,6 +180,16 @@ def test_attention_over_the_store_equals_attention_over_the_dequantized_tensors(
         torch.testing.assert_close(store.attend(query, None, 0.125).float(), out.float(), rtol=0, atol=tol)
 
 
+def test_a_long_chunk_of_queries_split_over_threads_equals_the_reference():
+    # Decode steps run on the calling thread; only work this large (2 heads x 4096 tokens x
+    # 512 query rows) is cut into pieces for rayon, whose partial softmaxes then merge.
+    store = filled_store(kvpress_rs.QuantConfig(bits=4, residual_length=64, sink_tokens=4), shape=(1, 2, 4096, 64))
+    query = torch.randn(1, 4, 256, 64)
+    torch.testing.assert_close(
+        store.attend(query, None, 0.125), reference_attention(query, *store.dequantize(), 0.125), rtol=0, atol=2e-5
+    )
+
+
 def test_attention_with_a_padding_mask():
     store = filled_store(kvpress_rs.QuantConfig(bits=4, residual_length=32))
     n = store.seen

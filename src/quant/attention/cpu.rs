@@ -35,6 +35,14 @@ use ndarray::{ArrayView3, Ix3, Ix4};
 use rayon::prelude::*;
 use tch::{Kind, Tensor};
 
+/// Multiply-adds below which the attention runs on the calling thread. It runs inside the
+/// model's forward, between torch ops whose intra-op threads keep spinning on the same
+/// cores: rayon's workers fight them instead of helping. Measured on 2 cores (SmolLM2,
+/// 4-bit, a decode step ≈ 3·16384·128·3 = 19M multiply-adds per layer at 16k tokens): 239
+/// ms/token with the pool vs 195 on the calling thread at 16k, 132–151 vs 93–101 at 6k.
+/// Only work that outlasts that (many query rows, very long contexts) is split.
+const PARALLEL_MACS: usize = 1 << 27;
+
 /// Fewest quantized tiles per piece (smaller pieces cost more in scheduling than they save).
 const MIN_TILES_PER_PIECE: usize = 8;
 
@@ -316,9 +324,14 @@ fn attend_typed<T: KvFloat>(
         fp.push(fp_part::<T>(r, offset)?);
     }
 
-    // Pieces: enough for every thread, none too small.
+    // Pieces: enough for every thread, none too small (one per row on the calling thread).
     let threads = rayon::current_num_threads().max(1);
-    let per_row = (4 * threads).div_ceil(bh_count).max(1);
+    let parallel = bh_count * inp.seen * (dk + dv) * rows >= PARALLEL_MACS && threads > 1;
+    let per_row = if parallel {
+        (4 * threads).div_ceil(bh_count).max(1)
+    } else {
+        1
+    };
     let tiles_per_piece = tiles.div_ceil(per_row).max(MIN_TILES_PER_PIECE);
     let mut pieces = Vec::new();
     for bh in 0..bh_count {
@@ -380,8 +393,7 @@ fn attend_typed<T: KvFloat>(
         4 => run_piece::<T, 4>(&ctx, piece),
         _ => run_piece::<T, 8>(&ctx, piece),
     };
-    let work = bh_count * inp.seen * (dk + dv) * rows.min(4);
-    let states: Vec<State> = if crate::quant::cpu::worth_parallel(work) {
+    let states: Vec<State> = if parallel {
         pieces.par_iter().map(run).collect()
     } else {
         pieces.iter().map(run).collect()
