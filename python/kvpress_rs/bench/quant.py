@@ -6,12 +6,15 @@ Parts (``all`` runs every one):
 
 - ``ppl``: perplexity of 256 teacher-forced continuation tokens after Austen prefixes
   (Emma, from token 2000 on). The prefix is the prefill (every cache attends in full
-  precision there); the continuation is ONE forward of 255 tokens over the cache, so the
-  continuation's own tokens enter the cache (and are quantized in blocks) before they are
-  attended to. Printed as ratios to the fp cache.
+  precision there); the continuation is fed one token per forward, as ``generate`` feeds
+  its tokens, so every cache holds what it would hold while decoding (ours: the last
+  ``residual_length`` tokens in full precision, the rest quantized once). With
+  ``--one-forward`` it is ONE forward of 255 tokens instead, where ours quantizes the
+  continuation's own tokens (in blocks) before they are attended to — stricter than
+  decoding. Printed as ratios to the fp cache.
 - ``decode``: decode ms/token (median of ``--steps`` greedy steps after warm-up) after a
-  prefill of each length; the cache's own cost is that minus the DynamicCache's ms/token at
-  a 128-token context.
+  prefill of each length, the configurations taking turns step by step; the cache's own
+  cost is that minus the ms/token of a DynamicCache at a 128-token context in the same turns.
 - ``kernels``: quantize and dequantize throughput on a (1, 8, 8192, 128) tensor against
   ``tensor.clone()`` of the same bytes (medians of ``--repeats``).
 - ``bytes``: KV bytes held after a prefill vs the formula (bits + 32/G)/16 of float16 for
@@ -56,6 +59,11 @@ OURS = {
     "ours-2b-g64+out": dict(bits=2, group_size=64, outlier_fraction=1 / 64),
     "ours-2b-g64+all": dict(bits=2, group_size=64, hadamard=True, sink_tokens=4, outlier_fraction=1 / 64),
     "ours-2b-g32+all": dict(bits=2, group_size=32, hadamard=True, sink_tokens=4, outlier_fraction=1 / 32),
+    # At most quanto 2-bit's memory (2.5 bits per element): groups of 128 (both tensors
+    # grouped per channel: head_dim 64 < 128), Hadamard, one exact outlier per group.
+    "ours-2b-g128+had": dict(bits=2, group_size=128, value_grouping="channel", hadamard=True),
+    "ours-2b-g128+had+out": dict(bits=2, group_size=128, value_grouping="channel", hadamard=True, outlier_fraction=1 / 128),
+    "ours-2b-g64+had+out": dict(bits=2, group_size=64, hadamard=True, outlier_fraction=1 / 64),
     # KVQuant: keys quantized before RoPE (per-channel outliers stay in their channels)
     "ours-4b+pre": dict(bits=4, pre_rope_keys=True),
     "ours-4b+pre+sink": dict(bits=4, pre_rope_keys=True, sink_tokens=4),
@@ -113,13 +121,24 @@ def austen_ids(tokenizer: Any, n: int, start: int = 2000) -> torch.Tensor:
 
 
 @torch.no_grad()
-def perplexity(model: Any, make: Callable[[], Any], prefix: torch.Tensor, cont: torch.Tensor) -> tuple[float, int]:
-    """Perplexity of ``cont`` after ``prefix``, and the KV bytes held after the prefill."""
+def perplexity(
+    model: Any, make: Callable[[], Any], prefix: torch.Tensor, cont: torch.Tensor, stepwise: bool = True
+) -> tuple[float, int]:
+    """Perplexity of ``cont`` after ``prefix``, and the KV bytes held after the prefill.
+
+    ``stepwise``: the continuation is fed one token per forward, as ``generate`` feeds its
+    tokens (each enters the cache as decoding would store it); otherwise in ONE forward,
+    where a quantized cache quantizes the continuation's own tokens before they are
+    attended to (stricter than decoding)."""
     cache = make()
     last = model(prefix, past_key_values=cache).logits[:, -1:]
     nbytes = kv_bytes(cache)
-    logits = model(cont[:, :-1], past_key_values=cache).logits
-    logits = torch.cat([last, logits], dim=1).float()
+    if stepwise:
+        steps = [model(cont[:, i : i + 1], past_key_values=cache).logits for i in range(cont.shape[1] - 1)]
+        logits = torch.cat([last, *steps], dim=1).float()
+    else:
+        logits = model(cont[:, :-1], past_key_values=cache).logits
+        logits = torch.cat([last, logits], dim=1).float()
     nll = torch.nn.functional.cross_entropy(logits[0], cont[0])
     return float(nll.exp()), nbytes
 
@@ -130,7 +149,7 @@ def bf16_bytes_per_token(model: Any) -> int:
     return 2 * c.num_hidden_layers * c.num_key_value_heads * head_dim * 2
 
 
-def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int]) -> dict:
+def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], stepwise: bool = True) -> dict:
     results: dict = {}
     per_token = bf16_bytes_per_token(model)
     for n in lengths:
@@ -139,14 +158,15 @@ def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int]) 
         rows = {}
         for name in configs:
             start = time.perf_counter()
-            ppl, nbytes = perplexity(model, cache_factory(model, name), prefix, cont)
+            ppl, nbytes = perplexity(model, cache_factory(model, name), prefix, cont, stepwise)
             rows[name] = {"ppl": ppl, "kv_bytes": nbytes, "x_smaller_than_bf16": per_token * n / nbytes}
             print(f"  ppl {n:>6} {name:<26} {ppl:8.3f}  bytes/bf16 {nbytes / (per_token * n):.3f}  ({time.perf_counter() - start:.0f}s)", flush=True)
         fp = rows.get("fp", {}).get("ppl")
         for row in rows.values():
             row["ppl_ratio"] = row["ppl"] / fp if fp else None
         results[n] = rows
-    print(f"\nperplexity of 256 continuation tokens ({BF16_NOTE}); ratio to fp, KV memory x smaller than bf16")
+    fed = "one token per forward" if stepwise else "in one forward"
+    print(f"\nperplexity of 256 continuation tokens fed {fed} ({BF16_NOTE}); ratio to fp, KV memory x smaller than bf16")
     print(f"{'config':<26}" + "".join(f"{f'{n} ppl':>12}{'ratio':>8}{'x mem':>8}" for n in lengths))
     for name in configs:
         line = f"{name:<26}"
@@ -159,40 +179,48 @@ def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int]) 
 
 
 @torch.no_grad()
-def decode_ms(model: Any, make: Callable[[], Any], prefix: torch.Tensor, steps: int, warmup: int = 3) -> float:
-    cache = make()
-    logits = model(prefix, past_key_values=cache).logits[:, -1:]
-    times = []
+def decode_ms(model: Any, runs: dict[str, tuple[Callable[[], Any], torch.Tensor]], steps: int, warmup: int = 3) -> dict[str, float]:
+    """Median ms of one greedy decode step for each ``name -> (cache factory, prefix)``,
+    after its prefill. The configurations take turns step by step, so that the machine's
+    drift (other processes, clock changes) falls on all of them alike."""
+    states = {}
+    for name, (make, prefix) in runs.items():
+        cache = make()
+        states[name] = (cache, [model(prefix, past_key_values=cache).logits[:, -1:].argmax(-1)], [])
     for i in range(warmup + steps):
-        token = logits.argmax(-1)
-        start = time.perf_counter()
-        logits = model(token, past_key_values=cache).logits
-        if i >= warmup:
-            times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for cache, token, times in states.values():
+            start = time.perf_counter()
+            logits = model(token[0], past_key_values=cache).logits
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
+            token[0] = logits.argmax(-1)
+    return {name: statistics.median(times) * 1e3 for name, (_, _, times) in states.items()}
 
 
 def run_decode(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], steps: int) -> dict:
     ids = austen_ids(tokenizer, max(lengths), start=0)
-    base = decode_ms(model, cache_factory(model, "fp"), ids[:, :128], steps)
-    print(f"  DynamicCache at 128 tokens: {base:.1f} ms/token (the model's own cost)", flush=True)
-    results: dict = {"model_ms_at_128": base}
+    base = "DynamicCache at 128"
+    results: dict = {}
     for n in lengths:
+        runs = {base: (cache_factory(model, "fp"), ids[:, :128])}
+        runs.update({name: (cache_factory(model, name), ids[:, :n]) for name in configs})
+        ms = decode_ms(model, runs, steps)
+        print(f"  decode {n:>6} {base}: {ms[base]:.1f} ms/token (the model's own cost)", flush=True)
         rows = {}
         for name in configs:
-            ms = decode_ms(model, cache_factory(model, name), ids[:, :n], steps)
-            rows[name] = {"ms_per_token": ms, "cache_ms": ms - base}
-            print(f"  decode {n:>6} {name:<16} {ms:7.1f} ms/token  cache's own {ms - base:6.1f}", flush=True)
+            rows[name] = {"ms_per_token": ms[name], "cache_ms": ms[name] - ms[base]}
+            print(f"  decode {n:>6} {name:<16} {ms[name]:7.1f} ms/token  cache's own {ms[name] - ms[base]:6.1f}", flush=True)
         fp = rows.get("fp")
         for row in rows.values():
             row["ratio_to_dynamic"] = row["ms_per_token"] / fp["ms_per_token"] if fp else None
-        results[n] = rows
-    print(f"\ndecode ms/token ({BF16_NOTE}, median of {steps}); cache's own = minus {base:.1f} ms (DynamicCache at 128)")
+        results[n] = {"model_ms_at_128": ms[base], "configs": rows}
+    print(f"\ndecode ms/token ({BF16_NOTE}, median of {steps}, configurations in turn step by step); "
+          "cache's own = minus the DynamicCache at 128 tokens of the same run")
     print(f"{'config':<16}" + "".join(f"{f'{n} ms':>10}{'own':>8}{'/fp':>7}" for n in lengths))
     for name in configs:
         line = f"{name:<16}"
         for n in lengths:
-            r = results[n][name]
+            r = results[n]["configs"][name]
             ratio = f"{r['ratio_to_dynamic']:.2f}" if r["ratio_to_dynamic"] else "-"
             line += f"{r['ms_per_token']:10.1f}{r['cache_ms']:8.1f}{ratio:>7}"
         print(line)
@@ -283,17 +311,20 @@ def needle(model: Any, tokenizer: Any, make: Callable[[], Any], length: int, dep
     return found
 
 
-def run_frontier(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], depths: list[float], query_aware: bool) -> dict:
+def run_frontier(
+    model: Any, tokenizer: Any, configs: list[str], lengths: list[int], depths: list[float], query_aware: bool,
+    stepwise: bool = True,
+) -> dict:
     per_token = bf16_bytes_per_token(model)
     results: dict = {}
     for n in lengths:
         ids = austen_ids(tokenizer, n + 256)
         prefix, cont = ids[:, :n], ids[:, n:]
-        fp_ppl, _ = perplexity(model, cache_factory(model, "fp"), prefix, cont)
+        fp_ppl, _ = perplexity(model, cache_factory(model, "fp"), prefix, cont, stepwise)
         rows = {}
         for name in configs:
             make = cache_factory(model, name)
-            ppl, nbytes = perplexity(model, make, prefix, cont)
+            ppl, nbytes = perplexity(model, make, prefix, cont, stepwise)
             found = needle(model, tokenizer, make, n, depths, query_aware)
             rows[name] = {"ppl": ppl, "ppl_ratio": ppl / fp_ppl, "kv_bytes": nbytes,
                           "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": len(depths)}
@@ -322,6 +353,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
     parser.add_argument("--question-after", action="store_true",
                         help="frontier needle: compress the context alone (default: with the question)")
+    parser.add_argument("--one-forward", action="store_true",
+                        help="ppl/frontier: feed the continuation in one forward (default: one token per forward, "
+                             "as generate does)")
     parser.add_argument("--threads", type=int, default=None, help="torch and rayon threads (default: theirs)")
     parser.add_argument("--out", type=Path, default=Path("bench_results/quant.json"))
     args = parser.parse_args(argv)
@@ -348,13 +382,14 @@ def main(argv: list[str] | None = None) -> dict:
             results[part] = run_bytes(model, tokenizer, lengths)
         elif part == "ppl":
             configs = args.configs or ["fp", *OURS, *quanto]
-            results[part] = run_ppl(model, tokenizer, configs, lengths)
+            results[part] = run_ppl(model, tokenizer, configs, lengths, not args.one_forward)
         elif part == "decode":
             configs = args.configs or ["fp", "ours-4b", "ours-2b-g64", *quanto[1:]]
             results[part] = run_decode(model, tokenizer, configs, lengths, args.steps)
         else:
             configs = args.configs or ["fp", *quanto, *FRONTIER]
-            results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after)
+            results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after,
+                                         not args.one_forward)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwritten to {args.out}")
