@@ -134,11 +134,10 @@ def perplexity(
     last = model(prefix, past_key_values=cache).logits[:, -1:]
     nbytes = kv_bytes(cache)
     if stepwise:
-        steps = [model(cont[:, i : i + 1], past_key_values=cache).logits for i in range(cont.shape[1] - 1)]
-        logits = torch.cat([last, *steps], dim=1).float()
+        rest = [model(cont[:, i : i + 1], past_key_values=cache).logits for i in range(cont.shape[1] - 1)]
     else:
-        logits = model(cont[:, :-1], past_key_values=cache).logits
-        logits = torch.cat([last, logits], dim=1).float()
+        rest = [model(cont[:, :-1], past_key_values=cache).logits]
+    logits = torch.cat([last, *rest], dim=1).float()
     nll = torch.nn.functional.cross_entropy(logits[0], cont[0])
     return float(nll.exp()), nbytes
 
@@ -179,22 +178,25 @@ def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], 
 
 
 @torch.no_grad()
-def decode_ms(model: Any, runs: dict[str, tuple[Callable[[], Any], torch.Tensor]], steps: int, warmup: int = 3) -> dict[str, float]:
+def decode_ms(
+    model: Any, runs: dict[str, tuple[Callable[[], Any], torch.Tensor]], steps: int, warmup: int = 3
+) -> dict[str, float]:
     """Median ms of one greedy decode step for each ``name -> (cache factory, prefix)``,
     after its prefill. The configurations take turns step by step, so that the machine's
     drift (other processes, clock changes) falls on all of them alike."""
-    states = {}
-    for name, (make, prefix) in runs.items():
-        cache = make()
-        states[name] = (cache, [model(prefix, past_key_values=cache).logits[:, -1:].argmax(-1)], [])
+    caches = {name: make() for name, (make, _) in runs.items()}
+    tokens = {
+        name: model(prefix, past_key_values=caches[name]).logits[:, -1:].argmax(-1) for name, (_, prefix) in runs.items()
+    }
+    times: dict[str, list[float]] = {name: [] for name in runs}
     for i in range(warmup + steps):
-        for cache, token, times in states.values():
+        for name, cache in caches.items():
             start = time.perf_counter()
-            logits = model(token[0], past_key_values=cache).logits
+            logits = model(tokens[name], past_key_values=cache).logits
             if i >= warmup:
-                times.append(time.perf_counter() - start)
-            token[0] = logits.argmax(-1)
-    return {name: statistics.median(times) * 1e3 for name, (_, _, times) in states.items()}
+                times[name].append(time.perf_counter() - start)
+            tokens[name] = logits.argmax(-1)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def run_decode(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], steps: int) -> dict:
