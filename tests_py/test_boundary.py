@@ -101,7 +101,7 @@ def test_mixing_numpy_and_torch_is_a_type_error():
 
 def test_gil_is_released_during_rust_work():
     """Python code in another thread runs while a thread is inside a long Rust call."""
-    keys = torch.randn(1, 8, 40000, 128)
+    keys = torch.randn(1, 8, 160000, 128)  # 655 MB: ~20 ms per call on a fast machine
     ticks: list[float] = []
     calls: list[tuple[float, float]] = []
     stop = threading.Event()

@@ -245,11 +245,11 @@ pub fn dequant_group<M: Madd, const BITS: u32, const G: usize>(
             let high = &bytes[n4..n4 + n8];
             for k in 0..4 {
                 for half in 0..2 {
-                    for i in 0..n8 {
+                    for (i, &h) in high.iter().enumerate() {
                         let j = half * n8 + i;
                         let m = (2 * k + half) as u32;
-                        let c = ((low[j] as u32 >> (2 * k as u32)) & 3)
-                            | (((high[i] as u32 >> m) & 1) << 2);
+                        let c =
+                            ((low[j] as u32 >> (2 * k as u32)) & 3) | (((h as u32 >> m) & 1) << 2);
                         out[k * n4 + j] = fw(c);
                     }
                 }
