@@ -57,10 +57,12 @@ def test_codes_hold_pre_rope_keys_within_half_a_reference_step(bits, grouping):
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 2e-5), (torch.bfloat16, 3e-2)])
 @pytest.mark.parametrize("q_len", [1, 5])
-def test_attention_rotates_every_tile_like_the_dequantized_keys(dtype, tol, q_len):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_attention_rotates_every_tile_like_the_dequantized_keys(dtype, tol, q_len, hadamard):
+    # with hadamard the kernel rotates each key tile back to the plain basis before RoPE
     torch.manual_seed(0)
     store = pre_rope_store(kvpress_rs.QuantConfig(bits=3, group_size=32, residual_length=64, pre_rope_keys=True,
-                                                  sink_tokens=3))
+                                                  sink_tokens=3, hadamard=hadamard))
     # rows at different, non-consecutive positions (as after eviction), then decoding
     base = torch.sort(torch.randperm(5000)[:200]).values
     positions = torch.stack([base, base + 7]).view(2, 1, 200).expand(2, 2, 200)
@@ -91,14 +93,36 @@ def test_positions_run_on_from_the_tokens_seen_by_default():
 
 
 def test_positions_and_the_table_are_counted_in_nbytes():
-    plain = QuantizedStore(kvpress_rs.QuantConfig(bits=4, group_size=32, residual_length=32))
-    pre = pre_rope_store()
     keys = torch.randn(1, 2, 64, 64)
+    plain = QuantizedStore(kvpress_rs.QuantConfig(bits=4, group_size=32, residual_length=32))
     plain.append(keys, keys)
-    pre.append(keys, keys)
-    positions = 4 * 64  # int32 per token of the two blocks: one row, shared by every head
-    table = 8 * 32 * (64 + 1)  # (cos, sin) f32 per frequency: fine table + one coarse entry
-    assert pre.nbytes == plain.nbytes + positions + table
+    table = 8 * 32 * (64 + 2)  # (cos, sin) f32 per frequency: fine table + a coarse entry per 64 positions
+    # consecutive positions: only the first is kept
+    run = pre_rope_store()
+    run.append(keys, keys, torch.arange(10, 74))
+    assert run.nbytes == plain.nbytes + table
+    # any other positions: int32 per token of the two blocks (one row, shared by every head)
+    scattered = pre_rope_store()
+    scattered.append(keys, keys, torch.arange(0, 128, 2))
+    assert scattered.nbytes == plain.nbytes + 4 * 64 + table
+    torch.testing.assert_close(scattered.dequantize()[1], run.dequantize()[1])  # values do not move
+
+
+def test_layers_share_one_rope_table_counted_once(llama):
+    model = llama()
+    cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32, pre_rope_keys=True)
+    with torch.no_grad():
+        model(random_ids(1, 96, seed=1), past_key_values=cache)  # three whole blocks
+    stats = cache.stats()
+    # the table covers positions [0, 128): the fine table and two coarse entries
+    half = model.config.hidden_size // model.config.num_attention_heads // 2
+    assert stats["rope_table_nbytes"] == 8 * half * (64 + 2)
+    assert cache.nbytes == sum(stats["nbytes_per_layer"]) + stats["rope_table_nbytes"]
+    # a layer's store holds codes, scales/zeros and the residual window, no table nor positions
+    plain = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32)
+    with torch.no_grad():
+        model(random_ids(1, 96, seed=1), past_key_values=plain)
+    assert stats["nbytes_per_layer"] == plain.stats()["nbytes_per_layer"]
 
 
 @pytest.fixture
@@ -110,9 +134,10 @@ def llama(tiny_llama):
 
 
 @pytest.mark.parametrize("dtype,tol", [(torch.float32, 1e-4), (torch.bfloat16, 0.1)])
-def test_cache_decode_equals_attention_over_dequantized_tensors(llama, dtype, tol):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_cache_decode_equals_attention_over_dequantized_tensors(llama, dtype, tol, hadamard):
     model = llama(dtype=dtype)
-    cache = kvpress_rs.QuantizedKVCache(model, bits=3, residual_length=32, pre_rope_keys=True)
+    cache = kvpress_rs.QuantizedKVCache(model, bits=3, residual_length=32, pre_rope_keys=True, hadamard=hadamard)
     with torch.no_grad():
         model(random_ids(2, 101, seed=1), past_key_values=cache)
     for new in [random_ids(2, 1, seed=2), random_ids(2, 7, seed=3), random_ids(2, 1, seed=4)]:
@@ -149,8 +174,6 @@ def test_eviction_then_pre_rope_quantization_keeps_positions(llama, rerotate):
 
 
 def test_bad_pre_rope_options_raise(llama):
-    with pytest.raises(InvalidArgumentError, match="pre_rope_keys.*hadamard"):
-        kvpress_rs.QuantizedKVCache(llama(), pre_rope_keys=True, hadamard=True)
     with pytest.raises(InvalidArgumentError, match="pre_rope_keys.*RoPE"):
         QuantizedStore(kvpress_rs.QuantConfig(pre_rope_keys=True))
     with pytest.raises(UnsupportedError, match="dynamic"):

@@ -313,14 +313,16 @@ def test_eight_bits_generate_like_dynamic_cache(llama):
     assert torch.equal(out, expected)
 
 
-def test_beam_search_and_batch_operations_act_on_the_quantized_store(llama):
+@pytest.mark.parametrize("options", [{}, {"pre_rope_keys": True, "hadamard": True}], ids=["plain", "pre-rope"])
+def test_beam_search_and_batch_operations_act_on_the_quantized_store(llama, options):
     model = llama()
     ids = random_ids(2, 70, seed=9)
     kwargs = dict(max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=0, attention_mask=torch.ones_like(ids))
-    out = model.generate(ids, past_key_values=kvpress_rs.QuantizedKVCache(model, bits=8, residual_length=32), **kwargs)
+    cache = kvpress_rs.QuantizedKVCache(model, bits=8, residual_length=32, **options)
+    out = model.generate(ids, past_key_values=cache, **kwargs)
     expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kwargs)
     assert out.shape == expected.shape
-    cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32)
+    cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32, **options)
     with torch.no_grad():
         model(ids, past_key_values=cache)
     before = cache.layers[0]._store.dequantize()[0]

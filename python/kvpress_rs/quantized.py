@@ -30,7 +30,7 @@ from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, Dynam
 from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
-from ._native import QuantConfig, QuantizedStore
+from ._native import QuantConfig, QuantizedStore, RopeTable
 from .errors import CacheStateError, UnsupportedError
 from .models import decoder_config
 from .rope import Rope
@@ -48,9 +48,11 @@ class QuantizedLayer(CacheLayerMixin):
     is_compileable = False
     is_croppable = True
 
-    def __init__(self, config: QuantConfig, layer_idx: int, rope: Rope | None = None):
+    def __init__(
+        self, config: QuantConfig, layer_idx: int, rope: Rope | None = None, rope_table: RopeTable | None = None
+    ):
         super().__init__()
-        self._store = QuantizedStore(config, rope)
+        self._store = QuantizedStore(config, rope, rope_table)
         self.layer_idx = layer_idx
         self._attend_from_store = False
 
@@ -237,8 +239,10 @@ class QuantizedKVCache(GuardedCache, Cache):
         Quantize keys before RoPE (KVQuant): each block's keys are rotated back by their
         positions (exactly, in Rust) before quantizing — pre-RoPE channels keep their
         outlier structure, which per-channel groups capture better — and attention
-        re-applies RoPE to every dequantized tile (float64-derived cos/sin tables). Costs
-        4 bytes per token and head for positions. Not with ``hadamard`` nor with rope
+        re-applies RoPE to every dequantized tile (float64-derived cos/sin tables). With
+        ``hadamard`` the keys are rotated before quantizing and back per tile before RoPE.
+        Blocks of consecutive positions (no eviction) store only the first; one cos/sin
+        table serves every layer (about 24 KB at 2k tokens, 40 KB at 6k). Not with rope
         types whose frequencies depend on the length (``dynamic``, ``longrope``).
 
     Non-finite keys or values raise ``NonFiniteError`` (nothing is stored); a group whose
@@ -279,9 +283,12 @@ class QuantizedKVCache(GuardedCache, Cache):
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
         self.quant_config.check_head_dims(head_dim)
         rope = Rope.from_config(config) if pre_rope_keys else None
+        # one cos/sin table for every layer (its bytes counted once, in `nbytes`)
+        self._rope_table = RopeTable(rope) if rope is not None else None
         layers = []
         for idx, layer in enumerate(DynamicCache(config=config).layers):
-            layers.append(QuantizedLayer(self.quant_config, idx, rope) if type(layer) is DynamicLayer else layer)
+            quantized = type(layer) is DynamicLayer
+            layers.append(QuantizedLayer(self.quant_config, idx, rope, self._rope_table) if quantized else layer)
         super().__init__(layers=layers)
         self._token_log = TokenLog()
         if isinstance(model, torch.nn.Module):
@@ -316,9 +323,10 @@ class QuantizedKVCache(GuardedCache, Cache):
 
     @property
     def nbytes(self) -> int:
-        """Bytes the cache holds: every quantized layer's store, and the keys/values of any
-        layer transformers keeps itself (sliding-window layers)."""
-        total = 0
+        """Bytes the cache holds: every quantized layer's store, the cos/sin table the layers
+        share with ``pre_rope_keys``, and the keys/values of any layer transformers keeps
+        itself (sliding-window layers)."""
+        total = self.rope_table_nbytes
         for layer in self.layers:
             if isinstance(layer, QuantizedLayer):
                 total += layer.nbytes
@@ -326,12 +334,17 @@ class QuantizedKVCache(GuardedCache, Cache):
                 total += layer.keys.nbytes + layer.values.nbytes
         return total
 
+    @property
+    def rope_table_nbytes(self) -> int:
+        """Bytes of the cos/sin table shared by the layers (0 without ``pre_rope_keys``)."""
+        return self._rope_table.nbytes if self._rope_table is not None else 0
+
     def stats(self) -> dict[str, Any]:
         """Tokens seen, per-layer token split (sinks / quantized / residual) and bytes.
 
         Returns a dict with ``tokens_seen``, ``sink_tokens``, ``quantized_tokens``,
-        ``residual_tokens`` (lists, one entry per quantized layer), ``nbytes`` and
-        ``nbytes_per_layer``.
+        ``residual_tokens`` (lists, one entry per quantized layer), ``nbytes``,
+        ``nbytes_per_layer`` (without the shared cos/sin table) and ``rope_table_nbytes``.
         """
         layers = self._quantized_layers()
         return {
@@ -341,6 +354,7 @@ class QuantizedKVCache(GuardedCache, Cache):
             "residual_tokens": [layer._store.residual_tokens for layer in layers],
             "nbytes": self.nbytes,
             "nbytes_per_layer": [layer.nbytes for layer in layers],
+            "rope_table_nbytes": self.rope_table_nbytes,
         }
 
     def __repr__(self) -> str:

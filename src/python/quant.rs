@@ -12,12 +12,14 @@ use crate::python::decoding::PyQueryStats;
 use crate::python::press::PyPress;
 use crate::python::rope::PyRope;
 use crate::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
+use crate::rope::table::{AngleTable, SharedAngleTable};
 use pyo3::prelude::*;
-use std::sync::{Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyQuantConfig>()?;
     m.add_class::<PyQuantizedStore>()?;
+    m.add_class::<PyRopeTable>()?;
     m.add_class::<PyQuantizedTensor>()?;
     m.add_function(wrap_pyfunction!(quantize, m)?)?;
     Ok(())
@@ -244,15 +246,54 @@ impl PyQuantizedStore {
     }
 }
 
+/// The cos/sin table of a ``Rope`` that quantized stores with ``pre_rope_keys`` read, one
+/// for the stores of every layer of a cache; its bytes are counted once, here, not in the
+/// stores' ``nbytes``.
+///
+/// >>> table = kvpress_rs._native.RopeTable(kvpress_rs.Rope(64))  # doctest: +SKIP
+/// >>> store = QuantizedStore(config, rope, rope_table=table)  # doctest: +SKIP
+#[pyclass(name = "RopeTable", module = "kvpress_rs._native", frozen)]
+pub struct PyRopeTable {
+    inner: SharedAngleTable,
+}
+
+#[pymethods]
+impl PyRopeTable {
+    #[new]
+    fn new(rope: PyRef<'_, PyRope>) -> PyResult<Self> {
+        let table = AngleTable::new(&rope.inner).map_err(to_pyerr)?;
+        Ok(PyRopeTable {
+            inner: Arc::new(RwLock::new(table)),
+        })
+    }
+
+    /// Bytes of the cos/sin tables (they grow with the positions covered).
+    #[getter]
+    fn nbytes(&self) -> usize {
+        self.inner
+            .read()
+            .unwrap_or_else(PoisonError::into_inner)
+            .nbytes()
+    }
+}
+
 #[pymethods]
 impl PyQuantizedStore {
-    /// ``rope``: the model's ``Rope``, required with ``pre_rope_keys=True``.
+    /// ``rope``: the model's ``Rope``, required with ``pre_rope_keys=True``; ``rope_table``:
+    /// a ``RopeTable`` of the same RoPE shared with other stores (default: one of its own).
     #[new]
-    #[pyo3(signature = (config, rope=None))]
-    fn new(config: &PyQuantConfig, rope: Option<PyRef<'_, PyRope>>) -> PyResult<Self> {
+    #[pyo3(signature = (config, rope=None, rope_table=None))]
+    fn new(
+        config: &PyQuantConfig,
+        rope: Option<PyRef<'_, PyRope>>,
+        rope_table: Option<PyRef<'_, PyRopeTable>>,
+    ) -> PyResult<Self> {
         let rope = rope.as_ref().map(|r| &r.inner);
+        let table = rope_table.map(|t| t.inner.clone());
         Ok(PyQuantizedStore {
-            inner: Mutex::new(QuantizedStore::with_rope(config.inner, rope).map_err(to_pyerr)?),
+            inner: Mutex::new(
+                QuantizedStore::with_rope_table(config.inner, rope, table).map_err(to_pyerr)?,
+            ),
         })
     }
 

@@ -40,6 +40,35 @@ pub fn fwht(x: &mut [f32]) {
     }
 }
 
+/// The same rotation of each of the first `len` columns of a `d × stride` row-major
+/// matrix (keys stored transposed: channel `c` of token `k` at `x[c * stride + k]`): the
+/// butterflies pair whole channel rows, so every step runs over `len` contiguous tokens.
+#[inline(always)]
+pub fn fwht_columns(x: &mut [f32], d: usize, stride: usize, len: usize) {
+    debug_assert!(d.is_power_of_two() && len <= stride && x.len() >= d * stride);
+    let mut h = 1;
+    while h < d {
+        for start in (0..d).step_by(2 * h) {
+            for c in start..start + h {
+                let (lo, hi) = x.split_at_mut((c + h) * stride);
+                let (a, b) = (&mut lo[c * stride..c * stride + len], &mut hi[..len]);
+                for (x0, x1) in a.iter_mut().zip(b.iter_mut()) {
+                    let (u, v) = (*x0, *x1);
+                    *x0 = u + v;
+                    *x1 = u - v;
+                }
+            }
+        }
+        h *= 2;
+    }
+    let s = norm(d);
+    for row in x[..d * stride].chunks_exact_mut(stride) {
+        for v in &mut row[..len] {
+            *v *= s;
+        }
+    }
+}
+
 /// The same rotation over the last axis of an f32 tensor (any device).
 pub fn fwht_tensor(x: &Tensor) -> crate::Result<Tensor> {
     let size = x.size();
@@ -74,6 +103,28 @@ mod tests {
         fwht(&mut y);
         for (a, b) in x.iter().zip(&y) {
             assert!((a - b).abs() < 1e-6);
+        }
+    }
+
+    #[test]
+    fn columns_of_a_transposed_matrix_rotate_like_rows() {
+        let (d, stride, len) = (8, 5, 3);
+        let x: Vec<f32> = (0..d * stride)
+            .map(|i| ((i * 7 % 11) as f32) - 5.0)
+            .collect();
+        let mut cols = x.clone();
+        fwht_columns(&mut cols, d, stride, len);
+        for k in 0..stride {
+            let mut row: Vec<f32> = (0..d).map(|c| x[c * stride + k]).collect();
+            if k < len {
+                fwht(&mut row);
+            }
+            for c in 0..d {
+                assert!(
+                    (cols[c * stride + k] - row[c]).abs() < 1e-5,
+                    "column {k} channel {c}"
+                );
+            }
         }
     }
 

@@ -31,7 +31,7 @@
 use super::config::QuantConfig;
 use super::layout::TensorLayout;
 use super::qtensor::QuantizedTensor;
-use super::store::{Block, QuantizedStore, StoreShape};
+use super::store::{Block, BlockPositions, QuantizedStore, StoreShape};
 use crate::error::{KvError, Result};
 use crate::rope::Rope;
 use crate::tensor::{device_name, kind_name, TOKEN_AXIS};
@@ -71,7 +71,10 @@ pub fn export(store: &QuantizedStore) -> Result<Vec<(String, Tensor)>> {
             .positions
             .as_ref()
             .ok_or_else(|| KvError::State("internal: a pre-RoPE block has no positions".into()))?;
-        out.push((format!("block.{i}.pos"), copy(p)?));
+        out.push((
+            format!("block.{i}.pos"),
+            copy(&p.tensor(block.keys.codes().device())?)?,
+        ));
         for (x, q) in [("k", &block.keys), ("v", &block.values)] {
             out.push((format!("block.{i}.{x}.codes"), copy(q.codes())?));
             out.push((format!("block.{i}.{x}.params"), copy(q.params())?));
@@ -173,9 +176,7 @@ pub fn assemble(
                 block
                     .positions
                     .ok_or_else(|| KvError::State("internal: block without positions".into()))?
-                    .f_add_scalar(offset as i64)?
-                    .f_to_kind(Kind::Int)?
-                    .f_contiguous()?,
+                    .shifted(offset as i64)?,
             );
             blocks.push(block);
             b += 1;
@@ -357,7 +358,7 @@ impl Reader<'_> {
         Ok(Block {
             keys,
             values,
-            positions: Some(pos.shallow_clone()),
+            positions: Some(BlockPositions::from_tensor(pos)?),
         })
     }
 

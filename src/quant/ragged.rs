@@ -427,7 +427,11 @@ fn token_major(ragged: Option<&RaggedTiles>, blocks: &[Block]) -> Result<TokenMa
         tile_parts.push(bh.f_mul_scalar(tiles)?.f_add(&t)?.f_add_scalar(tile_base)?);
         tile_base += bi * hi * tiles;
         if let Some(p) = &block.positions {
-            pos_parts.push(p.f_expand([bi, hi, n], false)?.f_contiguous()?);
+            pos_parts.push(
+                p.tensor(device)?
+                    .f_expand([bi, hi, n], false)?
+                    .f_contiguous()?,
+            );
         }
         for (k, q) in [&block.keys, &block.values].into_iter().enumerate() {
             let (codes, params, outl) = block_part(q, offset, qt)?;

@@ -30,9 +30,10 @@ use super::layout::TensorLayout;
 use super::qtensor::QuantizedTensor;
 use super::ragged::{self, RaggedTiles};
 use crate::error::{KvError, Result};
-use crate::rope::table::AngleTable;
+use crate::rope::table::{AngleTable, SharedAngleTable};
 use crate::rope::Rope;
 use crate::tensor::{check_finite, check_kv_pair, device_name, kind_name, KvShape, TOKEN_AXIS};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 use tch::{Device, Kind, Tensor};
 
 /// The fixed shape of a store, set by its first append.
@@ -51,9 +52,96 @@ pub struct StoreShape {
 pub struct Block {
     pub keys: QuantizedTensor,
     pub values: QuantizedTensor,
-    /// With pre-RoPE keys: each token's position, int32 (batch, heads, tokens), or
-    /// (1, 1, tokens) when every row has the same positions (the usual case).
-    pub positions: Option<Tensor>,
+    /// With pre-RoPE keys: each token's position.
+    pub positions: Option<BlockPositions>,
+}
+
+/// The positions of a pre-RoPE block's tokens.
+#[derive(Debug)]
+pub enum BlockPositions {
+    /// `start, start + 1, …` in every row: no bytes per token. The usual case (blocks leave
+    /// the residual window in order), where 4 bytes per token would add 20% to the codes
+    /// of a 2-bit key.
+    Run { start: i64, len: usize },
+    /// int32 (batch, heads, tokens), or (1, 1, tokens) when every row has the same.
+    Stored(Tensor),
+}
+
+impl BlockPositions {
+    /// The compact form of int32 positions (batch, heads, n) or (1, 1, n).
+    pub fn from_tensor(p: &Tensor) -> Result<Self> {
+        let p = one_row_if_shared(p)?;
+        let n = p.size()[2];
+        if p.size()[..2] == [1, 1] && n > 0 {
+            let start = p.f_min()?.f_int64_value(&[])?;
+            let run = Tensor::f_arange_start(start, start + n, (Kind::Int, p.device()))?;
+            if p.f_view([n])?
+                .f_eq_tensor(&run)?
+                .f_all()?
+                .f_int64_value(&[])?
+                == 1
+            {
+                return Ok(BlockPositions::Run {
+                    start,
+                    len: n as usize,
+                });
+            }
+        }
+        Ok(BlockPositions::Stored(p))
+    }
+
+    /// The positions as int32 (1, 1, tokens) or (batch, heads, tokens).
+    pub fn tensor(&self, device: Device) -> Result<Tensor> {
+        Ok(match self {
+            BlockPositions::Run { start, len } => {
+                let n = *len as i64;
+                Tensor::f_arange_start(*start, start + n, (Kind::Int, device))?.f_view([1, 1, n])?
+            }
+            BlockPositions::Stored(p) => p.shallow_clone(),
+        })
+    }
+
+    /// One past the largest position (0 when empty).
+    pub fn end(&self) -> Result<usize> {
+        Ok(match self {
+            BlockPositions::Run { start, len } => *start as usize + len,
+            BlockPositions::Stored(p) if p.numel() > 0 => {
+                p.f_max()?.f_int64_value(&[])? as usize + 1
+            }
+            BlockPositions::Stored(_) => 0,
+        })
+    }
+
+    /// The same positions moved by `d`.
+    pub fn shifted(&self, d: i64) -> Result<Self> {
+        Ok(match self {
+            BlockPositions::Run { start, len } => BlockPositions::Run {
+                start: start + d,
+                len: *len,
+            },
+            BlockPositions::Stored(p) => {
+                BlockPositions::Stored(p.f_add_scalar(d)?.f_to_kind(Kind::Int)?.f_contiguous()?)
+            }
+        })
+    }
+
+    pub fn nbytes(&self) -> usize {
+        match self {
+            BlockPositions::Run { .. } => 0,
+            BlockPositions::Stored(p) => tensor_bytes(p),
+        }
+    }
+
+    /// A batch operation: positions shared by every row stay as they are.
+    fn map_rows(&self, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Self> {
+        Ok(match self {
+            BlockPositions::Run { start, len } => BlockPositions::Run {
+                start: *start,
+                len: *len,
+            },
+            BlockPositions::Stored(p) => BlockPositions::Stored(map_rows(p, f)?),
+        })
+    }
 }
 
 /// Full-precision tokens with a fixed capacity: (batch, heads, capacity, dim) keys and values.
@@ -161,7 +249,17 @@ pub struct QuantizedStore {
     /// appended token is `seen + evicted`.
     evicted: usize,
     /// With pre-RoPE keys: the model's RoPE and its cos/sin tables.
-    pre_rope: Option<(Rope, AngleTable)>,
+    pre_rope: Option<PreRope>,
+}
+
+/// What pre-RoPE keys need: the RoPE, and the cos/sin table attention reads — this
+/// store's own, or one shared by the stores of every layer of a cache (which counts its
+/// bytes once: per layer it would cost as much as 10% of a 2-bit cache at 2k tokens).
+#[derive(Debug)]
+struct PreRope {
+    rope: Rope,
+    table: SharedAngleTable,
+    shared: bool,
 }
 
 impl QuantizedStore {
@@ -174,6 +272,17 @@ impl QuantizedStore {
     /// A new, empty store. `rope` is the model's RoPE, required by `pre_rope_keys` (and
     /// ignored without it).
     pub fn with_rope(config: QuantConfig, rope: Option<&Rope>) -> Result<Self> {
+        Self::with_rope_table(config, rope, None)
+    }
+
+    /// A new, empty store whose pre-RoPE keys use `table` (shared with other stores; built
+    /// from the same RoPE) instead of a table of its own. Its bytes are not in
+    /// [`nbytes`](Self::nbytes): whoever shares it counts them once.
+    pub fn with_rope_table(
+        config: QuantConfig,
+        rope: Option<&Rope>,
+        table: Option<SharedAngleTable>,
+    ) -> Result<Self> {
         let config = config.validated()?;
         let pre_rope = if config.pre_rope_keys {
             let rope = rope.ok_or_else(|| {
@@ -183,14 +292,16 @@ impl QuantizedStore {
                      again when reading them: build the cache from the model (not a config)",
                 )
             })?;
-            if config.hadamard {
-                return Err(KvError::invalid(
-                    "pre_rope_keys",
-                    "True cannot be combined with hadamard=True (the rotation would have to \
-                     be undone per tile before RoPE); choose one",
-                ));
-            }
-            Some((rope.clone(), AngleTable::new(rope)?))
+            let shared = table.is_some();
+            let table = match table {
+                Some(t) => t,
+                None => Arc::new(RwLock::new(AngleTable::new(rope)?)),
+            };
+            Some(PreRope {
+                rope: rope.clone(),
+                table,
+                shared,
+            })
         } else {
             None
         };
@@ -240,13 +351,11 @@ impl QuantizedStore {
         for block in &blocks {
             seen += block.keys.tokens();
             if let Some(p) = &block.positions {
-                if p.numel() > 0 {
-                    end = end.max(p.f_max()?.f_int64_value(&[])? as usize + 1);
-                }
+                end = end.max(p.end()?);
             }
         }
-        if let Some((_, table)) = &mut store.pre_rope {
-            table.cover(end);
+        if let Some(pre) = &store.pre_rope {
+            write_table(&pre.table).cover(end);
         }
         store.blocks = blocks;
         store.shape = Some(shape);
@@ -255,9 +364,12 @@ impl QuantizedStore {
         Ok(store)
     }
 
-    /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE.
-    pub fn angle_table(&self) -> Option<&AngleTable> {
-        self.pre_rope.as_ref().map(|(_, t)| t)
+    /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE
+    /// (read-locked while the guard lives).
+    pub fn angle_table(&self) -> Option<RwLockReadGuard<'_, AngleTable>> {
+        self.pre_rope
+            .as_ref()
+            .map(|pre| pre.table.read().unwrap_or_else(PoisonError::into_inner))
     }
 
     pub fn config(&self) -> &QuantConfig {
@@ -330,10 +442,15 @@ impl QuantizedStore {
                 .map(|b| {
                     b.keys.nbytes()
                         + b.values.nbytes()
-                        + b.positions.as_ref().map_or(0, tensor_bytes)
+                        + b.positions.as_ref().map_or(0, BlockPositions::nbytes)
                 })
                 .sum::<usize>()
-            + self.angle_table().map_or(0, AngleTable::nbytes)
+            + self
+                .pre_rope
+                .as_ref()
+                .filter(|pre| !pre.shared)
+                .and(self.angle_table())
+                .map_or(0, |t| t.nbytes())
     }
 
     /// Appends keys/values (batch, kv_heads, q, head_dim) at the positions that follow
@@ -477,8 +594,8 @@ impl QuantizedStore {
                 &values.f_narrow(TOKEN_AXIS, start as i64, n)?,
             )?;
         }
-        if let (Some((_, table)), Some(p)) = (&mut self.pre_rope, &positions) {
-            table.cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
+        if let (Some(pre), Some(p)) = (&self.pre_rope, &positions) {
+            write_table(&pre.table).cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
         }
         self.shape = Some(shape);
         self.layouts = Some(layouts);
@@ -534,13 +651,15 @@ impl QuantizedStore {
         layouts: (TensorLayout, TensorLayout),
     ) -> Result<Block> {
         let keys = match (&self.pre_rope, &positions) {
-            (Some((rope, _)), Some(p)) => rope.invert(keys, &p.f_to_kind(Kind::Int64)?, None)?,
+            (Some(pre), Some(p)) => pre.rope.invert(keys, &p.f_to_kind(Kind::Int64)?, None)?,
             _ => keys.shallow_clone(),
         };
         Ok(Block {
             keys: QuantizedTensor::quantize(&keys, layouts.0, "keys")?,
             values: QuantizedTensor::quantize(values, layouts.1, "values")?,
-            positions: positions.map(|p| one_row_if_shared(&p)).transpose()?,
+            positions: positions
+                .map(|p| BlockPositions::from_tensor(&p))
+                .transpose()?,
         })
     }
 
@@ -554,7 +673,11 @@ impl QuantizedStore {
     /// block's positions when keys are stored pre-RoPE; unchanged otherwise.
     pub fn rotate_block_keys(&self, keys: &Tensor, block: &Block) -> Result<Tensor> {
         match (&self.pre_rope, &block.positions) {
-            (Some((rope, _)), Some(p)) => rope.apply(keys, &p.f_to_kind(Kind::Int64)?, None),
+            (Some(pre), Some(p)) => pre.rope.apply(
+                keys,
+                &p.tensor(keys.device())?.f_to_kind(Kind::Int64)?,
+                None,
+            ),
             _ => Ok(keys.shallow_clone()),
         }
     }
@@ -704,7 +827,7 @@ impl QuantizedStore {
                 Ok(Block {
                     keys: b.keys.map_batch(f)?,
                     values: b.values.map_batch(f)?,
-                    positions: b.positions.as_ref().map(|p| map_rows(p, f)).transpose()?,
+                    positions: b.positions.as_ref().map(|p| p.map_rows(f)).transpose()?,
                 })
             })
             .collect::<Result<Vec<_>>>()?;
@@ -749,7 +872,7 @@ impl QuantizedStore {
     /// when keys are stored pre-RoPE; unchanged otherwise.
     pub fn rotate_ragged_keys(&self, keys: &Tensor, r: &RaggedTiles) -> Result<Tensor> {
         match (&self.pre_rope, &r.positions) {
-            (Some((rope, _)), Some(p)) => rope.apply(keys, &p.f_to_kind(Kind::Int64)?, None),
+            (Some(pre), Some(p)) => pre.rope.apply(keys, &p.f_to_kind(Kind::Int64)?, None),
             _ => Ok(keys.shallow_clone()),
         }
     }
@@ -851,9 +974,11 @@ impl QuantizedStore {
     /// not recorded).
     pub fn rerotate(&mut self, next_position: usize) -> Result<()> {
         let shape = self.shape.ok_or_else(empty_store)?;
-        let Some((rope, _)) = &self.pre_rope else {
+        let Some(PreRope { rope, .. }) = &self.pre_rope else {
             return Err(KvError::Unsupported(
-                "rerotate=True with a quantized cache that evicts during generation needs                  pre_rope_keys=True: packed post-RoPE keys cannot be re-rotated without                  re-quantizing them"
+                "rerotate=True with a quantized cache that evicts during generation needs \
+                 pre_rope_keys=True: packed post-RoPE keys cannot be re-rotated without \
+                 re-quantizing them"
                     .into(),
             ));
         };
@@ -883,9 +1008,9 @@ impl QuantizedStore {
             at += n;
         }
         for block in &mut self.blocks {
-            let n = block.keys.tokens() as i64;
-            block.positions = Some(compact(at, n)?);
-            at += n;
+            let n = block.keys.tokens();
+            block.positions = Some(BlockPositions::Run { start: at, len: n });
+            at += n as i64;
         }
         if let Some(res) = &mut self.residual {
             let n = res.len as i64;
@@ -933,6 +1058,12 @@ fn map_rows(p: &Tensor, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
     } else {
         f(p)
     }
+}
+
+/// The table write-locked (a poisoned lock still holds a consistent table: `cover` only
+/// appends whole entries).
+fn write_table(table: &SharedAngleTable) -> RwLockWriteGuard<'_, AngleTable> {
+    table.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {

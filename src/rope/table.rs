@@ -12,6 +12,9 @@ use super::angles::{reduced_angle, sin_cos_reduced};
 use super::{Layout, Rope};
 use crate::error::{KvError, Result};
 
+/// One table serving the quantized stores of every layer of a cache (they share a RoPE).
+pub type SharedAngleTable = std::sync::Arc<std::sync::RwLock<AngleTable>>;
+
 /// Positions per coarse entry.
 pub const FINE: usize = 64;
 

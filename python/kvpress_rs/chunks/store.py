@@ -372,8 +372,8 @@ def _check_quantization(quantization: Any, model_config: Any) -> QuantConfig | N
         )
     if quantization.hadamard:
         raise InvalidArgumentError(
-            "invalid `quantization`: hadamard=True is not supported for chunks (chunk keys are quantized before "
-            "RoPE, which excludes the Hadamard rotation); expected hadamard=False"
+            "invalid `quantization`: hadamard=True is not supported for chunks (their blocks are moved between "
+            "offsets without the rotation); expected hadamard=False"
         )
     if quantization.sink_tokens:
         raise InvalidArgumentError(

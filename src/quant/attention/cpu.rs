@@ -13,19 +13,20 @@
 //! their weighted sum of values as small register-blocked matrix products
 //! (`simd::gemm_acc`; fused multiply-add where the CPU has it).
 //!
-//! With `hadamard`, quantized keys are scored against the rotated query and quantized
-//! values accumulate in the rotated basis (pieces over blocks), rotated back once after the
+//! With `hadamard`, quantized keys are scored against the rotated query (pre-RoPE keys
+//! instead: each dequantized key tile is rotated back, `fwht_columns`, before RoPE) and
+//! quantized values accumulate in the rotated basis (pieces over blocks), rotated back once after the
 //! merge; sinks and the residual use the plain query and accumulate apart.
 
 use super::{AttendInputs, Dims};
 use crate::error::{KvError, Result};
 use crate::multiversion;
 use crate::quant::cpu::{QuantSlices, TileData};
-use crate::quant::hadamard::fwht;
+use crate::quant::hadamard::{fwht, fwht_columns};
 use crate::quant::layout::TensorLayout;
 use crate::quant::pack::{dequant_group, unpack_f32};
 use crate::quant::simd::{exp_neg, gemm_acc, max, sum, Madd};
-use crate::quant::store::QuantizedStore;
+use crate::quant::store::{BlockPositions, QuantizedStore};
 use crate::quant::Grouping;
 use crate::rope::table::AngleTable;
 use crate::tensor::{array_view, float_view, KvFloat};
@@ -77,10 +78,19 @@ struct QuantPart<'a, T> {
     values: QuantSlices<'a, T>,
     tiles: usize,
     offset: usize,
-    /// Pre-RoPE keys: positions (b·heads or 1, tokens).
-    positions: Option<&'a [i32]>,
-    /// Whether `positions` has one row per (batch, head) (else one shared row).
-    positions_per_row: bool,
+    /// Pre-RoPE keys: the positions of the block's tokens.
+    positions: PartPositions<'a>,
+}
+
+/// Where a block's pre-RoPE keys are (see `store::BlockPositions`).
+#[derive(Clone, Copy)]
+enum PartPositions<'a> {
+    /// Not pre-RoPE keys.
+    None,
+    /// `start + t` for token t of every row.
+    Run(i32),
+    /// Stored positions (b·heads rows, or one shared row), tokens contiguous per row.
+    Rows { data: &'a [i32], per_row: bool },
 }
 
 /// One tensor of the tokens kept by evictions (see `quant/ragged.rs`).
@@ -135,7 +145,8 @@ struct Ctx<'a, T> {
     value_layout: TensorLayout,
     /// Scaled query rows (b·kv_heads, rows, key_dim), f32.
     q: Vec<f32>,
-    /// The same rotated (Hadamard), or empty.
+    /// The same rotated (Hadamard) when quantized keys are scored in the Hadamard basis,
+    /// or empty.
     q_rot: Vec<f32>,
     mask: Option<ArrayView3<'a, bool>>,
     fp: Vec<FpPart<'a, T>>,
@@ -237,7 +248,9 @@ fn attend_typed<T: KvFloat>(
             }
         }
     });
-    let q_rot = if key_layout.hadamard {
+    // Pre-RoPE keys are rotated back from the Hadamard basis per tile (RoPE must act on
+    // the plain basis), so only without them is the query rotated instead.
+    let q_rot = if key_layout.hadamard && store.angle_table().is_none() {
         let mut r = q.clone();
         for row in r.chunks_exact_mut(dk) {
             fwht(row);
@@ -256,7 +269,8 @@ fn attend_typed<T: KvFloat>(
     if let Some(s) = store.sinks().filter(|s| s.len > 0) {
         fp.push(fp_part::<T>(s, 0)?);
     }
-    let angles = store.angle_table();
+    let angles_guard = store.angle_table();
+    let angles = angles_guard.as_deref();
     let ragged = match store.ragged() {
         Some(r) => {
             let mut tile_token = Vec::with_capacity(r.counts.len());
@@ -295,19 +309,20 @@ fn attend_typed<T: KvFloat>(
     for block in store.blocks() {
         let n = block.keys.tokens();
         tile_starts.push(tiles);
-        let positions_per_row = block
-            .positions
-            .as_ref()
-            .is_some_and(|p| p.size()[..2] != [1, 1]);
         let positions = match (angles, &block.positions) {
-            (Some(_), Some(p)) => Some(
-                array_view::<i32, Ix3>(p, "positions")?
+            (Some(_), Some(BlockPositions::Run { start, .. })) => PartPositions::Run(
+                i32::try_from(*start)
+                    .map_err(|_| KvError::invalid("positions", "expected positions below 2^31"))?,
+            ),
+            (Some(_), Some(BlockPositions::Stored(p))) => PartPositions::Rows {
+                data: array_view::<i32, Ix3>(p, "positions")?
                     .to_slice()
                     .ok_or_else(|| {
                         KvError::State("internal: positions are not contiguous".into())
                     })?,
-            ),
-            _ => None,
+                per_row: p.size()[..2] != [1, 1],
+            },
+            _ => PartPositions::None,
         };
         quant.push(QuantPart {
             keys: QuantSlices::<T>::new(&block.keys)?,
@@ -315,7 +330,6 @@ fn attend_typed<T: KvFloat>(
             tiles: n / key_layout.group_size,
             offset,
             positions,
-            positions_per_row,
         });
         offset += n;
         tiles += n / key_layout.group_size;
@@ -471,6 +485,8 @@ struct Scratch {
     group: Vec<f32>,
     /// One token's unpacked codes (ragged tiles).
     token: Vec<f32>,
+    /// The positions of a tile of a block whose positions are a run.
+    run: Vec<i32>,
 }
 
 #[inline(always)]
@@ -492,11 +508,12 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
         v: vec![0f32; g * dv],
         group: vec![0f32; g],
         token: vec![0f32; dk.max(dv)],
+        run: vec![0i32; g],
     };
     let q = &ctx.q[bh * rows * dk..(bh + 1) * rows * dk];
     match piece.span {
         Span::Ragged { tile0, tile1 } => {
-            let qk = if ctx.key_layout.hadamard {
+            let qk = if !ctx.q_rot.is_empty() {
                 &ctx.q_rot[bh * rows * dk..(bh + 1) * rows * dk]
             } else {
                 q
@@ -529,6 +546,9 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                         &mut scr.token,
                         &mut scr.v,
                     );
+                    if ctx.angles.is_some() && ctx.key_layout.hadamard {
+                        fwht_columns(&mut scr.kt, dk, g, n);
+                    }
                     if let (Some(table), Some(positions)) = (ctx.angles, r.positions) {
                         let row = &positions[bh * r.len + t0..][..n];
                         table.apply_transposed(&mut scr.kt, g, row, n);
@@ -557,7 +577,7 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
             }
         }
         Span::Quant { tile0, tile1 } => {
-            let qk = if ctx.key_layout.hadamard {
+            let qk = if !ctx.q_rot.is_empty() {
                 &ctx.q_rot[bh * rows * dk..(bh + 1) * rows * dk]
             } else {
                 q
@@ -621,14 +641,25 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                         );
                     }
                 }
-                if let (Some(table), Some(positions)) = (ctx.angles, part.positions) {
-                    let row0 = if part.positions_per_row {
-                        bh * part.tiles * g
-                    } else {
-                        0
-                    };
-                    let row = &positions[row0 + local * g..][..g];
-                    table.apply_transposed(&mut scr.kt, g, row, g);
+                if ctx.angles.is_some() && ctx.key_layout.hadamard {
+                    fwht_columns(&mut scr.kt, dk, g, g);
+                }
+                if let Some(table) = ctx.angles {
+                    match part.positions {
+                        PartPositions::Run(start) => {
+                            let first = start + (local * g) as i32;
+                            for (k, p) in scr.run[..g].iter_mut().enumerate() {
+                                *p = first + k as i32;
+                            }
+                            table.apply_transposed(&mut scr.kt, g, &scr.run[..g], g);
+                        }
+                        PartPositions::Rows { data, per_row } => {
+                            let row0 = if per_row { bh * part.tiles * g } else { 0 };
+                            let row = &data[row0 + local * g..][..g];
+                            table.apply_transposed(&mut scr.kt, g, row, g);
+                        }
+                        PartPositions::None => {}
+                    }
                 }
                 attend_tile::<M>(ctx, &mut st, &mut scr, qk, bh, part.offset + local * g, g);
             }
