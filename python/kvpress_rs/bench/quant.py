@@ -11,7 +11,8 @@ Parts (``all`` runs every one):
   ``residual_length`` tokens in full precision, the rest quantized once). With
   ``--one-forward`` it is ONE forward of 255 tokens instead, where ours quantizes the
   continuation's own tokens (in blocks) before they are attended to — stricter than
-  decoding. Printed as ratios to the fp cache.
+  decoding. Printed as ratios to the fp cache, with the KV bytes held after the prefill and
+  their mean and peak over the continuation's forwards (bf16 bytes / bytes).
 - ``decode``: decode ms/token (median of ``--steps`` greedy steps after warm-up) after a
   prefill of each length, the configurations taking turns step by step; the cache's own
   cost is that minus the ms/token of a DynamicCache at a 128-token context in the same turns.
@@ -64,6 +65,15 @@ OURS = {
     "ours-2b-g128+had": dict(bits=2, group_size=128, value_grouping="channel", hadamard=True),
     "ours-2b-g128+had+out": dict(bits=2, group_size=128, value_grouping="channel", hadamard=True, outlier_fraction=1 / 128),
     "ours-2b-g64+had+out": dict(bits=2, group_size=64, hadamard=True, outlier_fraction=1 / 64),
+    # Attention sinks kept exact: the first token's key stretches every channel group it is
+    # in; 4 tokens cost +1% of quanto-2b's bytes at 2k, +0.35% at 6k.
+    "ours-2b-g64+had+sink": dict(bits=2, group_size=64, hadamard=True, sink_tokens=4),
+    # ... and keys quantized before RoPE too (rotated back per tile, then RoPE)
+    "ours-2b-g64+pre+had+sink": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4),
+    "ours-2b-g64+pre+had": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True),
+    # with a 64-token full-precision window: at most quanto-2b's memory while decoding
+    "ours-2b-g64+pre+had+sink-r64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4,
+                                         residual_length=64),
     # KVQuant: keys quantized before RoPE (per-channel outliers stay in their channels)
     "ours-4b+pre": dict(bits=4, pre_rope_keys=True),
     "ours-4b+pre+sink": dict(bits=4, pre_rope_keys=True, sink_tokens=4),
@@ -123,22 +133,30 @@ def austen_ids(tokenizer: Any, n: int, start: int = 2000) -> torch.Tensor:
 @torch.no_grad()
 def perplexity(
     model: Any, make: Callable[[], Any], prefix: torch.Tensor, cont: torch.Tensor, stepwise: bool = True
-) -> tuple[float, int]:
-    """Perplexity of ``cont`` after ``prefix``, and the KV bytes held after the prefill.
+) -> tuple[float, dict[str, float]]:
+    """Perplexity of ``cont`` after ``prefix``, and the KV bytes held: after the prefill,
+    and the mean and peak over the forwards of the continuation.
 
     ``stepwise``: the continuation is fed one token per forward, as ``generate`` feeds its
     tokens (each enters the cache as decoding would store it); otherwise in ONE forward,
     where a quantized cache quantizes the continuation's own tokens before they are
-    attended to (stricter than decoding)."""
+    attended to (stricter than decoding).
+
+    The bytes after the prefill alone flatter a cache that quantizes the whole prompt
+    (quanto) over one whose full-precision window holds the prompt's last tokens (ours with
+    sink tokens: blocks start after the sinks); while decoding both windows fill and empty
+    alike, so the mean and peak compare what each holds in use."""
     cache = make()
     last = model(prefix, past_key_values=cache).logits[:, -1:]
-    nbytes = kv_bytes(cache)
-    if stepwise:
-        rest = [model(cont[:, i : i + 1], past_key_values=cache).logits for i in range(cont.shape[1] - 1)]
-    else:
-        rest = [model(cont[:, :-1], past_key_values=cache).logits]
+    held = [kv_bytes(cache)]
+    rest = []
+    steps = [cont[:, i : i + 1] for i in range(cont.shape[1] - 1)] if stepwise else [cont[:, :-1]]
+    for ids in steps:
+        rest.append(model(ids, past_key_values=cache).logits)
+        held.append(kv_bytes(cache))
     logits = torch.cat([last, *rest], dim=1).float()
     nll = torch.nn.functional.cross_entropy(logits[0], cont[0])
+    nbytes = {"after_prefill": held[0], "mean": statistics.fmean(held), "peak": max(held)}
     return float(nll.exp()), nbytes
 
 
@@ -154,25 +172,45 @@ def run_ppl(model: Any, tokenizer: Any, configs: list[str], lengths: list[int], 
     for n in lengths:
         ids = austen_ids(tokenizer, n + 256)
         prefix, cont = ids[:, :n], ids[:, n:]
+        # bf16 bytes of the tokens held at each forward: n after the prefill, then one more
+        # per continuation forward.
+        last = n + cont.shape[1] - 1
+        held = list(range(n, last + 1)) if stepwise else [n, last]
+        bf16_mean, bf16_peak = per_token * statistics.fmean(held), per_token * max(held)
         rows = {}
         for name in configs:
             start = time.perf_counter()
             ppl, nbytes = perplexity(model, cache_factory(model, name), prefix, cont, stepwise)
-            rows[name] = {"ppl": ppl, "kv_bytes": nbytes, "x_smaller_than_bf16": per_token * n / nbytes}
-            print(f"  ppl {n:>6} {name:<26} {ppl:8.3f}  bytes/bf16 {nbytes / (per_token * n):.3f}  ({time.perf_counter() - start:.0f}s)", flush=True)
+            rows[name] = {
+                "ppl": ppl,
+                "kv_bytes": nbytes["after_prefill"],
+                "kv_bytes_mean": nbytes["mean"],
+                "kv_bytes_peak": nbytes["peak"],
+                "x_smaller_than_bf16": per_token * n / nbytes["after_prefill"],
+                "x_smaller_mean": bf16_mean / nbytes["mean"],
+                "x_smaller_peak": bf16_peak / nbytes["peak"],
+            }
+            print(
+                f"  ppl {n:>6} {name:<26} {ppl:8.3f}  bytes/bf16 after prefill {nbytes['after_prefill'] / (per_token * n):.3f}"
+                f" mean {nbytes['mean'] / bf16_mean:.3f} peak {nbytes['peak'] / bf16_peak:.3f}"
+                f"  ({time.perf_counter() - start:.0f}s)",
+                flush=True,
+            )
         fp = rows.get("fp", {}).get("ppl")
         for row in rows.values():
             row["ppl_ratio"] = row["ppl"] / fp if fp else None
         results[n] = rows
     fed = "one token per forward" if stepwise else "in one forward"
-    print(f"\nperplexity of 256 continuation tokens fed {fed} ({BF16_NOTE}); ratio to fp, KV memory x smaller than bf16")
-    print(f"{'config':<26}" + "".join(f"{f'{n} ppl':>12}{'ratio':>8}{'x mem':>8}" for n in lengths))
+    print(f"\nperplexity of 256 continuation tokens fed {fed} ({BF16_NOTE}); ratio to fp; KV memory x smaller than bf16"
+          " after the prefill / on average over the continuation's forwards / at the peak")
+    print(f"{'config':<26}" + "".join(f"{f'{n} ppl':>12}{'ratio':>8}{'x mem':>20}" for n in lengths))
     for name in configs:
         line = f"{name:<26}"
         for n in lengths:
             r = results[n][name]
             ratio = f"{r['ppl_ratio']:.3f}" if r["ppl_ratio"] else "-"
-            line += f"{r['ppl']:12.3f}{ratio:>8}{r['x_smaller_than_bf16']:8.2f}"
+            mem = f"{r['x_smaller_than_bf16']:.2f}/{r['x_smaller_mean']:.2f}/{r['x_smaller_peak']:.2f}"
+            line += f"{r['ppl']:12.3f}{ratio:>8}{mem:>20}"
         print(line)
     return results
 
@@ -326,7 +364,8 @@ def run_frontier(
         rows = {}
         for name in configs:
             make = cache_factory(model, name)
-            ppl, nbytes = perplexity(model, make, prefix, cont, stepwise)
+            ppl, held = perplexity(model, make, prefix, cont, stepwise)
+            nbytes = held["after_prefill"]
             found = needle(model, tokenizer, make, n, depths, query_aware)
             rows[name] = {"ppl": ppl, "ppl_ratio": ppl / fp_ppl, "kv_bytes": nbytes,
                           "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": len(depths)}
