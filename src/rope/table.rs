@@ -24,11 +24,11 @@ pub struct AngleTable {
     inv_freq: Vec<f64>,
     layout: Layout,
     rotary_dim: usize,
-    /// The attention scaling, folded into the fine table.
+    /// The attention scaling, folded into the coarse table.
     scale: f64,
-    /// (cos, sin) of b·θ_f, times `scale`, [b][f] for b < FINE.
+    /// (cos, sin) of b·θ_f, [f][b] for b < FINE: a run of positions reads it contiguously.
     fine: Vec<(f32, f32)>,
-    /// (cos, sin) of a·FINE·θ_f, [a][f] for a < coarse.len() / n_freq.
+    /// (cos, sin) of a·FINE·θ_f, times `scale`, [a][f] for a < coarse.len() / n_freq.
     coarse: Vec<(f32, f32)>,
 }
 
@@ -48,10 +48,10 @@ impl AngleTable {
         let inv_freq = rope.inv_freq(None);
         let scale = rope.attention_scaling();
         let mut fine = Vec::with_capacity(FINE * inv_freq.len());
-        for b in 0..FINE {
-            for &theta in &inv_freq {
+        for &theta in &inv_freq {
+            for b in 0..FINE {
                 let (s, c) = sin_cos_reduced(reduced_angle(b as i64, theta));
-                fine.push(((c * scale) as f32, (s * scale) as f32));
+                fine.push((c as f32, s as f32));
             }
         }
         Ok(AngleTable {
@@ -80,7 +80,8 @@ impl AngleTable {
         for a in self.coarse.len() / n..want {
             for &theta in &self.inv_freq {
                 let (s, c) = sin_cos_reduced(reduced_angle((a * FINE) as i64, theta));
-                self.coarse.push((c as f32, s as f32));
+                self.coarse
+                    .push(((c * self.scale) as f32, (s * self.scale) as f32));
             }
         }
     }
@@ -110,7 +111,7 @@ impl AngleTable {
             for k in 0..len {
                 let p = positions[k] as usize;
                 let (ca, sa) = self.coarse[(p / FINE) * n + f];
-                let (cb, sb) = self.fine[(p % FINE) * n + f];
+                let (cb, sb) = self.fine[f * FINE + p % FINE];
                 let (c, s) = (ca * cb - sa * sb, sa * cb + ca * sb);
                 let (x1, x2) = (x1s[k], x2s[k]);
                 x1s[k] = x1 * c - x2 * s;
@@ -118,6 +119,37 @@ impl AngleTable {
             }
         }
         // Channels beyond rotary_dim pass through unscaled, as in `Rope::apply`.
+    }
+
+    /// [`apply_transposed`](Self::apply_transposed) at positions `start, start + 1, …`:
+    /// per FINE tokens one base rotation s·R(b) from the tables, then R(b + k) = R(b)·R(k)
+    /// with R(k) read contiguously from the fine table — no per-token lookups, a loop the
+    /// compiler vectorizes.
+    #[inline(always)]
+    pub fn apply_run_transposed(&self, kt: &mut [f32], stride: usize, start: usize, len: usize) {
+        let n = self.n_freq();
+        for (f, _) in self.inv_freq.iter().enumerate() {
+            let (c1, c2) = match self.layout {
+                Layout::RotateHalf => (f, f + self.rotary_dim / 2),
+                Layout::Interleaved => (2 * f, 2 * f + 1),
+            };
+            let (lo, hi) = kt.split_at_mut(c2 * stride);
+            let x1s = &mut lo[c1 * stride..c1 * stride + len];
+            let x2s = &mut hi[..len];
+            let fine = &self.fine[f * FINE..(f + 1) * FINE];
+            for (j, (x1c, x2c)) in x1s.chunks_mut(FINE).zip(x2s.chunks_mut(FINE)).enumerate() {
+                let b = start + j * FINE;
+                let (ca, sa) = self.coarse[(b / FINE) * n + f];
+                let (cf, sf) = fine[b % FINE];
+                let (c0, s0) = (ca * cf - sa * sf, sa * cf + ca * sf);
+                for ((x1, x2), &(ck, sk)) in x1c.iter_mut().zip(x2c.iter_mut()).zip(fine) {
+                    let (c, s) = (c0 * ck - s0 * sk, s0 * ck + c0 * sk);
+                    let (u, v) = (*x1, *x2);
+                    *x1 = u * c - v * s;
+                    *x2 = v * c + u * s;
+                }
+            }
+        }
     }
 }
 
@@ -150,6 +182,39 @@ mod tests {
             let got = Tensor::from_slice(&kt).view([16, 8]).transpose(0, 1);
             let err = (got - expected.view([8, 16])).abs().max().double_value(&[]);
             assert!(err < 2e-6, "{layout:?}: {err}");
+        }
+    }
+
+    #[test]
+    fn a_run_of_positions_rotates_like_the_same_positions_given_one_by_one() {
+        for layout in [Layout::RotateHalf, Layout::Interleaved] {
+            let mut spec = RopeSpec::new(16, 10_000.0);
+            spec.layout = layout;
+            spec.rope_type = "yarn".into(); // attention scaling != 1
+            spec.params.factor = Some(4.0);
+            spec.params.original_max_position_embeddings = Some(64);
+            let rope = Rope::new(spec).unwrap();
+            let mut table = AngleTable::new(&rope).unwrap();
+            table.cover(100_000);
+            // 150 tokens from an unaligned start: three chunks, crossing coarse entries;
+            // a stride above the length leaves the last columns alone
+            let (start, len, stride) = (70_001usize, 150usize, 160usize);
+            let x: Vec<f32> = (0..16 * stride)
+                .map(|i| ((i * 37 % 101) as f32) / 50.0 - 1.0)
+                .collect();
+            let positions: Vec<i32> = (0..len).map(|k| (start + k) as i32).collect();
+            let (mut run, mut given) = (x.clone(), x.clone());
+            table.apply_run_transposed(&mut run, stride, start, len);
+            table.apply_transposed(&mut given, stride, &positions, len);
+            for (i, (a, b)) in run.iter().zip(&given).enumerate() {
+                assert!((a - b).abs() < 4e-6, "{layout:?} element {i}: {a} vs {b}");
+            }
+            for c in 0..16 {
+                assert_eq!(
+                    run[c * stride + len..(c + 1) * stride],
+                    x[c * stride + len..(c + 1) * stride]
+                );
+            }
         }
     }
 }

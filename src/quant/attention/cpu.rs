@@ -88,7 +88,7 @@ enum PartPositions<'a> {
     /// Not pre-RoPE keys.
     None,
     /// `start + t` for token t of every row.
-    Run(i32),
+    Run(usize),
     /// Stored positions (b·heads rows, or one shared row), tokens contiguous per row.
     Rows { data: &'a [i32], per_row: bool },
 }
@@ -310,10 +310,9 @@ fn attend_typed<T: KvFloat>(
         let n = block.keys.tokens();
         tile_starts.push(tiles);
         let positions = match (angles, &block.positions) {
-            (Some(_), Some(BlockPositions::Run { start, .. })) => PartPositions::Run(
-                i32::try_from(*start)
-                    .map_err(|_| KvError::invalid("positions", "expected positions below 2^31"))?,
-            ),
+            (Some(_), Some(BlockPositions::Run { start, .. })) => {
+                PartPositions::Run(*start as usize)
+            }
             (Some(_), Some(BlockPositions::Stored(p))) => PartPositions::Rows {
                 data: array_view::<i32, Ix3>(p, "positions")?
                     .to_slice()
@@ -485,8 +484,6 @@ struct Scratch {
     group: Vec<f32>,
     /// One token's unpacked codes (ragged tiles).
     token: Vec<f32>,
-    /// The positions of a tile of a block whose positions are a run.
-    run: Vec<i32>,
 }
 
 #[inline(always)]
@@ -508,7 +505,6 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
         v: vec![0f32; g * dv],
         group: vec![0f32; g],
         token: vec![0f32; dk.max(dv)],
-        run: vec![0i32; g],
     };
     let q = &ctx.q[bh * rows * dk..(bh + 1) * rows * dk];
     match piece.span {
@@ -647,11 +643,7 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                 if let Some(table) = ctx.angles {
                     match part.positions {
                         PartPositions::Run(start) => {
-                            let first = start + (local * g) as i32;
-                            for (k, p) in scr.run[..g].iter_mut().enumerate() {
-                                *p = first + k as i32;
-                            }
-                            table.apply_transposed(&mut scr.kt, g, &scr.run[..g], g);
+                            table.apply_run_transposed(&mut scr.kt, g, start + local * g, g);
                         }
                         PartPositions::Rows { data, per_row } => {
                             let row0 = if per_row { bh * part.tiles * g } else { 0 };
