@@ -95,19 +95,30 @@ impl AngleTable {
         self.scale
     }
 
+    /// The first `len` tokens of the two channel rows frequency `f` rotates together.
+    #[inline(always)]
+    fn pair_rows<'a>(
+        &self,
+        kt: &'a mut [f32],
+        stride: usize,
+        f: usize,
+        len: usize,
+    ) -> (&'a mut [f32], &'a mut [f32]) {
+        let (c1, c2) = match self.layout {
+            Layout::RotateHalf => (f, f + self.rotary_dim / 2),
+            Layout::Interleaved => (2 * f, 2 * f + 1),
+        };
+        let (lo, hi) = kt.split_at_mut(c2 * stride);
+        (&mut lo[c1 * stride..c1 * stride + len], &mut hi[..len])
+    }
+
     /// Applies s·R(p) in place to `len` keys stored transposed — channel c of token k at
     /// `kt[c * stride + k]` — at `positions[k]` (each < [`covered`](Self::covered)).
     #[inline(always)]
     pub fn apply_transposed(&self, kt: &mut [f32], stride: usize, positions: &[i32], len: usize) {
         let n = self.n_freq();
-        for (f, _) in self.inv_freq.iter().enumerate() {
-            let (c1, c2) = match self.layout {
-                Layout::RotateHalf => (f, f + self.rotary_dim / 2),
-                Layout::Interleaved => (2 * f, 2 * f + 1),
-            };
-            let (lo, hi) = kt.split_at_mut(c2 * stride);
-            let x1s = &mut lo[c1 * stride..c1 * stride + len];
-            let x2s = &mut hi[..len];
+        for f in 0..n {
+            let (x1s, x2s) = self.pair_rows(kt, stride, f, len);
             for k in 0..len {
                 let p = positions[k] as usize;
                 let (ca, sa) = self.coarse[(p / FINE) * n + f];
@@ -128,14 +139,8 @@ impl AngleTable {
     #[inline(always)]
     pub fn apply_run_transposed(&self, kt: &mut [f32], stride: usize, start: usize, len: usize) {
         let n = self.n_freq();
-        for (f, _) in self.inv_freq.iter().enumerate() {
-            let (c1, c2) = match self.layout {
-                Layout::RotateHalf => (f, f + self.rotary_dim / 2),
-                Layout::Interleaved => (2 * f, 2 * f + 1),
-            };
-            let (lo, hi) = kt.split_at_mut(c2 * stride);
-            let x1s = &mut lo[c1 * stride..c1 * stride + len];
-            let x2s = &mut hi[..len];
+        for f in 0..n {
+            let (x1s, x2s) = self.pair_rows(kt, stride, f, len);
             let fine = &self.fine[f * FINE..(f + 1) * FINE];
             for (j, (x1c, x2c)) in x1s.chunks_mut(FINE).zip(x2s.chunks_mut(FINE)).enumerate() {
                 let b = start + j * FINE;
