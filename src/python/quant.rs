@@ -12,9 +12,9 @@ use crate::python::decoding::PyQueryStats;
 use crate::python::press::PyPress;
 use crate::python::rope::PyRope;
 use crate::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
-use crate::rope::table::{AngleTable, SharedAngleTable};
+use crate::rope::table::{self, SharedAngleTable};
 use pyo3::prelude::*;
-use std::sync::{Arc, Mutex, MutexGuard, PoisonError, RwLock};
+use std::sync::{Mutex, MutexGuard};
 
 pub fn register(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add_class::<PyQuantConfig>()?;
@@ -261,19 +261,15 @@ pub struct PyRopeTable {
 impl PyRopeTable {
     #[new]
     fn new(rope: PyRef<'_, PyRope>) -> PyResult<Self> {
-        let table = AngleTable::new(&rope.inner).map_err(to_pyerr)?;
         Ok(PyRopeTable {
-            inner: Arc::new(RwLock::new(table)),
+            inner: table::shared(&rope.inner).map_err(to_pyerr)?,
         })
     }
 
     /// Bytes of the cos/sin tables (they grow with the positions covered).
     #[getter]
     fn nbytes(&self) -> usize {
-        self.inner
-            .read()
-            .unwrap_or_else(PoisonError::into_inner)
-            .nbytes()
+        table::read(&self.inner).nbytes()
     }
 }
 

@@ -30,10 +30,10 @@ use super::layout::TensorLayout;
 use super::qtensor::QuantizedTensor;
 use super::ragged::{self, RaggedTiles};
 use crate::error::{KvError, Result};
-use crate::rope::table::{AngleTable, SharedAngleTable};
+use crate::rope::table::{self, AngleTable, SharedAngleTable};
 use crate::rope::Rope;
 use crate::tensor::{check_finite, check_kv_pair, device_name, kind_name, KvShape, TOKEN_AXIS};
-use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
+use std::sync::RwLockReadGuard;
 use tch::{Device, Kind, Tensor};
 
 /// The fixed shape of a store, set by its first append.
@@ -295,7 +295,7 @@ impl QuantizedStore {
             let shared = table.is_some();
             let table = match table {
                 Some(t) => t,
-                None => Arc::new(RwLock::new(AngleTable::new(rope)?)),
+                None => table::shared(rope)?,
             };
             Some(PreRope {
                 rope: rope.clone(),
@@ -355,7 +355,7 @@ impl QuantizedStore {
             }
         }
         if let Some(pre) = &store.pre_rope {
-            write_table(&pre.table).cover(end);
+            table::write(&pre.table).cover(end);
         }
         store.blocks = blocks;
         store.shape = Some(shape);
@@ -367,13 +367,18 @@ impl QuantizedStore {
     /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE
     /// (read-locked while the guard lives).
     pub fn angle_table(&self) -> Option<RwLockReadGuard<'_, AngleTable>> {
-        self.pre_rope
-            .as_ref()
-            .map(|pre| pre.table.read().unwrap_or_else(PoisonError::into_inner))
+        self.pre_rope.as_ref().map(|pre| table::read(&pre.table))
     }
 
     pub fn config(&self) -> &QuantConfig {
         &self.config
+    }
+
+    /// Whether attention scores quantized keys in the Hadamard basis (against the rotated
+    /// query). Pre-RoPE keys are not: RoPE acts in the plain basis, so each dequantized key
+    /// tile is rotated back first.
+    pub fn scores_keys_in_hadamard_basis(&self) -> bool {
+        self.config.hadamard && !self.config.pre_rope_keys
     }
 
     /// Tokens stored since the last reset (appended, minus those evicted by
@@ -449,8 +454,7 @@ impl QuantizedStore {
                 .pre_rope
                 .as_ref()
                 .filter(|pre| !pre.shared)
-                .and(self.angle_table())
-                .map_or(0, |t| t.nbytes())
+                .map_or(0, |pre| table::read(&pre.table).nbytes())
     }
 
     /// Appends keys/values (batch, kv_heads, q, head_dim) at the positions that follow
@@ -595,7 +599,7 @@ impl QuantizedStore {
             )?;
         }
         if let (Some(pre), Some(p)) = (&self.pre_rope, &positions) {
-            write_table(&pre.table).cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
+            table::write(&pre.table).cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
         }
         self.shape = Some(shape);
         self.layouts = Some(layouts);
@@ -1058,12 +1062,6 @@ fn map_rows(p: &Tensor, f: &impl Fn(&Tensor) -> Result<Tensor>) -> Result<Tensor
     } else {
         f(p)
     }
-}
-
-/// The table write-locked (a poisoned lock still holds a consistent table: `cover` only
-/// appends whole entries).
-fn write_table(table: &SharedAngleTable) -> RwLockWriteGuard<'_, AngleTable> {
-    table.write().unwrap_or_else(PoisonError::into_inner)
 }
 
 fn tensor_bytes(t: &Tensor) -> usize {

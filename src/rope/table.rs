@@ -11,9 +11,26 @@
 use super::angles::{reduced_angle, sin_cos_reduced};
 use super::{Layout, Rope};
 use crate::error::{KvError, Result};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 /// One table serving the quantized stores of every layer of a cache (they share a RoPE).
-pub type SharedAngleTable = std::sync::Arc<std::sync::RwLock<AngleTable>>;
+pub type SharedAngleTable = Arc<RwLock<AngleTable>>;
+
+/// A new table of `rope`, ready to be shared.
+pub fn shared(rope: &Rope) -> Result<SharedAngleTable> {
+    Ok(Arc::new(RwLock::new(AngleTable::new(rope)?)))
+}
+
+/// The shared table read-locked. A poisoned lock still holds a consistent table: `cover`
+/// only appends whole entries.
+pub fn read(table: &SharedAngleTable) -> RwLockReadGuard<'_, AngleTable> {
+    table.read().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// The shared table write-locked (see [`read`]).
+pub fn write(table: &SharedAngleTable) -> RwLockWriteGuard<'_, AngleTable> {
+    table.write().unwrap_or_else(PoisonError::into_inner)
+}
 
 /// Positions per coarse entry.
 pub const FINE: usize = 64;

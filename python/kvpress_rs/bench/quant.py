@@ -66,7 +66,7 @@ OURS = {
     "ours-2b-g128+had+out": dict(bits=2, group_size=128, value_grouping="channel", hadamard=True, outlier_fraction=1 / 128),
     "ours-2b-g64+had+out": dict(bits=2, group_size=64, hadamard=True, outlier_fraction=1 / 64),
     # Attention sinks kept exact: the first token's key stretches every channel group it is
-    # in; 4 tokens cost +1% of quanto-2b's bytes at 2k, +0.35% at 6k.
+    # in; 4 tokens cost +1.1% of quanto-2b's peak bytes at 2k.
     "ours-2b-g64+had+sink": dict(bits=2, group_size=64, hadamard=True, sink_tokens=4),
     # ... and keys quantized before RoPE too (rotated back per tile, then RoPE)
     "ours-2b-g64+pre+had+sink": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4),

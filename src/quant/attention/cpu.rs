@@ -148,6 +148,8 @@ struct Ctx<'a, T> {
     /// The same rotated (Hadamard) when quantized keys are scored in the Hadamard basis,
     /// or empty.
     q_rot: Vec<f32>,
+    /// Hadamard-rotated pre-RoPE keys: each dequantized key tile is rotated back before RoPE.
+    unrotate_keys: bool,
     mask: Option<ArrayView3<'a, bool>>,
     fp: Vec<FpPart<'a, T>>,
     ragged: Option<RaggedCtx<'a, T>>,
@@ -248,9 +250,7 @@ fn attend_typed<T: KvFloat>(
             }
         }
     });
-    // Pre-RoPE keys are rotated back from the Hadamard basis per tile (RoPE must act on
-    // the plain basis), so only without them is the query rotated instead.
-    let q_rot = if key_layout.hadamard && store.angle_table().is_none() {
+    let q_rot = if store.scores_keys_in_hadamard_basis() {
         let mut r = q.clone();
         for row in r.chunks_exact_mut(dk) {
             fwht(row);
@@ -392,6 +392,7 @@ fn attend_typed<T: KvFloat>(
         key_layout,
         value_layout,
         q,
+        unrotate_keys: key_layout.hadamard && !store.scores_keys_in_hadamard_basis(),
         q_rot,
         mask,
         fp,
@@ -542,7 +543,7 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                         &mut scr.token,
                         &mut scr.v,
                     );
-                    if ctx.angles.is_some() && ctx.key_layout.hadamard {
+                    if ctx.unrotate_keys {
                         fwht_columns(&mut scr.kt, dk, g, n);
                     }
                     if let (Some(table), Some(positions)) = (ctx.angles, r.positions) {
@@ -637,7 +638,7 @@ fn run_piece_body<M: Madd, T: KvFloat, const BITS: u32>(ctx: &Ctx<'_, T>, piece:
                         );
                     }
                 }
-                if ctx.angles.is_some() && ctx.key_layout.hadamard {
+                if ctx.unrotate_keys {
                     fwht_columns(&mut scr.kt, dk, g, g);
                 }
                 if let Some(table) = ctx.angles {

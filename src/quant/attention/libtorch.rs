@@ -26,9 +26,9 @@ pub(super) fn attend(
     let rows = rep * qn;
     let (dk, dv, seen) = (inp.key_dim as i64, inp.value_dim as i64, inp.seen as i64);
     let hadamard = store.config().hadamard;
-    // Pre-RoPE keys get RoPE in the plain basis: they are rotated back from the Hadamard
-    // basis and scored against the plain query; other quantized keys stay rotated.
-    let pre_rope = store.angle_table().is_some();
+    let rotated_keys = store.scores_keys_in_hadamard_basis();
+    // Hadamard-rotated pre-RoPE keys: rotated back before RoPE, scored against the plain query.
+    let unrotate_keys = hadamard && !rotated_keys;
     // (b, q_heads, q, dk) -> (b, kv_heads, rows, dk) with row j·q + i.
     let q = inputs
         .query
@@ -36,7 +36,7 @@ pub(super) fn attend(
         .f_mul_scalar(inputs.scaling as f64)?
         .f_view([b, h, rep, qn, dk])?
         .f_reshape([b, h, rows, dk])?;
-    let q_rot = if hadamard && !pre_rope {
+    let q_rot = if rotated_keys {
         fwht_tensor(&q)?
     } else {
         q.shallow_clone()
@@ -51,11 +51,7 @@ pub(super) fn attend(
     let ragged = match store.ragged() {
         Some(r) => {
             let (k, v) = store.ragged_keys_values(r, false)?;
-            let k = if hadamard && pre_rope {
-                fwht_tensor(&k)?
-            } else {
-                k
-            };
+            let k = if unrotate_keys { fwht_tensor(&k)? } else { k };
             let k = store.rotate_ragged_keys(&k, r)?;
             scores.push(q_rot.f_matmul(&k.f_transpose(-1, -2)?)?);
             Some((v, r.len as i64))
@@ -63,7 +59,7 @@ pub(super) fn attend(
         None => None,
     };
     for block in store.blocks() {
-        let k = store.rotate_block_keys(&decode_f32(&block.keys, pre_rope)?, block)?;
+        let k = store.rotate_block_keys(&decode_f32(&block.keys, unrotate_keys)?, block)?;
         scores.push(q_rot.f_matmul(&k.f_transpose(-1, -2)?)?);
     }
     if let Some(r) = store.residual().filter(|r| r.len > 0) {
