@@ -279,8 +279,39 @@ fn config_validation() {
         c.outlier_fraction = f;
         expect_err(c.validated(), "InvalidArgument");
     }
+    // a block is whole groups, at most the window
+    for (residual, block) in [(128, 0), (128, 48), (128, 160), (0, 64)] {
+        let c = QuantConfig {
+            block_length: Some(block),
+            ..config(4, 32, residual)
+        };
+        expect_err(c.validated(), "InvalidArgument");
+    }
+    let c = QuantConfig {
+        block_length: Some(96),
+        ..config(4, 32, 128)
+    };
+    assert_eq!(
+        (c.validated().unwrap().window_tokens(), c.block_tokens()),
+        (128, 96)
+    );
+    // with a block, the window need not be whole groups
+    let c = QuantConfig {
+        residual_length: 100,
+        block_length: Some(64),
+        ..config(4, 32, 0)
+    };
+    assert_eq!(
+        (c.validated().unwrap().window_tokens(), c.block_tokens()),
+        (100, 64)
+    );
+    let c = QuantConfig {
+        block_length: Some(128),
+        ..c
+    };
+    expect_err(c.validated(), "InvalidArgument");
     let c = config(4, 64, 0);
-    assert_eq!(c.block_tokens(), 64);
+    assert_eq!((c.window_tokens(), c.block_tokens()), (64, 64));
     expect_err(
         c.check_head_dim(96, Grouping::Token, "keys"),
         "InvalidArgument",
@@ -377,14 +408,111 @@ fn a_prompt_is_quantized_in_one_block_of_whole_windows() {
     store.append(&k, &v).unwrap();
     assert_eq!(parts(&store), (0, 896, 104));
     assert_eq!(store.blocks().len(), 1);
-    // Chunks that straddle the window: fill it, flush it, then whole windows directly.
+    // A chunk that straddles the window: the window's tokens and the new ones leave
+    // together, in one more block of whole windows.
     let (k2, v2) = kv([1, 2, 300, 64], 4, Kind::BFloat16);
     store.append(&k2, &v2).unwrap();
     assert_eq!(parts(&store), (0, 896 + 128 + 256, 20));
-    assert_eq!(store.blocks().len(), 3);
+    assert_eq!(store.blocks().len(), 2);
     let (dk, _) = store.dequantize().unwrap();
     let k_all = Tensor::cat(&[&k, &k2], 2);
+    let l = store.layouts().unwrap();
+    let second = QuantizedTensor::quantize(&k_all.narrow(2, 896, 384), l.0, "k").unwrap();
+    assert!(dk.narrow(2, 896, 384).equal(&second.dequantize().unwrap()));
     assert!(dk.narrow(2, 1280, 20).equal(&k_all.narrow(2, 1280, 20)));
+}
+
+#[test]
+fn a_sliding_window_quantizes_its_oldest_block_and_keeps_the_rest() {
+    // A 96-token window leaving in blocks of 32: after every append it holds
+    // 64..=95 tokens once it has filled, whatever the append sizes.
+    let c = QuantConfig {
+        block_length: Some(32),
+        ..store_config(2, 32, 96, 3)
+    };
+    let mut store = QuantizedStore::new(c).unwrap();
+    let (mut all_k, mut all_v) = (Vec::new(), Vec::new());
+    let (mut seen, mut expected_residual) = (0usize, 0usize);
+    for (i, n) in [50i64, 1, 1, 45, 1, 200, 7, 1, 1, 31, 1, 64]
+        .into_iter()
+        .enumerate()
+    {
+        let (k, v) = kv([2, 2, n, 64], 40 + i as u64, Kind::Float);
+        store.append(&k, &v).unwrap();
+        all_k.push(k);
+        all_v.push(v);
+        // the rule, token by token: a window of 96 gives up its oldest 32
+        for t in 0..n as usize {
+            if seen + t >= 3 {
+                expected_residual += 1;
+                if expected_residual == 96 {
+                    expected_residual -= 32;
+                }
+            }
+        }
+        seen += n as usize;
+        let sinks = seen.min(3);
+        assert_eq!(
+            parts(&store),
+            (sinks, seen - sinks - expected_residual, expected_residual),
+            "append {i} of {n}"
+        );
+    }
+    assert!(expected_residual >= 64);
+    // Every token where it belongs: sinks and window exact, the quantized tokens as one
+    // quantization of the same tokens (blocks are whole groups, so block boundaries do
+    // not change codes).
+    let (dk, dv) = store.dequantize().unwrap();
+    let (k_all, v_all) = (Tensor::cat(&all_k, 2), Tensor::cat(&all_v, 2));
+    let quantized = store.quantized_len() as i64;
+    let tail = 3 + quantized;
+    assert!(dk.narrow(2, 0, 3).equal(&k_all.narrow(2, 0, 3)));
+    assert!(dk.narrow(2, tail, seen as i64 - tail).equal(&k_all.narrow(
+        2,
+        tail,
+        seen as i64 - tail
+    )));
+    assert!(dv.narrow(2, tail, seen as i64 - tail).equal(&v_all.narrow(
+        2,
+        tail,
+        seen as i64 - tail
+    )));
+    let l = store.layouts().unwrap();
+    let keys = QuantizedTensor::quantize(&k_all.narrow(2, 3, quantized), l.0, "k").unwrap();
+    let values = QuantizedTensor::quantize(&v_all.narrow(2, 3, quantized), l.1, "v").unwrap();
+    assert!(dk
+        .narrow(2, 3, quantized)
+        .equal(&keys.dequantize().unwrap()));
+    assert!(dv
+        .narrow(2, 3, quantized)
+        .equal(&values.dequantize().unwrap()));
+    // Against a whole-window flush, 64 tokens more are held in full precision instead of
+    // quantized, and the bytes say exactly that (the window holds no spare capacity).
+    let n = 3 + 96 * 4 + 1;
+    let mut whole = QuantizedStore::new(store_config(2, 32, 96, 3)).unwrap();
+    whole
+        .append(&k_all.narrow(2, 0, n), &v_all.narrow(2, 0, n))
+        .unwrap();
+    let mut sliding = QuantizedStore::new(c).unwrap();
+    sliding
+        .append(&k_all.narrow(2, 0, n), &v_all.narrow(2, 0, n))
+        .unwrap();
+    assert_eq!(parts(&whole), (3, 96 * 4, 1));
+    assert_eq!(parts(&sliding), (3, 96 * 4 - 64, 65));
+    let quantized_token = 2 * (2 * 2 * 64 * (2 + 32 / 32) / 8); // keys and values, (bits + 32/G)/8 bytes
+    let fp_token = 2 * (2 * 2 * 64 * 4); // keys and values, float32
+    assert_eq!(
+        sliding.nbytes() - whole.nbytes(),
+        64 * (fp_token - quantized_token)
+    );
+    // crop can take back what the window still holds, and frees its bytes
+    let before = sliding.nbytes();
+    sliding.crop(60).unwrap();
+    assert_eq!(parts(&sliding), (3, 96 * 4 - 64, 5));
+    assert_eq!(before - sliding.nbytes(), 60 * fp_token);
+    sliding.crop(5).unwrap();
+    assert!(sliding.residual().is_none());
+    assert_eq!(before - sliding.nbytes(), 65 * fp_token);
 }
 
 #[test]
@@ -405,7 +533,7 @@ fn residual_zero_quantizes_every_whole_group() {
 #[test]
 fn nbytes_is_exact_against_the_formula() {
     // (bits + 32/G)/16 of the float16 bytes for quantized tokens, plus the full-precision
-    // residual window (allocated at its full length) and sinks.
+    // tokens the residual window holds (no more is allocated) and sinks.
     for (bits, g) in [(2u32, 32usize), (3, 64), (4, 128), (8, 32)] {
         let (b, h, d, r, s) = (2usize, 3usize, 128usize, 128usize, 4usize);
         let mut store = QuantizedStore::new(store_config(bits, g, r, s)).unwrap();
@@ -415,7 +543,7 @@ fn nbytes_is_exact_against_the_formula() {
         assert_eq!(quantized, (1000 - s) / r * r);
         let fp16_bytes = |tokens: usize| 2 * b * h * tokens * d * 2; // keys + values
         let expected_quant = fp16_bytes(quantized) as f64 * (bits as f64 + 32.0 / g as f64) / 16.0;
-        let expected = expected_quant as usize + fp16_bytes(r) + fp16_bytes(s);
+        let expected = expected_quant as usize + fp16_bytes((1000 - s) % r) + fp16_bytes(s);
         assert_eq!(store.nbytes(), expected, "bits {bits} g {g}");
     }
 }

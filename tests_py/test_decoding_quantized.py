@@ -123,7 +123,7 @@ def expected_nbytes(cfg: dict, dtype: torch.dtype, store: QuantizedStore, kept: 
     g, bits = config.group_size, config.bits
     tiles = sum(len(set((row // g).tolist())) for row in quantized.reshape(B * H, k))
     total = B * H * config.sink_tokens * 2 * D * e if config.sink_tokens else 0
-    total += B * H * config.block_tokens * (2 * D * e + (4 if config.pre_rope_keys else 0))
+    total += B * H * r * (2 * D * e + (4 if config.pre_rope_keys else 0))
     for grouping, (_, _, outliers) in zip((config.key_grouping, config.value_grouping), before):
         total += B * H * k * D * bits // 8  # codes
         total += tiles * D * 4 if grouping == "channel" else B * H * k * (D // g) * 4  # scales/zeros
@@ -368,7 +368,7 @@ def test_what_cannot_work_is_refused_naming_the_argument():
     with pytest.raises(kvpress_rs.UnsupportedError, match="rerotate.*sink_tokens"):
         kvpress_rs.KnormCache(model, decoding_budget=64, decoding_interval=16, rerotate=True,
                               quantization=kvpress_rs.QuantConfig(**Q4, pre_rope_keys=True, sink_tokens=4))
-    # the residual window (up to block_tokens - 1 tokens) is never evicted: the budget must hold it
+    # the residual window (up to window_tokens - 1 tokens) is never evicted: the budget must hold it
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="decoding_budget"):
         kvpress_rs.KnormCache(model, decoding_budget=100, decoding_interval=16,
                               quantization=kvpress_rs.QuantConfig(bits=4, group_size=32, residual_length=128))

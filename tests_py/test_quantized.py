@@ -163,6 +163,8 @@ CONFIGS = [
     kvpress_rs.QuantConfig(bits=3, residual_length=32, key_grouping="token", value_grouping="channel"),
     kvpress_rs.QuantConfig(bits=2, residual_length=0, hadamard=True, outlier_fraction=0.02),
     kvpress_rs.QuantConfig(bits=8, residual_length=32),
+    # a 100-token window leaving 32 at a time: 68..99 tokens stay in full precision
+    kvpress_rs.QuantConfig(bits=2, residual_length=100, block_length=32, sink_tokens=3, hadamard=True),
 ]
 
 
@@ -207,13 +209,14 @@ def test_store_bookkeeping():
     k = torch.randn(1, 2, 100, 64, dtype=torch.bfloat16)
     store.append(k, k)
     assert (store.sink_tokens, store.quantized_tokens, store.residual_tokens, store.blocks) == (3, 64, 33, 1)
-    # nbytes: codes + float16 scale/zero per group of 32 for 64 tokens, residual window
-    # (64 tokens, allocated whole) and sinks in bf16; keys and values alike.
+    # nbytes: codes + float16 scale/zero per group of 32 for 64 tokens, the 33 tokens of
+    # the residual window (no spare capacity) and sinks in bf16; keys and values alike.
     per_token_fp = 2 * 64 * 2
     quantized = 64 * 2 * 64 * (4 + 32 / 32) / 8
-    assert store.nbytes == 2 * (quantized + (64 + 3) * per_token_fp)
+    assert store.nbytes == 2 * (quantized + (33 + 3) * per_token_fp)
     store.crop(30)
     assert store.seen == 70 and store.residual_tokens == 3
+    assert store.nbytes == 2 * (quantized + (3 + 3) * per_token_fp)  # freed, not masked
     with pytest.raises(kvpress_rs.CacheStateError, match="full precision"):
         store.crop(10)
 
@@ -284,6 +287,7 @@ def test_left_padded_batch_uses_the_padding_mask(llama):
         dict(bits=4, key_grouping="token", value_grouping="channel", residual_length=0),
         dict(bits=2, hadamard=True, outlier_fraction=0.02, sink_tokens=4),
         dict(bits=8, group_size=32, residual_length=32),
+        dict(bits=2, group_size=32, residual_length=64, block_length=32, pre_rope_keys=True, hadamard=True),
     ],
 )
 @pytest.mark.parametrize("batch", [1, 3])
@@ -301,16 +305,45 @@ def test_generate_runs_and_stores_what_it_saw(llama, kwargs, batch):
     assert stats["tokens_seen"] == seen
     for s, q, r in zip(stats["sink_tokens"], stats["quantized_tokens"], stats["residual_tokens"]):
         assert s + q + r == seen
-    assert cache.nbytes == sum(stats["nbytes_per_layer"])
+    # the layers' bytes, and the cos/sin table they share once (pre-RoPE keys)
+    assert cache.nbytes == sum(stats["nbytes_per_layer"]) + stats["rope_table_nbytes"]
+    assert (stats["rope_table_nbytes"] > 0) == kwargs.get("pre_rope_keys", False)
 
 
-def test_eight_bits_generate_like_dynamic_cache(llama):
+@pytest.mark.parametrize("window", [dict(residual_length=0), dict(residual_length=64, block_length=32)])
+def test_eight_bits_generate_like_dynamic_cache(llama, window):
     model = llama()
     ids = random_ids(1, 90, seed=8)
     kw = dict(attention_mask=torch.ones_like(ids), max_new_tokens=20, do_sample=False, pad_token_id=0)
     expected = model.generate(ids, past_key_values=DynamicCache(config=model.config), **kw)
-    out = model.generate(ids, past_key_values=kvpress_rs.QuantizedKVCache(model, bits=8, residual_length=0), **kw)
+    out = model.generate(ids, past_key_values=kvpress_rs.QuantizedKVCache(model, bits=8, **window), **kw)
     assert torch.equal(out, expected)
+
+
+def test_a_sliding_window_keeps_the_newest_tokens_exact_while_decoding(llama):
+    """residual_length=64, block_length=32: after the window first fills, 32..63 tokens
+    stay in full precision (a whole-window flush leaves none); the bytes follow."""
+    model = llama()
+    cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=64, block_length=32)
+    assert (cache.quant_config.window_tokens, cache.quant_config.block_tokens) == (64, 32)
+    assert kvpress_rs.QuantizedKVCache.from_config(model, cache.quant_config).quant_config == cache.quant_config
+    ids = random_ids(1, 70, seed=14)
+    layer = cache.layers[0]._store
+    with torch.no_grad():
+        model(ids, past_key_values=cache)
+        window = 70 - 32  # 70 >= 64: the oldest 32 left
+        assert (layer.quantized_tokens, layer.residual_tokens) == (32, window)
+        for step in range(40):
+            keys_before = layer.dequantize()[0]
+            model(random_ids(1, 1, seed=100 + step), past_key_values=cache)
+            window += 1
+            if window == 64:
+                window = 32
+            assert layer.residual_tokens == window and layer.seen == 71 + step
+            assert layer.residual_tokens >= 32
+            # blocks are append-only: what was quantized before is unchanged
+            n = layer.quantized_tokens if window != 32 else layer.quantized_tokens - 32
+            torch.testing.assert_close(layer.dequantize()[0][:, :, :n], keys_before[:, :, :n], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("options", [{}, {"pre_rope_keys": True, "hadamard": True}], ids=["plain", "pre-rope"])
@@ -386,6 +419,9 @@ def test_a_cache_built_from_a_config_attends_over_dequantized_copies(llama):
         (dict(group_size=256), "group_size"),
         (dict(residual_length=-1), "residual_length"),
         (dict(residual_length=100), "residual_length"),
+        (dict(residual_length=128, block_length=48), "block_length"),
+        (dict(residual_length=64, block_length=96), "block_length"),
+        (dict(block_length=0), "block_length"),
         (dict(outlier_fraction=0.5), "outlier_fraction"),
         (dict(outlier_fraction=float("nan")), "outlier_fraction"),
         (dict(sink_tokens=-2), "sink_tokens"),

@@ -589,12 +589,12 @@ class KVCache(GuardedCache, Cache):
             )
         budget = schedule.decoding_budget
         # Only quantized tokens are evicted: the sinks and the residual window (fewer than
-        # block_tokens tokens) stay, so the budget must hold them next to the recent tokens.
-        protected = max(schedule.decoding_interval, q.block_tokens - 1) + q.sink_tokens
+        # window_tokens tokens) stay, so the budget must hold them next to the recent tokens.
+        protected = max(schedule.decoding_interval, q.window_tokens - 1) + q.sink_tokens
         if budget is not None and budget < protected:
             raise InvalidArgumentError(
                 f"`decoding_budget` ({budget}) must be at least {protected} with this quantization: "
-                f"max(decoding_interval={schedule.decoding_interval}, block_tokens-1={q.block_tokens - 1}) "
+                f"max(decoding_interval={schedule.decoding_interval}, window_tokens-1={q.window_tokens - 1}) "
                 f"+ sink_tokens={q.sink_tokens} tokens are never evicted (the full-precision sinks and "
                 "residual window stay whole)"
             )

@@ -159,7 +159,7 @@ class QuantizedLayer(CacheLayerMixin):
     @property
     def nbytes(self) -> int:
         """Bytes held by this layer: codes, scales/zeros, outliers, sinks and the residual
-        window (allocated at its full length)."""
+        window (exactly the tokens it holds)."""
         return self._store.nbytes
 
     def __repr__(self) -> str:
@@ -222,8 +222,14 @@ class QuantizedKVCache(GuardedCache, Cache):
     group_size : int
         32, 64 or 128 elements per (float16 scale, float16 zero) pair.
     residual_length : int
-        Most recent tokens kept in full precision (a multiple of ``group_size``, >= 0);
-        tokens are quantized in blocks of ``max(residual_length, group_size)``.
+        Most recent tokens kept in full precision (a multiple of ``group_size``, >= 0): the
+        window holds up to ``max(residual_length, group_size)`` tokens.
+    block_length : int or None
+        Tokens quantized each time the window fills (a multiple of ``group_size``, at most
+        the window); None quantizes the whole window (KIVI, quanto). ``residual_length=128,
+        block_length=64`` keeps at least the 64 most recent tokens in full precision at the
+        same peak bytes — at 2 bits this is worth more than any other option (recent keys
+        draw most of the attention).
     key_grouping, value_grouping : str
         ``"channel"`` (one channel over ``group_size`` tokens) or ``"token"``
         (``group_size`` channels of one token). Defaults: KIVI's keys per channel, values
@@ -267,6 +273,7 @@ class QuantizedKVCache(GuardedCache, Cache):
         outlier_fraction: float = 0.0,
         sink_tokens: int = 0,
         pre_rope_keys: bool = False,
+        block_length: int | None = None,
     ):
         self.quant_config = QuantConfig(
             bits=bits,
@@ -278,6 +285,7 @@ class QuantizedKVCache(GuardedCache, Cache):
             outlier_fraction=outlier_fraction,
             sink_tokens=sink_tokens,
             pre_rope_keys=pre_rope_keys,
+            block_length=block_length,
         )
         config = decoder_config(model)
         head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
@@ -308,6 +316,7 @@ class QuantizedKVCache(GuardedCache, Cache):
             outlier_fraction=config.outlier_fraction,
             sink_tokens=config.sink_tokens,
             pre_rope_keys=config.pre_rope_keys,
+            block_length=config.block_length,
         )
 
     # The protocol of the model hooks (_hooks.py).

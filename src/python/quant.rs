@@ -40,8 +40,14 @@ fn non_negative(value: i64, argument: &str) -> Result<usize> {
 ///     Elements per group: 32, 64 or 128.
 /// residual_length : int
 ///     Most recent tokens kept in full precision (>= 0, a multiple of ``group_size``).
-///     Tokens leave this window in blocks of ``max(residual_length, group_size)`` tokens,
-///     each quantized once and appended.
+///     The window holds fewer than ``max(residual_length, group_size)`` tokens
+///     (``window_tokens``); when it fills, its oldest ``block_length`` tokens are quantized
+///     once and appended.
+/// block_length : int or None
+///     Tokens quantized per flush: a multiple of ``group_size`` no larger than the window;
+///     None (default) flushes the whole window, as KIVI and quanto do. A shorter block
+///     keeps ``window_tokens - block_length`` recent tokens in full precision after every
+///     flush, at the same peak bytes (2-bit keys of recent tokens cost most accuracy).
 /// key_grouping, value_grouping : str
 ///     ``"channel"`` (a group is one channel over ``group_size`` tokens) or ``"token"`` (a
 ///     group is ``group_size`` channels of one token; must divide head_dim). KIVI: keys per
@@ -55,13 +61,17 @@ fn non_negative(value: i64, argument: &str) -> Result<usize> {
 /// sink_tokens : int
 ///     The first tokens of the sequence, kept in full precision.
 /// pre_rope_keys : bool
-///     Quantize keys before RoPE (not implemented yet: a cache refuses it).
+///     Quantize keys before RoPE (KVQuant); a store then needs the model's ``Rope`` and
+///     re-applies it to every dequantized tile.
 ///
 /// Examples
 /// --------
 /// >>> import kvpress_rs
 /// >>> kvpress_rs.QuantConfig(bits=2, group_size=64).bits_per_element(64, 64)
 /// 2.5
+/// >>> c = kvpress_rs.QuantConfig(bits=2, group_size=64, residual_length=128, block_length=64)
+/// >>> (c.window_tokens, c.block_tokens)
+/// (128, 64)
 #[pyclass(name = "QuantConfig", module = "kvpress_rs._native", frozen, eq)]
 #[derive(PartialEq)]
 pub struct PyQuantConfig {
@@ -71,7 +81,7 @@ pub struct PyQuantConfig {
 #[pymethods]
 impl PyQuantConfig {
     #[new]
-    #[pyo3(signature = (bits=4, group_size=32, residual_length=128, key_grouping="channel", value_grouping="token", hadamard=false, outlier_fraction=0.0, sink_tokens=0, pre_rope_keys=false))]
+    #[pyo3(signature = (bits=4, group_size=32, residual_length=128, key_grouping="channel", value_grouping="token", hadamard=false, outlier_fraction=0.0, sink_tokens=0, pre_rope_keys=false, block_length=None))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         bits: i64,
@@ -83,6 +93,7 @@ impl PyQuantConfig {
         outlier_fraction: f64,
         sink_tokens: i64,
         pre_rope_keys: bool,
+        block_length: Option<i64>,
     ) -> PyResult<Self> {
         let build = || -> Result<QuantConfig> {
             let bad_bits =
@@ -91,6 +102,9 @@ impl PyQuantConfig {
                 bits: u32::try_from(bits).map_err(|_| bad_bits())?,
                 group_size: non_negative(group_size, "group_size")?,
                 residual_length: non_negative(residual_length, "residual_length")?,
+                block_length: block_length
+                    .map(|b| non_negative(b, "block_length"))
+                    .transpose()?,
                 key_grouping: Grouping::parse(key_grouping, "key_grouping")?,
                 value_grouping: Grouping::parse(value_grouping, "value_grouping")?,
                 hadamard,
@@ -150,7 +164,18 @@ impl PyQuantConfig {
         self.inner.pre_rope_keys
     }
 
-    /// Tokens per quantized block: ``max(residual_length, group_size)``.
+    #[getter]
+    fn block_length(&self) -> Option<usize> {
+        self.inner.block_length
+    }
+
+    /// Capacity of the full-precision window: ``max(residual_length, group_size)``.
+    #[getter]
+    fn window_tokens(&self) -> usize {
+        self.inner.window_tokens()
+    }
+
+    /// Tokens per quantized block: ``block_length``, or the whole window.
     #[getter]
     fn block_tokens(&self) -> usize {
         self.inner.block_tokens()
@@ -197,10 +222,11 @@ impl PyQuantConfig {
     fn __repr__(&self) -> String {
         let c = &self.inner;
         format!(
-            "QuantConfig(bits={}, group_size={}, residual_length={}, key_grouping={:?}, value_grouping={:?}, hadamard={}, outlier_fraction={}, sink_tokens={}, pre_rope_keys={})",
+            "QuantConfig(bits={}, group_size={}, residual_length={}, block_length={}, key_grouping={:?}, value_grouping={:?}, hadamard={}, outlier_fraction={}, sink_tokens={}, pre_rope_keys={})",
             c.bits,
             c.group_size,
             c.residual_length,
+            c.block_length.map_or("None".to_string(), |b| b.to_string()),
             c.key_grouping.name(),
             c.value_grouping.name(),
             if c.hadamard { "True" } else { "False" },
@@ -587,7 +613,7 @@ impl PyQuantizedStore {
         Ok(self.lock().map_err(to_pyerr)?.blocks().len())
     }
 
-    /// Bytes allocated: sinks and residual window (at full length), codes, scales/zeros
+    /// Bytes allocated: sinks, the residual window's tokens, codes, scales/zeros
     /// and outliers of every block.
     #[getter]
     fn nbytes(&self) -> PyResult<usize> {
@@ -749,6 +775,7 @@ fn quantize(
         outlier_fraction,
         0,
         false,
+        None,
     )?
     .inner;
     let d = crate::tensor::check_kv(&x.0, "x")

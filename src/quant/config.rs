@@ -48,10 +48,18 @@ impl Grouping {
 ///   `zero = min`, both stored as float16 (zero rounded down, scale rounded up, so that every
 ///   value of the group lies in the representable range).
 /// - `group_size` ∈ {32, 64, 128}; `key_grouping` / `value_grouping` as in [`Grouping`].
-/// - `residual_length`: the most recent tokens kept in full precision. Tokens leave the
-///   window in blocks of `max(residual_length, group_size)` tokens, which are quantized once
-///   and appended; 0 means blocks of `group_size` tokens. Must be a multiple of
-///   `group_size`.
+/// - `residual_length`: the most recent tokens kept in full precision. The window holds
+///   fewer than `max(residual_length, group_size)` tokens ([`window_tokens`]); when it
+///   fills, its oldest `block_length` tokens are quantized once and appended. A multiple
+///   of `group_size` unless `block_length` is given; 0 means blocks of `group_size` tokens.
+/// - `block_length`: tokens quantized per flush, a multiple of `group_size` no larger than
+///   the window; `None` flushes the whole window (KIVI, quanto). A shorter block keeps the
+///   `window − block` most recent tokens in full precision right after a flush (instead of
+///   none) at the same peak bytes: 2-bit keys lose most where the queries look most, on
+///   the most recent tokens. The window may then be any length (a memory budget in tokens,
+///   e.g. one that leaves room for sink tokens).
+///
+/// [`window_tokens`]: QuantConfig::window_tokens
 /// - `hadamard`: rotate every key and value vector by the orthonormal Walsh–Hadamard matrix
 ///   of size `head_dim` (a power of two) before quantizing; attention rotates the query
 ///   instead (q·k = Hq·Hk), and the output back.
@@ -67,12 +75,15 @@ impl Grouping {
 /// let c = QuantConfig::new(4, 32, 128).unwrap();
 /// assert_eq!(c.block_tokens(), 128);
 /// assert!(QuantConfig::new(5, 32, 128).is_err());
+/// let sliding = QuantConfig { block_length: Some(64), ..c }.validated().unwrap();
+/// assert_eq!((sliding.window_tokens(), sliding.block_tokens()), (128, 64));
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq)]
 pub struct QuantConfig {
     pub bits: u32,
     pub group_size: usize,
     pub residual_length: usize,
+    pub block_length: Option<usize>,
     pub key_grouping: Grouping,
     pub value_grouping: Grouping,
     pub hadamard: bool,
@@ -89,6 +100,7 @@ impl QuantConfig {
             bits,
             group_size,
             residual_length,
+            block_length: None,
             key_grouping: Grouping::Channel,
             value_grouping: Grouping::Token,
             hadamard: false,
@@ -113,14 +125,30 @@ impl QuantConfig {
                 format!("got {}, expected 32, 64 or 128", self.group_size),
             ));
         }
-        if self.residual_length % self.group_size != 0 {
+        // Whole-window flushes quantize the window: whole groups only if it is whole groups.
+        if self.block_length.is_none() && self.residual_length % self.group_size != 0 {
             return Err(KvError::invalid(
                 "residual_length",
                 format!(
-                    "got {}, expected a multiple of group_size ({}) (tokens are quantized in whole groups)",
+                    "got {}, expected a multiple of group_size ({}) (tokens are quantized in whole \
+                     groups), or any length with a block_length",
                     self.residual_length, self.group_size
                 ),
             ));
+        }
+        if let Some(block) = self.block_length {
+            let window = self.window_tokens();
+            if block == 0 || block % self.group_size != 0 || block > window {
+                return Err(KvError::invalid(
+                    "block_length",
+                    format!(
+                        "got {block}, expected a multiple of group_size ({}) in [{}, {window}] \
+                         (whole groups, no longer than the window of max(residual_length, \
+                         group_size) tokens), or None for the whole window",
+                        self.group_size, self.group_size
+                    ),
+                ));
+            }
         }
         if !self.outlier_fraction.is_finite()
             || !(0.0..=MAX_OUTLIER_FRACTION).contains(&self.outlier_fraction)
@@ -162,9 +190,15 @@ impl QuantConfig {
         Ok(())
     }
 
-    /// Tokens per quantized block: `max(residual_length, group_size)`.
-    pub fn block_tokens(&self) -> usize {
+    /// Capacity of the full-precision window: `max(residual_length, group_size)`. It holds
+    /// fewer tokens after every append (a full window is flushed at once).
+    pub fn window_tokens(&self) -> usize {
         self.residual_length.max(self.group_size)
+    }
+
+    /// Tokens per quantized block: `block_length`, or the whole window.
+    pub fn block_tokens(&self) -> usize {
+        self.block_length.unwrap_or_else(|| self.window_tokens())
     }
 
     /// Outliers kept per group: `ceil(outlier_fraction × group_size)`.

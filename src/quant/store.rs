@@ -3,18 +3,20 @@
 //! The tokens of every (batch, head) row, in order:
 //!
 //! ```text
-//! [ sinks: first `sink_tokens`, full precision ][ blocks: quantized, append-only ][ residual: full precision, < block_tokens ]
+//! [ sinks: first `sink_tokens`, full precision ][ blocks: quantized, append-only ][ residual: full precision, < window_tokens ]
 //! ```
 //!
 //! New tokens fill the sinks first, then the residual window. When the window holds
-//! `block_tokens` (`max(residual_length, group_size)`) tokens, exactly those are quantized
-//! into a new block and the window empties; a long prompt is quantized straight from the
-//! input in one block of whole windows. Blocks are never re-quantized or moved (no
-//! compounding error, no O(T) flush). Keys and values share the token layout; each has
-//! its own [`TensorLayout`] (grouping, head_dim).
+//! `window_tokens` (`max(residual_length, group_size)`) tokens, its oldest `block_tokens`
+//! (by default all of them) are quantized into a new block, until it holds fewer; a long
+//! prompt is quantized straight from the input in one block. Blocks are never
+//! re-quantized or moved (no compounding error, no O(T) flush). Keys and values share the
+//! token layout; each has its own [`TensorLayout`] (grouping, head_dim).
 //!
-//! `nbytes` counts what is allocated: the sinks and the residual window at their full
-//! length, and every block's codes, scales/zeros and outliers.
+//! `nbytes` counts what is allocated: the sinks (at `sink_tokens`), the residual window at
+//! exactly the tokens it holds (it is reallocated as it grows and when it is flushed or
+//! cropped, so a flush frees bytes rather than leaving a slot), and every block's codes,
+//! scales/zeros and outliers.
 //!
 //! Pre-RoPE keys (`pre_rope_keys`, KVQuant): keys arrive rotated; before a block is
 //! quantized its keys are rotated back by their positions ([`Rope::invert`], exact), so the
@@ -144,7 +146,10 @@ impl BlockPositions {
     }
 }
 
-/// Full-precision tokens with a fixed capacity: (batch, heads, capacity, dim) keys and values.
+/// Full-precision tokens: (batch, heads, capacity, dim) keys and values, of which the first
+/// `len` are held. The sinks are allocated at their final length; the residual window is
+/// kept at exactly the tokens it holds ([`extend`](Self::extend), [`truncate`](Self::truncate)),
+/// so that its bytes are what it holds, as a `DynamicCache`'s are.
 #[derive(Debug)]
 pub struct FullPrecision {
     pub keys: Tensor,
@@ -169,10 +174,6 @@ impl FullPrecision {
             positions,
             len: 0,
         })
-    }
-
-    fn write_positions(&mut self, positions: &Tensor) -> Result<()> {
-        self.write_positions_at(self.len, positions)
     }
 
     fn write_positions_at(&mut self, at: usize, positions: &Tensor) -> Result<()> {
@@ -207,6 +208,36 @@ impl FullPrecision {
         Ok(())
     }
 
+    /// Appends tokens (and their positions, if kept), reallocating to exactly `len + q`
+    /// tokens: one concatenation, as `DynamicCache` does per step.
+    fn extend(&mut self, keys: &Tensor, values: &Tensor, positions: Option<&Tensor>) -> Result<()> {
+        let q = keys.size()[TOKEN_AXIS as usize] as usize;
+        let n = self.len as i64;
+        self.keys = Tensor::f_cat(&[&self.keys.f_narrow(TOKEN_AXIS, 0, n)?, keys], TOKEN_AXIS)?;
+        self.values = Tensor::f_cat(
+            &[&self.values.f_narrow(TOKEN_AXIS, 0, n)?, values],
+            TOKEN_AXIS,
+        )?;
+        if let (Some(p), Some(new)) = (&mut self.positions, positions) {
+            *p = Tensor::f_cat(&[&p.f_narrow(2, 0, n)?, new], 2)?;
+        }
+        self.len += q;
+        Ok(())
+    }
+
+    /// Keeps the first `len` tokens, reallocated to exactly those (the bytes of the rest
+    /// are freed).
+    fn truncate(&mut self, len: usize) -> Result<()> {
+        let keep = |t: &Tensor, axis: i64| own(&t.f_narrow(axis, 0, len as i64)?);
+        self.keys = keep(&self.keys, TOKEN_AXIS)?;
+        self.values = keep(&self.values, TOKEN_AXIS)?;
+        if let Some(p) = &mut self.positions {
+            *p = keep(p, 2)?;
+        }
+        self.len = len;
+        Ok(())
+    }
+
     /// The valid keys and values (views).
     pub fn view(&self) -> Result<(Tensor, Tensor)> {
         Ok((
@@ -229,6 +260,14 @@ impl FullPrecision {
             len: self.len,
         })
     }
+}
+
+/// A contiguous copy of `t` in memory of its own (a narrowed view would keep the whole
+/// tensor it views alive).
+fn own(t: &Tensor) -> Result<Tensor> {
+    let mut out = Tensor::f_empty(t.size(), (t.kind(), t.device()))?;
+    out.f_copy_(t)?;
+    Ok(out)
 }
 
 /// One layer's quantized KV cache. See the module documentation.
@@ -434,7 +473,7 @@ impl QuantizedStore {
         self.residual.as_ref().map_or(0, |r| r.len)
     }
 
-    /// Bytes allocated: sinks and residual window (full length), the tokens kept by
+    /// Bytes allocated: sinks, the tokens of the residual window, the tokens kept by
     /// evictions ([`RaggedTiles::nbytes`]), every block, and with pre-RoPE keys the
     /// positions and the cos/sin table.
     pub fn nbytes(&self) -> usize {
@@ -508,65 +547,66 @@ impl QuantizedStore {
             TensorLayout::new(&self.config, self.config.value_grouping, shape.value_dim),
         ));
 
-        // Plan: sinks take the first tokens, then whole blocks are quantized, then the rest
-        // waits in the residual window. Quantize first (the only step that can fail on
-        // valid input), commit after.
+        // Plan: sinks take the first tokens; the rest joins the residual window. While the
+        // window would hold `window` tokens or more, its oldest `block` are quantized.
+        // Quantize first (the only step that can fail on valid input), commit after.
         let q = ks.tokens;
-        let block = self.config.block_tokens();
-        let sink_len = self.sink_len();
-        let to_sinks = self.config.sink_tokens.saturating_sub(sink_len).min(q);
-        let mut start = to_sinks;
-        let mut new_blocks = Vec::new();
+        let (window, block) = (self.config.window_tokens(), self.config.block_tokens());
+        let to_sinks = self
+            .config
+            .sink_tokens
+            .saturating_sub(self.sink_len())
+            .min(q);
         let residual_len = self.residual_len();
-        let mut residual_flushed = false;
-        if residual_len > 0 && residual_len + (q - start) >= block {
-            let take = block - residual_len;
-            let old = self.residual.as_ref().ok_or_else(internal)?.view()?;
-            let k = Tensor::f_cat(
-                &[
-                    &old.0,
-                    &keys.f_narrow(TOKEN_AXIS, start as i64, take as i64)?,
+        let pending = residual_len + (q - to_sinks);
+        let flushed = if pending >= window {
+            ((pending - window) / block + 1) * block
+        } else {
+            0
+        };
+        let fresh = |t: &Tensor, axis: i64| -> Result<Tensor> {
+            Ok(t.f_narrow(axis, to_sinks as i64, (q - to_sinks) as i64)?)
+        };
+        // The tokens after the sinks, oldest first: the window's, then the new ones (a copy
+        // only when a flush takes tokens from the window).
+        let (new_k, new_v) = (fresh(keys, TOKEN_AXIS)?, fresh(values, TOKEN_AXIS)?);
+        let new_p = match &positions {
+            Some(p) => Some(fresh(p, 2)?.f_expand(
+                [
+                    shape.batch as i64,
+                    shape.heads as i64,
+                    (q - to_sinks) as i64,
                 ],
-                TOKEN_AXIS,
-            )?;
-            let v = Tensor::f_cat(
-                &[
-                    &old.1,
-                    &values.f_narrow(TOKEN_AXIS, start as i64, take as i64)?,
-                ],
-                TOKEN_AXIS,
-            )?;
-            let p = match (
-                &positions,
-                self.residual
-                    .as_ref()
-                    .ok_or_else(internal)?
-                    .positions_view()?,
-            ) {
-                (Some(new), Some(old)) => {
-                    let new = new
-                        .f_narrow(2, start as i64, take as i64)?
-                        .f_expand([shape.batch as i64, shape.heads as i64, take as i64], false)?;
-                    Some(Tensor::f_cat(&[&old, &new], 2)?)
-                }
+                false,
+            )?),
+            None => None,
+        };
+        let (waiting, keep_window) = if flushed > 0 && residual_len > 0 {
+            let window_now = self.residual.as_ref().ok_or_else(internal)?;
+            let (old_k, old_v) = window_now.view()?;
+            let p = match (&new_p, window_now.positions_view()?) {
+                (Some(new), Some(old)) => Some(Tensor::f_cat(&[&old, new], 2)?),
                 _ => None,
             };
-            new_blocks.push(self.quantize_block(&k, &v, p, layouts)?);
-            start += take;
-            residual_flushed = true;
-        }
-        if residual_len == 0 || residual_flushed {
-            let whole = (q - start) / block * block;
-            if whole > 0 {
-                let k = keys.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
-                let v = values.f_narrow(TOKEN_AXIS, start as i64, whole as i64)?;
-                let p = positions
-                    .as_ref()
-                    .map(|p| p.f_narrow(2, start as i64, whole as i64))
-                    .transpose()?;
-                new_blocks.push(self.quantize_block(&k, &v, p, layouts)?);
-                start += whole;
-            }
+            let k = Tensor::f_cat(&[&old_k, &new_k], TOKEN_AXIS)?;
+            let v = Tensor::f_cat(&[&old_v, &new_v], TOKEN_AXIS)?;
+            ((k, v, p), false)
+        } else {
+            ((new_k, new_v, new_p), true)
+        };
+        let span = |t: &Tensor, axis: i64, from: usize, n: usize| -> Result<Tensor> {
+            Ok(t.f_narrow(axis, from as i64, n as i64)?)
+        };
+        let mut new_block = None;
+        if flushed > 0 {
+            let (k, v, p) = &waiting;
+            let p = p.as_ref().map(|p| span(p, 2, 0, flushed)).transpose()?;
+            new_block = Some(self.quantize_block(
+                &span(k, TOKEN_AXIS, 0, flushed)?,
+                &span(v, TOKEN_AXIS, 0, flushed)?,
+                p,
+                layouts,
+            )?);
         }
 
         // Commit.
@@ -580,23 +620,33 @@ impl QuantizedStore {
                 &values.f_narrow(TOKEN_AXIS, 0, to_sinks as i64)?,
             )?;
         }
-        if residual_flushed {
-            self.residual.as_mut().ok_or_else(internal)?.len = 0;
+        self.blocks.extend(new_block);
+        // What stays in full precision: the window's tokens (unless the flush took them,
+        // then the window is rebuilt from `waiting`) and the new tokens not flushed.
+        let (k, v, p) = &waiting;
+        let rest = k.size()[TOKEN_AXIS as usize] as usize - flushed;
+        if !keep_window {
+            self.residual = None;
         }
-        self.blocks.extend(new_blocks);
-        if start < q {
-            if self.residual.is_none() {
-                self.residual = Some(FullPrecision::new(&shape, block, self.pre_rope.is_some())?);
+        if rest > 0 {
+            let (k, v) = (
+                span(k, TOKEN_AXIS, flushed, rest)?,
+                span(v, TOKEN_AXIS, flushed, rest)?,
+            );
+            let p = p.as_ref().map(|p| span(p, 2, flushed, rest)).transpose()?;
+            match &mut self.residual {
+                Some(residual) => residual.extend(&k, &v, p.as_ref())?,
+                None => {
+                    self.residual = Some(FullPrecision {
+                        keys: own(&k)?,
+                        values: own(&v)?,
+                        positions: p.as_ref().map(own).transpose()?,
+                        len: rest,
+                    })
+                }
             }
-            let n = (q - start) as i64;
-            let residual = self.residual.as_mut().ok_or_else(internal)?;
-            if let Some(p) = &positions {
-                residual.write_positions(&p.f_narrow(2, start as i64, n)?)?;
-            }
-            residual.write(
-                &keys.f_narrow(TOKEN_AXIS, start as i64, n)?,
-                &values.f_narrow(TOKEN_AXIS, start as i64, n)?,
-            )?;
+        } else if self.residual.as_ref().is_some_and(|r| r.len == 0) {
+            self.residual = None;
         }
         if let (Some(pre), Some(p)) = (&self.pre_rope, &positions) {
             table::write(&pre.table).cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
@@ -774,8 +824,10 @@ impl QuantizedStore {
             )));
         }
         let from_residual = n.min(residual);
-        if let Some(r) = &mut self.residual {
-            r.len -= from_residual;
+        if from_residual == residual {
+            self.residual = None;
+        } else if let Some(r) = &mut self.residual {
+            r.truncate(residual - from_residual)?;
         }
         if let Some(s) = &mut self.sinks {
             s.len -= n - from_residual;

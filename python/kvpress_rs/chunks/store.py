@@ -211,7 +211,7 @@ class ChunkStore:
 
         model = self.model
         # Blocks of group_size while encoding: every whole group quantized.
-        config = _with(self.quantization, residual_length=0)
+        config = _with(self.quantization, residual_length=0, block_length=None)
         if self.compression:
             cache = KVCache(model, **self.compression, quantization=config)
         else:
@@ -341,8 +341,8 @@ def _check_compression(compression: dict[str, Any] | None) -> dict[str, Any]:
     return dict(compression)
 
 
-_CONFIG_FIELDS = ("bits", "group_size", "residual_length", "key_grouping", "value_grouping", "hadamard",
-                  "outlier_fraction", "sink_tokens", "pre_rope_keys")
+_CONFIG_FIELDS = ("bits", "group_size", "residual_length", "block_length", "key_grouping", "value_grouping",
+                  "hadamard", "outlier_fraction", "sink_tokens", "pre_rope_keys")
 
 
 def _config_dict(config: QuantConfig) -> dict[str, Any]:
