@@ -74,6 +74,20 @@ OURS = {
     # with a 64-token full-precision window: at most quanto-2b's memory while decoding
     "ours-2b-g64+pre+had+sink-r64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4,
                                          residual_length=64),
+    # A sliding window at the same peak bytes: blocks of 64 leave the 128-token window, so
+    # the 64 most recent tokens are always in full precision (a whole-window flush leaves
+    # none right after it)
+    "ours-2b-g64+pre+had+sink+b64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4,
+                                         block_length=64),
+    "ours-2b-g64+pre+had+b64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, block_length=64),
+    # ... with a window of 92: 28..91 tokens + 4 sinks, on average the 63.5 full-precision
+    # tokens quanto-2b holds (0..127)
+    "ours-2b-g64+pre+had+sink+r92b64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4,
+                                            residual_length=92, block_length=64),
+    # ... and 88 (24..87 + 4 sinks: 4 tokens fewer, for the positions and the cos/sin table)
+    "ours-2b-g64+pre+had+sink+r88b64": dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True, sink_tokens=4,
+                                            residual_length=88, block_length=64),
+    "ours-2b-g64+had+b64": dict(bits=2, group_size=64, hadamard=True, block_length=64),
     # KVQuant: keys quantized before RoPE (per-channel outliers stay in their channels)
     "ours-4b+pre": dict(bits=4, pre_rope_keys=True),
     "ours-4b+pre+sink": dict(bits=4, pre_rope_keys=True, sink_tokens=4),
@@ -321,8 +335,8 @@ def run_bytes(model: Any, tokenizer: Any, lengths: list[int]) -> dict:
             cfg = cache.quant_config
             bits = cfg.bits + 32 / cfg.group_size  # the formula (outliers come on top)
             quantized = sum(s["quantized_tokens"])
-            # sinks, and the residual window (allocated at its full length)
-            full = sum(s["sink_tokens"]) + c.num_hidden_layers * cfg.residual_length
+            # sinks, and the tokens of the residual window (no spare capacity)
+            full = sum(s["sink_tokens"]) + sum(s["residual_tokens"])
             per_layer_token = fp16_per_token / c.num_hidden_layers
             formula = quantized * per_layer_token * bits / 16 + full * per_layer_token
             measured = s["nbytes"]
