@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 from transformers import DynamicCache
@@ -83,3 +85,34 @@ def test_quantized_cache_generates_like_dynamic_cache(smollm2_bf16):
     assert out.shape == expected.shape
     bf16_bytes = 30 * 2 * 3 * 64 * 2  # bytes per token of the bf16 cache
     assert four.nbytes < bf16_bytes * (ids.shape[1] + 23) * 0.5
+
+
+def test_two_bit_sliding_window_stays_close_to_fp(smollm2_bf16):
+    """The README's 2-bit configuration at quanto 2-bit's memory (pre-RoPE keys, Hadamard,
+    4 sinks, an 88-token window leaving 64 at a time), fed token by token after a 600-token
+    Austen prefix: perplexity within 10% of the bf16 DynamicCache (plain 2-bit G64 is not),
+    and the newest 24 tokens are never quantized."""
+    from kvpress_rs.data import austen_novels
+
+    model, tokenizer = smollm2_bf16
+    ids = tokenizer(austen_novels()[0], add_special_tokens=False)["input_ids"][2000:2700]
+    prefix, cont = torch.tensor([ids[:600]]), torch.tensor([ids[600:]])
+
+    @torch.no_grad()
+    def nll(cache, check=lambda: None):
+        logits = [model(prefix, past_key_values=cache).logits[:, -1:]]
+        for i in range(cont.shape[1] - 1):
+            logits.append(model(cont[:, i : i + 1], past_key_values=cache).logits)
+            check()
+        return torch.nn.functional.cross_entropy(torch.cat(logits, 1)[0].float(), cont[0]).item()
+
+    sliding = kvpress_rs.QuantizedKVCache(model, bits=2, group_size=64, pre_rope_keys=True, hadamard=True,
+                                          sink_tokens=4, residual_length=88, block_length=64)
+
+    def window_holds_the_newest_tokens():
+        assert all(24 <= r < 88 for r in sliding.stats()["residual_tokens"])
+
+    fp = nll(DynamicCache(config=model.config))
+    ours = nll(sliding, window_holds_the_newest_tokens)
+    plain = nll(kvpress_rs.QuantizedKVCache(model, bits=2, group_size=64))
+    assert math.exp(ours - fp) <= 1.10 < math.exp(plain - fp)
