@@ -35,18 +35,20 @@ def config(bits=8, **kw):
     return kvpress_rs.QuantConfig(bits=bits, group_size=G, residual_length=kw.pop("residual_length", 32), **kw)
 
 
-@pytest.mark.parametrize("bits", [8, 4])
-def test_one_chunk_at_position_zero_generates_like_a_quantized_prefill(bits, tmp_path):
+@pytest.mark.parametrize("bits,hadamard", [(8, False), (4, False), (4, True)])
+def test_one_chunk_at_position_zero_generates_like_a_quantized_prefill(bits, hadamard, tmp_path):
     model = tiny()
-    store = kvpress_rs.ChunkStore(model, backend=tmp_path, quantization=config(bits))
+    store = kvpress_rs.ChunkStore(model, backend=tmp_path, quantization=config(bits, hadamard=hadamard))
     chunk, question = random_ids(1, 2 * G + 5), random_ids(1, 6, seed=1)
     # the reference: the same tokens prefilled through a pre-RoPE quantized cache with blocks
     # of one group (what a chunk is encoded with); 5 + 6 + 8 tokens never fill its window
-    ref = kvpress_rs.QuantizedKVCache(model, bits=bits, group_size=G, residual_length=0, pre_rope_keys=True)
+    ref = kvpress_rs.QuantizedKVCache(model, bits=bits, group_size=G, residual_length=0, pre_rope_keys=True,
+                                      hadamard=hadamard)
     with torch.no_grad():
         model(chunk, past_key_values=ref, use_cache=True)
         ref_logits = model(question, past_key_values=ref, use_cache=True).logits
-    ref = kvpress_rs.QuantizedKVCache(model, bits=bits, group_size=G, residual_length=0, pre_rope_keys=True)
+    ref = kvpress_rs.QuantizedKVCache(model, bits=bits, group_size=G, residual_length=0, pre_rope_keys=True,
+                                      hadamard=hadamard)
     with torch.no_grad():
         model(chunk, past_key_values=ref, use_cache=True)
     expected = greedy(model, torch.cat([chunk, question], 1), ref)
@@ -62,11 +64,14 @@ def test_one_chunk_at_position_zero_generates_like_a_quantized_prefill(bits, tmp
     assert store.stats["misses"] == 1 and store.stats["hits"] == 3
 
 
-def test_chunks_at_offsets_move_by_positions_only(tmp_path):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_chunks_at_offsets_move_by_positions_only(hadamard, tmp_path):
     """Assembled keys equal Rope.shift of each chunk's own dequantized keys by its offset
-    (1e-5, fp32), values are the chunk's, codes are byte-identical, positions are offset."""
+    (1e-5, fp32), values are the chunk's, codes are byte-identical, positions are offset.
+    With Hadamard too: the codes hold rotated pre-RoPE keys, which an offset does not touch."""
     model = tiny()
-    store = kvpress_rs.ChunkStore(model, backend=tmp_path, quantization=config(4, outlier_fraction=0.05))
+    store = kvpress_rs.ChunkStore(model, backend=tmp_path,
+                                  quantization=config(4, outlier_fraction=0.05, hadamard=hadamard))
     sizes = [G + 7, 2 * G + 3, 11]
     chunks = [random_ids(1, n, seed=s) for n, s in zip(sizes, (3, 4, 5))]
     encoded = [store.encode(c) for c in chunks]
@@ -99,12 +104,13 @@ def test_chunks_at_offsets_move_by_positions_only(tmp_path):
 
 
 @pytest.mark.parametrize("q_len", [1, 4])
-def test_attention_over_an_assembled_store_equals_a_softmax_reference(q_len):
+@pytest.mark.parametrize("hadamard", [False, True])
+def test_attention_over_an_assembled_store_equals_a_softmax_reference(q_len, hadamard):
     """The front region holds reused tokens out of position order; only the newest q_len
     tokens (appended last) are causal among themselves."""
     torch.manual_seed(0)
     rope = kvpress_rs.Rope(32)
-    cfg = kvpress_rs.QuantConfig(bits=4, group_size=G, residual_length=0, pre_rope_keys=True)
+    cfg = kvpress_rs.QuantConfig(bits=4, group_size=G, residual_length=0, pre_rope_keys=True, hadamard=hadamard)
     parts = []
     for n in (45, 70):
         chunk = _native.QuantizedStore(cfg, rope)
@@ -196,7 +202,6 @@ def test_corrupt_and_mismatched_quantized_entries(tmp_path):
 def test_bad_configs_and_malformed_parts_raise_clearly(tmp_path):
     model = tiny()
     for quantization, match in [
-        (config(4, hadamard=True), "hadamard"),
         (config(4, sink_tokens=4), "sink_tokens"),
         ({"bits": 4, "nope": 1}, "unknown option"),
         ("4bit", "expected a kvpress_rs.QuantConfig"),

@@ -51,9 +51,10 @@ class ChunkStore:
         (``residual_length=0`` while encoding: every whole group is quantized, the last
         ``< group_size`` tokens stay in full precision). The assembled cache quantizes the
         tokens that come after the chunks with the given config (its ``residual_length``).
-        Refused: ``hadamard=True`` (pre-RoPE keys exclude it), ``sink_tokens > 0`` (the
-        assembled cache holds the chunks' full-precision remainders where sinks live) and
-        rope types whose frequencies depend on the length (``dynamic``, ``longrope``).
+        ``hadamard=True`` works as in the cache (codes of Hadamard-rotated pre-RoPE keys,
+        which an offset does not touch). Refused: ``sink_tokens > 0`` (the assembled
+        cache holds the chunks' full-precision remainders where sinks live) and rope types
+        whose frequencies depend on the length (``dynamic``, ``longrope``).
         ``recompute_ratio`` must be 0 with quantized chunks.
     on_invalid : "miss" or "raise"
         What :meth:`encode` does with a corrupt or mismatched entry: re-encode it and
@@ -354,7 +355,7 @@ def _with(config: QuantConfig, **changes: Any) -> QuantConfig:
 
 
 def _check_quantization(quantization: Any, model_config: Any) -> QuantConfig | None:
-    """The chunk quantization config: pre_rope_keys forced on, hadamard and sinks refused."""
+    """The chunk quantization config: pre_rope_keys forced on, sinks refused."""
     if quantization is None:
         return None
     if isinstance(quantization, dict):
@@ -369,11 +370,6 @@ def _check_quantization(quantization: Any, model_config: Any) -> QuantConfig | N
         raise InvalidArgumentError(
             f"invalid `quantization`: got {type(quantization).__name__}, expected a kvpress_rs.QuantConfig, "
             "a dict of its arguments, or None"
-        )
-    if quantization.hadamard:
-        raise InvalidArgumentError(
-            "invalid `quantization`: hadamard=True is not supported for chunks (their blocks are moved between "
-            "offsets without the rotation); expected hadamard=False"
         )
     if quantization.sink_tokens:
         raise InvalidArgumentError(
