@@ -14,7 +14,7 @@ use super::group::{
 };
 use super::hadamard::fwht;
 use super::layout::TensorLayout;
-use super::pack::{dequant_group, pack, pack_code_row, unpack_code_row};
+use super::pack::{dequant_code_row, dequant_group, pack, pack_code_row};
 use super::qtensor::QuantizedTensor;
 use super::simd::{Madd, Separate};
 use super::Grouping;
@@ -538,35 +538,44 @@ fn decode_typed<T: KvFloat>(q: &QuantizedTensor, out: &mut Tensor) -> Result<()>
 /// rather than of G floats), then each token's codes are shifted out of those rows and
 /// scaled across all channels at once. Exact `code·scale + zero` (two roundings), as the
 /// libtorch path computes it.
+/// (Bits and group size as constants: the words' transpose and the rows unroll.)
 #[inline(always)]
-fn decode_channels<T>(layout: &TensorLayout, tile: &TileData<'_, T>, scratch: &mut Scratch) {
-    let (g, d) = (layout.group_size, layout.head_dim);
-    let gb = layout.group_bytes();
+fn decode_channels<T, const BITS: u32, const G: usize>(
+    d: usize,
+    tile: &TileData<'_, T>,
+    scratch: &mut Scratch,
+) {
+    let gb = G * BITS as usize / 8;
     let wpg = gb / 4;
     let Scratch {
         tile: rows,
-        row_codes,
+        groups: pairs,
         words,
         zeros,
         inv: scales,
         ..
     } = scratch;
-    let (words, row_codes) = (&mut words[..wpg * d], &mut row_codes[..d]);
-    let (scales, zeros) = (&mut scales[..d], &mut zeros[..d]);
+    let words = &mut words[..wpg * d];
     for (c, group) in tile.codes[..d * gb].chunks_exact(gb).enumerate() {
         for (w, bytes) in group.chunks_exact(4).enumerate() {
             words[w * d + c] = u32::from_le_bytes([bytes[0], bytes[1], bytes[2], bytes[3]]);
         }
     }
-    for (c, (s, z)) in scales.iter_mut().zip(zeros.iter_mut()).enumerate() {
-        *s = tile.params[2 * c].to_f32();
-        *z = tile.params[2 * c + 1].to_f32();
+    // (scale, zero) pairs converted as one slice (F16C, 8 at a time), then split.
+    let pairs = &mut pairs[..2 * d];
+    f16::slice_to_f32(&tile.params[..2 * d], pairs);
+    let (scales, zeros) = (&mut scales[..d], &mut zeros[..d]);
+    for ((s, z), pair) in scales
+        .iter_mut()
+        .zip(zeros.iter_mut())
+        .zip(pairs.chunks_exact(2))
+    {
+        *s = pair[0];
+        *z = pair[1];
     }
-    for (t, row) in rows[..g * d].chunks_exact_mut(d).enumerate() {
-        unpack_code_row(words, t, g, layout.bits, row_codes);
-        for (((o, &code), &s), &z) in row.iter_mut().zip(&*row_codes).zip(&*scales).zip(&*zeros) {
-            *o = code as f32 * s + z;
-        }
+    let (scales, zeros) = (&scales[..d], &zeros[..d]);
+    for (t, row) in rows[..G * d].chunks_exact_mut(d).enumerate() {
+        dequant_code_row(words, t, G, BITS, scales, zeros, row);
     }
 }
 
@@ -593,7 +602,7 @@ fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
     let gb = layout.group_bytes();
     let no = layout.outliers;
     if layout.grouping == Grouping::Channel && no == 0 {
-        decode_channels(layout, tile, scratch);
+        decode_channels::<T, BITS, G>(d, tile, scratch);
         if layout.hadamard {
             for row in scratch.tile.chunks_exact_mut(d) {
                 fwht(row);

@@ -99,42 +99,79 @@ pub fn pack_code_row(codes: &[u32], t: usize, g: usize, bits: u32, words: &mut [
     }
 }
 
+/// Where code `t` of a group lies in its packed words (see [`pack_code_row`]): the word
+/// row and bit of its low field and that field's mask, and for 3 bits the word row and
+/// bit of its high bit.
+#[inline(always)]
+fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usize, u32)>) {
+    let at = |j: usize, shift: u32| (j / 4, 8 * (j % 4) as u32 + shift);
+    let low = |j: usize, mask: u32, shift: u32| {
+        let (row, bit) = at(j, shift);
+        (row, bit, mask)
+    };
+    match bits {
+        8 => (low(t, 0xff, 0), None),
+        4 => (low(t % (g / 2), 15, 4 * (t / (g / 2)) as u32), None),
+        2 => (low(t % (g / 4), 3, 2 * (t / (g / 4)) as u32), None),
+        3 => {
+            let (n4, n8) = (g / 4, g / 8);
+            (
+                low(t % n4, 3, 2 * (t / n4) as u32),
+                Some(at(n4 + t % n8, (t / n8) as u32)),
+            )
+        }
+        _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
 /// The inverse of [`pack_code_row`]: code `t` of every group whose packed words sit side
 /// by side in `words` (`words[w·n + i]` = word `w` of group `i`, `n = codes.len()`) into
-/// `codes`, with whole-row shifts and masks (vectorized across groups). Channel groups are
-/// dequantized this way, one token row at a time, with no transpose of the tile.
+/// `codes`, with whole-row shifts and masks (vectorized across groups).
 #[inline(always)]
 pub fn unpack_code_row(words: &[u32], t: usize, g: usize, bits: u32, codes: &mut [u32]) {
     let n = codes.len();
-    // The field of byte `j` of every group at bit `shift`, `mask` wide.
-    let field = |j: usize, mask: u32, shift: u32| {
-        let at = 8 * (j % 4) as u32 + shift;
-        words[(j / 4) * n..(j / 4 + 1) * n]
-            .iter()
-            .map(move |&w| (w >> at) & mask)
-    };
-    match bits {
-        8 => codes
-            .iter_mut()
-            .zip(field(t, 0xff, 0))
-            .for_each(|(o, c)| *o = c),
-        4 => {
-            let it = field(t % (g / 2), 15, 4 * (t / (g / 2)) as u32);
-            codes.iter_mut().zip(it).for_each(|(o, c)| *o = c);
+    let ((row, bit, mask), high) = code_fields(t, g, bits);
+    let low = &words[row * n..(row + 1) * n];
+    for (o, &w) in codes.iter_mut().zip(low) {
+        *o = (w >> bit) & mask;
+    }
+    if let Some((row, bit)) = high {
+        for (o, &w) in codes.iter_mut().zip(&words[row * n..(row + 1) * n]) {
+            *o |= ((w >> bit) & 1) << 2;
         }
-        2 => {
-            let it = field(t % (g / 4), 3, 2 * (t / (g / 4)) as u32);
-            codes.iter_mut().zip(it).for_each(|(o, c)| *o = c);
-        }
-        3 => {
-            let (n4, n8) = (g / 4, g / 8);
-            let low = field(t % n4, 3, 2 * (t / n4) as u32);
-            let high = field(n4 + t % n8, 1, (t / n8) as u32);
-            for ((o, l), h) in codes.iter_mut().zip(low).zip(high) {
-                *o = l | (h << 2);
+    }
+}
+
+/// [`unpack_code_row`] and dequantization in one pass: `out[i] = code·scales[i] + zeros[i]`
+/// (two roundings, as the libtorch path computes it) for code `t` of every group. Channel
+/// groups are dequantized this way, one token row at a time, with no transpose of the
+/// tile and no row of codes stored in between.
+#[inline(always)]
+pub fn dequant_code_row(
+    words: &[u32],
+    t: usize,
+    g: usize,
+    bits: u32,
+    scales: &[f32],
+    zeros: &[f32],
+    out: &mut [f32],
+) {
+    let n = out.len();
+    let ((row, bit, mask), high) = code_fields(t, g, bits);
+    let low = &words[row * n..(row + 1) * n];
+    match high {
+        None => {
+            for (((o, &w), &s), &z) in out.iter_mut().zip(low).zip(scales).zip(zeros) {
+                *o = ((w >> bit) & mask) as f32 * s + z;
             }
         }
-        _ => unreachable!("bits validated by QuantConfig"),
+        Some((row, hbit)) => {
+            let high = &words[row * n..(row + 1) * n];
+            let pairs = low.iter().zip(high);
+            for (((o, (&l, &h)), &s), &z) in out.iter_mut().zip(pairs).zip(scales).zip(zeros) {
+                *o = (((l >> bit) & mask) | (((h >> hbit) & 1) << 2)) as f32 * s + z;
+            }
+        }
     }
 }
 
