@@ -124,26 +124,11 @@ fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usi
     }
 }
 
-/// The inverse of [`pack_code_row`]: code `t` of every group whose packed words sit side
-/// by side in `words` (`words[w·n + i]` = word `w` of group `i`, `n = codes.len()`) into
-/// `codes`, with whole-row shifts and masks (vectorized across groups).
-#[inline(always)]
-pub fn unpack_code_row(words: &[u32], t: usize, g: usize, bits: u32, codes: &mut [u32]) {
-    let n = codes.len();
-    let ((row, bit, mask), high) = code_fields(t, g, bits);
-    let low = &words[row * n..(row + 1) * n];
-    for (o, &w) in codes.iter_mut().zip(low) {
-        *o = (w >> bit) & mask;
-    }
-    if let Some((row, bit)) = high {
-        for (o, &w) in codes.iter_mut().zip(&words[row * n..(row + 1) * n]) {
-            *o |= ((w >> bit) & 1) << 2;
-        }
-    }
-}
-
-/// [`unpack_code_row`] and dequantization in one pass: `out[i] = code·scales[i] + zeros[i]`
-/// (two roundings, as the libtorch path computes it) for code `t` of every group. Channel
+/// The inverse of [`pack_code_row`], dequantized in the same pass: code `t` of every group
+/// whose packed words sit side by side in `words` (`words[w·n + i]` = word `w` of group
+/// `i`, `n = out.len()`), shifted and masked out of whole word rows (vectorized across
+/// groups), then `out[i] = code·scales[i] + zeros[i]` (two roundings, as the libtorch path
+/// computes it). Channel
 /// groups are dequantized this way, one token row at a time, with no transpose of the
 /// tile and no row of codes stored in between.
 #[inline(always)]
@@ -402,10 +387,13 @@ mod tests {
                 for (t, row) in codes.iter().enumerate() {
                     pack_code_row(row, t, g, bits, &mut words);
                 }
-                let mut back = vec![0u32; n];
+                // scale 1, zero 0: the codes themselves (exact in f32)
+                let (ones, zeros) = (vec![1f32; n], vec![0f32; n]);
+                let mut back = vec![0f32; n];
                 for (t, row) in codes.iter().enumerate() {
-                    unpack_code_row(&words, t, g, bits, &mut back);
-                    assert_eq!(&back, row, "bits {bits} G {g} token {t}");
+                    dequant_code_row(&words, t, g, bits, &ones, &zeros, &mut back);
+                    let expected: Vec<f32> = row.iter().map(|&c| c as f32).collect();
+                    assert_eq!(back, expected, "bits {bits} G {g} token {t}");
                 }
             }
         }

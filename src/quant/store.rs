@@ -564,9 +564,10 @@ impl QuantizedStore {
         } else {
             0
         };
-        let fresh = |t: &Tensor, axis: i64| -> Result<Tensor> {
-            Ok(t.f_narrow(axis, to_sinks as i64, (q - to_sinks) as i64)?)
+        let span = |t: &Tensor, axis: i64, from: usize, n: usize| -> Result<Tensor> {
+            Ok(t.f_narrow(axis, from as i64, n as i64)?)
         };
+        let fresh = |t: &Tensor, axis: i64| span(t, axis, to_sinks, q - to_sinks);
         // The tokens after the sinks, oldest first: the window's, then the new ones (a copy
         // only when a flush takes tokens from the window).
         let (new_k, new_v) = (fresh(keys, TOKEN_AXIS)?, fresh(values, TOKEN_AXIS)?);
@@ -593,9 +594,6 @@ impl QuantizedStore {
             ((k, v, p), false)
         } else {
             ((new_k, new_v, new_p), true)
-        };
-        let span = |t: &Tensor, axis: i64, from: usize, n: usize| -> Result<Tensor> {
-            Ok(t.f_narrow(axis, from as i64, n as i64)?)
         };
         let mut new_block = None;
         if flushed > 0 {
@@ -645,8 +643,6 @@ impl QuantizedStore {
                     })
                 }
             }
-        } else if self.residual.as_ref().is_some_and(|r| r.len == 0) {
-            self.residual = None;
         }
         if let (Some(pre), Some(p)) = (&self.pre_rope, &positions) {
             table::write(&pre.table).cover(p.f_max()?.f_int64_value(&[])? as usize + 1);
