@@ -3,18 +3,18 @@
 //! Work is split into units of one tile (G tokens of one (batch, head) = head_dim groups),
 //! run in parallel with rayon; each unit writes its own contiguous slice of every output.
 //! A unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
-//! channel groups row by row, vectorized across the head_dim channels (`encode_channels`);
-//! token groups, and channel groups with outliers (after a transpose), group by group
-//! (`encode_groups`). Both use the arithmetic of `group.rs` and the layout of `pack.rs`,
+//! channel groups packed word by word, vectorized across the head_dim channels
+//! (`encode_channels`); token groups, and channel groups with outliers (after a transpose),
+//! group by group (`encode_groups`). Both use the arithmetic of `group.rs` and the layout of `pack.rs`,
 //! so they write the same bytes.
 
 use super::group::{
-    code, code_u32, column_min_max, inverse_scale, min_max, min_max_skipping, outlier_positions,
-    params_slice, ParamScratch,
+    code, code_bits_in_range, column_min_max, min_max, min_max_skipping, outlier_positions,
+    params_slice, NanLanes,
 };
 use super::hadamard::fwht;
 use super::layout::TensorLayout;
-use super::pack::{dequant_code_row, dequant_group, pack, pack_code_row};
+use super::pack::{dequant_code_row, dequant_group, pack, WordPlane};
 use super::qtensor::QuantizedTensor;
 use super::simd::{Madd, Separate};
 use super::Grouping;
@@ -34,17 +34,13 @@ struct Scratch {
     tile: Vec<f32>,
     /// The tile with every group contiguous (channel groups: [c][t]).
     groups: Vec<f32>,
-    /// Codes of one group (token groups, or any grouping with outliers).
-    /// Channel groups: the codes of one token row (code `t` of every channel's group).
-    row_codes: Vec<u32>,
     /// Channel groups: the tile's packed groups as u32 words, word row `w` holding word
-    /// `w` of every channel's group (`pack_code_row`).
+    /// `w` of every channel's group (`WordPlane`).
     words: Vec<u32>,
     mins: Vec<f32>,
     maxs: Vec<f32>,
     zeros: Vec<f32>,
     inv: Vec<f32>,
-    params: ParamScratch,
 }
 
 impl Scratch {
@@ -52,14 +48,12 @@ impl Scratch {
         Scratch {
             tile: vec![0.0; g * d],
             groups: vec![0.0; g * d],
-            row_codes: vec![0; d],
             // At most 8 bits: a group packs into at most g bytes, g/4 words.
             words: vec![0; g / 4 * d],
             mins: vec![0.0; d],
             maxs: vec![0.0; d],
             zeros: vec![0.0; d],
             inv: vec![0.0; d],
-            params: ParamScratch::new(d),
         }
     }
 }
@@ -244,13 +238,11 @@ enum Encoded {
     NonFinite,
 }
 
-/// Quantizes tokens `t0..t0+G` of (b, h) into `out`. The finiteness check is here, on the
-/// tile already converted to f32 in L1, rather than a separate pass over the input: that
-/// pass read the whole tensor from memory once more (~12% of quantizing).
-/// (Exact arithmetic only: `M` is unused, so every copy gives the same codes.)
-// `M` (the CPU feature set) is unused in the body on purpose: the macro's per-feature copies
-// let the compiler vectorize with those features; the arithmetic itself is exact.
-#[allow(clippy::extra_unused_type_parameters)]
+/// Quantizes tokens `t0..t0+G` of (b, h) into `out`. The finiteness check is fused into
+/// the pass over the f32 tile in L1 that finds the groups' ranges (see [`NanLanes`]) rather
+/// than a separate pass over the input: that pass read the whole tensor from memory once
+/// more (~12% of quantizing). Hadamard and outliers check the tile first: the rotation
+/// could overflow a finite input, and outlier selection ranks magnitudes.
 #[inline(always)]
 fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
     layout: &TensorLayout,
@@ -263,70 +255,64 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
 ) -> Encoded {
     let (g, d) = (layout.group_size, layout.head_dim);
     load_tile(x, b, h, t0, g, &mut scratch.tile);
-    if !finite_slice(&scratch.tile[..g * d]) {
-        return Encoded::NonFinite;
-    }
-    if layout.hadamard {
-        for row in scratch.tile.chunks_exact_mut(d) {
-            fwht(row);
+    if layout.hadamard || layout.outliers > 0 {
+        if !finite_slice(&scratch.tile[..g * d]) {
+            return Encoded::NonFinite;
+        }
+        if layout.hadamard {
+            for row in scratch.tile.chunks_exact_mut(d) {
+                fwht(row);
+            }
         }
     }
-    let fits = if layout.grouping == Grouping::Channel && layout.outliers == 0 {
-        encode_channels(layout, scratch, out)
+    if layout.grouping == Grouping::Channel && layout.outliers == 0 {
+        encode_channels::<M, T, G>(layout, scratch, out)
     } else {
-        encode_groups::<T, G>(layout, scratch, out)
-    };
-    if fits {
-        Encoded::Done
-    } else {
-        Encoded::OutOfRange
+        encode_groups::<M, T, G>(layout, scratch, out)
     }
 }
 
 /// Channel groups without outliers, straight from the token-major tile: ranges are
-/// column min/max over the G rows, and each row's codes (code `t` of every channel's
-/// group) are computed and packed with whole-row operations, vectorized across channels;
-/// the only per-group step left is spreading the packed byte rows to their groups.
+/// column min/max over the G rows; then, per block of channels, each packed word of their
+/// groups is built in registers from the token rows its codes come from (`WordPlane`),
+/// vectorized across the channels. The only per-group step left is spreading the word
+/// rows to their groups.
 #[inline(always)]
-fn encode_channels<T: KvFloat>(
+fn encode_channels<M: Madd, T: KvFloat, const G: usize>(
     layout: &TensorLayout,
     scratch: &mut Scratch,
     out: EncodeOut<'_, T>,
-) -> bool {
-    let (g, d) = (layout.group_size, layout.head_dim);
+) -> Encoded {
+    let (g, d) = (G, layout.head_dim);
     let gb = layout.group_bytes();
-    let levels = layout.levels();
     let Scratch {
         tile,
-        row_codes,
         words,
         mins,
         maxs,
         zeros,
         inv,
-        params: param_scratch,
         ..
     } = scratch;
-    let (mins, maxs, zeros, inv) = (
-        &mut mins[..d],
-        &mut maxs[..d],
-        &mut zeros[..d],
-        &mut inv[..d],
-    );
-    column_min_max(&tile[..g * d], mins, maxs);
-    let ok = params_slice(mins, maxs, 1.0 / levels, param_scratch, out.params);
-    for (c, (z, iv)) in zeros.iter_mut().zip(inv.iter_mut()).enumerate() {
-        *z = out.params[2 * c + 1].to_f32();
-        *iv = inverse_scale(out.params[2 * c].to_f32());
+    let tile = &tile[..g * d];
+    if !column_min_max::<M>(tile, &mut mins[..d], &mut maxs[..d]) {
+        return Encoded::NonFinite;
     }
-    let wpg = gb / 4;
-    let (row_codes, words) = (&mut row_codes[..d], &mut words[..wpg * d]);
-    words.fill(0);
-    for (t, row) in tile[..g * d].chunks_exact(d).enumerate() {
-        for (((o, &v), &z), &iv) in row_codes.iter_mut().zip(row).zip(&*zeros).zip(&*inv) {
-            *o = code_u32(v, z, iv, levels);
-        }
-        pack_code_row(row_codes, t, g, layout.bits, words);
+    let fits = params_slice(
+        &mins[..d],
+        &maxs[..d],
+        1.0 / layout.levels(),
+        out.params,
+        zeros,
+        inv,
+    );
+    let (words, zeros, inv) = (&mut words[..gb / 4 * d], &zeros[..d], &inv[..d]);
+    // Bits and group size as constants: a word's fields unroll into immediate shifts.
+    match layout.bits {
+        2 => encode_channel_blocks::<2, G>(tile, zeros, inv, words),
+        3 => encode_channel_blocks::<3, G>(tile, zeros, inv, words),
+        4 => encode_channel_blocks::<4, G>(tile, zeros, inv, words),
+        _ => encode_channel_blocks::<8, G>(tile, zeros, inv, words),
     }
     // Word w of group c is words[w·d + c]: interleave the word rows into group order.
     for (c, group) in out.codes[..d * gb].chunks_exact_mut(gb).enumerate() {
@@ -334,17 +320,76 @@ fn encode_channels<T: KvFloat>(
             bytes.copy_from_slice(&words[w * d + c].to_le_bytes());
         }
     }
-    ok
+    if fits {
+        Encoded::Done
+    } else {
+        Encoded::OutOfRange
+    }
+}
+
+/// Every packed word of every channel group of the tile, 16 channels at a time.
+#[inline(always)]
+fn encode_channel_blocks<const BITS: u32, const G: usize>(
+    tile: &[f32],
+    zeros: &[f32],
+    inv: &[f32],
+    words: &mut [u32],
+) {
+    const L: usize = 16;
+    let d = zeros.len();
+    let whole = d - d % L;
+    for c0 in (0..whole).step_by(L) {
+        encode_channel_words::<L, BITS, G>(tile, c0, zeros, inv, words);
+    }
+    for c0 in whole..d {
+        encode_channel_words::<1, BITS, G>(tile, c0, zeros, inv, words);
+    }
+}
+
+/// Every packed word of the groups of channels `c0..c0+L` (`words[w·d + c]`, `d` =
+/// `zeros.len()`): each code is computed from its token row of the tile and shifted into
+/// its word in registers, never stored on its own.
+#[inline(always)]
+fn encode_channel_words<const L: usize, const BITS: u32, const G: usize>(
+    tile: &[f32],
+    c0: usize,
+    zeros: &[f32],
+    inv: &[f32],
+    words: &mut [u32],
+) {
+    let d = zeros.len();
+    let (Some(z), Some(iv)) = (zeros[c0..].first_chunk::<L>(), inv[c0..].first_chunk::<L>()) else {
+        return;
+    };
+    for w in 0..words.len() / d {
+        let mut acc = [0u32; L];
+        let plane = WordPlane::of(G, BITS, w);
+        let (from, mask) = (plane.from, plane.mask());
+        for b in 0..4 {
+            for k in 0..plane.per_byte() {
+                let (t, at) = plane.field(w, b, k);
+                if let Some(row) = tile[t * d + c0..].first_chunk::<L>() {
+                    for i in 0..L {
+                        let code = code_bits_in_range(row[i], z[i], iv[i]);
+                        acc[i] |= ((code >> from) & mask) << at;
+                    }
+                }
+            }
+        }
+        if let Some(dst) = words[w * d + c0..].first_chunk_mut::<L>() {
+            *dst = acc;
+        }
+    }
 }
 
 /// Every other case, group by group: token groups are contiguous in the tile; channel
 /// groups (with outliers) are laid out contiguously by a transpose first.
 #[inline(always)]
-fn encode_groups<T: KvFloat, const G: usize>(
+fn encode_groups<M: Madd, T: KvFloat, const G: usize>(
     layout: &TensorLayout,
     scratch: &mut Scratch,
     out: EncodeOut<'_, T>,
-) -> bool {
+) -> Encoded {
     let (g, d) = (G, layout.head_dim);
     let grouped: &[f32] = match layout.grouping {
         Grouping::Token => &scratch.tile,
@@ -359,15 +404,16 @@ fn encode_groups<T: KvFloat, const G: usize>(
     let Scratch {
         mins,
         maxs,
+        zeros,
         inv,
-        params: param_scratch,
         ..
     } = scratch;
     let mut codes = [0u8; G];
+    let mut nan = NanLanes::new();
     // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
     for (i, vals) in grouped.chunks_exact(G).enumerate() {
         let (mn, mx) = if no == 0 {
-            min_max(vals)
+            min_max::<M>(vals, &mut nan)
         } else {
             let pos = &mut out.positions[i * no..(i + 1) * no];
             outlier_positions(vals, no, pos);
@@ -379,19 +425,12 @@ fn encode_groups<T: KvFloat, const G: usize>(
         mins[i] = mn;
         maxs[i] = mx;
     }
-    let ok = params_slice(
-        &mins[..d],
-        &maxs[..d],
-        1.0 / levels,
-        param_scratch,
-        out.params,
-    );
-    for (i, v) in inv[..d].iter_mut().enumerate() {
-        *v = inverse_scale(out.params[2 * i].to_f32());
+    if !nan.all_finite() {
+        return Encoded::NonFinite;
     }
+    let fits = params_slice(&mins[..d], &maxs[..d], 1.0 / levels, out.params, zeros, inv);
     for (i, vals) in grouped.chunks_exact(G).enumerate() {
-        let z = out.params[2 * i + 1].to_f32();
-        let iv = inv[i];
+        let (z, iv) = (zeros[i], inv[i]);
         let vals: &[f32; G] = match vals.first_chunk::<G>() {
             Some(v) => v,
             None => break,
@@ -408,7 +447,11 @@ fn encode_groups<T: KvFloat, const G: usize>(
             &mut out.codes[i * gb..(i + 1) * gb],
         );
     }
-    ok
+    if fits {
+        Encoded::Done
+    } else {
+        Encoded::OutOfRange
+    }
 }
 
 /// `dst[c·rows + r] = src[r·cols + c]` for a rows×cols matrix, in cache-friendly blocks.

@@ -13,6 +13,7 @@
 //!
 //! Hence `|x − x̂| ≤ scale/2` up to f32 rounding, for every non-outlier element.
 
+use super::simd::Madd;
 use half::f16;
 
 /// The largest float16 that is ≤ `v` (−inf below the float16 range).
@@ -88,76 +89,76 @@ pub fn code_u32(x: f32, zero: f32, inv: f32, levels: f32) -> u32 {
     (v + ROUND).to_bits() & 0xff
 }
 
-/// [`params`] for many groups at once (vectorized float16 conversions): writes
-/// `scale, zero` pairs into `out` and returns false if any does not fit float16.
+/// [`code_u32`] of an `x` inside its group's range (`zero ≤ x ≤ max`, with `zero` and
+/// `inv` from [`params`] of that range), as the rounded float's bits: the code is their low
+/// byte. No clamp is needed there: `(x − zero)·inv` lies in `[0, levels·(1 + 4ε)]`, which
+/// rounds into `0..=levels`, so the code equals the clamped one.
+#[inline(always)]
+pub fn code_bits_in_range(x: f32, zero: f32, inv: f32) -> u32 {
+    const ROUND: f32 = 12_582_912.0;
+    ((x - zero) * inv + ROUND).to_bits()
+}
+
+/// [`params`] for many groups at once: writes `scale, zero` pairs into `out`, each zero and
+/// [`inverse_scale`] of each scale as f32 into `zeros` and `inv`, and returns false if any
+/// does not fit float16. With F16C, float16's directed roundings are the conversion's own
+/// rounding modes (towards −∞ for the zero, +∞ for the scale), 8 groups per instruction;
+/// IEEE rounding makes them equal to [`f16_down`] and [`f16_up`] bit for bit.
+#[inline(always)]
 pub fn params_slice(
     min: &[f32],
     max: &[f32],
     inv_levels: f32,
-    tmp: &mut ParamScratch,
     out: &mut [f16],
+    zeros: &mut [f32],
+    inv: &mut [f32],
 ) -> bool {
-    use half::slice::HalfFloatSliceExt;
     let n = min.len();
-    let ParamScratch { h, back, raw } = tmp;
-    let (h, back, raw) = (&mut h[..n], &mut back[..n], &mut raw[..n]);
-    // zero = f16_down(min). The corrections are selects, not branches: whether float16
-    // rounding went up or down is a coin flip per group, which a branch mispredicts.
-    h.convert_from_f32_slice(min);
-    h.convert_to_f32_slice(back);
-    for i in 0..n {
-        h[i] = step_if(back[i] > min[i], h[i], back[i], true);
-    }
-    h.convert_to_f32_slice(back);
-    for i in 0..n {
-        raw[i] = (max[i] - back[i]) * inv_levels;
-        out[2 * i + 1] = h[i];
-    }
-    // scale = f16_up(raw)
-    h.convert_from_f32_slice(raw);
-    h.convert_to_f32_slice(back);
+    let (max, out, zeros, inv) = (&max[..n], &mut out[..2 * n], &mut zeros[..n], &mut inv[..n]);
+    let mut done = 0;
     let mut ok = true;
-    for i in 0..n {
-        h[i] = step_if(back[i] < raw[i], h[i], back[i], false);
-        out[2 * i] = h[i];
-        ok &= h[i].is_finite() && out[2 * i + 1].is_finite();
-    }
-    ok
-}
-
-/// Scratch of [`params_slice`] for up to `n` groups.
-pub struct ParamScratch {
-    h: Vec<f16>,
-    back: Vec<f32>,
-    raw: Vec<f32>,
-}
-
-impl ParamScratch {
-    pub fn new(n: usize) -> Self {
-        ParamScratch {
-            h: vec![f16::ZERO; n],
-            back: vec![0.0; n],
-            raw: vec![0.0; n],
+    #[cfg(target_arch = "x86_64")]
+    if std::arch::is_x86_feature_detected!("f16c") && std::arch::is_x86_feature_detected!("avx") {
+        use std::arch::x86_64::*;
+        done = n - n % 8;
+        // SAFETY: the CPU has F16C and AVX (checked above); every pointer is offset within
+        // its slice (i + 8 ≤ done ≤ n for min, max, zeros, inv; 2i + 16 ≤ 2n for out);
+        // unaligned loads and stores.
+        unsafe {
+            let mut bad = _mm_setzero_si128();
+            let exponent = _mm_set1_epi16(0x7c00);
+            for i in (0..done).step_by(8) {
+                let zh =
+                    _mm256_cvtps_ph::<_MM_FROUND_TO_NEG_INF>(_mm256_loadu_ps(min.as_ptr().add(i)));
+                let zf = _mm256_cvtph_ps(zh);
+                let range = _mm256_sub_ps(_mm256_loadu_ps(max.as_ptr().add(i)), zf);
+                let raw = _mm256_mul_ps(range, _mm256_set1_ps(inv_levels));
+                let sh = _mm256_cvtps_ph::<_MM_FROUND_TO_POS_INF>(raw);
+                let sf = _mm256_cvtph_ps(sh);
+                let pairs = out.as_mut_ptr().add(2 * i) as *mut __m128i;
+                _mm_storeu_si128(pairs, _mm_unpacklo_epi16(sh, zh));
+                _mm_storeu_si128(pairs.add(1), _mm_unpackhi_epi16(sh, zh));
+                _mm256_storeu_ps(zeros.as_mut_ptr().add(i), zf);
+                let positive = _mm256_cmp_ps::<_CMP_GT_OQ>(sf, _mm256_setzero_ps());
+                let iv = _mm256_and_ps(_mm256_div_ps(_mm256_set1_ps(1.0), sf), positive);
+                _mm256_storeu_ps(inv.as_mut_ptr().add(i), iv);
+                for h in [sh, zh] {
+                    let e = _mm_and_si128(h, exponent);
+                    bad = _mm_or_si128(bad, _mm_cmpeq_epi16(e, exponent));
+                }
+            }
+            ok = _mm_testz_si128(bad, bad) == 1;
         }
     }
-}
-
-/// `h` (whose value is `value`) moved one float16 step down (`down`) or up when `cond`,
-/// else `h`; written as selects so that it compiles without branches.
-#[inline(always)]
-fn step_if(cond: bool, h: f16, value: f32, down: bool) -> f16 {
-    let bits = h.to_bits();
-    // Away from zero is +1 on the magnitude bits, towards zero −1; from ±0 the smallest
-    // subnormal of the direction's sign.
-    let away = if down { value < 0.0 } else { value > 0.0 };
-    let moved = if away {
-        bits.wrapping_add(1)
-    } else {
-        bits.wrapping_sub(1)
-    };
-    let from_zero = if down { 0x8001 } else { 0x0001 };
-    let moved = if value == 0.0 { from_zero } else { moved };
-    f16::from_bits(if cond { moved } else { bits })
+    for i in done..n {
+        let zero = f16_down(min[i]);
+        let scale = f16_up((max[i] - zero.to_f32()) * inv_levels);
+        (out[2 * i], out[2 * i + 1]) = (scale, zero);
+        zeros[i] = zero.to_f32();
+        inv[i] = inverse_scale(scale.to_f32());
+        ok &= scale.is_finite() && zero.is_finite();
+    }
+    ok
 }
 
 /// Positions of the `n` elements of largest magnitude, ties to the lower index, in
@@ -180,64 +181,99 @@ pub fn outlier_positions(vals: &[f32], n: usize, out: &mut [u8]) {
     out[..n].sort_unstable();
 }
 
-/// Min and max of `vals`, in lanes the compiler vectorizes.
+/// Min and max of `vals`, in lanes the compiler vectorizes; finiteness accumulates in
+/// `nan` (see [`NanLanes`]) for the caller to check once per tile, not once per group.
 #[inline(always)]
-pub fn min_max(vals: &[f32]) -> (f32, f32) {
-    const L: usize = 16;
+pub fn min_max<M: Madd>(vals: &[f32], nan: &mut NanLanes) -> (f32, f32) {
+    const L: usize = NAN_LANES;
     let mut lo = [f32::INFINITY; L];
     let mut hi = [f32::NEG_INFINITY; L];
+    let nan = &mut nan.0;
     let chunks = vals.chunks_exact(L);
     let rest = chunks.remainder();
     for c in chunks {
         for i in 0..L {
             lo[i] = if c[i] < lo[i] { c[i] } else { lo[i] };
             hi[i] = if c[i] > hi[i] { c[i] } else { hi[i] };
+            nan[i] = M::madd(c[i], 0.0, nan[i]);
         }
     }
     for (i, &v) in rest.iter().enumerate() {
         lo[i] = if v < lo[i] { v } else { lo[i] };
         hi[i] = if v > hi[i] { v } else { hi[i] };
+        nan[i] = M::madd(v, 0.0, nan[i]);
     }
-    // Halve the lanes (a tree the compiler turns into a few shuffles; a chain of 16
-    // dependent scalar min/max was a sizeable share of quantizing).
-    let mut w = L / 2;
+    // Halve the lanes in a tree (a chain of 16 dependent scalar min/max was a sizeable
+    // share of quantizing). After the first halving, the mins and the negated maxes share
+    // one vector, so each further level is one shuffle and one min for both.
+    let mut m = [0f32; L];
+    for i in 0..L / 2 {
+        let (a, b) = (lo[i], lo[i + L / 2]);
+        m[i] = if b < a { b } else { a };
+        let (a, b) = (-hi[i], -hi[i + L / 2]);
+        m[i + L / 2] = if b < a { b } else { a };
+    }
+    let mut w = L / 4;
     while w > 0 {
-        for i in 0..w {
-            lo[i] = if lo[i + w] < lo[i] { lo[i + w] } else { lo[i] };
-            hi[i] = if hi[i + w] > hi[i] { hi[i + w] } else { hi[i] };
+        for half in [0, L / 2] {
+            for i in half..half + w {
+                m[i] = if m[i + w] < m[i] { m[i + w] } else { m[i] };
+            }
         }
         w /= 2;
     }
-    (lo[0], hi[0])
+    (m[0], -m[L / 2])
+}
+
+const NAN_LANES: usize = 16;
+
+/// Whether every value seen was finite, accumulated lane-wise as `madd(x, 0, lane)`:
+/// `x·0` is NaN exactly for a NaN or infinite `x`, and a NaN stays in the sum (one
+/// instruction per vector in the FMA copies, rather than a pass of its own over the tile).
+#[derive(Default)]
+pub struct NanLanes([f32; NAN_LANES]);
+
+impl NanLanes {
+    #[inline(always)]
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    #[inline(always)]
+    pub fn all_finite(&self) -> bool {
+        self.0.iter().all(|&v| v == 0.0)
+    }
 }
 
 /// Per column `c` of the row-major `rows` (rows of `mins.len()` values), the min and max
-/// over the rows: channel groups' ranges straight from token rows, vectorized across
-/// channels (no transpose). At least one row.
+/// over the rows, and whether every value is finite (as in [`NanLanes`]): channel groups'
+/// ranges straight from token rows, vectorized across channels (no transpose).
 #[inline(always)]
-pub fn column_min_max(rows: &[f32], mins: &mut [f32], maxs: &mut [f32]) {
+pub fn column_min_max<M: Madd>(rows: &[f32], mins: &mut [f32], maxs: &mut [f32]) -> bool {
     // Blocks of B columns whose running min/max stay in registers across the rows (a
     // whole-row pass would store both rows to memory after every token).
     const B: usize = 32;
     let d = mins.len();
     let maxs = &mut maxs[..d];
+    let mut nan = [0f32; B];
     let mut c0 = 0;
     while c0 < d {
         let w = (d - c0).min(B);
-        let mut lo = [0f32; B];
-        lo[..w].copy_from_slice(&rows[c0..c0 + w]);
-        let mut hi = lo;
-        for row in rows[d..].chunks_exact(d) {
+        let mut lo = [f32::INFINITY; B];
+        let mut hi = [f32::NEG_INFINITY; B];
+        for row in rows.chunks_exact(d) {
             let row = &row[c0..c0 + w];
             if let Some(row) = row.first_chunk::<B>() {
                 for i in 0..B {
                     lo[i] = if row[i] < lo[i] { row[i] } else { lo[i] };
                     hi[i] = if row[i] > hi[i] { row[i] } else { hi[i] };
+                    nan[i] = M::madd(row[i], 0.0, nan[i]);
                 }
             } else {
                 for (i, &v) in row.iter().enumerate() {
                     lo[i] = if v < lo[i] { v } else { lo[i] };
                     hi[i] = if v > hi[i] { v } else { hi[i] };
+                    nan[i] = M::madd(v, 0.0, nan[i]);
                 }
             }
         }
@@ -245,6 +281,7 @@ pub fn column_min_max(rows: &[f32], mins: &mut [f32], maxs: &mut [f32]) {
         maxs[c0..c0 + w].copy_from_slice(&hi[..w]);
         c0 += w;
     }
+    nan.iter().all(|&v| v == 0.0)
 }
 
 /// Min and max of `vals` leaving out the (sorted) positions `skip`.
@@ -266,6 +303,7 @@ pub fn min_max_skipping(vals: &[f32], skip: &[u8]) -> (f32, f32) {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::quant::simd::{Fused, Separate};
 
     #[test]
     fn directed_rounding_brackets_the_value() {
@@ -296,18 +334,38 @@ mod tests {
 
     #[test]
     fn batched_params_equal_one_at_a_time() {
-        let min = [-1.3f32, 0.0, 2.0, -1e-9, 5.0, -70000.0];
-        let max = [2.7f32, 0.0, 2.0001, 1e-9, 5.0, 0.0];
-        let mut out = [f16::ZERO; 12];
-        let ok = params_slice(&min, &max, 1.0 / 7.0, &mut ParamScratch::new(6), &mut out);
-        assert!(!ok, "-70000 does not fit float16");
-        for i in 0..5 {
-            let (s, z) = params(min[i], max[i], 1.0 / 7.0).unwrap();
-            assert_eq!(
-                (out[2 * i].to_bits(), out[2 * i + 1].to_bits()),
-                (s.to_bits(), z.to_bits()),
-                "{i}"
-            );
+        // Whole vectors of 8 and a tail; signs, zeros, subnormal and overflowing ranges.
+        let mut min = vec![-1.3f32, 0.0, 2.0, -1e-9, 5.0, -0.0, 6e-8, -65504.0, 1e-9];
+        let mut max = vec![2.7f32, 0.0, 2.0001, 1e-9, 5.0, 0.0, 1e-7, 65504.0, 3.0];
+        for i in 0..40 {
+            let a = ((i * 37 % 101) as f32 - 50.0) * 0.173;
+            min.push(a);
+            max.push(a + (i * 13 % 17) as f32 * 0.61);
+        }
+        let n = min.len();
+        let check = |min: &[f32], max: &[f32]| {
+            let n = min.len();
+            let mut out = vec![f16::ZERO; 2 * n];
+            let (mut zeros, mut inv) = (vec![0f32; n], vec![0f32; n]);
+            let ok = params_slice(min, max, 1.0 / 7.0, &mut out, &mut zeros, &mut inv);
+            for i in 0..n {
+                let (s, z) = params(min[i], max[i], 1.0 / 7.0).unwrap();
+                let got = (out[2 * i].to_bits(), out[2 * i + 1].to_bits());
+                assert_eq!(got, (s.to_bits(), z.to_bits()), "{i}");
+                assert_eq!(zeros[i].to_bits(), z.to_f32().to_bits(), "{i}");
+                assert_eq!(inv[i].to_bits(), inverse_scale(s.to_f32()).to_bits(), "{i}");
+            }
+            ok
+        };
+        assert!(check(&min, &max));
+        // A range beyond float16, in a whole vector and in the tail.
+        for at in [3, n - 1] {
+            let mut min = min.clone();
+            min[at] = -70000.0;
+            let mut out = vec![f16::ZERO; 2 * n];
+            let (mut zeros, mut inv) = (vec![0f32; n], vec![0f32; n]);
+            let ok = params_slice(&min, &max, 1.0 / 7.0, &mut out, &mut zeros, &mut inv);
+            assert!(!ok, "-70000 does not fit float16 (group {at})");
         }
         for (x, expected) in [
             (-0.6f32, 0u8),
@@ -324,16 +382,36 @@ mod tests {
     #[test]
     fn ranges_of_groups_and_columns() {
         let v: Vec<f32> = (0..37).map(|i| ((i * 17) % 37) as f32 - 20.0).collect();
-        assert_eq!(min_max(&v), (-20.0, 16.0));
-        assert_eq!(min_max(&v[..5]), (-20.0, 14.0));
+        let mut nan = NanLanes::new();
+        assert_eq!(min_max::<Separate>(&v, &mut nan), (-20.0, 16.0));
+        assert_eq!(min_max::<Separate>(&v[..5], &mut nan), (-20.0, 14.0));
+        assert!(nan.all_finite());
         // 3 rows of 4 columns.
         let rows = [
             1.0, -2.0, 3.0, 0.5, -1.0, 5.0, 3.0, 0.25, 2.0, 0.0, -3.0, 0.75,
         ];
         let (mut mins, mut maxs) = ([0.0; 4], [0.0; 4]);
-        column_min_max(&rows, &mut mins, &mut maxs);
+        assert!(column_min_max::<Separate>(&rows, &mut mins, &mut maxs));
         assert_eq!(mins, [-1.0, -2.0, -3.0, 0.25]);
         assert_eq!(maxs, [2.0, 5.0, 3.0, 0.75]);
+        // A NaN or an infinity anywhere is reported, whatever the column or lane.
+        let wide: Vec<f32> = (0..3 * 40).map(|i| (i % 7) as f32).collect();
+        let (mut mins, mut maxs) = ([0.0; 40], [0.0; 40]);
+        for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
+            for at in [0, 37, 119] {
+                let mut rows = wide.clone();
+                rows[at] = bad;
+                assert!(!column_min_max::<Separate>(&rows, &mut mins, &mut maxs));
+                assert!(!column_min_max::<Fused>(&rows, &mut mins, &mut maxs));
+                let mut nan = NanLanes::new();
+                min_max::<Separate>(&rows, &mut nan);
+                assert!(!nan.all_finite(), "{bad} at {at}");
+            }
+        }
+        assert!(column_min_max::<Fused>(&wide, &mut mins, &mut maxs));
+        let mut nan = NanLanes::new();
+        min_max::<Fused>(&wide, &mut nan);
+        assert!(nan.all_finite());
     }
 
     #[test]

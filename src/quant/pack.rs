@@ -68,38 +68,63 @@ fn pack2(codes: &[u8], out: &mut [u8]) {
     }
 }
 
-/// Packs code `t` of `codes.len()` groups of `g` codes at once, the groups side by side
-/// in little-endian u32 words: with `n = codes.len()`, `words[w·n + i]` holds bytes
-/// `4w .. 4w+4` of group `i` (`packed_bytes(g, bits)` is a multiple of 4 for the group
-/// sizes 32, 64, 128), `codes[i]` (< 2^bits) is code `t` of group `i`, and `words` starts
-/// zeroed. Calling it for every `t` of `0..g` leaves each group's bytes exactly as [`pack`]
-/// writes them. Channel groups are quantized this way: one token row gives code `t` of
-/// every channel's group, so each call is one shift-and-or over whole rows of 32-bit
-/// lanes (vectorized across groups; x86 has no byte shifts) instead of a transpose.
-#[inline(always)]
-pub fn pack_code_row(codes: &[u32], t: usize, g: usize, bits: u32, words: &mut [u32]) {
-    let n = codes.len();
-    // ORs `(code >> from) & mask` into byte `j` of every group, at bit `shift` of it.
-    let mut put = |j: usize, from: u32, mask: u32, shift: u32| {
-        let at = 8 * (j % 4) as u32 + shift;
-        for (o, &c) in words[(j / 4) * n..(j / 4 + 1) * n].iter_mut().zip(codes) {
-            *o |= ((c >> from) & mask) << at;
+/// Which codes make up word `w` (bytes `4w .. 4w+4`, little-endian) of a group of `g`
+/// codes packed by [`pack`]: they lie in one plane of `n` bytes starting at byte `first`,
+/// whose every byte holds `8/width` fields of `width` bits (bits `from..` of their codes;
+/// `from` is 2 only for the high bit of a 3-bit code); field k of the plane's byte j is
+/// code j + k·n, at bit width·k of the byte. `packed_bytes(g, bits)` is a multiple of 4
+/// for the group sizes 32, 64, 128, and a 3-bit group's two planes split at a word
+/// boundary. Channel groups are quantized word by word this way: a word's codes come from
+/// `32/width` token rows of the tile, each code computed and shifted into place in
+/// registers, vectorized across the channels (x86 has no byte shifts, so words are 32-bit
+/// lanes).
+#[derive(Clone, Copy, Debug)]
+pub struct WordPlane {
+    first: usize,
+    n: usize,
+    pub width: u32,
+    pub from: u32,
+}
+
+impl WordPlane {
+    #[inline(always)]
+    pub fn of(g: usize, bits: u32, w: usize) -> Self {
+        let plane = |first, n, width, from| WordPlane {
+            first,
+            n,
+            width,
+            from,
+        };
+        match bits {
+            2 | 4 | 8 => plane(0, g * bits as usize / 8, bits, 0),
+            3 if 4 * w < g / 4 => plane(0, g / 4, 2, 0),
+            3 => plane(g / 4, g / 8, 1, 2),
+            _ => unreachable!("bits validated by QuantConfig"),
         }
-    };
-    match bits {
-        8 => put(t, 0, 0xff, 0),
-        4 => put(t % (g / 2), 0, 15, 4 * (t / (g / 2)) as u32),
-        2 => put(t % (g / 4), 0, 3, 2 * (t / (g / 4)) as u32),
-        3 => {
-            let (n4, n8) = (g / 4, g / 8);
-            put(t % n4, 0, 3, 2 * (t / n4) as u32);
-            put(n4 + t % n8, 2, 1, (t / n8) as u32);
-        }
-        _ => unreachable!("bits validated by QuantConfig"),
+    }
+
+    /// Fields per byte.
+    #[inline(always)]
+    pub fn per_byte(&self) -> usize {
+        8 / self.width as usize
+    }
+
+    #[inline(always)]
+    pub fn mask(&self) -> u32 {
+        (1 << self.width) - 1
+    }
+
+    /// The code of field `k` of byte `b` of word `w`, and the field's bit in the word.
+    #[inline(always)]
+    pub fn field(&self, w: usize, b: usize, k: usize) -> (usize, u32) {
+        (
+            4 * w + b - self.first + k * self.n,
+            8 * b as u32 + self.width * k as u32,
+        )
     }
 }
 
-/// Where code `t` of a group lies in its packed words (see [`pack_code_row`]): the word
+/// Where code `t` of a group lies in its packed words (see [`WordPlane`]): the word
 /// row and bit of its low field and that field's mask, and for 3 bits the word row and
 /// bit of its high bit.
 #[inline(always)]
@@ -124,7 +149,7 @@ fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usi
     }
 }
 
-/// The inverse of [`pack_code_row`], dequantized in the same pass: code `t` of every group
+/// The inverse of packing by [`WordPlane`], dequantized in the same pass: code `t` of every group
 /// whose packed words sit side by side in `words` (`words[w·n + i]` = word `w` of group
 /// `i`, `n = out.len()`), shifted and masked out of whole word rows (vectorized across
 /// groups), then `out[i] = code·scales[i] + zeros[i]` (two roundings, as the libtorch path
@@ -345,21 +370,36 @@ mod tests {
         check::<128>();
     }
 
+    /// Groups packed side by side word by word, as the channel encoder does:
+    /// `words[w·n + i]` is word `w` of group `i`, whose code `t` is `code(i, t)`.
+    fn pack_words(code: impl Fn(usize, usize) -> u32, n: usize, g: usize, bits: u32) -> Vec<u32> {
+        let wpg = packed_bytes(g, bits) / 4;
+        let mut words = vec![0u32; wpg * n];
+        for w in 0..wpg {
+            let p = WordPlane::of(g, bits, w);
+            for i in 0..n {
+                for b in 0..4 {
+                    for k in 0..p.per_byte() {
+                        let (t, at) = p.field(w, b, k);
+                        words[w * n + i] |= ((code(i, t) >> p.from) & p.mask()) << at;
+                    }
+                }
+            }
+        }
+        words
+    }
+
     #[test]
-    fn packing_code_rows_equals_packing_each_group() {
+    fn packing_word_by_word_equals_packing_each_group() {
         for bits in [2u32, 3, 4, 8] {
             for g in [32usize, 64, 128] {
                 let groups = 5;
                 // Group i, code t: a pattern that differs per group and per position.
-                let code = |i: usize, t: usize| ((i * 11 + t * 7 + 3) % (1 << bits)) as u8;
+                let code = |i: usize, t: usize| ((i * 11 + t * 7 + 3) % (1 << bits)) as u32;
                 let gb = packed_bytes(g, bits);
-                let mut words = vec![0u32; gb / 4 * groups];
-                for t in 0..g {
-                    let row: Vec<u32> = (0..groups).map(|i| code(i, t) as u32).collect();
-                    pack_code_row(&row, t, g, bits, &mut words);
-                }
+                let words = pack_words(code, groups, g, bits);
                 for i in 0..groups {
-                    let codes: Vec<u8> = (0..g).map(|t| code(i, t)).collect();
+                    let codes: Vec<u8> = (0..g).map(|t| code(i, t) as u8).collect();
                     let mut expected = vec![0u8; gb];
                     pack(&codes, bits, &mut expected);
                     let got: Vec<u8> = (0..gb / 4)
@@ -372,27 +412,40 @@ mod tests {
     }
 
     #[test]
+    fn every_code_has_one_field() {
+        for bits in [2u32, 3, 4, 8] {
+            for g in [32usize, 64, 128] {
+                // bits covered per code: each bit of each code exactly once
+                let mut covered = vec![0u32; g];
+                for w in 0..packed_bytes(g, bits) / 4 {
+                    let p = WordPlane::of(g, bits, w);
+                    for b in 0..4 {
+                        for k in 0..p.per_byte() {
+                            covered[p.field(w, b, k).0] += p.mask() << p.from;
+                        }
+                    }
+                }
+                assert!(
+                    covered.iter().all(|&c| c == (1 << bits) - 1),
+                    "bits {bits} g {g}"
+                );
+            }
+        }
+    }
+
+    #[test]
     fn unpacking_code_rows_inverts_packing_them() {
         for bits in [2u32, 3, 4, 8] {
             for g in [32usize, 64, 128] {
                 let n = 5;
-                let codes: Vec<Vec<u32>> = (0..g)
-                    .map(|t| {
-                        (0..n)
-                            .map(|i| ((t * 7 + i * 13) % (1 << bits)) as u32)
-                            .collect()
-                    })
-                    .collect();
-                let mut words = vec![0u32; packed_bytes(g, bits) / 4 * n];
-                for (t, row) in codes.iter().enumerate() {
-                    pack_code_row(row, t, g, bits, &mut words);
-                }
+                let code = |i: usize, t: usize| ((t * 7 + i * 13) % (1 << bits)) as u32;
+                let words = pack_words(code, n, g, bits);
                 // scale 1, zero 0: the codes themselves (exact in f32)
                 let (ones, zeros) = (vec![1f32; n], vec![0f32; n]);
                 let mut back = vec![0f32; n];
-                for (t, row) in codes.iter().enumerate() {
+                for t in 0..g {
                     dequant_code_row(&words, t, g, bits, &ones, &zeros, &mut back);
-                    let expected: Vec<f32> = row.iter().map(|&c| c as f32).collect();
+                    let expected: Vec<f32> = (0..n).map(|i| code(i, t) as f32).collect();
                     assert_eq!(back, expected, "bits {bits} G {g} token {t}");
                 }
             }
