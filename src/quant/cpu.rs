@@ -632,7 +632,9 @@ pub(crate) struct TileData<'a, T> {
 
 multiversion!(fn decode_unit<T: KvFloat; const BITS: u32, const G: usize>(layout: &TensorLayout, tile: &TileData<'_, T>, scratch: &mut Scratch, dst: &mut [T]) -> () => decode_unit_body);
 
-// `M` unused on purpose, as in `encode_unit_body`.
+// `M` (the CPU feature set) is unused in the body on purpose: the macro's per-feature copies
+// let the compiler vectorize with those features; the arithmetic itself is exact, the same
+// in every copy (`Separate` products, as the libtorch path computes them).
 #[allow(clippy::extra_unused_type_parameters)]
 #[inline(always)]
 fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(

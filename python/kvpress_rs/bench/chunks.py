@@ -24,12 +24,13 @@ import argparse
 import json
 import statistics
 import tempfile
-import time
 import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from .measure import median_seconds
 
 MARK = "\u2063DOCS\u2063"
 
@@ -62,16 +63,6 @@ def prompt_parts(tokenizer: Any) -> tuple[list[int], list[int]]:
     before, after = rendered.split(MARK)
     encode = lambda text: tokenizer(text, add_special_tokens=False)["input_ids"]  # noqa: E731
     return encode(before), encode(QUESTION + after)
-
-
-def median_seconds(fn: Any, repeats: int) -> float:
-    fn()  # warm-up
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 @torch.no_grad()

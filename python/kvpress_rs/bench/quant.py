@@ -17,7 +17,8 @@ Parts (``all`` runs every one):
   prefill of each length, the configurations taking turns step by step; the cache's own
   cost is that minus the ms/token of a DynamicCache at a 128-token context in the same turns.
 - ``kernels``: quantize and dequantize throughput on a (1, 8, 8192, 128) tensor against
-  ``tensor.clone()`` of the same bytes (medians of ``--repeats``).
+  ``tensor.clone()`` of the same bytes, each kernel timed in alternation with clone()
+  (medians of ``--repeats``; the clone() printed is the median over all of them).
 - ``bytes``: KV bytes held after a prefill vs the formula (bits + 32/G)/16 of float16 for
   the quantized tokens plus the full-precision residual window and sinks.
 - ``frontier``: memory-matched configurations (low bits with eviction) at >= 10x less KV
@@ -41,7 +42,7 @@ from typing import Any, Callable
 
 import torch
 
-from .measure import median_seconds
+from .measure import paired_median_seconds
 from .specs import kv_bytes, quanto_available
 
 BF16_NOTE = "SmolLM2-135M-Instruct, bfloat16, CPU"
@@ -291,8 +292,8 @@ def run_kernels(repeats: int) -> dict:
     for dtype in (torch.float16, torch.bfloat16):
         x = torch.randn(1, 8, 8192, 128).to(dtype)
         gb = x.nbytes / 1e9
-        clone = gb / median_seconds(lambda: x.clone(), repeats)
-        rows = {"clone_gbps": clone}
+        clones: list[float] = []
+        rows: dict = {}
         kernels: dict[str, tuple[Callable[[], Any], Callable[[Any], Any]]] = {}
         for bits in (2, 4):
             for grouping in ("channel", "token"):
@@ -308,10 +309,18 @@ def run_kernels(repeats: int) -> dict:
                 kernels[f"quanto {bits}b axis0 G64"] = (lambda layer=layer: layer._quantize(x, axis=0), lambda q: q.dequantize())
         for name, (quant, deq) in kernels.items():
             q = quant()
-            tq = gb / median_seconds(quant, repeats)
-            td = gb / median_seconds(lambda: deq(q), repeats)
-            rows[name] = {"quantize_gbps": tq, "dequantize_gbps": td, "quantize_vs_clone": tq / clone, "dequantize_vs_clone": td / clone}
-            print(f"{str(dtype).split('.')[1]:<10}{name:<28}{tq:12.2f}{tq / clone:8.2f}{td:10.2f}{td / clone:8.2f}")
+            # Each kernel alternates with clone() of the same bytes: the ratio is to the
+            # copy's bandwidth at that moment (this machine's clone() drifts by 1.5x).
+            sq, cq = paired_median_seconds(quant, lambda: x.clone(), repeats)
+            sd, cd = paired_median_seconds(lambda: deq(q), lambda: x.clone(), repeats)
+            tq, td = gb / sq, gb / sd
+            clones += [gb / cq, gb / cd]
+            rows[name] = {"quantize_gbps": tq, "dequantize_gbps": td, "quantize_vs_clone": cq / sq,
+                          "dequantize_vs_clone": cd / sd, "clone_gbps_with_quantize": gb / cq,
+                          "clone_gbps_with_dequantize": gb / cd}
+            print(f"{str(dtype).split('.')[1]:<10}{name:<28}{tq:12.2f}{cq / sq:8.2f}{td:10.2f}{cd / sd:8.2f}")
+        clone = statistics.median(clones)
+        rows["clone_gbps"] = clone
         print(f"{str(dtype).split('.')[1]:<10}{'clone()':<28}{clone:12.2f}")
         results[str(dtype)] = rows
     return results
