@@ -435,8 +435,15 @@ fn encode_groups<M: Madd, T: KvFloat, const G: usize>(
             Some(v) => v,
             None => break,
         };
-        for k in 0..G {
-            codes[k] = code(vals[k], z, iv, levels);
+        if no == 0 {
+            // Every value is inside its group's range: no clamp (see `code_bits_in_range`).
+            for k in 0..G {
+                codes[k] = code_bits_in_range(vals[k], z, iv) as u8;
+            }
+        } else {
+            for k in 0..G {
+                codes[k] = code(vals[k], z, iv, levels);
+            }
         }
         for &p in &out.positions[i * no..(i + 1) * no] {
             codes[p as usize] = 0;
