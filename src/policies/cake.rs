@@ -24,7 +24,7 @@ impl Cake {
                 format!("got {window_size}, expected at least 2 queries (a variance over them)"),
             ));
         }
-        if kernel_size == 0 || kernel_size % 2 == 0 {
+        if kernel_size == 0 || kernel_size.is_multiple_of(2) {
             return Err(KvError::invalid(
                 "kernel_size",
                 format!("got {kernel_size}, expected an odd number >= 1"),

@@ -70,7 +70,7 @@ impl SnapKv {
 }
 
 fn odd_kernel(argument: &str, k: usize) -> Result<usize> {
-    if k == 0 || k % 2 == 0 {
+    if k == 0 || k.is_multiple_of(2) {
         return Err(KvError::invalid(
             argument,
             format!("got {k}, expected an odd number >= 1"),

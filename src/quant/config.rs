@@ -126,7 +126,7 @@ impl QuantConfig {
             ));
         }
         // Whole-window flushes quantize the window: whole groups only if it is whole groups.
-        if self.block_length.is_none() && self.residual_length % self.group_size != 0 {
+        if self.block_length.is_none() && !self.residual_length.is_multiple_of(self.group_size) {
             return Err(KvError::invalid(
                 "residual_length",
                 format!(
@@ -171,7 +171,7 @@ impl QuantConfig {
         grouping: Grouping,
         argument: &str,
     ) -> Result<()> {
-        if grouping == Grouping::Token && head_dim % self.group_size != 0 {
+        if grouping == Grouping::Token && !head_dim.is_multiple_of(self.group_size) {
             return Err(KvError::invalid(
                 "group_size",
                 format!(

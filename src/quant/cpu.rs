@@ -9,7 +9,7 @@
 //! so they write the same bytes.
 
 use super::group::{
-    code, code_bits_in_range, column_min_max, min_max, min_max_skipping, outlier_positions,
+    code, code_bits_in_range, column_min_max, min_max_groups, min_max_skipping, outlier_positions,
     params_slice, NanLanes,
 };
 use super::hadamard::fwht;
@@ -411,19 +411,17 @@ fn encode_groups<M: Madd, T: KvFloat, const G: usize>(
     let mut codes = [0u8; G];
     let mut nan = NanLanes::new();
     // Ranges of all the tile's groups, then their float16 scale/zero in one batch.
-    for (i, vals) in grouped.chunks_exact(G).enumerate() {
-        let (mn, mx) = if no == 0 {
-            min_max::<M>(vals, &mut nan)
-        } else {
+    if no == 0 {
+        min_max_groups::<M, G>(grouped, &mut nan, &mut mins[..d], &mut maxs[..d]);
+    } else {
+        for (i, vals) in grouped.chunks_exact(G).enumerate() {
             let pos = &mut out.positions[i * no..(i + 1) * no];
             outlier_positions(vals, no, pos);
             for (k, &p) in pos.iter().enumerate() {
                 out.values[i * no + k] = T::from_f32(vals[p as usize]);
             }
-            min_max_skipping(vals, pos)
-        };
-        mins[i] = mn;
-        maxs[i] = mx;
+            (mins[i], maxs[i]) = min_max_skipping(vals, pos);
+        }
     }
     if !nan.all_finite() {
         return Encoded::NonFinite;

@@ -225,6 +225,153 @@ pub fn min_max<M: Madd>(vals: &[f32], nan: &mut NanLanes) -> (f32, f32) {
     (m[0], -m[L / 2])
 }
 
+/// [`min_max`] of every group of `G` values side by side in `vals` into `mins` and `maxs`
+/// (one per group). With AVX-512, 16 groups at a time (see `avx512::min_max_16_groups`).
+#[inline(always)]
+pub fn min_max_groups<M: Madd, const G: usize>(
+    vals: &[f32],
+    nan: &mut NanLanes,
+    mins: &mut [f32],
+    maxs: &mut [f32],
+) {
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        let batches = vals.chunks_exact(16 * G);
+        for ((batch, mn), mx) in batches
+            .zip(mins.chunks_exact_mut(16))
+            .zip(maxs.chunks_exact_mut(16))
+        {
+            // SAFETY: `level()` detected AVX-512F on this CPU.
+            unsafe { avx512::min_max_16_groups::<G>(batch, nan, mn, mx) };
+            done += 16;
+        }
+    }
+    let rest = vals
+        .chunks_exact(G)
+        .zip(mins.iter_mut().zip(maxs.iter_mut()));
+    for (group, (mn, mx)) in rest.skip(done) {
+        (*mn, *mx) = min_max::<M>(group, nan);
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use super::{NanLanes, NAN_LANES};
+    use std::arch::x86_64::*;
+
+    const L: usize = NAN_LANES;
+
+    /// Mins and maxes of 16 groups of `G` values side by side in `vals` (`mins[i]`,
+    /// `maxs[i]` of `vals[i·G..(i+1)·G]`; slices too short are left alone), finiteness
+    /// into `nan`. Each group is folded lane-wise to one vector, then the 16 vectors are
+    /// reduced together in a butterfly ([`combine`]): 15 combinations of two vectors for
+    /// 16 groups, where a reduction tree per group takes four dependent shuffle steps and
+    /// a scalar extraction each. Comparisons are ordered as in [`super::min_max`].
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn min_max_16_groups<const G: usize>(
+        vals: &[f32],
+        nan: &mut NanLanes,
+        mins: &mut [f32],
+        maxs: &mut [f32],
+    ) {
+        let (Some(mins), Some(maxs)) = (mins.first_chunk_mut::<L>(), maxs.first_chunk_mut::<L>())
+        else {
+            return;
+        };
+        if vals.len() < L * G || !G.is_multiple_of(L) {
+            return;
+        }
+        let zero = _mm512_setzero_ps();
+        // SAFETY (every load): group g's vector k lies at g·G + k·L + 0..L < 16·G ≤ len.
+        let at = |g: usize, k: usize| unsafe { _mm512_loadu_ps(vals.as_ptr().add(g * G + k * L)) };
+        // SAFETY: `nan.0` holds 16 f32.
+        let mut finite = unsafe { _mm512_loadu_ps(nan.0.as_ptr()) };
+        let mut lo = [zero; L];
+        let mut hi = [zero; L];
+        for g in 0..L {
+            let first = at(g, 0);
+            finite = _mm512_fmadd_ps(first, zero, finite);
+            let (mut l, mut h) = (first, first);
+            for k in 1..G / L {
+                let v = at(g, k);
+                l = _mm512_min_ps(v, l);
+                h = _mm512_max_ps(v, h);
+                finite = _mm512_fmadd_ps(v, zero, finite);
+            }
+            (lo[g], hi[g]) = (l, h);
+        }
+        // SAFETY: `nan.0` holds 16 f32.
+        unsafe { _mm512_storeu_ps(nan.0.as_mut_ptr(), finite) };
+        let (lo, hi) = (reduce(lo, false), reduce(hi, true));
+        // Lane i holds group bitreverse(i) (see `combine`).
+        let (mut l, mut h) = ([0f32; L], [0f32; L]);
+        // SAFETY: both arrays hold 16 f32.
+        unsafe {
+            _mm512_storeu_ps(l.as_mut_ptr(), lo);
+            _mm512_storeu_ps(h.as_mut_ptr(), hi);
+        }
+        for i in 0..L {
+            let g = (i & 1) << 3 | (i & 2) << 1 | (i & 4) >> 1 | (i & 8) >> 3;
+            (mins[g], maxs[g]) = (l[i], h[i]);
+        }
+    }
+
+    /// The butterfly: at width `w` = 8, 4, 2, 1, vectors `2p` and `2p+1` become vector `p`,
+    /// whose lanes with bit `w` clear are `op(a[i], a[i+w])` and the others
+    /// `op(b[i−w], b[i])` (two two-source permutes and one min or max). Each level halves
+    /// the lanes per group; at the end lane i holds the group whose index is i's bits
+    /// reversed. Always inlined into [`min_max_16_groups`] (whose AVX-512F it relies on),
+    /// where the levels unroll and the 16 vectors stay in registers.
+    #[inline(always)]
+    fn reduce(mut v: [__m512; L], max: bool) -> __m512 {
+        let (mut n, mut w) = (L, L / 2);
+        while w > 0 {
+            // SAFETY: inlined into an AVX-512F function (see above); the index arrays hold
+            // 16 i32.
+            unsafe {
+                let x = _mm512_loadu_si512(index(w, false).as_ptr() as *const _);
+                let y = _mm512_loadu_si512(index(w, true).as_ptr() as *const _);
+                for p in 0..n / 2 {
+                    let (a, b) = (v[2 * p], v[2 * p + 1]);
+                    let (xs, ys) = (
+                        _mm512_permutex2var_ps(a, x, b),
+                        _mm512_permutex2var_ps(a, y, b),
+                    );
+                    // `op(first, second)` keeps `first` unless `second` is beyond it.
+                    v[p] = if max {
+                        _mm512_max_ps(ys, xs)
+                    } else {
+                        _mm512_min_ps(ys, xs)
+                    };
+                }
+            }
+            n /= 2;
+            w /= 2;
+        }
+        v[0]
+    }
+
+    /// Permute indices of [`reduce`] at width `w`: the first operand's lanes (`second`
+    /// false) or the second's (0..16 picks from a, 16..32 from b).
+    #[inline(always)]
+    const fn index(w: usize, second: bool) -> [i32; L] {
+        let mut idx = [0i32; L];
+        let mut i = 0;
+        while i < L {
+            let clear = i & w == 0;
+            idx[i] = match (clear, second) {
+                (true, false) => i,
+                (false, false) => 16 + i - w,
+                (true, true) => i + w,
+                (false, true) => 16 + i,
+            } as i32;
+            i += 1;
+        }
+        idx
+    }
+}
+
 const NAN_LANES: usize = 16;
 
 /// Whether every value seen was finite, accumulated lane-wise as `madd(x, 0, lane)`:
@@ -412,6 +559,38 @@ mod tests {
         let mut nan = NanLanes::new();
         min_max::<Fused>(&wide, &mut nan);
         assert!(nan.all_finite());
+    }
+
+    #[test]
+    fn groups_at_once_equal_one_at_a_time() {
+        fn check<const G: usize>() {
+            // 40 groups: two batches of 16 and a remainder of 8.
+            let n = 40;
+            let vals: Vec<f32> = (0..n * G)
+                .map(|i| ((i * 7919 % 1009) as f32 - 500.0) * 0.013)
+                .collect();
+            let (mut mins, mut maxs) = (vec![0f32; n], vec![0f32; n]);
+            let mut nan = NanLanes::new();
+            min_max_groups::<Fused, G>(&vals, &mut nan, &mut mins, &mut maxs);
+            assert!(nan.all_finite());
+            for (i, group) in vals.chunks_exact(G).enumerate() {
+                let mn = group.iter().cloned().fold(f32::INFINITY, f32::min);
+                let mx = group.iter().cloned().fold(f32::NEG_INFINITY, f32::max);
+                assert_eq!((mins[i], maxs[i]), (mn, mx), "G {G} group {i}");
+            }
+            for at in [3, 16 * G + 5, n * G - 1] {
+                for bad in [f32::NAN, f32::INFINITY] {
+                    let mut vals = vals.clone();
+                    vals[at] = bad;
+                    let mut nan = NanLanes::new();
+                    min_max_groups::<Fused, G>(&vals, &mut nan, &mut mins, &mut maxs);
+                    assert!(!nan.all_finite(), "G {G}: {bad} at {at}");
+                }
+            }
+        }
+        check::<32>();
+        check::<64>();
+        check::<128>();
     }
 
     #[test]

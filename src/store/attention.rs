@@ -16,7 +16,7 @@ pub(crate) fn attend_rows(
     row: impl Fn(usize, usize) -> Result<(Tensor, Tensor)>,
 ) -> Result<Tensor> {
     let size = query.size();
-    if size.len() != 4 || size[0] as usize != batch || size[1] as usize % heads != 0 {
+    if size.len() != 4 || size[0] as usize != batch || !(size[1] as usize).is_multiple_of(heads) {
         return Err(KvError::shape(
             "query",
             &size,
