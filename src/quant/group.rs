@@ -265,7 +265,7 @@ mod avx512 {
     /// Mins and maxes of 16 groups of `G` values side by side in `vals` (`mins[i]`,
     /// `maxs[i]` of `vals[i·G..(i+1)·G]`; slices too short are left alone), finiteness
     /// into `nan`. Each group is folded lane-wise to one vector, then the 16 vectors are
-    /// reduced together in a butterfly ([`combine`]): 15 combinations of two vectors for
+    /// reduced together in a butterfly ([`reduce`]): 15 combinations of two vectors for
     /// 16 groups, where a reduction tree per group takes four dependent shuffle steps and
     /// a scalar extraction each. Comparisons are ordered as in [`super::min_max`].
     #[target_feature(enable = "avx512f")]
@@ -304,7 +304,7 @@ mod avx512 {
         // SAFETY: `nan.0` holds 16 f32.
         unsafe { _mm512_storeu_ps(nan.0.as_mut_ptr(), finite) };
         let (lo, hi) = (reduce(lo, false), reduce(hi, true));
-        // Lane i holds group bitreverse(i) (see `combine`).
+        // Lane i holds group bitreverse(i) (see `reduce`).
         let (mut l, mut h) = ([0f32; L], [0f32; L]);
         // SAFETY: both arrays hold 16 f32.
         unsafe {
