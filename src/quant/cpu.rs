@@ -4,9 +4,9 @@
 //! run in parallel with rayon; each unit writes its own contiguous slice of every output.
 //! A unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
 //! channel groups packed word by word, vectorized across the head_dim channels
-//! (`encode_channels`); token groups, and channel groups with outliers (after a transpose),
-//! group by group (`encode_groups`). Both use the arithmetic of `group.rs` and the layout of `pack.rs`,
-//! so they write the same bytes.
+//! (`encode_channels`); token groups, and channel groups with outliers (after a
+//! transpose), group by group (`encode_groups`). Both use the arithmetic of `group.rs` and
+//! the layout of `pack.rs`, so they write the same bytes.
 
 use super::group::{
     code, code_bits_in_range, column_min_max, min_max_groups, min_max_skipping, outlier_positions,
