@@ -143,22 +143,16 @@ fn partition_softmax<T: KvFloat>(
     let (hi, normalised) = rest.split_at_mut(d);
     lo.fill(f32::INFINITY);
     hi.fill(f32::NEG_INFINITY);
-    match x.strides()[1] == 1 || d == 1 {
-        // each token's channels are one slice (also in the token-major layout that
-        // transformers hands over): the channel loops vectorize
-        true => partition_spread(
-            |i| {
-                x.index_axis_move(Axis(0), i)
-                    .to_slice()
-                    .expect("unit channel stride")
-            },
-            cur,
-            next,
-            lag,
-            (lo, hi, normalised),
-            out,
-        ),
-        false => {
+    // Each token's channels as one slice when they are contiguous (also in the token-major
+    // layout that transformers hands over): the channel loops vectorize.
+    let slices: Option<Vec<&[T]>> = (cur..next + lag)
+        .map(|i| x.index_axis_move(Axis(0), i).to_slice())
+        .collect();
+    match slices {
+        Some(rows) => {
+            partition_spread(|i| rows[i - cur], cur, next, lag, (lo, hi, normalised), out)
+        }
+        None => {
             let rows: Vec<f32> = x
                 .slice(ndarray::s![cur..next + lag, ..])
                 .iter()

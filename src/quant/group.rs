@@ -151,12 +151,13 @@ pub fn params_slice(
         }
     }
     for i in done..n {
-        let zero = f16_down(min[i]);
-        let scale = f16_up((max[i] - zero.to_f32()) * inv_levels);
+        let Some((scale, zero)) = params(min[i], max[i], inv_levels) else {
+            ok = false;
+            continue;
+        };
         (out[2 * i], out[2 * i + 1]) = (scale, zero);
         zeros[i] = zero.to_f32();
         inv[i] = inverse_scale(scale.to_f32());
-        ok &= scale.is_finite() && zero.is_finite();
     }
     ok
 }
