@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import textwrap
 import threading
 import time
@@ -289,8 +290,10 @@ def test_backend_arguments(tmp_path):
         LocalDirBackend(tmp_path).get("../../etc/passwd")
 
 
-def test_docstring_examples_run():
+def test_docstring_examples_run(tmp_path, monkeypatch):
     import doctest
+
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))  # the examples' mkdtemp() lands in tmp_path
 
     import kvpress_rs.chunks.backends as backends
     import kvpress_rs.chunks.entry as entry

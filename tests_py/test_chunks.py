@@ -5,7 +5,6 @@ selective recomputation against a reference selection and against the full prefi
 
 from __future__ import annotations
 
-import tempfile
 
 import pytest
 import torch
@@ -186,11 +185,11 @@ def test_assembly_errors(tmp_path):
 
 
 @pytest.mark.model
-def test_one_chunk_at_position_zero_generates_like_full_prefill_smollm2(smollm2_bf16):
+def test_one_chunk_at_position_zero_generates_like_full_prefill_smollm2(smollm2_bf16, tmp_path):
     model, tokenizer = smollm2_bf16
     prompt = needle_prompt(tokenizer, context_tokens=600, depth=0.4)
     expected = greedy(model, prompt.input_ids, DynamicCache(config=model.config), 24)
-    store = kvpress_rs.ChunkStore(model, tokenizer, backend=tempfile.mkdtemp())
+    store = kvpress_rs.ChunkStore(model, tokenizer, backend=tmp_path)
     for _ in range(2):  # computed, then read back and verified
         cache = store.assemble([prompt.context_ids])
         out = greedy(model, torch.cat([cache.input_ids, prompt.question_ids], 1), cache, 24)
