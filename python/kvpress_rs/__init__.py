@@ -33,6 +33,7 @@ from .policies import (
     TriAttentionCache,
 )
 from .quantized import QuantizedKVCache, QuantizedLayer
+from .retrieval_heads import RetrievalHeadsCache, RetrievalHeadsLayer, retrieval_head_scores
 from .rope import Rope
 
 __all__ = [
@@ -55,6 +56,9 @@ __all__ = [
     "TriAttentionCache",
     "QuantizedKVCache",
     "QuantizedLayer",
+    "RetrievalHeadsCache",
+    "RetrievalHeadsLayer",
+    "retrieval_head_scores",
     "QuantConfig",
     "Rope",
     "ChunkStore",

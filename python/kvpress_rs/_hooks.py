@@ -22,12 +22,11 @@ _MARK = "_kvpress_rs_hooks"
 
 
 def _cache_of(kwargs: dict[str, Any]) -> Any:
-    from .cache import KVCache
-    from .quantized import QuantizedKVCache
+    from ._guard import GuardedCache
 
     for key in ("past_key_values", "cache"):
         cache = kwargs.get(key)
-        if isinstance(cache, (KVCache, QuantizedKVCache)):
+        if isinstance(cache, GuardedCache):
             return cache
     return None
 

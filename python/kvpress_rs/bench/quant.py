@@ -116,6 +116,19 @@ FRONTIER = {
 }
 
 
+# Head-wise: the highest-scoring fraction of KV heads (retrieval_head_scores) keeps every
+# token quantized; the others keep 4 sink tokens + a window.
+# name -> (retrieval_fraction, window, QuantConfig kwargs)
+RETRIEVAL_HEADS = {
+    "heads0.35+3b-g64": (0.35, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.3+3b-g64": (0.3, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.3+3b-g64+pre": (0.3, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0, pre_rope_keys=True)),
+    "heads0.4+2b-g64+pre+had": (0.4, 64, dict(bits=2, group_size=64, sink_tokens=4, residual_length=0, pre_rope_keys=True,
+                                              hadamard=True)),
+    "heads0.35+3b-g64-w32": (0.35, 32, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+}
+
+
 def cache_factory(model: Any, name: str) -> Callable[[], Any]:
     """A function that builds a fresh cache of configuration ``name``."""
     import kvpress_rs
@@ -133,7 +146,13 @@ def cache_factory(model: Any, name: str) -> Callable[[], Any]:
         return lambda: kvpress_rs.KVCache(
             model, policy, compression_ratio=ratio, quantization=kvpress_rs.QuantConfig(**qkw), low_bits=low_bits
         )
-    raise SystemExit(f"unknown configuration {name!r}; known: fp, quanto-2b, quanto-4b, {', '.join([*OURS, *FRONTIER])}")
+    if name in RETRIEVAL_HEADS:
+        fraction, window, qkw = RETRIEVAL_HEADS[name]
+        return lambda: kvpress_rs.RetrievalHeadsCache(
+            model, retrieval_fraction=fraction, window=window, sink_tokens=4, quantization=kvpress_rs.QuantConfig(**qkw)
+        )
+    known = ", ".join([*OURS, *FRONTIER, *RETRIEVAL_HEADS])
+    raise SystemExit(f"unknown configuration {name!r}; known: fp, quanto-2b, quanto-4b, {known}")
 
 
 def austen_ids(tokenizer: Any, n: int, start: int = 2000) -> torch.Tensor:
