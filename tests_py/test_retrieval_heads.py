@@ -59,7 +59,7 @@ def test_every_head_retrieving_or_a_window_longer_than_the_prompt_generate_like_
     expected = greedy(model, ids, DynamicCache(config=model.config), 12)
     all_retrieval = kvpress_rs.RetrievalHeadsCache(model, retrieval_fraction=1.0)
     assert torch.equal(greedy(model, ids, all_retrieval, 12), expected)
-    wide = kvpress_rs.RetrievalHeadsCache(model, retrieval_fraction=0.0, window=100, sink_tokens=0)
+    wide = kvpress_rs.RetrievalHeadsCache(model, retrieval_fraction=0.0, window=100, sink_tokens=0, heavy_hitters=8)
     assert torch.equal(greedy(model, ids, wide, 12), expected)
     assert wide.stats()["layers"][0]["streaming_tokens_dropped"] == 0
 
@@ -73,13 +73,14 @@ def reference_attention(q, k, v, scaling):
     return logits.masked_fill(future, float("-inf")).softmax(-1) @ v
 
 
-@pytest.mark.parametrize("new_tokens", [1, 3])
-def test_layer_attention_equals_a_reference_over_each_heads_own_tokens(tiny_llama, new_tokens):
-    """Retrieval heads over every token; streaming heads over sinks + window + the new
-    tokens."""
+@pytest.mark.parametrize("new_tokens,heavy", [(1, 0), (3, 0), (1, 4), (3, 4)])
+def test_layer_attention_equals_a_reference_over_each_heads_own_tokens(tiny_llama, new_tokens, heavy):
+    """Retrieval heads over every token; streaming heads over sinks + heavy hitters + window
+    + the new tokens."""
     model = tiny_llama(num_hidden_layers=1, num_attention_heads=6, num_key_value_heads=3, hidden_size=96)
     retrieval = torch.tensor([[False, True, False]])
-    cache = kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=retrieval, window=5, sink_tokens=2)
+    cache = kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=retrieval, window=5, sink_tokens=2,
+                                           heavy_hitters=heavy, observation_window=6)
     captured = {}
 
     def capture(module, args, kwargs, output):
@@ -105,12 +106,19 @@ def test_layer_attention_equals_a_reference_over_each_heads_own_tokens(tiny_llam
         post = attn.register_forward_hook(capture, with_kwargs=True)
         try:
             model(ids[:, :30], past_key_values=cache)
+            prompt_q = queries["q"]  # (6, 30, D)
             model(ids[:, 30:], past_key_values=cache)
         finally:
             pre.remove()
             post.remove()
     got = captured["out"]  # after o_proj
     q = queries["q"]  # (6, new, D)
+    # heavy hitters: SnapKV's scores of the prompt's streaming heads from its last 6 queries
+    # (the scorer is checked against its own reference in test_policies_reference.py),
+    # the top `heavy` between the sinks and the window
+    streaming = torch.tensor([0, 2])
+    scores = kvpress_rs.ops.score("snapkv", k_all[streaming][None, :, :30], v_all[streaming][None, :, :30],
+                                  prompt_q[[0, 1, 4, 5]][None, :, -6:], window_size=6, kernel_size=5)[0]
     scaling = attn.scaling
     heads = []
     for h in range(6):
@@ -119,12 +127,16 @@ def test_layer_attention_equals_a_reference_over_each_heads_own_tokens(tiny_llam
         if retrieval[0, kv]:
             heads.append(reference_attention(q[h : h + 1], k[None], v[None], scaling)[0])
             continue
-        kept = list(range(2)) + list(range(30 - 5, 30 + new_tokens))
+        middle = scores[0 if kv == 0 else 1, 2 : 30 - 5]
+        chosen = sorted((torch.topk(middle, heavy).indices + 2).tolist()) if heavy else []
+        kept = list(range(2)) + chosen + list(range(30 - 5, 30 + new_tokens))
         heads.append(reference_attention(q[h : h + 1], k[kept][None], v[kept][None], scaling)[0])
     expected = attn.o_proj(torch.stack(heads, 1).reshape(1, new_tokens, -1))
     torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
     layer = cache.layers[0]
-    assert layer.stats()["streaming_tokens_kept"] == 2 + 5 and layer.stats()["streaming_tokens_dropped"] == 30 - 7 + new_tokens
+    kept = 2 + heavy + 5
+    assert layer.stats()["streaming_tokens_kept"] == kept
+    assert layer.stats()["streaming_tokens_dropped"] == 30 + new_tokens - kept
 
 
 def test_nbytes_counts_what_each_part_holds(tiny_llama):
@@ -132,12 +144,12 @@ def test_nbytes_counts_what_each_part_holds(tiny_llama):
     retrieval = torch.tensor([[True, False], [False, False]])
     config = kvpress_rs.QuantConfig(bits=4, group_size=32, residual_length=0)
     cache = kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=retrieval, window=8, sink_tokens=2,
-                                           quantization=config)
+                                           heavy_hitters=5, quantization=config)
     with torch.no_grad():
         model(random_ids(1, 64), past_key_values=cache)
     head_dim = 128 // 4
-    # streaming heads: (2 + 8) kept tokens x K and V in float32
-    streaming = lambda heads: heads * (2 + 8) * head_dim * 4 * 2  # noqa: E731
+    # streaming heads: (2 + 5 + 8) kept tokens x K and V in float32, and their int32 positions
+    streaming = lambda heads: heads * (2 + 5 + 8) * (head_dim * 4 * 2 + 4)  # noqa: E731
     layer0, layer1 = cache.layers
     quantized = layer0._store.nbytes
     assert quantized > 0
@@ -175,6 +187,10 @@ def test_bad_arguments_raise_named_errors(tiny_llama):
         kvpress_rs.RetrievalHeadsCache(model, window=0)
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="sink_tokens"):
         kvpress_rs.RetrievalHeadsCache(model, sink_tokens=-1)
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="heavy_hitters"):
+        kvpress_rs.RetrievalHeadsCache(model, heavy_hitters=2.5)
+    with pytest.raises(kvpress_rs.InvalidArgumentError, match="observation_window"):
+        kvpress_rs.RetrievalHeadsCache(model, observation_window=0)
     with pytest.raises(kvpress_rs.InvalidArgumentError, match=r"retrieval_heads.*\(3, 2\)"):
         kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=torch.ones(2, 2, dtype=torch.bool))
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="head_scores"):
@@ -189,15 +205,16 @@ def test_bad_arguments_raise_named_errors(tiny_llama):
 
 @pytest.mark.model
 def test_smollm2_finds_the_needle_at_ten_times_less_memory(smollm2_bf16):
-    """The configuration of the README's frontier row: 30% of the KV heads (the highest
-    induction/echo scores) whole at 3 bits, the rest 4 sink tokens + 64 recent ones."""
+    """The defaults (the README's frontier row): 25% of the KV heads (the highest
+    induction/echo scores) whole at 3 bits; the rest keep 4 sinks, 48 heavy hitters and 48
+    recent tokens."""
     from kvpress_rs.data import needle_prompt
 
     model, tokenizer = smollm2_bf16
     prompt = needle_prompt(tokenizer, context_tokens=2000, depth=0.5)
     ids = prompt.input_ids
     cache = kvpress_rs.RetrievalHeadsCache(
-        model, retrieval_fraction=0.3,
+        model,
         quantization=kvpress_rs.QuantConfig(bits=3, group_size=64, residual_length=0, sink_tokens=4))
     with torch.no_grad():
         model(prompt.context_ids, past_key_values=cache)

@@ -117,15 +117,15 @@ FRONTIER = {
 
 
 # Head-wise: the highest-scoring fraction of KV heads (retrieval_head_scores) keeps every
-# token quantized; the others keep 4 sink tokens + a window.
-# name -> (retrieval_fraction, window, QuantConfig kwargs)
+# token quantized; the others keep 4 sink tokens, SnapKV's heavy hitters and a window.
 RETRIEVAL_HEADS = {
-    "heads0.35+3b-g64": (0.35, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
-    "heads0.3+3b-g64": (0.3, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
-    "heads0.3+3b-g64+pre": (0.3, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0, pre_rope_keys=True)),
-    "heads0.4+2b-g64+pre+had": (0.4, 64, dict(bits=2, group_size=64, sink_tokens=4, residual_length=0, pre_rope_keys=True,
-                                              hadamard=True)),
-    "heads0.35+3b-g64-w32": (0.35, 32, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    # name -> (retrieval_fraction, window, heavy_hitters, QuantConfig kwargs)
+    "heads0.3+3b-g64": (0.3, 64, 0, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.25+3b-g64+w48hh48": (0.25, 48, 48, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.25+3b-g64+w48hh64": (0.25, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.2+3b-g64+w48hh64": (0.2, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.3+3b-g64+w48hh64": (0.3, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.25+4b-g128+w48hh48": (0.25, 48, 48, dict(bits=4, group_size=128, sink_tokens=4, residual_length=0)),
 }
 
 
@@ -147,9 +147,10 @@ def cache_factory(model: Any, name: str) -> Callable[[], Any]:
             model, policy, compression_ratio=ratio, quantization=kvpress_rs.QuantConfig(**qkw), low_bits=low_bits
         )
     if name in RETRIEVAL_HEADS:
-        fraction, window, qkw = RETRIEVAL_HEADS[name]
+        fraction, window, heavy, qkw = RETRIEVAL_HEADS[name]
         return lambda: kvpress_rs.RetrievalHeadsCache(
-            model, retrieval_fraction=fraction, window=window, sink_tokens=4, quantization=kvpress_rs.QuantConfig(**qkw)
+            model, retrieval_fraction=fraction, window=window, sink_tokens=4, heavy_hitters=heavy,
+            quantization=kvpress_rs.QuantConfig(**qkw),
         )
     known = ", ".join([*OURS, *FRONTIER, *RETRIEVAL_HEADS])
     raise SystemExit(f"unknown configuration {name!r}; known: fp, quanto-2b, quanto-4b, {known}")
