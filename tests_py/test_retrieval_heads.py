@@ -233,3 +233,18 @@ def test_docstring_examples_run():
 
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried and not failures
+
+
+def test_every_store_layer_keeps_keys_and_values_read_only(tiny_llama):
+    model = tiny_llama(hidden_size=128)
+    caches = [kvpress_rs.RetrievalHeadsCache(model, retrieval_fraction=0.5, window=4),
+              kvpress_rs.QuantizedKVCache(model, bits=4), kvpress_rs.SnapKVCache(model, compression_ratio=0.5)]
+    for cache in caches:
+        with torch.no_grad():
+            model(random_ids(1, 80), past_key_values=cache)
+        layer = cache.layers[0]
+        for name in ("keys", "values"):
+            with pytest.raises(kvpress_rs.CacheStateError, match=f"{type(layer).__name__}.{name} is read-only"):
+                setattr(layer, name, torch.zeros(1))
+    assert caches[0].layers[0].keys is None  # heads hold different numbers of tokens
+    assert caches[1].layers[0].keys.shape == (1, 2, 80, 32)  # a dequantized copy

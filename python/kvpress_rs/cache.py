@@ -31,11 +31,12 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
+from ._layer import StoreLayer, batch_indices, layers_nbytes
 from ._native import DecodingSchedule, LayerStore, Press, QuantConfig, QuantizedStore
 from .decoding import LayerDecoding, load_calibration
 from .errors import CacheStateError, InvalidArgumentError, UnsupportedError, UnsupportedModelError
@@ -44,16 +45,12 @@ from .quantized import _UNSUPPORTED_KWARGS, attend_store
 from .rope import Rope
 
 
-class CompressedLayer(CacheLayerMixin):
+class CompressedLayer(StoreLayer):
     """One full-attention layer of a :class:`KVCache`: a Rust ``LayerStore`` plus the
     shared press, adapted to transformers' ``CacheLayerMixin`` interface. Without a press
     (an assembled cache of reused chunks) it only appends. With a ``quantization`` config,
     the tokens kept after the prefill move to a Rust ``QuantizedStore`` (see the module
     docstring)."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
 
     def __init__(
         self,
@@ -129,33 +126,17 @@ class CompressedLayer(CacheLayerMixin):
             keys, values = torch.cat([low_k, keys], dim=-2), torch.cat([low_v, values], dim=-2)
         return keys, values
 
-    # transformers reads `layer.keys` / `layer.values`; they are views of the Rust store
-    # (None for ragged rows, which no single tensor holds: read them with `row`).
-    @property
-    def keys(self) -> torch.Tensor | None:
+    # `keys` / `values` are views of the Rust store (None for ragged rows, which no single
+    # tensor holds: read them with `row`).
+    def _stored_keys(self) -> torch.Tensor | None:
         if self._qstore is not None:  # a dequantized copy (inspection only)
             return self._dequantized()[0]
         return self._store.keys() if self._store.seen and not self._store.is_ragged else None
 
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("CompressedLayer.keys is read-only; use update()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
+    def _stored_values(self) -> torch.Tensor | None:
         if self._qstore is not None:  # a dequantized copy (inspection only)
             return self._dequantized()[1]
         return self._store.values() if self._store.seen and not self._store.is_ragged else None
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("CompressedLayer.values is read-only; use update()")
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -309,12 +290,6 @@ class CompressedLayer(CacheLayerMixin):
         stored, seen = self._stored, self._seen
         return stored + query_length, seen - stored
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     @property
     def _active(self) -> LayerStore | QuantizedStore:
         return self._qstore if self._qstore is not None else self._store
@@ -342,25 +317,17 @@ class CompressedLayer(CacheLayerMixin):
             self._decoding.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero()
+        indices = batch_indices(indices)
         for store in self._stores():
-            store.index_batch(indices.to(torch.long).flatten())
+            store.index_batch(indices)
         if self._decoding is not None:
-            self._decoding.index_batch(indices.to(torch.long).flatten())
+            self._decoding.index_batch(indices)
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         for store in self._stores():
             store.repeat_interleave_batch(repeats)
         if self._decoding is not None:
             self._decoding.repeat_interleave_batch(repeats)
-
-    def offload(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
-
-    def prefetch(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     @property
     def nbytes(self) -> int:
@@ -699,13 +666,7 @@ class KVCache(GuardedCache, Cache):
     @property
     def nbytes(self) -> int:
         """Bytes the cache holds: keys, values and kept positions of every layer."""
-        total = 0
-        for layer in self.layers:
-            if isinstance(layer, CompressedLayer):
-                total += layer.nbytes
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return layers_nbytes(self.layers)
 
     def stats(self) -> dict[str, Any]:
         """Tokens seen, tokens kept per layer and bytes held.

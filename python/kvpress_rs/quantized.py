@@ -25,13 +25,13 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
+from ._layer import StoreLayer, batch_indices, layers_nbytes
 from ._native import QuantConfig, QuantizedStore, RopeTable
-from .errors import CacheStateError, UnsupportedError
 from .models import decoder_config
 from .rope import Rope
 
@@ -40,13 +40,9 @@ from .rope import Rope
 _UNSUPPORTED_KWARGS = ("softcap", "sliding_window", "s_aux", "sinks")
 
 
-class QuantizedLayer(CacheLayerMixin):
+class QuantizedLayer(StoreLayer):
     """One full-attention layer of a :class:`QuantizedKVCache`: a Rust ``QuantizedStore``
     adapted to transformers' ``CacheLayerMixin`` interface."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
 
     def __init__(
         self, config: QuantConfig, layer_idx: int, rope: Rope | None = None, rope_table: RopeTable | None = None
@@ -56,29 +52,13 @@ class QuantizedLayer(CacheLayerMixin):
         self.layer_idx = layer_idx
         self._attend_from_store = False
 
-    # transformers may read `layer.keys` / `layer.values`: dequantized copies (slow; for
-    # inspection only, the cache never needs them).
-    @property
-    def keys(self) -> torch.Tensor | None:
+    # `keys` / `values` are dequantized copies (slow; for inspection only, the cache never
+    # needs them).
+    def _stored_keys(self) -> torch.Tensor | None:
         return self._store.dequantize()[0] if self._store.seen else None
 
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("QuantizedLayer.keys is read-only; use update()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
+    def _stored_values(self) -> torch.Tensor | None:
         return self._store.dequantize()[1] if self._store.seen else None
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("QuantizedLayer.values is read-only; use update()")
-
-    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
-        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -125,12 +105,6 @@ class QuantizedLayer(CacheLayerMixin):
     def get_mask_sizes(self, cache_position_or_query_length: torch.Tensor | int) -> tuple[int, int]:
         return self._store.seen + _compat.query_length(cache_position_or_query_length), 0
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self._store.reset()
         self.is_initialized = False
@@ -142,19 +116,10 @@ class QuantizedLayer(CacheLayerMixin):
         self._store.index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero()
-        self._store.index_batch(indices.to(torch.long).flatten())
+        self._store.index_batch(batch_indices(indices))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         self._store.repeat_interleave_batch(repeats)
-
-    def offload(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
-
-    def prefetch(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     @property
     def nbytes(self) -> int:
@@ -335,13 +300,7 @@ class QuantizedKVCache(GuardedCache, Cache):
         """Bytes the cache holds: every quantized layer's store, the cos/sin table the layers
         share with ``pre_rope_keys``, and the keys/values of any layer transformers keeps
         itself (sliding-window layers)."""
-        total = self.rope_table_nbytes
-        for layer in self.layers:
-            if isinstance(layer, QuantizedLayer):
-                total += layer.nbytes
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return self.rope_table_nbytes + layers_nbytes(self.layers)
 
     @property
     def rope_table_nbytes(self) -> int:

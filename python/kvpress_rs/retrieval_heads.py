@@ -39,11 +39,12 @@ import math
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache, CacheLayerMixin, DynamicCache, DynamicLayer
+from transformers.cache_utils import Cache, DynamicCache, DynamicLayer
 
 from . import _compat, attention
 from ._guard import GuardedCache, TokenLog
 from ._hooks import install_model_hooks
+from ._layer import StoreLayer, batch_indices, layers_nbytes
 from ._native import QuantConfig, QuantizedStore, RopeTable, score
 from .errors import CacheStateError, InvalidArgumentError, UnsupportedError
 from .models import decoder_config
@@ -156,13 +157,9 @@ def select_retrieval_heads(scores: torch.Tensor, fraction: float) -> torch.Tenso
     return mask.reshape(scores.shape)
 
 
-class RetrievalHeadsLayer(CacheLayerMixin):
+class RetrievalHeadsLayer(StoreLayer):
     """One full-attention layer of a :class:`RetrievalHeadsCache`: its retrieval KV heads
     in a quantized store (or full precision), its streaming KV heads as sinks + window."""
-
-    is_sliding = False
-    is_compileable = False
-    is_croppable = True
 
     def __init__(
         self,
@@ -201,30 +198,13 @@ class RetrievalHeadsLayer(CacheLayerMixin):
         self._seen = 0
         self._attend_from_parts = False
 
-    # No single tensor holds this layer's keys: heads hold different numbers of tokens.
-    @property
-    def keys(self) -> torch.Tensor | None:
-        return None
-
-    @keys.setter
-    def keys(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("RetrievalHeadsLayer.keys is read-only; use update()")
-
-    @property
-    def values(self) -> torch.Tensor | None:
-        return None
-
-    @values.setter
-    def values(self, value: Any) -> None:
-        if value is not None:
-            raise CacheStateError("RetrievalHeadsLayer.values is read-only; use update()")
+    # No single tensor holds this layer's keys (heads hold different numbers of tokens):
+    # `keys` / `values` stay None.
 
     def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
-        self.dtype, self.device = key_states.dtype, key_states.device
+        super().lazy_initialization(key_states, value_states)
         self._retrieval_heads = self._retrieval_heads.to(key_states.device)
         self._streaming_heads = self._streaming_heads.to(key_states.device)
-        self.is_initialized = True
 
     def update(
         self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any, **kwargs: Any
@@ -356,12 +336,6 @@ class RetrievalHeadsLayer(CacheLayerMixin):
     def get_mask_sizes(self, cache_position_or_query_length: torch.Tensor | int) -> tuple[int, int]:
         return self._seen + _compat.query_length(cache_position_or_query_length), 0
 
-    def get_max_length(self) -> int:
-        return -1
-
-    def get_max_cache_shape(self) -> int:
-        return -1
-
     def reset(self) -> None:
         self._reset_parts()
         self.is_initialized = False
@@ -401,10 +375,7 @@ class RetrievalHeadsLayer(CacheLayerMixin):
         self._index_batch(beam_idx.to(torch.long).flatten())
 
     def batch_select_indices(self, indices: torch.Tensor) -> None:
-        indices = torch.as_tensor(indices)
-        if indices.dtype == torch.bool:
-            indices = indices.nonzero()
-        self._index_batch(indices.to(torch.long).flatten())
+        self._index_batch(batch_indices(indices))
 
     def batch_repeat_interleave(self, repeats: int) -> None:
         if self._store is not None:
@@ -415,12 +386,6 @@ class RetrievalHeadsLayer(CacheLayerMixin):
             self._kept_positions = self._kept_positions.repeat_interleave(repeats, 0)
         if self._prompt_queries is not None:
             self._prompt_queries = self._prompt_queries.repeat_interleave(repeats, 0)
-
-    def offload(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
-
-    def prefetch(self):
-        raise UnsupportedError("offloading is not supported by kvpress_rs caches")
 
     @property
     def nbytes(self) -> int:
@@ -598,13 +563,7 @@ class RetrievalHeadsCache(GuardedCache, Cache):
     def nbytes(self) -> int:
         """Bytes the cache holds: every layer's parts, the cos/sin table of pre-RoPE keys,
         and the keys/values of any layer transformers keeps itself."""
-        total = self._rope_table.nbytes if self._rope_table is not None else 0
-        for layer in self.layers:
-            if isinstance(layer, RetrievalHeadsLayer):
-                total += layer.nbytes
-            elif getattr(layer, "keys", None) is not None and layer.keys.numel():
-                total += layer.keys.nbytes + layer.values.nbytes
-        return total
+        return (self._rope_table.nbytes if self._rope_table is not None else 0) + layers_nbytes(self.layers)
 
     def stats(self) -> dict[str, Any]:
         """Per-layer head split and token counts (``RetrievalHeadsLayer.stats``) and ``nbytes``."""
