@@ -191,6 +191,24 @@ def test_eviction_then_quantization_on_cuda(tiny_llama):
         assert cache.get_seq_length() == 101  # tokens seen: positions continue there
 
 
+def test_retrieval_heads_decode_on_cuda_like_on_the_cpu(tiny_llama):
+    model = tiny_llama(head_dim=32, hidden_size=128, num_hidden_layers=2)
+    ids, step = random_ids(1, 150, seed=3), random_ids(1, 1, seed=4)
+    retrieval = torch.tensor([[True, False], [False, True]])
+    logits, nbytes = {}, {}
+    for device in ("cpu", CUDA):
+        model.to(device)
+        cache = kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=retrieval, window=16, heavy_hitters=8,
+                                               quantization=kvpress_rs.QuantConfig(bits=4, group_size=32, residual_length=32))
+        with torch.no_grad():
+            model(ids.to(device), past_key_values=cache)
+            logits[str(device)] = model(step.to(device), past_key_values=cache).logits.cpu()
+        nbytes[str(device)] = cache.nbytes
+        assert cache.layers[0]._kept[0].device.type == torch.device(device).type
+    torch.testing.assert_close(logits[str(CUDA)], logits["cpu"], rtol=0, atol=1e-4)
+    assert nbytes[str(CUDA)] == nbytes["cpu"]
+
+
 def test_chunk_reuse_on_cuda_equals_full_prefill_for_one_chunk(tiny_llama, tmp_path):
     model = tiny_llama().to(CUDA)
     doc, question = random_ids(1, 40, seed=5)[0], random_ids(1, 6, seed=6)

@@ -126,6 +126,7 @@ RETRIEVAL_HEADS = {
     "heads0.2+3b-g64+w48hh64": (0.2, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.3+3b-g64+w48hh64": (0.3, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.25+4b-g128+w48hh48": (0.25, 48, 48, dict(bits=4, group_size=128, sink_tokens=4, residual_length=0)),
+    "heads0.35+3b-g64+w48hh64": (0.35, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
 }
 
 
