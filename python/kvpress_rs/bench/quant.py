@@ -21,9 +21,9 @@ Parts (``all`` runs every one):
   (medians of ``--repeats``; the clone() printed is the median over all of them).
 - ``bytes``: KV bytes held after a prefill vs the formula (bits + 32/G)/16 of float16 for
   the quantized tokens plus the full-precision residual window and sinks.
-- ``frontier``: memory-matched configurations (low bits with eviction) at >= 10x less KV
-  memory than the bf16 cache: bytes ratio, perplexity ratio and needle-in-a-haystack
-  answers (5 depths) at each length.
+- ``frontier``: memory-matched configurations (low bits with eviction, mixed precision,
+  retrieval heads) at >= 10x less KV memory than the bf16 cache: bytes ratio, perplexity
+  ratio and needle-in-a-haystack answers (5 depths) at each length.
 
 Example: ``python -m kvpress_rs.bench quant ppl --lengths 2048 6144``. Results are printed
 and written as JSON (``--out``). Set ``MALLOC_MMAP_THRESHOLD_=33554432
@@ -125,8 +125,8 @@ RETRIEVAL_HEADS = {
     "heads0.25+3b-g64+w48hh64": (0.25, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.2+3b-g64+w48hh64": (0.2, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.3+3b-g64+w48hh64": (0.3, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
-    "heads0.25+4b-g128+w48hh48": (0.25, 48, 48, dict(bits=4, group_size=128, sink_tokens=4, residual_length=0)),
     "heads0.35+3b-g64+w48hh64": (0.35, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.35+3b-g64+w64hh128": (0.35, 64, 128, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
 }
 
 
@@ -472,7 +472,7 @@ def main(argv: list[str] | None = None) -> dict:
             configs = args.configs or ["fp", "ours-4b", "ours-2b-g64", *quanto[1:]]
             results[part] = run_decode(model, tokenizer, configs, lengths, args.steps)
         else:
-            configs = args.configs or ["fp", *quanto, *FRONTIER]
+            configs = args.configs or ["fp", *quanto, *FRONTIER, "heads0.25+3b-g64+w48hh48", "heads0.35+3b-g64+w64hh128"]
             results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after,
                                          not args.one_forward)
     args.out.parent.mkdir(parents=True, exist_ok=True)
