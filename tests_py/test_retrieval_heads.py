@@ -9,7 +9,7 @@ from conftest import random_ids
 from transformers import DynamicCache
 
 import kvpress_rs
-from kvpress_rs.retrieval_heads import select_retrieval_heads
+from kvpress_rs.head_scores import select_retrieval_heads
 
 
 def greedy(model, ids, cache, n):
@@ -229,7 +229,7 @@ def test_smollm2_finds_the_needle_at_ten_times_less_memory(smollm2_bf16):
 def test_docstring_examples_run():
     import doctest
 
-    import kvpress_rs.retrieval_heads as module
+    import kvpress_rs.head_scores as module
 
     failures, tried = doctest.testmod(module, optionflags=doctest.ELLIPSIS)
     assert tried and not failures

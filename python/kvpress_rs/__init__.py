@@ -33,7 +33,8 @@ from .policies import (
     TriAttentionCache,
 )
 from .quantized import QuantizedKVCache, QuantizedLayer
-from .retrieval_heads import RetrievalHeadsCache, RetrievalHeadsLayer, retrieval_head_scores
+from .head_scores import retrieval_head_scores
+from .retrieval_heads import RetrievalHeadsCache, RetrievalHeadsLayer
 from .rope import Rope
 
 __all__ = [
