@@ -248,3 +248,30 @@ def test_every_store_layer_keeps_keys_and_values_read_only(tiny_llama):
                 setattr(layer, name, torch.zeros(1))
     assert caches[0].layers[0].keys is None  # heads hold different numbers of tokens
     assert caches[1].layers[0].keys.shape == (1, 2, 80, 32)  # a dequantized copy
+
+
+def test_left_padded_batch_decodes_like_dynamic_cache_when_nothing_is_dropped(tiny_llama):
+    """The model's padding mask reaches both attentions: the retrieval heads' store and the
+    streaming heads' kept tokens (gathered at their positions)."""
+    model = tiny_llama(hidden_size=128)
+    ids = random_ids(2, 30, seed=7)
+    mask = torch.ones_like(ids)
+    mask[1, :6] = 0  # row 1 is left-padded
+    steps = random_ids(2, 3, seed=8)
+
+    @torch.no_grad()
+    def run(cache):
+        model(ids, attention_mask=mask, past_key_values=cache)
+        logits = []
+        for i in range(3):
+            full_mask = torch.cat([mask, torch.ones(2, i + 1, dtype=mask.dtype)], 1)
+            logits.append(model(steps[:, i : i + 1], attention_mask=full_mask, past_key_values=cache).logits)
+        return torch.cat(logits, 1)
+
+    expected = run(DynamicCache(config=model.config))
+    half = torch.tensor([[True, False]] * 3)
+    for cache in (kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=half, window=64, heavy_hitters=0),
+                  kvpress_rs.RetrievalHeadsCache(model, retrieval_heads=half, window=64, heavy_hitters=0,
+                                                 quantization=kvpress_rs.QuantConfig(bits=8, group_size=32,
+                                                                                     residual_length=64))):
+        torch.testing.assert_close(run(cache), expected, rtol=1e-4, atol=1e-5)
