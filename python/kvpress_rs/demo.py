@@ -1,5 +1,6 @@
-"""``make demo``: needle-in-a-haystack on the embedded default model, with DynamicCache
-and every kvpress_rs cache at a few compression ratios.
+"""``make demo``: needle-in-a-haystack on the embedded default model, with DynamicCache,
+every kvpress_rs eviction cache at a few compression ratios, the 4-bit quantized cache and
+the retrieval-heads cache (10x smaller than bf16).
 
 Run ``python -m kvpress_rs.demo --help`` for options. Prints one row per cache and ratio:
 KV bytes held after generation, prefill seconds (median over depths, compression
@@ -17,9 +18,12 @@ from typing import Any
 import torch
 from transformers import DynamicCache
 
+from ._native import QuantConfig
 from .data import needle_prompt
 from .models import load_smollm2
 from .policies import REGISTRY
+from .quantized import QuantizedKVCache
+from .retrieval_heads import RetrievalHeadsCache
 
 
 def _kv_bytes(cache: Any) -> int:
@@ -68,11 +72,15 @@ def main(argv: list[str] | None = None) -> None:
         flush=True,
     )
 
-    configs: list[tuple[str, float, Any]] = [("DynamicCache", 0.0, lambda: DynamicCache(config=model.config))]
+    configs: list[tuple[str, float | None, Any]] = [("DynamicCache", 0.0, lambda: DynamicCache(config=model.config))]
     for name in args.policies:
         spec = REGISTRY[name]
         for ratio in args.ratios:
             configs.append((spec.cache_class.__name__, ratio, lambda s=spec, r=ratio: s.cache_class(model, compression_ratio=r, **s.easy)))
+    # no ratio: these keep every token somewhere, in fewer bits or in fewer heads
+    configs.append(("QuantizedKVCache 4b", None, lambda: QuantizedKVCache(model, bits=4)))
+    three_bits = QuantConfig(bits=3, group_size=64, sink_tokens=4, residual_length=0)
+    configs.append(("RetrievalHeadsCache", None, lambda: RetrievalHeadsCache(model, quantization=three_bits)))
 
     # Warm-up (first-call allocations and kernel selection), not reported.
     run_one(model, tokenizer, prompts[0], DynamicCache(config=model.config), 2)
@@ -88,7 +96,8 @@ def main(argv: list[str] | None = None) -> None:
         prefill = statistics.median(r[0] for r in results)
         found = sum(r[1] for r in results)
         print(
-            f"{label:<20} {ratio:>5.2f} {int(kv_bytes):>12,} {kv_bytes / full_bytes:>8.2f} {prefill:>9.2f}  "
+            f"{label:<20} {'-' if ratio is None else f'{ratio:.2f}':>5} {int(kv_bytes):>12,} "
+            f"{kv_bytes / full_bytes:>8.2f} {prefill:>9.2f}  "
             f"{found}/{len(results)}",
             flush=True,
         )
