@@ -5,7 +5,7 @@
 use crate::error::{KvError, Result};
 use crate::multiversion;
 use crate::quant::simd::Madd;
-use crate::rope::rotate::bf16_round;
+use crate::tensor::bf16_round;
 use crate::tensor::{array_view, array_view_mut, float_view, uses_cpu_kernels, KvFloat};
 use crate::with_float_view;
 use half::{bf16, f16};

@@ -15,7 +15,7 @@
 use super::angles::{angle_device, angles_libtorch, reduce, sin_cos_reduced, MAX_ANGLE};
 use super::Layout;
 use crate::error::{KvError, Result};
-use crate::tensor::{array_view, array_view_mut, kind_name, kind_of, KvFloat};
+use crate::tensor::{array_view, array_view_mut, bf16_round, kind_name, kind_of, KvFloat};
 use half::{bf16, f16};
 use ndarray::{ArrayView3, ArrayView4};
 use rayon::prelude::*;
@@ -137,16 +137,6 @@ impl RotElement for bf16 {
         // and a plain shift, so the loops vectorize.
         f32::from_bits((self.to_bits() as u32) << 16)
     }
-}
-
-/// f32 → bf16, round to nearest even, NaN kept quiet: the same result as
-/// `half::bf16::from_f32`, written without branches so that the row loops vectorize.
-#[inline(always)]
-pub fn bf16_round(v: f32) -> bf16 {
-    let x = v.to_bits();
-    let rounded = x.wrapping_add(0x7FFF + ((x >> 16) & 1)) >> 16;
-    let quiet_nan = (x >> 16) | 0x0040;
-    bf16::from_bits(if v.is_nan() { quiet_nan } else { rounded } as u16)
 }
 
 /// Rotates one row given the (c, s) of each frequency.
@@ -568,30 +558,6 @@ mod tests {
                 rotate_view_with(Simd::Baseline, xb, pos, &mut a, &rot).unwrap();
                 rotate_view_with(simd, xb, pos, &mut b, &rot).unwrap();
                 assert_eq!(a, b);
-            }
-        }
-    }
-
-    #[test]
-    fn bf16_rounding_matches_half() {
-        let mut z: u64 = 1;
-        for i in 0..2_000_000u64 {
-            z = z
-                .wrapping_mul(6364136223846793005)
-                .wrapping_add(1442695040888963407);
-            let bits = if i < 70_000 {
-                (i as u32) << 15
-            } else {
-                (z >> 32) as u32
-            };
-            let v = f32::from_bits(bits);
-            let (ours, theirs) = (bf16_round(v), bf16::from_f32(v));
-            if v.is_nan() {
-                assert!(ours.is_nan());
-            } else {
-                assert_eq!(ours.to_bits(), theirs.to_bits(), "{v:e}");
-                // And back: the load is exact.
-                assert_eq!(ours.load(), theirs.to_f32());
             }
         }
     }

@@ -98,12 +98,29 @@ impl KvFloat for bf16 {
     }
     #[inline(always)]
     fn from_f32(v: f32) -> Self {
-        bf16::from_f32(v)
+        bf16_round(v)
     }
     #[inline(always)]
     fn is_finite(self) -> bool {
         self.to_bits() & 0x7f80 != 0x7f80
     }
+}
+
+/// f32 → bf16, round to nearest even, a NaN kept a quiet NaN: `bf16::from_f32` bit for
+/// bit, without its branches on the rounding bits, so that slice conversions and row
+/// loops vectorize (the branchy one cost a third of dequantizing to bf16).
+#[inline(always)]
+pub fn bf16_round(v: f32) -> bf16 {
+    let x = v.to_bits();
+    // Adding 0x7fff carries into bit 16 when the low half exceeds half an ulp; the lsb
+    // breaks the tie towards even.
+    let rounded = x.wrapping_add(0x7fff + ((x >> 16) & 1)) >> 16;
+    let quiet_nan = (x >> 16) | 0x40;
+    bf16::from_bits(if x & 0x7fff_ffff > 0x7f80_0000 {
+        quiet_nan
+    } else {
+        rounded
+    } as u16)
 }
 
 /// float16 ⇄ float32 slices with F16C, 8 values per instruction, exact (round to nearest
@@ -178,6 +195,40 @@ mod f16c {
         }
         for (o, &v) in dst[whole..n].iter_mut().zip(&src[whole..n]) {
             *o = one(v);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn bf16_rounding_equals_half_bit_for_bit() {
+        let check = |x: u32| {
+            let v = f32::from_bits(x);
+            assert_eq!(
+                bf16_round(v).to_bits(),
+                bf16::from_f32(v).to_bits(),
+                "bits {x:#010x}"
+            );
+        };
+        // Every low half (ties, carries into the exponent, into infinity) under high
+        // halves of both signs: zero, denormal, normal, max finite, infinity, NaN.
+        for high in [
+            0x0000u32, 0x0001, 0x3f80, 0x3f81, 0x7f7f, 0x7f80, 0x7fc0, 0x7f81,
+        ] {
+            for sign in [0u32, 0x8000] {
+                for low in 0..=0xffffu32 {
+                    check(((high | sign) << 16) | low);
+                }
+            }
+        }
+        // A stride through all 2^32 patterns.
+        let mut x = 0u32;
+        for _ in 0..1 << 20 {
+            check(x);
+            x = x.wrapping_add(4093 * 1021);
         }
     }
 }

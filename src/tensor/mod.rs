@@ -8,7 +8,7 @@
 mod element;
 mod view;
 
-pub use element::{KvFloat, TorchElement, FLOAT_KINDS};
+pub use element::{bf16_round, KvFloat, TorchElement, FLOAT_KINDS};
 pub(crate) use view::finite_slice;
 pub use view::{array_view, array_view_mut, float_view, FloatView, FloatView3, FloatView4};
 
