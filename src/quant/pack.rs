@@ -68,6 +68,180 @@ fn pack2(codes: &[u8], out: &mut [u8]) {
     }
 }
 
+/// Lays out the packed groups of `d` channels one after the other in `out` (group `c` =
+/// its `wpg` little-endian words), from word rows (`rows[w·d + c]` = word `w` of group
+/// `c`, as [`WordPlane`] builds them, `rows.len() = wpg·d`): a transpose of a wpg × d
+/// matrix of words. With AVX-512, 2 and 4 words per group (2 and 4 bits in groups of 32,
+/// 2 bits in groups of 64) go 16 channels at a time through register shuffles: word by
+/// word, this was a fifth of quantizing.
+#[inline(always)]
+pub fn spread_words(wpg: usize, rows: &[u32], out: &mut [u8]) {
+    let d = rows.len() / wpg;
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: `level()` detected AVX-512F on this CPU.
+        done = unsafe { avx512::spread_words(wpg, rows, out) };
+    }
+    for c in done..d {
+        for w in 0..wpg {
+            let at = 4 * (wpg * c + w);
+            out[at..at + 4].copy_from_slice(&rows[w * d + c].to_le_bytes());
+        }
+    }
+}
+
+/// The inverse of [`spread_words`]: word rows from groups laid out one after another.
+#[inline(always)]
+pub fn gather_words(wpg: usize, groups: &[u8], rows: &mut [u32]) {
+    let d = rows.len() / wpg;
+    #[allow(unused_mut)]
+    let mut done = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: `level()` detected AVX-512F on this CPU.
+        done = unsafe { avx512::gather_words(wpg, groups, rows) };
+    }
+    for c in done..d {
+        for w in 0..wpg {
+            let at = 4 * (wpg * c + w);
+            let bytes = [groups[at], groups[at + 1], groups[at + 2], groups[at + 3]];
+            rows[w * d + c] = u32::from_le_bytes(bytes);
+        }
+    }
+}
+
+#[cfg(target_arch = "x86_64")]
+mod avx512 {
+    use std::arch::x86_64::*;
+
+    const L: usize = 16;
+
+    /// The 128-bit lanes of four vectors as a 4×4 matrix, transposed.
+    #[target_feature(enable = "avx512f")]
+    fn transpose_lanes(x: [__m512i; 4]) -> [__m512i; 4] {
+        let a = _mm512_shuffle_i32x4::<0b01_00_01_00>(x[0], x[1]);
+        let b = _mm512_shuffle_i32x4::<0b01_00_01_00>(x[2], x[3]);
+        let c = _mm512_shuffle_i32x4::<0b11_10_11_10>(x[0], x[1]);
+        let e = _mm512_shuffle_i32x4::<0b11_10_11_10>(x[2], x[3]);
+        [
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(a, b),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(a, b),
+            _mm512_shuffle_i32x4::<0b10_00_10_00>(c, e),
+            _mm512_shuffle_i32x4::<0b11_01_11_01>(c, e),
+        ]
+    }
+
+    /// Word `i` of lane `j` of vector `m` to word `m` of lane `j` of vector `i`: the 4×4
+    /// word matrices of each lane, transposed.
+    #[target_feature(enable = "avx512f")]
+    fn transpose_in_lanes(u: [__m512i; 4]) -> [__m512i; 4] {
+        let t0 = _mm512_unpacklo_epi32(u[0], u[1]);
+        let t1 = _mm512_unpackhi_epi32(u[0], u[1]);
+        let t2 = _mm512_unpacklo_epi32(u[2], u[3]);
+        let t3 = _mm512_unpackhi_epi32(u[2], u[3]);
+        [
+            _mm512_unpacklo_epi64(t0, t2),
+            _mm512_unpackhi_epi64(t0, t2),
+            _mm512_unpacklo_epi64(t1, t3),
+            _mm512_unpackhi_epi64(t1, t3),
+        ]
+    }
+
+    /// Word indices that interleave two rows of 16 words into 16 groups of two
+    /// (`_mm512_permutex2var_epi32`: index bit 4 picks the second row).
+    const INTERLEAVE: [[i32; L]; 2] = [
+        [0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23],
+        [8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31],
+    ];
+    /// ... and that take two rows back out of 16 groups of two.
+    const DEINTERLEAVE: [[i32; L]; 2] = [
+        [0, 2, 4, 6, 8, 10, 12, 14, 16, 18, 20, 22, 24, 26, 28, 30],
+        [1, 3, 5, 7, 9, 11, 13, 15, 17, 19, 21, 23, 25, 27, 29, 31],
+    ];
+
+    /// `super::spread_words` for the whole blocks of 16 channels, for 2 or 4 words per
+    /// group (others: nothing). Returns the channels done.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn spread_words(wpg: usize, rows: &[u32], out: &mut [u8]) -> usize {
+        let d = rows.len() / wpg;
+        let whole = d - d % L;
+        if !(wpg == 2 || wpg == 4) || out.len() < 4 * wpg * d {
+            return 0;
+        }
+        // SAFETY (loads, stores): row w's block c0 is rows[w·d + c0 .. +16] with c0 + 16 ≤
+        // d; the groups of channels c0..c0+16 are out[4·wpg·c0 .. 4·wpg·(c0+16)], inside
+        // the 4·wpg·d bytes checked above.
+        let row = |w: usize, c0: usize| unsafe {
+            _mm512_loadu_epi32(rows.as_ptr().add(w * d + c0) as *const i32)
+        };
+        let put = |at: usize, v: __m512i, out: &mut [u8]| unsafe {
+            _mm512_storeu_epi32(out.as_mut_ptr().add(at) as *mut i32, v)
+        };
+        for c0 in (0..whole).step_by(L) {
+            let base = 4 * wpg * c0;
+            if wpg == 2 {
+                let (r0, r1) = (row(0, c0), row(1, c0));
+                for (k, idx) in INTERLEAVE.iter().enumerate() {
+                    // SAFETY: 16 i32 indices.
+                    let idx = unsafe { _mm512_loadu_epi32(idx.as_ptr()) };
+                    put(base + 64 * k, _mm512_permutex2var_epi32(r0, idx, r1), out);
+                }
+            } else {
+                // Group 4k + l is lane l of output k: words into their lanes, then lanes.
+                let rows = [row(0, c0), row(1, c0), row(2, c0), row(3, c0)];
+                let groups = transpose_lanes(transpose_in_lanes(rows));
+                for (k, v) in groups.into_iter().enumerate() {
+                    put(base + 64 * k, v, out);
+                }
+            }
+        }
+        whole
+    }
+
+    /// `super::gather_words` for the whole blocks of 16 channels, for 2 or 4 words per
+    /// group (others: nothing). Returns the channels done.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn gather_words(wpg: usize, groups: &[u8], rows: &mut [u32]) -> usize {
+        let d = rows.len() / wpg;
+        let whole = d - d % L;
+        if !(wpg == 2 || wpg == 4) || groups.len() < 4 * wpg * d {
+            return 0;
+        }
+        // SAFETY (loads, stores): as in `spread_words`, the other way round.
+        let load = |at: usize| unsafe { _mm512_loadu_epi32(groups.as_ptr().add(at) as *const i32) };
+        let put = |w: usize, c0: usize, v: __m512i, rows: &mut [u32]| unsafe {
+            _mm512_storeu_epi32(rows.as_mut_ptr().add(w * d + c0) as *mut i32, v)
+        };
+        for c0 in (0..whole).step_by(L) {
+            let base = 4 * wpg * c0;
+            if wpg == 2 {
+                let (g0, g1) = (load(base), load(base + 64));
+                for (w, idx) in DEINTERLEAVE.iter().enumerate() {
+                    // SAFETY: 16 i32 indices.
+                    let idx = unsafe { _mm512_loadu_epi32(idx.as_ptr()) };
+                    put(w, c0, _mm512_permutex2var_epi32(g0, idx, g1), rows);
+                }
+            } else {
+                let loaded = [
+                    load(base),
+                    load(base + 64),
+                    load(base + 128),
+                    load(base + 192),
+                ];
+                for (w, v) in transpose_in_lanes(transpose_lanes(loaded))
+                    .into_iter()
+                    .enumerate()
+                {
+                    put(w, c0, v, rows);
+                }
+            }
+        }
+        whole
+    }
+}
+
 /// Which codes make up word `w` (bytes `4w .. 4w+4`, little-endian) of a group of `g`
 /// codes packed by [`pack`]: they lie in one plane of `n` bytes starting at byte `first`,
 /// whose every byte holds `8/width` fields of `width` bits (bits `from..` of their codes;
@@ -323,6 +497,33 @@ pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn spreading_word_rows_is_a_transpose_and_gathering_inverts_it() {
+        for wpg in [2, 3, 4, 6, 8, 12, 16, 32] {
+            for d in [16, 40, 64, 128, 7] {
+                let rows: Vec<u32> = (0..wpg * d)
+                    .map(|i| (i as u32).wrapping_mul(2654435761))
+                    .collect();
+                let mut groups = vec![0u8; 4 * wpg * d];
+                spread_words(wpg, &rows, &mut groups);
+                for c in 0..d {
+                    for w in 0..wpg {
+                        let at = 4 * (wpg * c + w);
+                        let word = u32::from_le_bytes(groups[at..at + 4].try_into().unwrap());
+                        assert_eq!(
+                            word,
+                            rows[w * d + c],
+                            "wpg {wpg}, d {d}, group {c}, word {w}"
+                        );
+                    }
+                }
+                let mut back = vec![0u32; wpg * d];
+                gather_words(wpg, &groups, &mut back);
+                assert_eq!(back, rows, "wpg {wpg}, d {d}");
+            }
+        }
+    }
     use super::*;
 
     #[test]
