@@ -237,3 +237,23 @@ def test_block_prefill_memory_run_on_an_architecture_with_random_weights():
     assert full["peak_above_loaded_mib"] is not None and full["peak_above_loaded_mib"] >= 0
     # bytes are proportional to tokens held: 256 for the full prefill, at most 32 + 32 after blocks
     assert 0 < block["cache_bytes_after"] <= full["cache_bytes_after"] * 64 / 256
+
+
+def test_quant_frontier_needle_runs_every_passcode_at_every_depth(monkeypatch):
+    from kvpress_rs import data
+    from kvpress_rs.bench import quant
+    from kvpress_rs.models import load_model
+
+    model, tokenizer = load_model("tiny", dtype="float32")
+    asked: list[tuple[str, float]] = []
+    real_prompt = data.needle_prompt
+
+    def recording_prompt(tokenizer, context_tokens, depth, passcode):
+        asked.append((passcode, depth))
+        return real_prompt(tokenizer, context_tokens=context_tokens, depth=depth, passcode=passcode)
+
+    monkeypatch.setattr(data, "needle_prompt", recording_prompt)
+    found = quant.needle(model, tokenizer, quant.cache_factory(model, "fp"), 120, [0.2, 0.8], True,
+                         passcodes=("1111111", "2222222"))
+    assert asked == [("1111111", 0.2), ("1111111", 0.8), ("2222222", 0.2), ("2222222", 0.8)]
+    assert 0 <= found <= 4

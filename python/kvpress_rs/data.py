@@ -27,6 +27,7 @@ from typing import Any
 
 import torch
 
+PASSCODE = "4817263"  # the default needle
 QUESTION = "What is the secret passcode mentioned in the text above? Answer with the number only."
 
 
@@ -124,7 +125,7 @@ def needle_prompt(
     tokenizer: Any,
     context_tokens: int = 2000,
     depth: float = 0.5,
-    passcode: str = "4817263",
+    passcode: str = PASSCODE,
     haystack: str | None = None,
 ) -> NeedlePrompt:
     """Builds a chat-formatted needle-in-a-haystack prompt of about ``context_tokens``

@@ -33,6 +33,7 @@ MALLOC_TRIM_THRESHOLD_=1073741824`` for stable timings (see the README).
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import statistics
 import time
@@ -41,6 +42,8 @@ from pathlib import Path
 from typing import Any, Callable
 
 import torch
+
+from kvpress_rs.data import PASSCODE
 
 from .measure import paired_median_seconds
 from .specs import kv_bytes, quanto_available
@@ -377,12 +380,16 @@ def run_bytes(model: Any, tokenizer: Any, lengths: list[int]) -> dict:
 
 
 @torch.no_grad()
-def needle(model: Any, tokenizer: Any, make: Callable[[], Any], length: int, depths: list[float], query_aware: bool) -> int:
+def needle(
+    model: Any, tokenizer: Any, make: Callable[[], Any], length: int, depths: list[float], query_aware: bool,
+    passcodes: tuple[str, ...] = (PASSCODE,),
+) -> int:
+    """Needles found over every (passcode, depth) pair."""
     from kvpress_rs.data import needle_prompt
 
     found = 0
-    for depth in depths:
-        p = needle_prompt(tokenizer, context_tokens=length, depth=depth)
+    for passcode, depth in itertools.product(passcodes, depths):
+        p = needle_prompt(tokenizer, context_tokens=length, depth=depth, passcode=passcode)
         ctx, q = p.context_ids, p.question_ids
         if query_aware:  # the question is compressed with the context; its last token follows
             ctx, q = torch.cat([ctx, q[:, :-1]], dim=1), q[:, -1:]
@@ -397,7 +404,7 @@ def needle(model: Any, tokenizer: Any, make: Callable[[], Any], length: int, dep
 
 def run_frontier(
     model: Any, tokenizer: Any, configs: list[str], lengths: list[int], depths: list[float], query_aware: bool,
-    stepwise: bool = True,
+    stepwise: bool = True, passcodes: tuple[str, ...] = (PASSCODE,),
 ) -> dict:
     per_token = bf16_bytes_per_token(model)
     results: dict = {}
@@ -410,10 +417,12 @@ def run_frontier(
             make = cache_factory(model, name)
             ppl, held = perplexity(model, make, prefix, cont, stepwise)
             nbytes = held["after_prefill"]
-            found = needle(model, tokenizer, make, n, depths, query_aware)
+            found = needle(model, tokenizer, make, n, depths, query_aware, passcodes)
+            tasks = len(depths) * len(passcodes)
             rows[name] = {"ppl": ppl, "ppl_ratio": ppl / fp_ppl, "kv_bytes": nbytes,
-                          "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": len(depths)}
-            print(f"  frontier {n:>6} {name:<26} x{per_token * n / nbytes:5.2f} smaller  ppl x{ppl / fp_ppl:.3f}  needle {found}/{len(depths)}", flush=True)
+                          "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": tasks,
+                          "passcodes": list(passcodes)}
+            print(f"  frontier {n:>6} {name:<26} x{per_token * n / nbytes:5.2f} smaller  ppl x{ppl / fp_ppl:.3f}  needle {found}/{tasks}", flush=True)
         results[n] = {"fp_ppl": fp_ppl, "configs": rows}
     print(f"\nfrontier ({BF16_NOTE}; needle {'question compressed with the context' if query_aware else 'question after compression'})")
     print(f"{'config':<26}" + "".join(f"{f'{n} x mem':>11}{'ppl ratio':>10}{'needle':>8}" for n in lengths))
@@ -436,6 +445,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--steps", type=int, default=16, help="decode steps timed per configuration")
     parser.add_argument("--repeats", type=int, default=7, help="kernel timings per median")
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.3, 0.5, 0.7, 0.9])
+    parser.add_argument("--passcodes", nargs="+", default=[PASSCODE],
+                        help="frontier needle: one run per passcode and depth (several passcodes tell a cache's "
+                             "losses from the model's own misses at one)")
     parser.add_argument("--question-after", action="store_true",
                         help="frontier needle: compress the context alone (default: with the question)")
     parser.add_argument("--one-forward", action="store_true",
@@ -474,7 +486,7 @@ def main(argv: list[str] | None = None) -> dict:
         else:
             configs = args.configs or ["fp", *quanto, *FRONTIER, "heads0.25+3b-g64+w48hh48", "heads0.35+3b-g64+w64hh128"]
             results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after,
-                                         not args.one_forward)
+                                         not args.one_forward, tuple(args.passcodes))
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwritten to {args.out}")
