@@ -246,15 +246,29 @@ fn one_non_finite_value_anywhere_raises() {
                 c.outlier_fraction = outliers;
                 c.hadamard = hadamard;
                 let l = TensorLayout::new(&c, grouping, 64);
+                // A group's first and later 16-lane vectors both (the AVX-512 ranges
+                // check them differently).
                 for (t, ch, value) in [
                     (95, 63, f64::NAN),
+                    (80, 5, f64::NAN),
+                    (81, 40, f64::NAN),
                     (64, 0, f64::INFINITY),
                     (70, 17, f64::NEG_INFINITY),
+                    (71, 33, f64::NEG_INFINITY),
                 ] {
                     let x = randn(&[2, 3, 96, 64], 2, kind);
                     let _ = x.get(1).get(2).get(t).get(ch).fill_(value);
                     expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
                 }
+            }
+        }
+        // Token groups of 64 and 128 (4 and 8 vectors a group), NaN in each vector.
+        for g in [64, 128] {
+            let l = layout(3, g, Grouping::Token, 128);
+            for ch in (0..128).step_by(16) {
+                let x = randn(&[1, 2, g as i64, 128], 4, kind);
+                let _ = x.get(0).get(1).get(7).get(ch + 3).fill_(f64::NAN);
+                expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
             }
         }
         // Above the size at which the kernel goes parallel.

@@ -4,8 +4,9 @@
 //! run in parallel with rayon; each unit writes its own contiguous slice of every output.
 //! A unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
 //! channel groups packed word by word, vectorized across the head_dim channels
-//! (`encode_channels`); token groups, and channel groups with outliers (after a
-//! transpose), group by group (`encode_groups`). Both use the arithmetic of `group.rs` and
+//! (`encode_channels`); token groups without outliers 16 lanes at a time, packed in
+//! registers (`token_groups`); groups with outliers (channel groups after a transpose)
+//! group by group (`encode_groups`). Both use the arithmetic of `group.rs` and
 //! the layout of `pack.rs`, so they write the same bytes.
 
 use super::group::{
@@ -17,6 +18,7 @@ use super::layout::TensorLayout;
 use super::pack::{dequant_code_row, dequant_group, gather_words, pack, spread_words, WordPlane};
 use super::qtensor::QuantizedTensor;
 use super::simd::{Madd, Separate};
+use super::token_groups;
 use super::Grouping;
 use crate::error::{KvError, Result};
 use crate::multiversion;
@@ -429,21 +431,31 @@ fn encode_groups<M: Madd, T: KvFloat, const G: usize>(
         return Encoded::NonFinite;
     }
     let fits = params_slice(&mins[..d], &maxs[..d], 1.0 / levels, out.params, zeros, inv);
+    if no == 0 {
+        // Bits and group size as constants: each group's codes stay 32-bit lanes in
+        // registers and are shifted into their bytes there (a byte array packed per group,
+        // with the bit width matched at run time, was most of this kernel).
+        let (zeros, inv, codes) = (&zeros[..d], &inv[..d], &mut out.codes[..d * gb]);
+        match layout.bits {
+            2 => token_groups::encode::<2, G>(grouped, zeros, inv, codes),
+            3 => token_groups::encode::<3, G>(grouped, zeros, inv, codes),
+            4 => token_groups::encode::<4, G>(grouped, zeros, inv, codes),
+            _ => token_groups::encode::<8, G>(grouped, zeros, inv, codes),
+        }
+        return if fits {
+            Encoded::Done
+        } else {
+            Encoded::OutOfRange
+        };
+    }
     for (i, vals) in grouped.chunks_exact(G).enumerate() {
         let (z, iv) = (zeros[i], inv[i]);
         let vals: &[f32; G] = match vals.first_chunk::<G>() {
             Some(v) => v,
             None => break,
         };
-        if no == 0 {
-            // Every value is inside its group's range: no clamp (see `code_bits_in_range`).
-            for k in 0..G {
-                codes[k] = code_bits_in_range(vals[k], z, iv) as u8;
-            }
-        } else {
-            for k in 0..G {
-                codes[k] = code(vals[k], z, iv, levels);
-            }
+        for k in 0..G {
+            codes[k] = code(vals[k], z, iv, levels);
         }
         for &p in &out.positions[i * no..(i + 1) * no] {
             codes[p as usize] = 0;

@@ -237,7 +237,7 @@ pub fn min_max_groups<M: Madd, const G: usize>(
 ) {
     let mut done = 0;
     #[cfg(target_arch = "x86_64")]
-    if super::simd::level() == super::simd::Level::Avx512 {
+    if super::simd::level() == super::simd::Level::Avx512 && G.is_multiple_of(16) && G >= 32 {
         let batches = vals.chunks_exact(16 * G);
         for ((batch, mn), mx) in batches
             .zip(mins.chunks_exact_mut(16))
@@ -280,31 +280,39 @@ mod avx512 {
         else {
             return;
         };
-        if vals.len() < L * G || !G.is_multiple_of(L) {
+        // Two vectors a group at least: the NaN comparisons pair each with the first.
+        if vals.len() < L * G || !G.is_multiple_of(L) || G < 2 * L {
             return;
         }
         let zero = _mm512_setzero_ps();
         // SAFETY (every load): group g's vector k lies at g·G + k·L + 0..L < 16·G ≤ len.
         let at = |g: usize, k: usize| unsafe { _mm512_loadu_ps(vals.as_ptr().add(g * G + k * L)) };
-        // SAFETY: `nan.0` holds 16 f32.
-        let mut finite = unsafe { _mm512_loadu_ps(nan.0.as_ptr()) };
+        // Finiteness without a chain through every vector (a `madd` per vector into one
+        // accumulator was this function's critical path): NaNs by unordered comparisons
+        // OR-ed into a mask, infinities from the ranges themselves (min/max keep them).
+        let mut unordered: __mmask16 = 0;
         let mut lo = [zero; L];
         let mut hi = [zero; L];
         for g in 0..L {
             let first = at(g, 0);
-            finite = _mm512_fmadd_ps(first, zero, finite);
             let (mut l, mut h) = (first, first);
             for k in 1..G / L {
                 let v = at(g, k);
                 l = _mm512_min_ps(v, l);
                 h = _mm512_max_ps(v, h);
-                finite = _mm512_fmadd_ps(v, zero, finite);
+                unordered |= _mm512_cmp_ps_mask::<_CMP_UNORD_Q>(v, first);
             }
             (lo[g], hi[g]) = (l, h);
         }
+        let (lo, hi) = (reduce(lo, false), reduce(hi, true));
+        // SAFETY: `nan.0` holds 16 f32.
+        let mut finite = unsafe { _mm512_loadu_ps(nan.0.as_ptr()) };
+        finite = _mm512_fmadd_ps(hi, zero, _mm512_fmadd_ps(lo, zero, finite));
+        if unordered != 0 {
+            finite = _mm512_set1_ps(f32::NAN);
+        }
         // SAFETY: `nan.0` holds 16 f32.
         unsafe { _mm512_storeu_ps(nan.0.as_mut_ptr(), finite) };
-        let (lo, hi) = (reduce(lo, false), reduce(hi, true));
         // Lane i holds group bitreverse(i) (see `reduce`): one permute puts the groups in
         // order. (A loop storing lane by lane compiled to two scatters, slow on AMD: a
         // sixth of this function's samples in a profile.)

@@ -6,6 +6,8 @@
 //! - [`pack`]: bit packing of one group of 2/3/4/8-bit codes (planar layout);
 //! - [`group`]: the arithmetic of one group (float16 scale/zero with directed rounding,
 //!   codes, outlier selection), shared by every path;
+//! - [`token_groups`]: codes of token groups packed straight into their bytes (AVX-512
+//!   folds of the byte planes in registers);
 //! - [`hadamard`]: the orthonormal fast Walsh–Hadamard rotation;
 //! - [`layout`]: where each group of a quantized tensor lives;
 //! - [`qtensor`]: [`QuantizedTensor`], a quantized (batch, heads, tokens, head_dim) tensor;
@@ -34,6 +36,7 @@ pub mod qtensor;
 pub mod ragged;
 pub mod simd;
 pub mod store;
+pub(crate) mod token_groups;
 pub mod union;
 
 pub use config::{Grouping, QuantConfig};

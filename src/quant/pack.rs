@@ -497,6 +497,7 @@ pub fn unpack(bytes: &[u8], bits: u32, out: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    use super::*;
 
     #[test]
     fn spreading_word_rows_is_a_transpose_and_gathering_inverts_it() {
@@ -524,7 +525,6 @@ mod tests {
             }
         }
     }
-    use super::*;
 
     #[test]
     fn every_width_round_trips_every_code() {
