@@ -324,6 +324,87 @@ mod avx512 {
         }
     }
 
+    /// [`super::column_min_max`] of the first columns, in blocks of 128, 64 or 16 (8, 4
+    /// or 1 vectors), all of whose running min, max and finiteness sums stay in registers
+    /// across the rows: with 32 columns a block, one row's few independent operations
+    /// waited on the previous row's (the loop ran at the operations' latency). Returns
+    /// the columns done (`mins.len()` rounded down to 16) and whether all were finite.
+    /// Comparisons are ordered as in the portable loop (`min(row, lo)`), so the results
+    /// are the same bit for bit.
+    #[target_feature(enable = "avx512f")]
+    pub(super) fn column_min_max(
+        rows: &[f32],
+        mins: &mut [f32],
+        maxs: &mut [f32],
+    ) -> (usize, bool) {
+        let d = mins.len().min(maxs.len());
+        if d == 0 {
+            return (0, true);
+        }
+        let n = rows.len() / d;
+        let mut c0 = 0;
+        let mut finite = true;
+        while c0 + L <= d {
+            let left = d - c0;
+            finite &= if left >= 8 * L {
+                column_block::<8>(rows, d, n, c0, mins, maxs)
+            } else if left >= 4 * L {
+                column_block::<4>(rows, d, n, c0, mins, maxs)
+            } else {
+                column_block::<1>(rows, d, n, c0, mins, maxs)
+            };
+            c0 += if left >= 8 * L {
+                8 * L
+            } else if left >= 4 * L {
+                4 * L
+            } else {
+                L
+            };
+        }
+        (c0, finite)
+    }
+
+    /// Columns `c0..c0 + 16·V` of the `n` rows of `d` values: min, max into `mins`,
+    /// `maxs`; returns whether every value was finite.
+    #[inline(always)]
+    fn column_block<const V: usize>(
+        rows: &[f32],
+        d: usize,
+        n: usize,
+        c0: usize,
+        mins: &mut [f32],
+        maxs: &mut [f32],
+    ) -> bool {
+        if c0 + V * L > d || rows.len() < n * d {
+            return true;
+        }
+        // SAFETY (every intrinsic): inlined into `column_min_max`, an AVX-512F function;
+        // row t's vector j lies at t·d + c0 + 16j + 0..16 < n·d ≤ rows.len() (checked
+        // above), and the stores at c0 + 16j + 0..16 ≤ d ≤ both lengths.
+        unsafe {
+            let zero = _mm512_setzero_ps();
+            let mut lo = [_mm512_set1_ps(f32::INFINITY); V];
+            let mut hi = [_mm512_set1_ps(f32::NEG_INFINITY); V];
+            let mut nan = [zero; V];
+            for t in 0..n {
+                let row = rows.as_ptr().add(t * d + c0);
+                for j in 0..V {
+                    let v = _mm512_loadu_ps(row.add(j * L));
+                    lo[j] = _mm512_min_ps(v, lo[j]);
+                    hi[j] = _mm512_max_ps(v, hi[j]);
+                    nan[j] = _mm512_fmadd_ps(v, zero, nan[j]);
+                }
+            }
+            let mut sum = zero;
+            for j in 0..V {
+                _mm512_storeu_ps(mins.as_mut_ptr().add(c0 + j * L), lo[j]);
+                _mm512_storeu_ps(maxs.as_mut_ptr().add(c0 + j * L), hi[j]);
+                sum = _mm512_add_ps(sum, nan[j]);
+            }
+            _mm512_cmp_ps_mask::<_CMP_NEQ_UQ>(sum, zero) == 0
+        }
+    }
+
     /// `BIT_REVERSED[i]` is `i` with its 4 bits reversed.
     const BIT_REVERSED: [i32; L] = [0, 8, 4, 12, 2, 10, 6, 14, 1, 9, 5, 13, 3, 11, 7, 15];
 
@@ -413,7 +494,17 @@ pub fn column_min_max<M: Madd>(rows: &[f32], mins: &mut [f32], maxs: &mut [f32])
     let d = mins.len();
     let maxs = &mut maxs[..d];
     let mut nan = [0f32; B];
+    #[allow(unused_mut)]
     let mut c0 = 0;
+    #[cfg(target_arch = "x86_64")]
+    if super::simd::level() == super::simd::Level::Avx512 {
+        // SAFETY: `level()` detected AVX-512F on this CPU.
+        let (done, finite) = unsafe { avx512::column_min_max(rows, mins, maxs) };
+        if !finite {
+            return false;
+        }
+        c0 = done;
+    }
     while c0 < d {
         let w = (d - c0).min(B);
         let mut lo = [f32::INFINITY; B];
@@ -555,7 +646,7 @@ mod tests {
         let wide: Vec<f32> = (0..3 * 40).map(|i| (i % 7) as f32).collect();
         let (mut mins, mut maxs) = ([0.0; 40], [0.0; 40]);
         for bad in [f32::NAN, f32::INFINITY, f32::NEG_INFINITY] {
-            for at in [0, 37, 119] {
+            for at in [0, 37, 45, 100, 119] {
                 let mut rows = wide.clone();
                 rows[at] = bad;
                 assert!(!column_min_max::<Separate>(&rows, &mut mins, &mut maxs));
@@ -566,6 +657,22 @@ mod tests {
             }
         }
         assert!(column_min_max::<Fused>(&wide, &mut mins, &mut maxs));
+        // 16-column blocks of 128, 64 and 16 (AVX-512) and a tail, against a plain fold.
+        for d in [16, 40, 64, 128, 200, 256] {
+            let rows: Vec<f32> = (0..5 * d)
+                .map(|i| ((i * 7919) % 1009) as f32 * 0.37 - 150.0)
+                .collect();
+            let (mut mins, mut maxs) = (vec![0.0; d], vec![0.0; d]);
+            assert!(column_min_max::<Fused>(&rows, &mut mins, &mut maxs));
+            for c in 0..d {
+                let column = rows.iter().skip(c).step_by(d);
+                assert_eq!(
+                    mins[c],
+                    column.clone().copied().fold(f32::INFINITY, f32::min)
+                );
+                assert_eq!(maxs[c], column.copied().fold(f32::NEG_INFINITY, f32::max));
+            }
+        }
         let mut nan = NanLanes::new();
         min_max::<Fused>(&wide, &mut nan);
         assert!(nan.all_finite());
