@@ -104,58 +104,6 @@ impl KvFloat for bf16 {
     fn is_finite(self) -> bool {
         self.to_bits() & 0x7f80 != 0x7f80
     }
-    /// [`bf16_round`] of every value; with AVX512-BF16, 32 values per instruction
-    /// (`vcvtne2ps2bf16`, the same round to nearest even), a third of dequantizing to bf16
-    /// otherwise.
-    #[inline(always)]
-    fn slice_from_f32(src: &[f32], dst: &mut [Self]) {
-        let n = src.len().min(dst.len());
-        #[allow(unused_mut)]
-        let mut done = 0;
-        #[cfg(target_arch = "x86_64")]
-        if std::arch::is_x86_feature_detected!("avx512bf16")
-            && std::arch::is_x86_feature_detected!("avx512dq")
-        {
-            // SAFETY: the CPU has AVX512-BF16, AVX512-DQ and (implied) AVX512-F.
-            done = unsafe { bf16_avx512::from_f32(&src[..n], &mut dst[..n]) };
-        }
-        for (o, &v) in dst[done..n].iter_mut().zip(&src[done..n]) {
-            *o = bf16_round(v);
-        }
-    }
-}
-
-#[cfg(target_arch = "x86_64")]
-mod bf16_avx512 {
-    use half::bf16;
-    use std::arch::x86_64::*;
-
-    /// Converts the values 32 at a time up to the first vector holding a NaN or a
-    /// subnormal (which the instruction would quiet differently or flush to zero) or the
-    /// last whole 32; returns how many it converted, the caller doing the rest with
-    /// [`super::bf16_round`].
-    #[target_feature(enable = "avx512f,avx512bf16,avx512dq")]
-    pub(super) fn from_f32(src: &[f32], dst: &mut [bf16]) -> usize {
-        let n = src.len().min(dst.len());
-        let mut i = 0;
-        while i + 32 <= n {
-            // SAFETY: i + 32 ≤ n ≤ both lengths; unaligned loads and store.
-            unsafe {
-                let lo = _mm512_loadu_ps(src.as_ptr().add(i));
-                let hi = _mm512_loadu_ps(src.as_ptr().add(i + 16));
-                // fpclass: quiet NaN 0x01, subnormal 0x20, signalling NaN 0x80.
-                let special =
-                    _mm512_fpclass_ps_mask::<0xa1>(lo) | _mm512_fpclass_ps_mask::<0xa1>(hi);
-                if special != 0 {
-                    break;
-                }
-                let packed: __m512i = std::mem::transmute(_mm512_cvtne2ps_pbh(hi, lo));
-                _mm512_storeu_si512(dst.as_mut_ptr().add(i) as *mut _, packed);
-            }
-            i += 32;
-        }
-        i
-    }
 }
 
 /// f32 → bf16, round to nearest even, a NaN kept a quiet NaN: `bf16::from_f32` bit for
@@ -281,47 +229,6 @@ mod tests {
         for _ in 0..1 << 20 {
             check(x);
             x = x.wrapping_add(4093 * 1021);
-        }
-    }
-
-    /// The slice conversion (AVX512-BF16 where the CPU has it) equals `bf16_round` value
-    /// by value: ties and carries in every lane, lengths around whole vectors, and a NaN,
-    /// an infinity or a subnormal in some vector (left to the exact scalar rounding).
-    #[test]
-    fn bf16_slice_conversion_equals_rounding_each_value() {
-        let base: Vec<f32> = (0..203u32)
-            .map(|i| {
-                let bits = 0x3f80_0000 ^ (i.wrapping_mul(0x9e37_79b9) >> 9);
-                // Every 7th a tie (low half exactly half an ulp), odd and even.
-                f32::from_bits(if i % 7 == 0 {
-                    bits & !0xffff | 0x8000
-                } else {
-                    bits
-                })
-            })
-            .map(|v| if v.is_finite() { v } else { 1.0 })
-            .collect();
-        for special in [
-            None,
-            Some(f32::NAN),
-            Some(f32::INFINITY),
-            Some(1e-40),
-            Some(-0.0),
-        ] {
-            for at in [0, 31, 32, 95, 200] {
-                let mut src = base.clone();
-                if let Some(v) = special {
-                    src[at] = v;
-                }
-                for n in [0, 1, 31, 32, 33, 64, 100, 203] {
-                    let mut dst = vec![bf16::ZERO; n];
-                    bf16::slice_from_f32(&src[..n], &mut dst);
-                    for (k, (&o, &v)) in dst.iter().zip(&src).enumerate() {
-                        let want = bf16_round(v).to_bits();
-                        assert_eq!(o.to_bits(), want, "{special:?} at {at}, n {n}, value {k}");
-                    }
-                }
-            }
         }
     }
 }
