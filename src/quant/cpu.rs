@@ -638,6 +638,10 @@ fn decode_channels<T: KvFloat, const BITS: u32, const G: usize>(
     // tile in between cost ~15% of dequantizing.
     let row = &mut rows[..d];
     for (t, out) in dst[..G * d].chunks_exact_mut(d).enumerate() {
+        if T::FROM_F32_INLINE && !hadamard {
+            dequant_code_row(words, t, G, BITS, scales, zeros, out);
+            continue;
+        }
         dequant_code_row(words, t, G, BITS, scales, zeros, row);
         if hadamard {
             fwht(row);
@@ -674,6 +678,17 @@ fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
         decode_channels::<T, BITS, G>(d, layout.hadamard, tile, scratch, dst);
         return;
     }
+    let direct = T::FROM_F32_INLINE && BITS >= 4;
+    if layout.grouping == Grouping::Token && no == 0 && !layout.hadamard && direct {
+        // Token groups are contiguous in the output too: straight into it. (Not 2 and 3
+        // bits: their four planes a byte, each converted and stored as it is cut, ran at
+        // two thirds of the speed of the f32 tile converted in one pass.)
+        for (i, out) in dst[..g * d].chunks_exact_mut(g).enumerate() {
+            let (s, z) = (tile.params[2 * i].to_f32(), tile.params[2 * i + 1].to_f32());
+            dequant_group::<Separate, BITS, G, T>(&tile.codes[i * gb..(i + 1) * gb], s, z, out);
+        }
+        return;
+    }
     let target = match layout.grouping {
         Grouping::Token => &mut scratch.tile,
         Grouping::Channel => &mut scratch.groups,
@@ -681,7 +696,7 @@ fn decode_unit_body<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
     for (i, vals) in target.chunks_exact_mut(g).enumerate() {
         let (s, z) = (tile.params[2 * i].to_f32(), tile.params[2 * i + 1].to_f32());
         // Exact `code·scale + zero` (two roundings), as the libtorch path computes it.
-        dequant_group::<Separate, BITS, G>(&tile.codes[i * gb..(i + 1) * gb], s, z, vals);
+        dequant_group::<Separate, BITS, G, _>(&tile.codes[i * gb..(i + 1) * gb], s, z, vals);
         for k in 0..no {
             vals[tile.positions[i * no + k] as usize] = tile.values[i * no + k].to_f32();
         }

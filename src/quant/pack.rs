@@ -15,6 +15,7 @@
 //! Group sizes are multiples of 8, so every plane is whole bytes.
 
 use super::simd::Madd;
+use crate::tensor::KvFloat;
 
 /// Bytes of a packed group of `g` codes.
 #[inline(always)]
@@ -330,15 +331,17 @@ fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usi
 /// computes it). Channel
 /// groups are dequantized this way, one token row at a time, with no transpose of the
 /// tile and no row of codes stored in between.
+/// The values are written as `O` (f32, or straight to the output dtype when its
+/// conversion is lane arithmetic: no f32 row stored and read back).
 #[inline(always)]
-pub fn dequant_code_row(
+pub fn dequant_code_row<O: KvFloat>(
     words: &[u32],
     t: usize,
     g: usize,
     bits: u32,
     scales: &[f32],
     zeros: &[f32],
-    out: &mut [f32],
+    out: &mut [O],
 ) {
     let n = out.len();
     let ((row, bit, mask), high) = code_fields(t, g, bits);
@@ -346,14 +349,14 @@ pub fn dequant_code_row(
     match high {
         None => {
             for (((o, &w), &s), &z) in out.iter_mut().zip(low).zip(scales).zip(zeros) {
-                *o = ((w >> bit) & mask) as f32 * s + z;
+                *o = O::from_f32(((w >> bit) & mask) as f32 * s + z);
             }
         }
         Some((row, hbit)) => {
             let high = &words[row * n..(row + 1) * n];
             let pairs = low.iter().zip(high);
             for (((o, (&l, &h)), &s), &z) in out.iter_mut().zip(pairs).zip(scales).zip(zeros) {
-                *o = (((l >> bit) & mask) | (((h >> hbit) & 1) << 2)) as f32 * s + z;
+                *o = O::from_f32((((l >> bit) & mask) | (((h >> hbit) & 1) << 2)) as f32 * s + z);
             }
         }
     }
@@ -415,21 +418,21 @@ fn unpack2_f32(bytes: &[u8], out: &mut [f32]) {
 }
 
 /// Dequantizes one packed group of `G` codes: `out[i] = code_i · scale + zero` (through
-/// `M::madd`). `G` and `BITS` are constants, so every loop is unrolled and vectorized
+/// `M::madd`), written as `O` (see [`dequant_code_row`]). `G` and `BITS` are constants, so every loop is unrolled and vectorized
 /// (codes are unpacked in registers, never stored as integers).
 #[inline(always)]
-pub fn dequant_group<M: Madd, const BITS: u32, const G: usize>(
+pub fn dequant_group<M: Madd, const BITS: u32, const G: usize, O: KvFloat>(
     bytes: &[u8],
     scale: f32,
     zero: f32,
-    out: &mut [f32],
+    out: &mut [O],
 ) {
-    let out: &mut [f32; G] = match out.first_chunk_mut::<G>() {
+    let out: &mut [O; G] = match out.first_chunk_mut::<G>() {
         Some(o) => o,
         None => return,
     };
-    let f = |c: u8| M::madd(c as f32, scale, zero);
-    let fw = |c: u32| M::madd(c as f32, scale, zero);
+    let f = |c: u8| O::from_f32(M::madd(c as f32, scale, zero));
+    let fw = |c: u32| O::from_f32(M::madd(c as f32, scale, zero));
     match BITS {
         8 => {
             let Some(b) = bytes.first_chunk::<G>() else {
@@ -549,16 +552,16 @@ mod tests {
                 pack(&codes, bits, &mut packed);
                 let mut out = vec![0f32; G];
                 match bits {
-                    2 => dequant_group::<crate::quant::simd::Separate, 2, G>(
+                    2 => dequant_group::<crate::quant::simd::Separate, 2, G, _>(
                         &packed, 0.5, -1.0, &mut out,
                     ),
-                    3 => dequant_group::<crate::quant::simd::Separate, 3, G>(
+                    3 => dequant_group::<crate::quant::simd::Separate, 3, G, _>(
                         &packed, 0.5, -1.0, &mut out,
                     ),
-                    4 => dequant_group::<crate::quant::simd::Separate, 4, G>(
+                    4 => dequant_group::<crate::quant::simd::Separate, 4, G, _>(
                         &packed, 0.5, -1.0, &mut out,
                     ),
-                    _ => dequant_group::<crate::quant::simd::Separate, 8, G>(
+                    _ => dequant_group::<crate::quant::simd::Separate, 8, G, _>(
                         &packed, 0.5, -1.0, &mut out,
                     ),
                 }

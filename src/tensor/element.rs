@@ -21,6 +21,10 @@ torch_element!(f32 => Kind::Float, f64 => Kind::Double, f16 => Kind::Half, bf16 
 /// A float element of a KV tensor: f32, f16 or bf16. Kernels are generic over it and
 /// accumulate in f32 (bf16 sums and norms lose too much to rank tokens reliably).
 pub trait KvFloat: TorchElement {
+    /// Whether `from_f32` is plain lane arithmetic, which a loop producing the values can
+    /// convert in place (f32, bf16); f16's checks for F16C at every call, so its values
+    /// are better produced into f32 and converted by [`KvFloat::slice_from_f32`].
+    const FROM_F32_INLINE: bool = true;
     fn to_f32(self) -> f32;
     fn from_f32(v: f32) -> Self;
     fn is_finite(self) -> bool;
@@ -59,6 +63,7 @@ impl KvFloat for f32 {
 }
 
 impl KvFloat for f16 {
+    const FROM_F32_INLINE: bool = false;
     #[inline(always)]
     fn to_f32(self) -> f32 {
         f16::to_f32(self)

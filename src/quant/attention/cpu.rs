@@ -712,7 +712,7 @@ fn dequantize_tile<M: Madd, T: KvFloat, const BITS: u32, const G: usize>(
         } else {
             &mut group[..g]
         };
-        dequant_group::<M, BITS, G>(&tile.codes[i * gb..(i + 1) * gb], s, z, vals);
+        dequant_group::<M, BITS, G, _>(&tile.codes[i * gb..(i + 1) * gb], s, z, vals);
         for k in 0..no {
             vals[tile.positions[i * no + k] as usize] = tile.values[i * no + k].to_f32();
         }
