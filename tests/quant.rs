@@ -162,6 +162,27 @@ fn odd_shapes_batch_and_gqa_sized_heads() {
     }
 }
 
+/// Views that are not one contiguous block quantize to the same codes as their contiguous
+/// copy: a head range of a larger tensor (tiles found from the strides at an offset),
+/// token-major memory (rows apart), and a channel slice (elements of a row not adjacent
+/// to the next row's).
+#[test]
+fn strided_views_quantize_like_their_contiguous_copies() {
+    let big = randn(&[2, 6, 96, 128], 11, Kind::BFloat16);
+    let heads = big.narrow(1, 2, 3);
+    let token_major = big.transpose(1, 2).contiguous().transpose(1, 2);
+    let channels = big.narrow(3, 32, 64);
+    for (x, d) in [(heads, 128), (token_major, 128), (channels, 64)] {
+        for grouping in [Grouping::Channel, Grouping::Token] {
+            let l = layout(4, 32, grouping, d);
+            let q = QuantizedTensor::quantize(&x, l, "x").unwrap();
+            let c = QuantizedTensor::quantize(&x.contiguous(), l, "x").unwrap();
+            assert!(q.codes().equal(c.codes()), "{:?} {grouping:?}", x.stride());
+            assert!(q.params().equal(c.params()), "{:?} {grouping:?}", x.stride());
+        }
+    }
+}
+
 #[test]
 fn outliers_are_kept_exactly_and_shrink_the_range() {
     let x = randn(&[2, 2, 64, 64], 9, Kind::Float);

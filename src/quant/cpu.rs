@@ -210,12 +210,20 @@ fn load_tile<T: KvFloat>(
     g: usize,
     out: &mut [f32],
 ) {
-    let d = x.dim().3;
-    let tile = x.slice(ndarray::s![b, h, t0..t0 + g, ..]);
-    if let Some(src) = tile.as_slice() {
+    let (nb, nh, n, d) = x.dim();
+    let strides = x.strides();
+    if strides[3] == 1 && strides[2] == d as isize && b < nb && h < nh && t0 + g <= n {
+        // The tile's rows are contiguous: its g·d elements found from the strides (an
+        // ndarray `slice` per tile cost ~60 ns, a tenth of quantizing a 32-token tile).
+        let at = b as isize * strides[0] + h as isize * strides[1] + t0 as isize * strides[2];
+        // SAFETY: (b, h, t0, 0) is inside the view (checked above) and its next g·d
+        // elements are (b, h, t0..t0+g, 0..d), also inside it: rows follow each other
+        // (row stride d) and a row's elements are adjacent (stride 1).
+        let src = unsafe { std::slice::from_raw_parts(x.as_ptr().offset(at), g * d) };
         T::slice_to_f32(src, &mut out[..g * d]);
         return;
     }
+    let tile = x.slice(ndarray::s![b, h, t0..t0 + g, ..]);
     for (t, row) in tile.outer_iter().enumerate() {
         let dst = &mut out[t * d..(t + 1) * d];
         match row.as_slice() {
