@@ -178,7 +178,11 @@ fn strided_views_quantize_like_their_contiguous_copies() {
             let q = QuantizedTensor::quantize(&x, l, "x").unwrap();
             let c = QuantizedTensor::quantize(&x.contiguous(), l, "x").unwrap();
             assert!(q.codes().equal(c.codes()), "{:?} {grouping:?}", x.stride());
-            assert!(q.params().equal(c.params()), "{:?} {grouping:?}", x.stride());
+            assert!(
+                q.params().equal(c.params()),
+                "{:?} {grouping:?}",
+                x.stride()
+            );
         }
     }
 }
