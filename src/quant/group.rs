@@ -345,21 +345,13 @@ mod avx512 {
         let mut c0 = 0;
         let mut finite = true;
         while c0 + L <= d {
-            let left = d - c0;
-            finite &= if left >= 8 * L {
-                column_block::<8>(rows, d, n, c0, mins, maxs)
-            } else if left >= 4 * L {
-                column_block::<4>(rows, d, n, c0, mins, maxs)
-            } else {
-                column_block::<1>(rows, d, n, c0, mins, maxs)
+            let (ok, vectors) = match d - c0 {
+                left if left >= 8 * L => (column_block::<8>(rows, d, n, c0, mins, maxs), 8),
+                left if left >= 4 * L => (column_block::<4>(rows, d, n, c0, mins, maxs), 4),
+                _ => (column_block::<1>(rows, d, n, c0, mins, maxs), 1),
             };
-            c0 += if left >= 8 * L {
-                8 * L
-            } else if left >= 4 * L {
-                4 * L
-            } else {
-                L
-            };
+            finite &= ok;
+            c0 += vectors * L;
         }
         (c0, finite)
     }
