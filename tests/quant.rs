@@ -296,6 +296,24 @@ fn one_non_finite_value_anywhere_raises() {
                 expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
             }
         }
+        // Channel groups of 16-bit rows are read in blocks of 128, 64 and 32 channels,
+        // even and odd bfloat16 channels in separate vectors: a NaN or an infinity in each.
+        let l = layout(4, 32, Grouping::Channel, 224);
+        for (t, ch) in [
+            (0, 0),
+            (31, 33),
+            (5, 126),
+            (6, 131),
+            (7, 190),
+            (8, 192),
+            (9, 223),
+        ] {
+            for value in [f64::NAN, f64::INFINITY] {
+                let x = randn(&[1, 2, 64, 224], 5, kind);
+                let _ = x.get(0).get(1).get(32 + t).get(ch).fill_(value);
+                expect_err(QuantizedTensor::quantize(&x, l, "x"), "NonFinite");
+            }
+        }
         // Above the size at which the kernel goes parallel.
         let x = randn(&[1, 4, 1024, 128], 3, kind);
         let _ = x.get(0).get(3).get(1000).get(127).fill_(f64::NAN);
@@ -911,18 +929,19 @@ fn reference_quantize(x: &Tensor, l: &TensorLayout, table: &[f32]) -> (Vec<u8>, 
 #[test]
 fn kernels_equal_a_scalar_reference_quantizer_bit_for_bit() {
     // Shapes the vectorized kernels handle in pieces: head_dim not a multiple of their
-    // column blocks (72 for channel groups: neither 16 nor 32 divides it), batch 2, GQA-like head counts, several tiles,
-    // and a non-contiguous input (a transposed view, loaded row by row).
+    // column blocks (72 for channel groups: neither 16 nor 32 divides it; 224 = 128 + 64
+    // + 32, every block of the 16-bit channel path), batch 2, GQA-like head counts,
+    // several tiles, and a non-contiguous input (a transposed view, loaded row by row).
     let table = finite_f16_values();
     let mut checked = 0;
     for kind in [Kind::Half, Kind::BFloat16, Kind::Float] {
         for bits in [2u32, 3, 4, 8] {
             for g in [32usize, 64, 128] {
-                for grouping in [Grouping::Channel, Grouping::Token] {
-                    let (h, d) = match grouping {
-                        Grouping::Channel => (3, 72),
-                        Grouping::Token => (5, 128),
-                    };
+                for (grouping, h, d) in [
+                    (Grouping::Channel, 3, 72),
+                    (Grouping::Channel, 1, 224),
+                    (Grouping::Token, 5, 128),
+                ] {
                     let seed = (bits as u64) * 1000 + g as u64;
                     let x = keys_like([2, h, 3 * g as i64, d], seed, kind);
                     let strided =
@@ -952,5 +971,5 @@ fn kernels_equal_a_scalar_reference_quantizer_bit_for_bit() {
             }
         }
     }
-    assert_eq!(checked, 3 * 4 * 3 * 2 * 2);
+    assert_eq!(checked, 3 * 4 * 3 * 3 * 2);
 }

@@ -2,13 +2,16 @@
 //!
 //! Work is split into units of one tile (G tokens of one (batch, head) = head_dim groups),
 //! run in parallel with rayon; each unit writes its own contiguous slice of every output.
-//! A unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
+//! Channel groups of bfloat16/float16 rows without rotation or outliers are quantized
+//! straight from the input's rows (`channel_groups`, AVX-512). Otherwise
+//! a unit loads its tile as f32 (rotating each token if `hadamard`) and quantizes it:
 //! channel groups packed word by word, vectorized across the head_dim channels
 //! (`encode_channels`); token groups without outliers 16 lanes at a time, packed in
 //! registers (`token_groups`); groups with outliers (channel groups after a transpose)
 //! group by group (`encode_groups`). Both use the arithmetic of `group.rs` and
 //! the layout of `pack.rs`, so they write the same bytes.
 
+use super::channel_groups::{self, Half16};
 use super::group::{
     code, code_bits_in_range, column_min_max, min_max_groups, min_max_skipping, outlier_positions,
     params_slice, NanLanes,
@@ -199,6 +202,29 @@ fn slice_mut<T: crate::tensor::TorchElement, D: ndarray::Dimension>(
         .ok_or_else(|| KvError::State("internal: output tensor is not contiguous".into()))
 }
 
+/// Tokens `t0..t0+g` of (b, h) as one slice, token-major, when its rows are contiguous
+/// (the usual case). Found from the strides: an ndarray `slice` per tile was about a tenth
+/// of the samples of quantizing 32-token tiles in a profile.
+#[inline(always)]
+fn contiguous_tile<'a, T>(
+    x: &ArrayView4<'a, T>,
+    b: usize,
+    h: usize,
+    t0: usize,
+    g: usize,
+) -> Option<&'a [T]> {
+    let (nb, nh, n, d) = x.dim();
+    let strides = x.strides();
+    if !(strides[3] == 1 && strides[2] == d as isize && b < nb && h < nh && t0 + g <= n) {
+        return None;
+    }
+    let at = b as isize * strides[0] + h as isize * strides[1] + t0 as isize * strides[2];
+    // SAFETY: (b, h, t0, 0) is inside the view (checked above) and its next g·d elements
+    // are (b, h, t0..t0+g, 0..d), also inside it: rows follow each other (row stride d)
+    // and a row's elements are adjacent (stride 1). The view borrows its data for 'a.
+    Some(unsafe { std::slice::from_raw_parts(x.as_ptr().offset(at), g * d) })
+}
+
 /// Loads tokens `t0..t0+g` of (b, h) as f32, token-major: one vectorized conversion of the
 /// whole tile when its rows are contiguous (the usual case), row by row otherwise.
 #[inline(always)]
@@ -210,17 +236,8 @@ fn load_tile<T: KvFloat>(
     g: usize,
     out: &mut [f32],
 ) {
-    let (nb, nh, n, d) = x.dim();
-    let strides = x.strides();
-    if strides[3] == 1 && strides[2] == d as isize && b < nb && h < nh && t0 + g <= n {
-        // The tile's rows are contiguous: its g·d elements found from the strides (an
-        // ndarray `slice` per tile was about a tenth of the samples of quantizing 32-token
-        // tiles in a profile).
-        let at = b as isize * strides[0] + h as isize * strides[1] + t0 as isize * strides[2];
-        // SAFETY: (b, h, t0, 0) is inside the view (checked above) and its next g·d
-        // elements are (b, h, t0..t0+g, 0..d), also inside it: rows follow each other
-        // (row stride d) and a row's elements are adjacent (stride 1).
-        let src = unsafe { std::slice::from_raw_parts(x.as_ptr().offset(at), g * d) };
+    let d = x.dim().3;
+    if let Some(src) = contiguous_tile(x, b, h, t0, g) {
         T::slice_to_f32(src, &mut out[..g * d]);
         return;
     }
@@ -265,6 +282,19 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
     out: EncodeOut<'_, T>,
 ) -> Encoded {
     let (g, d) = (layout.group_size, layout.head_dim);
+    let plain_channels =
+        layout.grouping == Grouping::Channel && !layout.hadamard && layout.outliers == 0;
+    if plain_channels && channel_groups::supported(d) {
+        let rows = contiguous_tile(x, b, h, t0, g).and_then(channel_groups::as_bits);
+        if let Some((rows, format)) = rows {
+            return encode_channels::<M, T, G>(
+                layout,
+                ChannelRows::Bits(rows, format),
+                scratch,
+                out,
+            );
+        }
+    }
     load_tile(x, b, h, t0, g, &mut scratch.tile);
     if layout.hadamard || layout.outliers > 0 {
         if !finite_slice(&scratch.tile[..g * d]) {
@@ -277,13 +307,21 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
         }
     }
     if layout.grouping == Grouping::Channel && layout.outliers == 0 {
-        encode_channels::<M, T, G>(layout, scratch, out)
+        encode_channels::<M, T, G>(layout, ChannelRows::Tile, scratch, out)
     } else {
         encode_groups::<M, T, G>(layout, scratch, out)
     }
 }
 
-/// Channel groups without outliers, straight from the token-major tile: ranges are
+/// Where [`encode_channels`] reads a tile's values.
+enum ChannelRows<'a> {
+    /// The f32 tile in the scratch space.
+    Tile,
+    /// The input's own 16-bit rows, converted in registers (`channel_groups`).
+    Bits(&'a [u16], Half16),
+}
+
+/// Channel groups without outliers, straight from the token-major rows: ranges are
 /// column min/max over the G rows; then, per block of channels, each packed word of their
 /// groups is built in registers from the token rows its codes come from (`WordPlane`),
 /// vectorized across the channels. The only per-group step left is spreading the word
@@ -291,6 +329,7 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
 #[inline(always)]
 fn encode_channels<M: Madd, T: KvFloat, const G: usize>(
     layout: &TensorLayout,
+    rows: ChannelRows<'_>,
     scratch: &mut Scratch,
     out: EncodeOut<'_, T>,
 ) -> Encoded {
@@ -306,24 +345,33 @@ fn encode_channels<M: Madd, T: KvFloat, const G: usize>(
         ..
     } = scratch;
     let tile = &tile[..g * d];
-    if !column_min_max::<M>(tile, &mut mins[..d], &mut maxs[..d]) {
+    let (mins, maxs) = (&mut mins[..d], &mut maxs[..d]);
+    let finite = match rows {
+        ChannelRows::Tile => column_min_max::<M>(tile, mins, maxs),
+        ChannelRows::Bits(rows, format) => {
+            channel_groups::column_min_max::<G>(rows, format, mins, maxs) == Some(true)
+        }
+    };
+    if !finite {
         return Encoded::NonFinite;
     }
-    let fits = params_slice(
-        &mins[..d],
-        &maxs[..d],
-        1.0 / layout.levels(),
-        out.params,
-        zeros,
-        inv,
-    );
+    let fits = params_slice(mins, maxs, 1.0 / layout.levels(), out.params, zeros, inv);
     let (words, zeros, inv) = (&mut words[..gb / 4 * d], &zeros[..d], &inv[..d]);
     // Bits and group size as constants: a word's fields unroll into immediate shifts.
-    match layout.bits {
-        2 => encode_channel_blocks::<2, G>(tile, zeros, inv, words),
-        3 => encode_channel_blocks::<3, G>(tile, zeros, inv, words),
-        4 => encode_channel_blocks::<4, G>(tile, zeros, inv, words),
-        _ => encode_channel_blocks::<8, G>(tile, zeros, inv, words),
+    match (rows, layout.bits) {
+        (ChannelRows::Tile, 2) => encode_channel_blocks::<2, G>(tile, zeros, inv, words),
+        (ChannelRows::Tile, 3) => encode_channel_blocks::<3, G>(tile, zeros, inv, words),
+        (ChannelRows::Tile, 4) => encode_channel_blocks::<4, G>(tile, zeros, inv, words),
+        (ChannelRows::Tile, _) => encode_channel_blocks::<8, G>(tile, zeros, inv, words),
+        (ChannelRows::Bits(rows, format), bits) => {
+            // `column_min_max` above ran, so the rows are supported: every word is written.
+            let _ = match bits {
+                2 => channel_groups::encode_words::<2, G>(rows, format, zeros, inv, words),
+                3 => channel_groups::encode_words::<3, G>(rows, format, zeros, inv, words),
+                4 => channel_groups::encode_words::<4, G>(rows, format, zeros, inv, words),
+                _ => channel_groups::encode_words::<8, G>(rows, format, zeros, inv, words),
+            };
+        }
     }
     // Word w of group c is words[w·d + c]: interleave the word rows into group order.
     spread_words(gb / 4, words, &mut out.codes[..d * gb]);
