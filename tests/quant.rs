@@ -263,6 +263,22 @@ fn quantize_errors() {
 /// with outliers or a Hadamard rotation that would spread it — still raises, for every
 /// dtype and grouping, and a large parallel input too.
 #[test]
+fn layouts_that_do_not_fit_the_head_dim_are_refused() {
+    let x = randn(&[1, 1, 64, 96], 1, Kind::Float);
+    expect_err(
+        QuantizedTensor::quantize(&x, layout(4, 64, Grouping::Token, 96), "x"),
+        "InvalidArgument",
+    );
+    let mut c = config(4, 32, 0);
+    c.hadamard = true;
+    let l = TensorLayout::new(&c, Grouping::Channel, 96);
+    expect_err(QuantizedTensor::quantize(&x, l, "x"), "InvalidArgument");
+    // The same tensor with layouts that fit it.
+    assert!(QuantizedTensor::quantize(&x, layout(4, 32, Grouping::Token, 96), "x").is_ok());
+    assert!(QuantizedTensor::quantize(&x, layout(4, 64, Grouping::Channel, 96), "x").is_ok());
+}
+
+#[test]
 fn one_non_finite_value_anywhere_raises() {
     for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
         for grouping in [Grouping::Channel, Grouping::Token] {

@@ -1,5 +1,6 @@
 //! The options of a quantized KV cache, validated once: [`QuantConfig`].
 
+use super::layout::TensorLayout;
 use crate::error::{KvError, Result};
 
 /// Bit widths a code may have.
@@ -171,23 +172,7 @@ impl QuantConfig {
         grouping: Grouping,
         argument: &str,
     ) -> Result<()> {
-        if grouping == Grouping::Token && !head_dim.is_multiple_of(self.group_size) {
-            return Err(KvError::invalid(
-                "group_size",
-                format!(
-                    "{} does not divide the {argument} head_dim {head_dim}; per-token groups span \
-                     group_size channels (use a smaller group_size or \"channel\" grouping)",
-                    self.group_size
-                ),
-            ));
-        }
-        if self.hadamard && !head_dim.is_power_of_two() {
-            return Err(KvError::invalid(
-                "hadamard",
-                format!("the Walsh–Hadamard rotation needs a power-of-two head_dim, the {argument} have {head_dim}"),
-            ));
-        }
-        Ok(())
+        TensorLayout::new(self, grouping, head_dim).check(argument)
     }
 
     /// Capacity of the full-precision window: `max(residual_length, group_size)`. It holds

@@ -15,6 +15,7 @@
 
 use super::config::{Grouping, QuantConfig};
 use super::pack::packed_bytes;
+use crate::error::{KvError, Result};
 
 /// How one tensor (keys or values) is quantized.
 #[derive(Clone, Copy, Debug, PartialEq)]
@@ -38,6 +39,29 @@ impl TensorLayout {
             outliers: config.outliers_per_group(),
             hadamard: config.hadamard,
         }
+    }
+
+    /// Checks what the layout needs of the head dimension (tensors of `argument`): token
+    /// groups must tile it, and the Walsh–Hadamard rotation needs a power of two.
+    pub fn check(&self, argument: &str) -> Result<()> {
+        let head_dim = self.head_dim;
+        if self.grouping == Grouping::Token && !head_dim.is_multiple_of(self.group_size) {
+            return Err(KvError::invalid(
+                "group_size",
+                format!(
+                    "{} does not divide the {argument} head_dim {head_dim}; per-token groups span \
+                     group_size channels (use a smaller group_size or \"channel\" grouping)",
+                    self.group_size
+                ),
+            ));
+        }
+        if self.hadamard && !head_dim.is_power_of_two() {
+            return Err(KvError::invalid(
+                "hadamard",
+                format!("the Walsh–Hadamard rotation needs a power-of-two head_dim, the {argument} have {head_dim}"),
+            ));
+        }
+        Ok(())
     }
 
     /// Bytes of one packed group.

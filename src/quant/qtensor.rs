@@ -33,6 +33,7 @@ impl QuantizedTensor {
     /// libtorch ops (same codes bit for bit).
     pub fn quantize(x: &Tensor, layout: TensorLayout, argument: &str) -> Result<Self> {
         let shape = check_kv(x, argument)?;
+        layout.check(argument)?;
         if shape.head_dim != layout.head_dim {
             return Err(KvError::shape(
                 argument,
