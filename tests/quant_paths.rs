@@ -47,12 +47,22 @@ fn both_paths_produce_the_same_codes_and_values() {
     let _lock = SWITCH.lock().unwrap_or_else(|e| e.into_inner());
     for c in configs() {
         for grouping in [Grouping::Channel, Grouping::Token] {
-            for kind in [Kind::Float, Kind::Half, Kind::BFloat16] {
-                let x = randn(&[2, 3, 128, 64], c.bits as u64, kind) * 3.0;
-                let l = TensorLayout::new(&c, grouping, 64);
+            // head_dim 224 = 128 + 64 + 32: every block width of the 16-bit channel paths.
+            for (kind, d) in [
+                (Kind::Float, 64),
+                (Kind::Half, 64),
+                (Kind::BFloat16, 64),
+                (Kind::Half, 224),
+                (Kind::BFloat16, 224),
+            ] {
+                let l = TensorLayout::new(&c, grouping, d as usize);
+                if l.check("x").is_err() {
+                    continue; // Hadamard at 224, token groups of 64 in 224 channels
+                }
+                let x = randn(&[2, 3, 128, d], c.bits as u64, kind) * 3.0;
                 let rust = with_path(true, || QuantizedTensor::quantize(&x, l, "x").unwrap());
                 let torch = with_path(false, || QuantizedTensor::quantize(&x, l, "x").unwrap());
-                let what = format!("{c:?} {grouping:?} {kind:?}");
+                let what = format!("{c:?} {grouping:?} {kind:?} head_dim {d}");
                 assert!(same(rust.codes(), torch.codes()), "codes differ: {what}");
                 assert!(
                     same(rust.params(), torch.params()),

@@ -699,6 +699,12 @@ fn decode_channels<T: KvFloat, const BITS: u32, const G: usize>(
             dequant_code_row(words, t, G, BITS, scales, zeros, out);
             continue;
         }
+        if let (false, Some((out, Half16::Float16))) = (hadamard, channel_groups::as_bits_mut(out))
+        {
+            if channel_groups::dequant_row_f16(words, t, G, BITS, scales, zeros, out) {
+                continue;
+            }
+        }
         dequant_code_row(words, t, G, BITS, scales, zeros, row);
         if hadamard {
             fwht(row);

@@ -303,7 +303,11 @@ impl WordPlane {
 /// row and bit of its low field and that field's mask, and for 3 bits the word row and
 /// bit of its high bit.
 #[inline(always)]
-fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usize, u32)>) {
+pub(crate) fn code_fields(
+    t: usize,
+    g: usize,
+    bits: u32,
+) -> ((usize, u32, u32), Option<(usize, u32)>) {
     let at = |j: usize, shift: u32| (j / 4, 8 * (j % 4) as u32 + shift);
     let low = |j: usize, mask: u32, shift: u32| {
         let (row, bit) = at(j, shift);
