@@ -1,5 +1,6 @@
 //! Channel groups (one channel over G tokens) quantized straight from a tile's 16-bit
-//! rows, with no float32 copy of the tile.
+//! rows, with no float32 copy of the tile, and dequantized straight into float16 rows
+//! ([`dequant_row_f16`]).
 //!
 //! The general path converts a tile to float32 first and reads that copy twice (ranges,
 //! then codes); for bfloat16 keys the conversion pass was about half of quantizing in a
@@ -200,35 +201,34 @@ mod avx512 {
         }
     }
 
-    /// Two vectors of [`load`]'s order back in channel order.
+    /// Two vectors of [`load`]'s order back in channel order (`back`), or two vectors in
+    /// channel order in [`load`]'s order: for bfloat16 one two-source permute each.
     #[inline(always)]
-    fn to_channels<const BF16: bool>(a: __m512i, b: __m512i) -> (__m512i, __m512i) {
-        if BF16 {
-            // SAFETY: inlined into AVX-512F functions only.
-            unsafe {
-                (
-                    _mm512_permutex2var_epi32(a, indices(&INTERLEAVE_LO), b),
-                    _mm512_permutex2var_epi32(a, indices(&INTERLEAVE_HI), b),
-                )
-            }
+    fn reorder<const BF16: bool>(a: __m512i, b: __m512i, back: bool) -> (__m512i, __m512i) {
+        if !BF16 {
+            return (a, b);
+        }
+        let (first, second) = if back {
+            (&INTERLEAVE_LO, &INTERLEAVE_HI)
         } else {
-            (a, b)
+            (&EVENS, &ODDS)
+        };
+        // SAFETY: inlined into AVX-512F functions only.
+        unsafe {
+            (
+                _mm512_permutex2var_epi32(a, indices(first), b),
+                _mm512_permutex2var_epi32(a, indices(second), b),
+            )
         }
     }
 
-    /// Two vectors in channel order in [`load`]'s order.
+    /// `reorder(.., false)` of two float vectors in channel order.
     #[inline(always)]
     fn from_channels<const BF16: bool>(lo: __m512, hi: __m512) -> (__m512, __m512) {
-        if BF16 {
-            // SAFETY: inlined into AVX-512F functions only.
-            unsafe {
-                (
-                    _mm512_permutex2var_ps(lo, indices(&EVENS), hi),
-                    _mm512_permutex2var_ps(lo, indices(&ODDS), hi),
-                )
-            }
-        } else {
-            (lo, hi)
+        // SAFETY: casts only; inlined into AVX-512F functions only.
+        unsafe {
+            let (a, b) = reorder::<BF16>(_mm512_castps_si512(lo), _mm512_castps_si512(hi), false);
+            (_mm512_castsi512_ps(a), _mm512_castsi512_ps(b))
         }
     }
 
@@ -297,7 +297,7 @@ mod avx512 {
                 let at = c0 + s * STEP;
                 for (v, out) in [(lo[s], mins.as_mut_ptr()), (hi[s], maxs.as_mut_ptr())] {
                     let (first, second) =
-                        to_channels::<BF16>(_mm512_castps_si512(v[0]), _mm512_castps_si512(v[1]));
+                        reorder::<BF16>(_mm512_castps_si512(v[0]), _mm512_castps_si512(v[1]), true);
                     _mm512_storeu_si512(out.add(at) as *mut _, first);
                     _mm512_storeu_si512(out.add(at + L) as *mut _, second);
                 }
@@ -366,7 +366,7 @@ mod avx512 {
                         }
                     }
                 }
-                let (first, second) = to_channels::<BF16>(acc[0], acc[1]);
+                let (first, second) = reorder::<BF16>(acc[0], acc[1], true);
                 // SAFETY: w·d + c0 + 32 ≤ wpg·d ≤ words.len() (checked above).
                 unsafe {
                     let out = words.as_mut_ptr().add(w * d + c0);

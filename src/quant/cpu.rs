@@ -655,7 +655,8 @@ fn decode_typed<T: KvFloat>(q: &QuantizedTensor, out: &mut Tensor) -> Result<()>
 /// mirror of [`encode_channels`]): the groups' packed words are first laid side by side
 /// (word `w` of every channel's group in one row, a transpose of gb/4 words per group
 /// rather than of G floats), then each token's codes are shifted out of those rows and
-/// scaled across all channels at once, rotated back (`hadamard`) and converted to `T`.
+/// scaled across all channels at once, rotated back (`hadamard`) and converted to `T`
+/// (float16 rows without rotation in registers: `channel_groups::dequant_row_f16`).
 /// Exact `code·scale + zero` (two roundings), as the libtorch path computes it.
 /// (Bits and group size as constants: the words' transpose and the rows unroll.)
 #[inline(always)]
@@ -691,20 +692,27 @@ fn decode_channels<T: KvFloat, const BITS: u32, const G: usize>(
         *z = pair[1];
     }
     let (scales, zeros) = (&scales[..d], &zeros[..d]);
+    let dst = &mut dst[..G * d];
+    if !hadamard && T::FROM_F32_INLINE {
+        for (t, out) in dst.chunks_exact_mut(d).enumerate() {
+            dequant_code_row(words, t, G, BITS, scales, zeros, out);
+        }
+        return;
+    }
+    if let (false, Some((dst, Half16::Float16))) = (hadamard, channel_groups::as_bits_mut(dst)) {
+        if channel_groups::supported(d) {
+            // Supported, t < G, and `words`, `scales`, `zeros` cut to this tile's rows
+            // above: every row is written.
+            for (t, out) in dst.chunks_exact_mut(d).enumerate() {
+                channel_groups::dequant_row_f16(words, t, G, BITS, scales, zeros, out);
+            }
+            return;
+        }
+    }
     // One row at a time, converted while it is in registers/L1: a pass over a whole f32
     // tile in between cost ~15% of dequantizing.
     let row = &mut rows[..d];
-    for (t, out) in dst[..G * d].chunks_exact_mut(d).enumerate() {
-        if T::FROM_F32_INLINE && !hadamard {
-            dequant_code_row(words, t, G, BITS, scales, zeros, out);
-            continue;
-        }
-        if let (false, Some((out, Half16::Float16))) = (hadamard, channel_groups::as_bits_mut(out))
-        {
-            if channel_groups::dequant_row_f16(words, t, G, BITS, scales, zeros, out) {
-                continue;
-            }
-        }
+    for (t, out) in dst.chunks_exact_mut(d).enumerate() {
         dequant_code_row(words, t, G, BITS, scales, zeros, row);
         if hadamard {
             fwht(row);

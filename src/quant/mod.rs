@@ -6,8 +6,8 @@
 //! - [`pack`]: bit packing of one group of 2/3/4/8-bit codes (planar layout);
 //! - [`group`]: the arithmetic of one group (float16 scale/zero with directed rounding,
 //!   codes, outlier selection), shared by every path;
-//! - [`channel_groups`]: channel groups quantized straight from bfloat16/float16 rows
-//!   (converted in registers, no float32 tile);
+//! - [`channel_groups`]: channel groups quantized straight from bfloat16/float16 rows,
+//!   and dequantized straight into float16 rows (converted in registers, no float32 tile);
 //! - [`token_groups`]: codes of token groups packed straight into their bytes (AVX-512
 //!   folds of the byte planes in registers);
 //! - [`hadamard`]: the orthonormal fast Walsh–Hadamard rotation;
