@@ -130,6 +130,12 @@ RETRIEVAL_HEADS = {
     "heads0.3+3b-g64+w48hh64": (0.3, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.35+3b-g64+w48hh64": (0.35, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.35+3b-g64+w64hh128": (0.35, 64, 128, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    # More heads at 2 bits (keys before RoPE, Hadamard): at 6k the 0.35 heads lose needles
+    # even in full precision, so the budget goes to heads rather than bits.
+    "heads0.5+2b-g64+pre+had+w48hh64": (0.5, 48, 64, dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True,
+                                                          sink_tokens=4, residual_length=0)),
+    "heads0.45+2b-g64+pre+had+w64hh128": (0.45, 64, 128, dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True,
+                                                              sink_tokens=4, residual_length=0)),
 }
 
 
