@@ -317,7 +317,9 @@ fn encode_unit_body<M: Madd, T: KvFloat, const G: usize>(
 enum ChannelRows<'a> {
     /// The f32 tile in the scratch space.
     Tile,
-    /// The input's own 16-bit rows, converted in registers (`channel_groups`).
+    /// The input's own 16-bit rows, converted in registers (`channel_groups`): a whole
+    /// tile's G·head_dim values, built only where `channel_groups::supported(head_dim)`,
+    /// so both of its passes run (neither returns "not done").
     Bits(&'a [u16], Half16),
 }
 
