@@ -164,8 +164,8 @@ pub fn dequant_row_f16(
 #[cfg(target_arch = "x86_64")]
 mod avx512 {
     use super::{WordPlane, STEP};
-    use crate::quant::pack::code_fields;
     use crate::quant::pack::packed_bytes;
+    use crate::quant::pack::{code_rows, CodeRows};
     use std::arch::x86_64::*;
 
     /// Lanes of a vector.
@@ -390,9 +390,12 @@ mod avx512 {
         out: &mut [u16],
     ) {
         let n = out.len();
-        let ((row, bit, mask), high) = code_fields(t, g, bits);
-        let low = &words[row * n..(row + 1) * n];
-        let high = high.map(|(row, bit)| (&words[row * n..(row + 1) * n], bit));
+        let CodeRows {
+            low,
+            bit,
+            mask,
+            high,
+        } = code_rows(words, n, t, g, bits);
         let (shift, mask) = (
             _mm_cvtsi32_si128(bit as i32),
             _mm512_set1_epi32(mask as i32),

@@ -303,11 +303,7 @@ impl WordPlane {
 /// row and bit of its low field and that field's mask, and for 3 bits the word row and
 /// bit of its high bit.
 #[inline(always)]
-pub(crate) fn code_fields(
-    t: usize,
-    g: usize,
-    bits: u32,
-) -> ((usize, u32, u32), Option<(usize, u32)>) {
+fn code_fields(t: usize, g: usize, bits: u32) -> ((usize, u32, u32), Option<(usize, u32)>) {
     let at = |j: usize, shift: u32| (j / 4, 8 * (j % 4) as u32 + shift);
     let low = |j: usize, mask: u32, shift: u32| {
         let (row, bit) = at(j, shift);
@@ -325,6 +321,29 @@ pub(crate) fn code_fields(
             )
         }
         _ => unreachable!("bits validated by QuantConfig"),
+    }
+}
+
+/// The word rows holding code `t` of every group whose packed words sit side by side in
+/// rows of `n` words (`words[w·n + i]` = word `w` of group `i`): the low field's row, bit
+/// and mask, and for 3 bits the high bit's row and bit.
+pub(crate) struct CodeRows<'a> {
+    pub low: &'a [u32],
+    pub bit: u32,
+    pub mask: u32,
+    pub high: Option<(&'a [u32], u32)>,
+}
+
+/// [`CodeRows`] of code `t` of groups of `g` codes of `bits` bits.
+#[inline(always)]
+pub(crate) fn code_rows(words: &[u32], n: usize, t: usize, g: usize, bits: u32) -> CodeRows<'_> {
+    let ((row, bit, mask), high) = code_fields(t, g, bits);
+    let at = |row: usize| &words[row * n..(row + 1) * n];
+    CodeRows {
+        low: at(row),
+        bit,
+        mask,
+        high: high.map(|(row, hbit)| (at(row), hbit)),
     }
 }
 
@@ -347,17 +366,19 @@ pub fn dequant_code_row<O: KvFloat>(
     zeros: &[f32],
     out: &mut [O],
 ) {
-    let n = out.len();
-    let ((row, bit, mask), high) = code_fields(t, g, bits);
-    let low = &words[row * n..(row + 1) * n];
+    let CodeRows {
+        low,
+        bit,
+        mask,
+        high,
+    } = code_rows(words, out.len(), t, g, bits);
     match high {
         None => {
             for (((o, &w), &s), &z) in out.iter_mut().zip(low).zip(scales).zip(zeros) {
                 *o = O::from_f32(((w >> bit) & mask) as f32 * s + z);
             }
         }
-        Some((row, hbit)) => {
-            let high = &words[row * n..(row + 1) * n];
+        Some((high, hbit)) => {
             let pairs = low.iter().zip(high);
             for (((o, (&l, &h)), &s), &z) in out.iter_mut().zip(pairs).zip(scales).zip(zeros) {
                 *o = O::from_f32((((l >> bit) & mask) | (((h >> hbit) & 1) << 2)) as f32 * s + z);
