@@ -245,15 +245,17 @@ def test_quant_frontier_needle_runs_every_passcode_at_every_depth(monkeypatch):
     from kvpress_rs.models import load_model
 
     model, tokenizer = load_model("tiny", dtype="float32")
-    asked: list[tuple[str, float]] = []
+    asked: list[tuple[str, float, str]] = []
     real_prompt = data.needle_prompt
 
-    def recording_prompt(tokenizer, context_tokens, depth, passcode):
-        asked.append((passcode, depth))
-        return real_prompt(tokenizer, context_tokens=context_tokens, depth=depth, passcode=passcode)
+    def recording_prompt(tokenizer, context_tokens, depth, passcode, answer_prefix):
+        asked.append((passcode, depth, answer_prefix))
+        return real_prompt(tokenizer, context_tokens=context_tokens, depth=depth, passcode=passcode,
+                           answer_prefix=answer_prefix)
 
     monkeypatch.setattr(data, "needle_prompt", recording_prompt)
     found = quant.needle(model, tokenizer, quant.cache_factory(model, "fp"), 120, [0.2, 0.8], True,
-                         passcodes=("1111111", "2222222"))
-    assert asked == [("1111111", 0.2), ("1111111", 0.8), ("2222222", 0.2), ("2222222", 0.8)]
-    assert 0 <= found <= 4
+                         passcodes=("1111111", "2222222"), answer_prefix=data.ANSWER_PREFIX)
+    p = data.ANSWER_PREFIX
+    assert asked == [("1111111", 0.2, p), ("1111111", 0.8, p), ("2222222", 0.2, p), ("2222222", 0.8, p)]
+    assert set(found) == {"1111111", "2222222"} and all(0 <= n <= 2 for n in found.values())

@@ -9,7 +9,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_rs
-from kvpress_rs.data import needle_prompt
+from kvpress_rs.data import ANSWER_PREFIX, needle_prompt
 from kvpress_rs.policies import REGISTRY
 
 pytestmark = pytest.mark.model
@@ -30,6 +30,20 @@ def test_ratio_zero_reproduces_dynamic_cache(request, fixture, policy):
     expected = greedy(model, ids, DynamicCache(config=model.config), 24)
     spec = REGISTRY[policy]
     assert torch.equal(greedy(model, ids, spec.cache_class(model, compression_ratio=0.0, **spec.easy), 24), expected)
+
+
+def test_answer_prefix_only_extends_the_question_and_is_continued_with_the_number(smollm2_bf16):
+    model, tokenizer = smollm2_bf16
+    plain = needle_prompt(tokenizer, context_tokens=1500, depth=0.3, passcode="7302915")
+    opened = needle_prompt(tokenizer, context_tokens=1500, depth=0.3, passcode="7302915", answer_prefix=ANSWER_PREFIX)
+    assert torch.equal(opened.context_ids, plain.context_ids)
+    assert opened.needle_token_span == plain.needle_token_span
+    n = plain.question_ids.shape[1]
+    assert torch.equal(opened.question_ids[:, :n], plain.question_ids)
+    assert tokenizer.decode(opened.question_ids[0, n:]).strip() == ANSWER_PREFIX
+    out = greedy(model, opened.input_ids, DynamicCache(config=model.config), 8)
+    answer = tokenizer.decode(out[0, opened.input_ids.shape[1] :], skip_special_tokens=True)
+    assert answer.lstrip().startswith("7302915"), answer
 
 
 def test_knorm_keeps_what_a_torch_reference_keeps(smollm2_bf16):

@@ -29,6 +29,9 @@ import torch
 
 PASSCODE = "4817263"  # the default needle
 QUESTION = "What is the secret passcode mentioned in the text above? Answer with the number only."
+# Opens the assistant's answer, as RULER's needle tasks do: without it SmolLM2-135M spends
+# its first tokens restating the question, and at 6K tokens often never gets to the number.
+ANSWER_PREFIX = "The secret passcode is"
 
 
 @lru_cache(maxsize=1)
@@ -127,10 +130,14 @@ def needle_prompt(
     depth: float = 0.5,
     passcode: str = PASSCODE,
     haystack: str | None = None,
+    answer_prefix: str = "",
 ) -> NeedlePrompt:
     """Builds a chat-formatted needle-in-a-haystack prompt of about ``context_tokens``
     context tokens with the sentence "The secret passcode is <passcode>." inserted at the
-    sentence boundary nearest to ``depth`` (0 = start, 1 = end) of the haystack."""
+    sentence boundary nearest to ``depth`` (0 = start, 1 = end) of the haystack.
+
+    ``answer_prefix`` (e.g. ``ANSWER_PREFIX``) is placed after the assistant turn header, at
+    the end of ``question_ids``: the model continues it with the number."""
     if not 0.0 <= depth <= 1.0:
         raise ValueError(f"`depth` must be in [0, 1], got {depth}")
     text = haystack if haystack is not None else paul_graham_essays()
@@ -145,7 +152,7 @@ def needle_prompt(
     messages = [{"role": "user", "content": f"{document}\n\n{marker}"}]
     rendered = tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
     context_text, after = rendered.split(marker)
-    question_text = QUESTION + after
+    question_text = QUESTION + after + answer_prefix
     encoded = tokenizer(context_text, add_special_tokens=False, return_offsets_mapping=True)
     context_ids = torch.tensor([encoded["input_ids"]], dtype=torch.long)
     question_ids = tokenizer(question_text, add_special_tokens=False, return_tensors="pt")["input_ids"]

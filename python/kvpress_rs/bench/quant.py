@@ -23,7 +23,10 @@ Parts (``all`` runs every one):
   the quantized tokens plus the full-precision residual window and sinks.
 - ``frontier``: memory-matched configurations (low bits with eviction, mixed precision,
   retrieval heads) at >= 10x less KV memory than the bf16 cache: bytes ratio, perplexity
-  ratio and needle-in-a-haystack answers (5 depths) at each length.
+  ratio and needle-in-a-haystack answers (5 depths per ``--passcodes``) at each length. The
+  answer is opened with "The secret passcode is" (as RULER's needle tasks do;
+  ``--no-answer-prefix`` leaves it to the model, which at 6K then misses most needles even
+  with the full cache).
 
 Example: ``python -m kvpress_rs.bench quant ppl --lengths 2048 6144``. Results are printed
 and written as JSON (``--out``). Set ``MALLOC_MMAP_THRESHOLD_=33554432
@@ -43,7 +46,7 @@ from typing import Any, Callable
 
 import torch
 
-from kvpress_rs.data import PASSCODE
+from kvpress_rs.data import ANSWER_PREFIX, PASSCODE
 
 from .measure import paired_median_seconds
 from .specs import kv_bytes, quanto_available
@@ -130,6 +133,7 @@ RETRIEVAL_HEADS = {
     "heads0.3+3b-g64+w48hh64": (0.3, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.35+3b-g64+w48hh64": (0.35, 48, 64, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     "heads0.35+3b-g64+w64hh128": (0.35, 64, 128, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
+    "heads0.25+3b-g64+w64hh256": (0.25, 64, 256, dict(bits=3, group_size=64, sink_tokens=4, residual_length=0)),
     # More heads at 2 bits (keys before RoPE, Hadamard): at 6k the 0.35 heads lose needles
     # even in full precision, so the budget goes to heads rather than bits.
     "heads0.5+2b-g64+pre+had+w48hh64": (0.5, 48, 64, dict(bits=2, group_size=64, pre_rope_keys=True, hadamard=True,
@@ -388,14 +392,14 @@ def run_bytes(model: Any, tokenizer: Any, lengths: list[int]) -> dict:
 @torch.no_grad()
 def needle(
     model: Any, tokenizer: Any, make: Callable[[], Any], length: int, depths: list[float], query_aware: bool,
-    passcodes: tuple[str, ...] = (PASSCODE,),
-) -> int:
-    """Needles found over every (passcode, depth) pair."""
+    passcodes: tuple[str, ...] = (PASSCODE,), answer_prefix: str = "",
+) -> dict[str, int]:
+    """Needles found per passcode, over ``depths``."""
     from kvpress_rs.data import needle_prompt
 
-    found = 0
+    found = dict.fromkeys(passcodes, 0)
     for passcode, depth in itertools.product(passcodes, depths):
-        p = needle_prompt(tokenizer, context_tokens=length, depth=depth, passcode=passcode)
+        p = needle_prompt(tokenizer, context_tokens=length, depth=depth, passcode=passcode, answer_prefix=answer_prefix)
         ctx, q = p.context_ids, p.question_ids
         if query_aware:  # the question is compressed with the context; its last token follows
             ctx, q = torch.cat([ctx, q[:, :-1]], dim=1), q[:, -1:]
@@ -404,13 +408,13 @@ def needle(
         full = torch.cat([ctx, q], dim=1)
         out = model.generate(full, attention_mask=torch.ones_like(full), past_key_values=cache, max_new_tokens=24,
                              do_sample=False, pad_token_id=tokenizer.eos_token_id)
-        found += p.is_correct(tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True))
+        found[passcode] += p.is_correct(tokenizer.decode(out[0, full.shape[1] :], skip_special_tokens=True))
     return found
 
 
 def run_frontier(
     model: Any, tokenizer: Any, configs: list[str], lengths: list[int], depths: list[float], query_aware: bool,
-    stepwise: bool = True, passcodes: tuple[str, ...] = (PASSCODE,),
+    stepwise: bool = True, passcodes: tuple[str, ...] = (PASSCODE,), answer_prefix: str = "",
 ) -> dict:
     per_token = bf16_bytes_per_token(model)
     results: dict = {}
@@ -423,14 +427,16 @@ def run_frontier(
             make = cache_factory(model, name)
             ppl, held = perplexity(model, make, prefix, cont, stepwise)
             nbytes = held["after_prefill"]
-            found = needle(model, tokenizer, make, n, depths, query_aware, passcodes)
-            tasks = len(depths) * len(passcodes)
+            per_passcode = needle(model, tokenizer, make, n, depths, query_aware, passcodes, answer_prefix)
+            found, tasks = sum(per_passcode.values()), len(depths) * len(passcodes)
             rows[name] = {"ppl": ppl, "ppl_ratio": ppl / fp_ppl, "kv_bytes": nbytes,
                           "x_smaller_than_bf16": per_token * n / nbytes, "needle_found": found, "needle_tasks": tasks,
-                          "passcodes": list(passcodes)}
-            print(f"  frontier {n:>6} {name:<26} x{per_token * n / nbytes:5.2f} smaller  ppl x{ppl / fp_ppl:.3f}  needle {found}/{tasks}", flush=True)
+                          "needle_found_per_passcode": per_passcode}
+            print(f"  frontier {n:>6} {name:<26} x{per_token * n / nbytes:5.2f} smaller  ppl x{ppl / fp_ppl:.3f}  "
+                  f"needle {found}/{tasks} ({', '.join(map(str, per_passcode.values()))} of {len(depths)})", flush=True)
         results[n] = {"fp_ppl": fp_ppl, "configs": rows}
-    print(f"\nfrontier ({BF16_NOTE}; needle {'question compressed with the context' if query_aware else 'question after compression'})")
+    print(f"\nfrontier ({BF16_NOTE}; needle {'question compressed with the context' if query_aware else 'question after compression'}"
+          f"{f', answer opened with {answer_prefix!r}' if answer_prefix else ''})")
     print(f"{'config':<26}" + "".join(f"{f'{n} x mem':>11}{'ppl ratio':>10}{'needle':>8}" for n in lengths))
     for name in configs:
         line = f"{name:<26}"
@@ -454,6 +460,9 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--passcodes", nargs="+", default=[PASSCODE],
                         help="frontier needle: one run per passcode and depth (several passcodes tell a cache's "
                              "losses from the model's own misses at one)")
+    parser.add_argument("--no-answer-prefix", action="store_true",
+                        help="frontier needle: the answer starts right after the assistant header (default: opened "
+                             "with data.ANSWER_PREFIX, as RULER does; without it the model itself misses most 6K needles)")
     parser.add_argument("--question-after", action="store_true",
                         help="frontier needle: compress the context alone (default: with the question)")
     parser.add_argument("--one-forward", action="store_true",
@@ -490,9 +499,10 @@ def main(argv: list[str] | None = None) -> dict:
             configs = args.configs or ["fp", "ours-4b", "ours-2b-g64", *quanto[1:]]
             results[part] = run_decode(model, tokenizer, configs, lengths, args.steps)
         else:
-            configs = args.configs or ["fp", *quanto, *FRONTIER, "heads0.25+3b-g64+w48hh48", "heads0.35+3b-g64+w64hh128"]
+            configs = args.configs or ["fp", *quanto, *FRONTIER, "heads0.25+3b-g64+w48hh48", "heads0.25+3b-g64+w64hh256"]
             results[part] = run_frontier(model, tokenizer, configs, lengths, args.depths, not args.question_after,
-                                         not args.one_forward, tuple(args.passcodes))
+                                         not args.one_forward, tuple(args.passcodes),
+                                         "" if args.no_answer_prefix else ANSWER_PREFIX)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(results, indent=1, default=str))
     print(f"\nwritten to {args.out}")
