@@ -9,7 +9,7 @@ use kvpress_rs::policies::{
     query_stats, scorer_from_name, Knorm, ParamValue, Params, ScoreContext, ScoreInput, Scorer,
     SnapKv,
 };
-use kvpress_rs::press::DecodingStep;
+use kvpress_rs::press::{Decoding, Plan};
 use kvpress_rs::rope::{Rope, RopeSpec};
 use kvpress_rs::{Budget, KvError, LayerStore, Press};
 use tch::{Device, Kind, Tensor};
@@ -90,14 +90,16 @@ fn growing_keys(t: i64) -> Tensor {
     Tensor::ones([1, 2, t, 4], (Kind::Float, Device::Cpu)) * norms.view([1, 1, t, 1]) / 2.0
 }
 
-fn step(n_kept: usize, next_position: usize, protect: (usize, usize)) -> DecodingStep<'static> {
-    DecodingStep {
-        n_kept,
-        next_position,
-        protect_first: protect.0,
-        protect_last: protect.1,
-        ..DecodingStep::default()
-    }
+fn step(n_kept: usize, next_position: usize, protect: (usize, usize)) -> Plan {
+    Plan::decoding(
+        0,
+        Decoding {
+            n_kept,
+            next_position,
+            protect_first: protect.0,
+            protect_last: protect.1,
+        },
+    )
 }
 
 #[test]
@@ -107,7 +109,7 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     press
-        .compress_to(&mut store, &step(10, 20, (2, 4)))
+        .compress(&mut store, step(10, 20, (2, 4)))
         .unwrap();
     assert_eq!((store.len(), store.seen()), (10, 20));
     let kept = store.kept_positions().unwrap().into_uniform().unwrap();
@@ -119,14 +121,14 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     // a second compression: positions are those of the tokens seen, not of the store
     let more = growing_keys(6) * 100.0;
     let _ = store.append(&more, &more).unwrap();
-    press.compress_to(&mut store, &step(8, 26, (0, 3))).unwrap();
+    press.compress(&mut store, step(8, 26, (0, 3))).unwrap();
     let kept = store.kept_positions().unwrap().into_uniform().unwrap();
     assert_eq!(
         Vec::<i64>::try_from(kept.get(0).get(0)).unwrap(),
         vec![0, 1, 2, 3, 4, 23, 24, 25]
     );
     // fewer than the protected tokens: an error naming the budget
-    match press.compress_to(&mut store, &step(2, 26, (0, 3))) {
+    match press.compress(&mut store, step(2, 26, (0, 3))) {
         Err(KvError::InvalidArgument { argument, .. }) => assert_eq!(argument, "decoding_budget"),
         other => panic!("{other:?}"),
     }
@@ -385,20 +387,25 @@ fn snapkv_decoding_compressions_remember_the_ranking() {
         )
         .unwrap();
     let q1 = randn(&[b, 2 * h, w as i64, d], 33, Kind::Float);
-    let step = |n_kept, next_position, queries, previous_scores| DecodingStep {
-        n_kept,
-        next_position,
-        protect_last: 8,
-        queries,
-        previous_scores,
-        ..DecodingStep::default()
+    let step = |n_kept, next_position, queries, previous_scores| {
+        Plan::decoding(
+            0,
+            Decoding {
+                n_kept,
+                next_position,
+                protect_first: 0,
+                protect_last: 8,
+            },
+        )
+        .with_queries(queries)
+        .with_previous_scores(previous_scores)
     };
     let scores1 = press
         .scorer()
         .score(&snapkv_input(&store.keys_view().unwrap(), &q1, None))
         .unwrap();
     let first = press
-        .compress_to(&mut store, &step(24, 40, Some(&q1), None))
+        .compress(&mut store, step(24, 40, Some(&q1), None))
         .unwrap();
     assert!(first.evicted);
     let kept_scores = first.kept_scores.expect("snapkv remembers");
@@ -449,7 +456,7 @@ fn snapkv_decoding_compressions_remember_the_ranking() {
     }
     let expected_idx = reference_top_k_rows(&full, t, 24);
     let second = press
-        .compress_to(&mut store, &step(24, 52, Some(&q2), Some(&kept_scores)))
+        .compress(&mut store, step(24, 52, Some(&q2), Some(&kept_scores)))
         .unwrap();
     assert!(second.evicted && second.kept_scores.is_some());
     let kept2 = values_i64(&store.kept_positions().unwrap().into_uniform().unwrap());
@@ -471,7 +478,7 @@ fn snapkv_decoding_compressions_remember_the_ranking() {
     let mut twin = LayerStore::new();
     let _ = twin.append(&keys2, &values2).unwrap();
     let _ = press
-        .compress_to(&mut twin, &step(24, 36, Some(&q2), None))
+        .compress(&mut twin, step(24, 36, Some(&q2), None))
         .unwrap();
     let by_position = values_i64(&twin.kept_positions().unwrap().into_uniform().unwrap());
     assert_ne!(by_position, expected_idx);
@@ -501,15 +508,18 @@ fn previous_scores_of_the_wrong_shape_are_refused() {
             "Dtype",
         ),
     ] {
-        let step = DecodingStep {
-            n_kept: 150,
-            next_position: 200,
-            protect_last: 64,
-            queries: Some(&queries),
-            previous_scores: Some(&bad),
-            ..DecodingStep::default()
-        };
-        let e = expect_err(press.compress_to(&mut store, &step), expected);
+        let step = Plan::decoding(
+            0,
+            Decoding {
+                n_kept: 150,
+                next_position: 200,
+                protect_first: 0,
+                protect_last: 64,
+            },
+        )
+        .with_queries(Some(&queries))
+        .with_previous_scores(Some(&bad));
+        let e = expect_err(press.compress(&mut store, step), expected);
         assert!(e.to_string().contains("previous_scores"), "{e}");
         assert_eq!(store.len(), 200, "nothing evicted");
     }

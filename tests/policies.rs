@@ -5,7 +5,7 @@ mod common;
 use common::*;
 use kvpress_rs::policies::{
     score, scorer_from_name, KeyValueScorer, Knorm, ParamValue, Params, Random, ScoreContext,
-    Scorer, StreamingLlm, POLICY_NAMES,
+    Scorer, StreamingLlm,
 };
 use kvpress_rs::select::top_k_indices;
 use tch::{Kind, Tensor};
@@ -270,7 +270,7 @@ fn random_score_of_a_token_does_not_depend_on_the_sequence_length() {
 
 #[test]
 fn scorer_from_name_builds_each_policy() {
-    for name in POLICY_NAMES {
+    for name in kvpress_rs::policies::policy_names() {
         assert_eq!(scorer_from_name(name, Params::new()).unwrap().name(), name);
     }
     for alias in ["streamingllm", "streaming"] {

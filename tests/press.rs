@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use kvpress_rs::press::Plan;
 use kvpress_rs::policies::{Knorm, Random, StreamingLlm};
 use kvpress_rs::{Budget, LayerStore, Press};
 use tch::{Kind, Tensor};
@@ -58,7 +59,7 @@ fn check_knorm_compress(kind: Kind, elt: usize) {
 
     // ratio 0.375: int(24 * 0.625) = 15 tokens kept.
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.375).unwrap());
-    press.compress(&mut store, 0, None).unwrap();
+    press.compress(&mut store, Plan::prefill(0)).unwrap();
     let n_kept = 15;
     assert_eq!((store.len(), store.seen()), (n_kept, t));
     assert!(store.has_evicted());
@@ -119,7 +120,7 @@ fn knorm_compress_of_a_transposed_prompt() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &values).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(7).unwrap())
-        .compress(&mut store, 0, None)
+        .compress(&mut store, Plan::prefill(0))
         .unwrap();
     let idx = knorm_reference(&values_f64(&keys), t, d, 7);
     assert_eq!(
@@ -149,7 +150,7 @@ fn a_budget_that_keeps_everything_leaves_the_storage_untouched() {
         let mut store = LayerStore::new();
         let _ = store.append(&keys, &values).unwrap();
         Press::new(Box::new(Knorm), budget)
-            .compress(&mut store, 0, None)
+            .compress(&mut store, Plan::prefill(0))
             .unwrap();
         assert_eq!((store.len(), store.seen()), (t, t));
         assert!(!store.has_evicted());
@@ -180,7 +181,7 @@ fn decoding_after_compression_appends_at_the_seen_position() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &values).unwrap();
     Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap())
-        .compress(&mut store, 0, None)
+        .compress(&mut store, Plan::prefill(0))
         .unwrap();
     let compressed_keys = values_f64(&store.keys_view().unwrap());
     let compressed_values = values_f64(&store.values_view().unwrap());
@@ -231,14 +232,14 @@ fn compressing_again_keeps_original_positions() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap());
-    press.compress(&mut store, 0, None).unwrap();
+    press.compress(&mut store, Plan::prefill(0)).unwrap();
     let decode = spread_keys([b as i64, h as i64, 4, d as i64], 31, Kind::Float);
     for i in 0..4 {
         let tok = decode.narrow(2, i, 1);
         let _ = store.append(&tok, &tok).unwrap();
     }
     assert_eq!((store.len(), store.seen()), (14, 24));
-    press.compress(&mut store, 0, None).unwrap();
+    press.compress(&mut store, Plan::prefill(0)).unwrap();
     assert_eq!((store.len(), store.seen()), (7, 24));
 
     // Reference: the whole history (prompt + decoded), per row; the first press kept the 10
@@ -275,7 +276,7 @@ fn streaming_llm_press_keeps_sinks_and_the_recent_window() {
         Box::new(StreamingLlm::new(2).unwrap()),
         Budget::max_tokens(6).unwrap(),
     );
-    press.compress(&mut store, 3, None).unwrap();
+    press.compress(&mut store, Plan::prefill(3)).unwrap();
     let idx: Vec<i64> = [0, 1, 16, 17, 18, 19].repeat(b * h);
     assert_eq!(
         values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
@@ -295,7 +296,7 @@ fn random_press_depends_on_seed_and_layer_only() {
         let mut store = LayerStore::new();
         let _ = store.append(k, k).unwrap();
         Press::new(Box::new(Random::new(seed)), Budget::ratio(0.5).unwrap())
-            .compress(&mut store, layer, None)
+            .compress(&mut store, Plan::prefill(layer))
             .unwrap();
         values_i64(&store.kept_positions().unwrap().into_uniform().unwrap())
     };
@@ -350,7 +351,7 @@ fn non_finite_keys_or_values_are_rejected() {
                 let mut store = LayerStore::new();
                 let _ = store.append(&keys, &values).unwrap();
                 let press = Press::new(Box::new(Knorm), budget);
-                let e = expect_err(press.compress(&mut store, 0, None), "NonFinite");
+                let e = expect_err(press.compress(&mut store, Plan::prefill(0)), "NonFinite");
                 assert!(e.to_string().contains(target), "{e}");
                 assert_eq!((store.len(), store.seen()), (t as usize, t as usize));
                 assert!(!store.has_evicted());
@@ -368,7 +369,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
     // Nothing to compress.
     let mut empty = LayerStore::new();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap()).compress(&mut empty, 0, None),
+        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap()).compress(&mut empty, Plan::prefill(0)),
         "State",
     );
     // A ratio that keeps no token of 10: int(10 * (1 - 0.95)) = 0.
@@ -376,7 +377,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap()).compress(&mut store, 0, None),
+        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap()).compress(&mut store, Plan::prefill(0)),
         "InvalidArgument",
     );
     assert_eq!((store.len(), store.seen()), (10, 10));
@@ -386,7 +387,7 @@ fn invalid_compressions_leave_the_store_unchanged() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     Press::new(Box::new(Knorm), Budget::ratio(0.3).unwrap())
-        .compress(&mut store, 0, None)
+        .compress(&mut store, Plan::prefill(0))
         .unwrap();
     assert_eq!(store.len(), 4);
     assert_eq!(

@@ -8,7 +8,7 @@ mod common;
 
 use common::*;
 use kvpress_rs::policies::Knorm;
-use kvpress_rs::press::DecodingStep;
+use kvpress_rs::press::{Decoding, Plan};
 use kvpress_rs::quant::{QuantConfig, QuantizedStore};
 use kvpress_rs::{Budget, Press};
 use tch::{Kind, Tensor};
@@ -126,21 +126,21 @@ fn a_press_evicts_quantized_tokens_but_never_the_residual_window() {
     assert_eq!(s.residual_len(), 8);
     let press = Press::new(Box::new(Knorm), Budget::ratio(0.0).unwrap());
     // protect_last 4 < residual 8: the whole residual window is protected anyway
-    let step = |n_kept| DecodingStep {
-        n_kept,
-        next_position: 200,
-        protect_last: 4,
-        ..DecodingStep::default()
+    let step = |n_kept| {
+        Plan::decoding(
+            0,
+            Decoding {
+                n_kept,
+                next_position: 200,
+                protect_first: 0,
+                protect_last: 4,
+            },
+        )
     };
-    assert!(
-        press
-            .compress_quantized_to(&mut s, &step(50))
-            .unwrap()
-            .evicted
-    );
+    assert!(press.compress(&mut s, step(50)).unwrap().evicted);
     assert_eq!((s.seen(), s.residual_len(), s.evicted()), (50, 8, 150));
     // fewer tokens than the protected residual window: an error naming decoding_budget
-    let e = press.compress_quantized_to(&mut s, &step(6)).unwrap_err();
+    let e = press.compress(&mut s, step(6)).unwrap_err();
     assert!(e.to_string().contains("decoding_budget"), "{e}");
 }
 

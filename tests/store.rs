@@ -3,6 +3,7 @@
 mod common;
 
 use common::*;
+use kvpress_rs::press::Plan;
 use kvpress_rs::policies::{Knorm, StreamingLlm};
 use kvpress_rs::{Budget, LayerStore, Press};
 use tch::{Kind, Tensor};
@@ -40,7 +41,7 @@ fn compressed_store(b: i64, h: i64, t: i64, d: i64, n_kept: i64, seed: u64) -> L
     let mut store = LayerStore::new();
     let _ = store.append(&k, &v).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(n_kept).unwrap())
-        .compress(&mut store, 0, None)
+        .compress(&mut store, Plan::prefill(0))
         .unwrap();
     store
 }
@@ -278,7 +279,7 @@ fn crop_into_tokens_evicted_from_some_heads_only_is_an_error() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     Press::new(Box::new(Knorm), Budget::max_tokens(3).unwrap())
-        .compress(&mut store, 0, None)
+        .compress(&mut store, Plan::prefill(0))
         .unwrap();
     assert_eq!(
         values_i64(&store.kept_positions().unwrap().into_uniform().unwrap()),
@@ -304,7 +305,7 @@ fn crop_into_a_uniformly_compressed_prompt() {
         Box::new(StreamingLlm::new(1).unwrap()),
         Budget::max_tokens(4).unwrap(),
     )
-    .compress(&mut store, 0, None)
+    .compress(&mut store, Plan::prefill(0))
     .unwrap();
     store.crop(2).unwrap();
     assert_eq!((store.seen(), store.len()), (8, 2));

@@ -4,6 +4,7 @@
 //! and a layer preference (attention dispersion in space and shift in time) from which the
 //! CAKE layer budget splits the model's total budget across layers.
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{append_protected, group_mean, window_attention};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
@@ -112,3 +113,20 @@ impl Scorer for Cake {
         append_protected(&scores, self.window as i64)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "cake",
+    aliases: &[],
+    summary: "CAKE's indicator: mean + gamma × variance of the window's attention, pooled",
+    reference: "Qin et al., 2025",
+    url: "https://arxiv.org/abs/2503.12491",
+    params: &[
+        ParamSpec::int("window_size", 32, 2, "last prompt queries whose attention is measured (always kept)"),
+        ParamSpec::int("kernel_size", 5, 1, "odd width of the average pooling"),
+        ParamSpec::float("gamma", 200.0, 0.0, None, "weight of the variance over the window"),
+    ],
+    build: Builder::Scorer(|a| {
+        Ok(Box::new(Cake::new(a.usize("window_size")?, a.usize("kernel_size")?, a.f64("gamma")?)?))
+    }),
+};

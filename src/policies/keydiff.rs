@@ -6,6 +6,7 @@
 //! kernel is two passes over each (batch, head) row — normalised-key sum, then cosines —
 //! instead of libtorch's chain of six ops and four temporaries of the keys' size.
 
+use crate::registry::{Builder, Stage};
 use super::attention_weights::dot8;
 use super::knorm::sum_squares;
 use super::{KeyValueScorer, ScoreContext};
@@ -106,3 +107,14 @@ impl KeyValueScorer for KeyDiff {
         Ok(cos.f_neg()?)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "keydiff",
+    aliases: &[],
+    summary: "keys least similar (cosine) to the mean normalised key of their head",
+    reference: "Park et al., 2025",
+    url: "https://arxiv.org/abs/2504.15364",
+    params: &[],
+    build: Builder::Scorer(|_| Ok(Box::new(KeyDiff))),
+};

@@ -1,6 +1,7 @@
 //! Knorm: keep the keys with the smallest L2 norm (score = −‖k‖₂), computed in float32
 //! because bf16 norms tie too often to rank tokens.
 
+use crate::registry::{Builder, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
 use crate::tensor::{FloatView4, KvFloat};
@@ -77,3 +78,14 @@ impl KeyValueScorer for Knorm {
         Ok(k.f_norm_scalaropt_dim(2.0, [-1i64], false)?.f_neg()?)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "knorm",
+    aliases: &[],
+    summary: "keys with the smallest L2 norm are kept (score −‖k‖₂, in float32)",
+    reference: "Devoto et al., 2024",
+    url: "https://arxiv.org/abs/2406.11430",
+    params: &[],
+    build: Builder::Scorer(|_| Ok(Box::new(Knorm))),
+};

@@ -8,6 +8,7 @@
 //! dtype; near-ties in bf16 may therefore rank differently). The CPU kernel fuses the
 //! whole chain per partition; other devices run the same steps as libtorch ops.
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
 use crate::tensor::{FloatView4, KvFloat};
@@ -271,3 +272,20 @@ impl KeyValueScorer for LagKv {
         Ok(Tensor::f_cat(&[sinks, middle, tail], -1)?)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "lagkv",
+    aliases: &[],
+    summary: "spread of keys and values normalised by the next partition's statistics, ranked per partition",
+    reference: "Liang et al., 2025",
+    url: "https://arxiv.org/abs/2504.04704",
+    params: &[
+        ParamSpec::int("n_sink", 4, 0, "first tokens always kept"),
+        ParamSpec::int("lag_size", 128, 2, "tokens per partition (the last one is kept)"),
+        ParamSpec::flag("cross_scoring", false, "score keys and values against each other's statistics"),
+    ],
+    build: Builder::Scorer(|a| {
+        Ok(Box::new(LagKv::new(a.usize("n_sink")?, a.usize("lag_size")?, a.bool("cross_scoring")?)?))
+    }),
+};

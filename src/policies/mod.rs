@@ -38,6 +38,7 @@ pub use tova::Tova;
 pub use triattention::{query_stats, QueryStats, TriAttention};
 
 use crate::error::{KvError, Result};
+use crate::registry::Stage;
 use crate::rope::Rope;
 use crate::tensor::{
     array_view_mut, check_kv_pair, device_name, float_view, kind_name, uses_cpu_kernels, FloatView4,
@@ -151,6 +152,13 @@ pub trait Scorer: Send + Sync + std::fmt::Debug {
 
     /// Whether the scorer needs the model's RoPE.
     fn needs_rope(&self) -> bool {
+        false
+    }
+
+    /// Whether the scorer can score from pre-RoPE query statistics instead of queries
+    /// ([`ScoreInput::query_stats`]): decoding-time compression then keeps statistics of
+    /// every query the layer has seen.
+    fn uses_query_stats(&self) -> bool {
         false
     }
 
@@ -338,105 +346,35 @@ pub fn score(
     score_layer(scorer, keys, values, None, None, ctx)
 }
 
-/// Builds a scorer from its name and keyword parameters as given by users.
+/// Every scorer of the registry (`crate::registry`), in the order users see them.
+pub static SCORERS: &[Stage] = &[
+    knorm::STAGE,
+    streaming::STAGE,
+    random::STAGE,
+    snapkv::STAGE,
+    tova::STAGE,
+    observed::STAGE,
+    keydiff::STAGE,
+    lagkv::STAGE,
+    expected_attention::STAGE,
+    triattention::STAGE,
+    cake::STAGE,
+];
+
+/// Builds a scorer from its name (or alias) and keyword parameters as given by users,
+/// through the registry: an unknown name lists every scorer, a parameter the scorer does
+/// not declare lists the ones it does.
 ///
 /// ```
 /// use kvpress_rs::policies::{scorer_from_name, Params};
 /// let s = scorer_from_name("snapkv", Params::new()).unwrap();
 /// assert_eq!((s.name(), s.protected_window()), ("snapkv", 64));
 /// ```
-pub fn scorer_from_name(name: &str, mut params: Params) -> Result<Box<dyn Scorer>> {
-    let (scorer, accepted): (Box<dyn Scorer>, &[&str]) = match name {
-        "knorm" => (Box::new(Knorm), &[]),
-        "streaming_llm" | "streamingllm" | "streaming" => (
-            Box::new(StreamingLlm::new(params.take_i64("n_sink", 4)?)?),
-            &["n_sink"],
-        ),
-        "random" => (
-            Box::new(Random::new(params.take_i64("seed", 0)? as u64)),
-            &["seed"],
-        ),
-        "snapkv" => (
-            Box::new(SnapKv::with_decoding_pooling(
-                params.take_usize("window_size", 64)?,
-                params.take_usize("kernel_size", 5)?,
-                &params.take_str("decoding_pooling", "rank")?,
-                params.take_usize("decoding_kernel_size", snapkv::DEFAULT_RANK_KERNEL)?,
-            )?),
-            &[
-                "window_size",
-                "kernel_size",
-                "decoding_pooling",
-                "decoding_kernel_size",
-            ],
-        ),
-        "tova" => (Box::new(Tova), &[]),
-        "observed_attention" | "h2o" => (
-            Box::new(ObservedAttention::new(
-                params.take_usize("chunk_size", 512)?,
-            )?),
-            &["chunk_size"],
-        ),
-        "keydiff" => (Box::new(KeyDiff), &[]),
-        "expected_attention" => (
-            Box::new(ExpectedAttention::new(
-                params.take_usize("n_future_positions", 512)?,
-                params.take_usize("n_sink", 4)?,
-                params.take_bool("use_covariance", true)?,
-                params.take_bool("use_vnorm", true)?,
-                params.take_f64("epsilon", 0.0)?,
-            )?),
-            &[
-                "n_future_positions",
-                "n_sink",
-                "use_covariance",
-                "use_vnorm",
-                "epsilon",
-            ],
-        ),
-        "triattention" => (
-            Box::new(TriAttention::new(
-                params.take_usize("n_offsets", 17)?,
-                params.take_bool("normalize", true)?,
-                params.take_str("aggregation", "max")?,
-            )?),
-            &["n_offsets", "normalize", "aggregation"],
-        ),
-        "cake" => (
-            Box::new(Cake::new(
-                params.take_usize("window_size", 32)?,
-                params.take_usize("kernel_size", 5)?,
-                params.take_f64("gamma", 200.0)?,
-            )?),
-            &["window_size", "kernel_size", "gamma"],
-        ),
-        "lagkv" => (
-            Box::new(LagKv::new(
-                params.take_usize("n_sink", 4)?,
-                params.take_usize("lag_size", 128)?,
-                params.take_bool("cross_scoring", false)?,
-            )?),
-            &["n_sink", "lag_size", "cross_scoring"],
-        ),
-        other => {
-            return Err(KvError::invalid(
-                "policy",
-                format!("unknown policy {other:?}; expected one of {POLICY_NAMES:?}"),
-            ))
-        }
-    };
-    params.finish(name, accepted)?;
-    Ok(scorer)
+pub fn scorer_from_name(name: &str, params: Params) -> Result<Box<dyn Scorer>> {
+    crate::registry::build_scorer(name, params)
 }
 
-/// The names accepted by [`scorer_from_name`].
-pub const POLICY_NAMES: [&str; 8] = [
-    "knorm",
-    "streaming_llm",
-    "random",
-    "snapkv",
-    "tova",
-    "observed_attention",
-    "keydiff",
-    "lagkv",
-];
+/// The names of every scorer ([`scorer_from_name`] also accepts their aliases).
+pub fn policy_names() -> Vec<&'static str> {
+    SCORERS.iter().map(|s| s.name).collect()
+}

@@ -1,7 +1,7 @@
-//! Keyword parameters of the policies, as users give them (`window_size=32`), checked
-//! against what each policy accepts.
+//! Keyword parameters as users give them (`window_size=32`): a map from name to value,
+//! routed to the stages that declare them by [`crate::registry::build_press`], which checks
+//! each value against its declared type and range.
 
-use crate::error::{KvError, Result};
 use std::collections::BTreeMap;
 
 /// One keyword argument's value.
@@ -11,17 +11,17 @@ pub enum ParamValue {
     Float(f64),
     Bool(bool),
     Str(String),
+    /// A list of numbers (per-layer ratios, say).
+    Floats(Vec<f64>),
 }
 
-/// The keyword parameters of a policy. Each `take_*` consumes one with a default;
-/// [`Params::finish`] rejects any left over, naming the ones the policy accepts.
+/// The keyword parameters of a press, not yet routed to its stages.
 ///
 /// ```
 /// use kvpress_rs::policies::{Params, ParamValue};
 /// let mut p = Params::from_pairs([("window_size".to_string(), ParamValue::Int(32))]);
-/// assert_eq!(p.take_usize("window_size", 64).unwrap(), 32);
-/// assert_eq!(p.take_usize("kernel_size", 5).unwrap(), 5);
-/// p.finish("snapkv", &["window_size", "kernel_size"]).unwrap();
+/// assert_eq!(p.take("window_size"), Some(ParamValue::Int(32)));
+/// assert_eq!(p.first_name(), None);
 /// ```
 #[derive(Clone, Debug, Default, PartialEq)]
 pub struct Params(BTreeMap<String, ParamValue>);
@@ -39,65 +39,17 @@ impl Params {
         self.0.insert(name.to_owned(), value);
     }
 
-    pub fn take_f64(&mut self, name: &str, default: f64) -> Result<f64> {
-        match self.0.remove(name) {
-            None => Ok(default),
-            Some(ParamValue::Float(x)) if x.is_finite() => Ok(x),
-            Some(ParamValue::Int(x)) => Ok(x as f64),
-            Some(other) => Err(KvError::invalid(
-                name,
-                format!("got {other:?}, expected a finite number"),
-            )),
-        }
+    /// Removes and returns the parameter `name`.
+    pub fn take(&mut self, name: &str) -> Option<ParamValue> {
+        self.0.remove(name)
     }
 
-    pub fn take_i64(&mut self, name: &str, default: i64) -> Result<i64> {
-        match self.0.remove(name) {
-            None => Ok(default),
-            Some(ParamValue::Int(x)) => Ok(x),
-            Some(other) => Err(KvError::invalid(
-                name,
-                format!("got {other:?}, expected an integer"),
-            )),
-        }
+    /// The first parameter left (alphabetically), if any.
+    pub fn first_name(&self) -> Option<String> {
+        self.0.keys().next().cloned()
     }
 
-    pub fn take_usize(&mut self, name: &str, default: usize) -> Result<usize> {
-        let x = self.take_i64(name, default as i64)?;
-        usize::try_from(x)
-            .map_err(|_| KvError::invalid(name, format!("got {x}, expected an integer >= 0")))
-    }
-
-    pub fn take_bool(&mut self, name: &str, default: bool) -> Result<bool> {
-        match self.0.remove(name) {
-            None => Ok(default),
-            Some(ParamValue::Bool(x)) => Ok(x),
-            Some(other) => Err(KvError::invalid(
-                name,
-                format!("got {other:?}, expected True or False"),
-            )),
-        }
-    }
-
-    pub fn take_str(&mut self, name: &str, default: &str) -> Result<String> {
-        match self.0.remove(name) {
-            None => Ok(default.to_owned()),
-            Some(ParamValue::Str(x)) => Ok(x),
-            Some(other) => Err(KvError::invalid(
-                name,
-                format!("got {other:?}, expected a string"),
-            )),
-        }
-    }
-
-    /// Fails if any parameter was not consumed.
-    pub fn finish(self, policy: &str, accepted: &[&str]) -> Result<()> {
-        match self.0.keys().next() {
-            None => Ok(()),
-            Some(name) => Err(KvError::invalid(
-                name.as_str(),
-                format!("is not a parameter of policy {policy:?}; it accepts {accepted:?}"),
-            )),
-        }
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
     }
 }

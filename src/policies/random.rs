@@ -2,6 +2,7 @@
 //! same kept tokens for a given (layer, batch row, head, token) on every device and thread
 //! count.
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
 use crate::tensor::FloatView4;
@@ -70,3 +71,14 @@ impl KeyValueScorer for Random {
         Ok(out.f_to(keys.device())?)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "random",
+    aliases: &[],
+    summary: "uniform random scores from a seeded counter-based generator (a baseline)",
+    reference: "a baseline",
+    url: "",
+    params: &[ParamSpec { min: None, ..ParamSpec::int("seed", 0, 0, "seed of the generator (scores per seed, layer, row, head, token)") }],
+    build: Builder::Scorer(|a| Ok(Box::new(Random::new(a.i64("seed")? as u64)))),
+};

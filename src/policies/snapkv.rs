@@ -13,6 +13,7 @@
 //! order is the positions. A prompt's compression pools over positions with `kernel_size`,
 //! as the paper does. Measured in the README ("Compression during generation vs kvpress").
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{append_protected, group_mean, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
@@ -184,3 +185,28 @@ impl Scorer for SnapKv {
         append_protected(&scores, w)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "snapkv",
+    aliases: &[],
+    summary: "attention of the last `window_size` queries, pooled over `kernel_size` neighbours; the window is kept",
+    reference: "Li et al., 2024",
+    url: "https://arxiv.org/abs/2404.14469",
+    params: &[
+        ParamSpec::int("window_size", 64, 1, "last prompt queries that score the tokens (the window is always kept)"),
+        ParamSpec::int("kernel_size", 5, 1, "odd width of the average pooling of scores over neighbours"),
+        ParamSpec::choice("decoding_pooling", "rank", &["rank", "position"],
+            "decoding-time compressions pool over the previous ranking (\"rank\") or over storage neighbours"),
+        ParamSpec::int("decoding_kernel_size", DEFAULT_RANK_KERNEL as i64, 1,
+            "odd width of the pooling over the previous ranking"),
+    ],
+    build: Builder::Scorer(|a| {
+        Ok(Box::new(SnapKv::with_decoding_pooling(
+            a.usize("window_size")?,
+            a.usize("kernel_size")?,
+            a.str("decoding_pooling")?,
+            a.usize("decoding_kernel_size")?,
+        )?))
+    }),
+};

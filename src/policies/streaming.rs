@@ -5,6 +5,7 @@
 //! picks — per layer (pyramid, CAKE) or per head (AdaKV) alike. Ties among the sinks go
 //! to the earlier ones when k < n_sink.
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
 use crate::tensor::FloatView4;
@@ -80,3 +81,14 @@ impl KeyValueScorer for StreamingLlm {
             .f_contiguous()?)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "streaming_llm",
+    aliases: &["streamingllm", "streaming"],
+    summary: "the first `n_sink` tokens (attention sinks) and the most recent ones",
+    reference: "Xiao et al., 2023",
+    url: "https://arxiv.org/abs/2309.17453",
+    params: &[ParamSpec::int("n_sink", 4, 0, "first tokens always kept (attention sinks)")],
+    build: Builder::Scorer(|a| Ok(Box::new(StreamingLlm::new(a.i64("n_sink")?)?))),
+};

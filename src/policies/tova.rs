@@ -1,6 +1,7 @@
 //! TOVA (Oren et al. 2024): the attention of the last prompt token, averaged over all
 //! query heads and shared by every KV head; the last token is always kept.
 
+use crate::registry::{Builder, Stage};
 use super::attention_weights::{append_protected, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
@@ -39,3 +40,14 @@ impl Scorer for Tova {
         append_protected(&scores, 1)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "tova",
+    aliases: &[],
+    summary: "attention of the last query, averaged over all heads and shared by every KV head",
+    reference: "Oren et al., 2024",
+    url: "https://arxiv.org/abs/2401.06104",
+    params: &[],
+    build: Builder::Scorer(|_| Ok(Box::new(Tova))),
+};

@@ -12,6 +12,7 @@
 //! the prompt's queries here (inverse-rotated exactly); `src/policies/triattention.rs` is
 //! also the scorer decoding-time compression uses with calibrated statistics.
 
+use crate::registry::{Builder, ParamSpec, Stage};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
 use crate::rope::{Layout, Rope};
@@ -68,6 +69,35 @@ impl QueryStats {
             rest_mean: mix(&self.rest_mean, &other.rest_mean)?,
             rest_magnitude: mix(&self.rest_magnitude, &other.rest_magnitude)?,
             count: total,
+        })
+    }
+
+    /// The same statistics, sharing the tensors (no copy).
+    pub fn shallow(&self) -> QueryStats {
+        QueryStats {
+            center_re: self.center_re.shallow_clone(),
+            center_im: self.center_im.shallow_clone(),
+            magnitude: self.magnitude.shallow_clone(),
+            rest_mean: self.rest_mean.shallow_clone(),
+            rest_magnitude: self.rest_magnitude.shallow_clone(),
+            count: self.count,
+        }
+    }
+
+    /// The statistics of batch row `b` alone (views).
+    pub fn row(&self, b: usize) -> Result<QueryStats> {
+        let row = |t: &Tensor| -> Result<Tensor> {
+            let n = t.size()[0];
+            // statistics shared by every row (one calibration row) serve each row as they are
+            Ok(if n == 1 { t.shallow_clone() } else { t.f_narrow(0, b as i64, 1)? })
+        };
+        Ok(QueryStats {
+            center_re: row(&self.center_re)?,
+            center_im: row(&self.center_im)?,
+            magnitude: row(&self.magnitude)?,
+            rest_mean: row(&self.rest_mean)?,
+            rest_magnitude: row(&self.rest_magnitude)?,
+            count: self.count,
         })
     }
 
@@ -270,6 +300,10 @@ impl Scorer for TriAttention {
         true
     }
 
+    fn uses_query_stats(&self) -> bool {
+        true
+    }
+
     fn score(&self, input: &ScoreInput<'_>) -> Result<Tensor> {
         let rope = input.require_rope(self.name())?;
         let t = input.keys.size()[2];
@@ -300,3 +334,24 @@ impl Scorer for TriAttention {
         self.score_with_stats(input.keys, &stats, rope, t0)
     }
 }
+
+/// The registry entry (`crate::registry`).
+pub const STAGE: Stage = Stage {
+    name: "triattention",
+    aliases: &[],
+    summary: "trigonometric series of the distance to future queries from the pre-RoPE query center, plus a norm term",
+    reference: "Mao et al., 2026",
+    url: "https://arxiv.org/abs/2604.04921",
+    params: &[
+        ParamSpec { max: Some(40.0), ..ParamSpec::int("n_offsets", 17, 1, "future offsets 1, 2, 4, … 2^(n−1) the series is averaged over") },
+        ParamSpec::flag("normalize", true, "z-normalise each query head's scores over the keys"),
+        ParamSpec::choice("aggregation", "max", &["max", "mean"], "how a KV head combines its query heads"),
+    ],
+    build: Builder::Scorer(|a| {
+        Ok(Box::new(TriAttention::new(
+            a.usize("n_offsets")?,
+            a.bool("normalize")?,
+            a.str("aggregation")?.to_string(),
+        )?))
+    }),
+};
