@@ -55,6 +55,11 @@ pub enum KvError {
     #[error("not supported: {0}")]
     Unsupported(String),
 
+    /// The model cannot serve what was asked of it (its attention does not go through
+    /// kvpress_rs, so a policy that reads queries gets none).
+    #[error("{0}")]
+    UnsupportedModel(String),
+
     /// libtorch reported an error.
     #[error("libtorch error: {0}")]
     Torch(#[from] tch::TchError),

@@ -8,9 +8,12 @@
 //! - [`tensor`]: KV tensor validation and zero-copy `ndarray` views of CPU tensors.
 //! - [`policies`]: scorers (one file each), [`select`] top-k, [`gather`] of kept tokens.
 //! - [`budget`]: how many tokens a layer keeps.
-//! - [`press`]: scorer + budget, applied to a layer.
+//! - [`press`]: the pipeline of stages (scorer → transforms → budgets → selector →
+//!   eviction) applied to a layer, with one entry point; [`registry`]: every stage by name.
 //! - [`decoding`]: when a growing cache compresses (generation, block-wise prefill).
 //! - [`store`]: the per-layer compressed KV store.
+//! - [`layer`]: one layer's whole state (stores, counts, decoding state, pending step) and
+//!   the steps of a forward through it; [`layer::LayerGroup`] runs the cross-layer ones.
 //! - [`rope`]: RoPE math (apply, invert and shift rotary embeddings; feasible bases).
 //! - [`chunks`]: reusable chunk caches placed at new positions (one shift per chunk), and
 //!   the choice of tokens to recompute.
@@ -21,9 +24,11 @@ pub mod chunks;
 pub mod decoding;
 pub mod error;
 pub mod gather;
+pub mod layer;
 pub mod policies;
 pub mod press;
 pub mod quant;
+pub mod registry;
 pub mod rope;
 pub mod select;
 pub mod store;

@@ -134,7 +134,7 @@ impl PyQueryStats {
             .map_err(|_| KvError::State("query statistics poisoned by an earlier error".into()))
     }
 
-    fn wrap(stats: QueryStats) -> Self {
+    pub(crate) fn wrap(stats: QueryStats) -> Self {
         PyQueryStats {
             inner: Mutex::new(stats),
         }

@@ -18,6 +18,7 @@ fn exception_name(err: &KvError) -> &'static str {
         KvError::Empty { .. } => "EmptySequenceError",
         KvError::State(_) => "CacheStateError",
         KvError::Unsupported(_) => "UnsupportedError",
+        KvError::UnsupportedModel(_) => "UnsupportedModelError",
         KvError::Torch(_) => "TorchError",
     }
 }

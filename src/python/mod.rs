@@ -7,9 +7,11 @@ mod chunks;
 mod conversion;
 mod decoding;
 mod errors;
+mod layer;
 mod ops;
 mod press;
 mod quant;
+mod registry;
 mod rope;
 mod store;
 
@@ -20,11 +22,15 @@ fn _native(m: &Bound<'_, PyModule>) -> PyResult<()> {
     m.add("__version__", env!("CARGO_PKG_VERSION"))?;
     m.add("TORCH_VERSION", conversion::LIBTORCH_VERSION)?;
     m.add_class::<press::PyPress>()?;
+    m.add_class::<press::PyPlan>()?;
+    m.add_class::<press::PyOutcome>()?;
     m.add_class::<store::PyLayerStore>()?;
     ops::register(m)?;
     quant::register(m)?;
     rope::register(m)?;
     chunks::register(m)?;
     decoding::register(m)?;
+    layer::register(m)?;
+    registry::register(m)?;
     Ok(())
 }

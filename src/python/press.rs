@@ -3,14 +3,21 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use super::rope::PyRope;
-use crate::budget::{Budget, HeadBudget, LayerBudget};
+use crate::budget::Budget;
 use crate::error::KvError;
-use crate::policies::{scorer_from_name, ParamValue, Params, QueryWindow};
+use crate::policies::{ParamValue, Params, QueryWindow};
 use crate::press::Press;
+use crate::registry::{build_press as build_press_from, PressSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
+use std::sync::Arc;
+use super::decoding::PyQueryStats;
+use super::quant::PyQuantizedStore;
+use super::store::PyLayerStore;
+use crate::press::{Decoding, Outcome, Plan};
 
-/// Policy keyword arguments from Python into [`Params`] (ints, floats, bools, strings).
+/// Keyword arguments from Python into [`Params`] (ints, floats, bools, strings, lists of
+/// numbers).
 pub fn params_from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Params> {
     let mut params = Params::new();
     let Some(kwargs) = kwargs else {
@@ -26,11 +33,13 @@ pub fn params_from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Params
             ParamValue::Float(value.extract()?)
         } else if value.is_instance_of::<PyString>() {
             ParamValue::Str(value.extract()?)
+        } else if let Ok(numbers) = value.extract::<Vec<f64>>() {
+            ParamValue::Floats(numbers)
         } else {
             return Err(to_pyerr(KvError::invalid(
                 name.as_str(),
                 format!(
-                    "got a {}, expected an int, float, bool or str",
+                    "got a {}, expected an int, float, bool, str or a list of numbers",
                     value.get_type().name()?
                 ),
             )));
@@ -40,7 +49,7 @@ pub fn params_from_kwargs(kwargs: Option<&Bound<'_, PyDict>>) -> PyResult<Params
     Ok(params)
 }
 
-/// Builds a press from the user-facing arguments.
+/// Builds a press from the user-facing arguments, through the registry.
 #[allow(clippy::too_many_arguments)]
 pub fn build_press(
     policy: &str,
@@ -48,31 +57,27 @@ pub fn build_press(
     max_tokens: Option<i64>,
     layer_budget: &str,
     head_budget: &str,
+    selector: &str,
+    eviction: &str,
+    transforms: Vec<String>,
     n_layers: usize,
     rope: Option<&PyRope>,
     kwargs: Option<&Bound<'_, PyDict>>,
 ) -> PyResult<Press> {
-    let mut params = params_from_kwargs(kwargs)?;
-    let build = |params: &mut Params| -> crate::error::Result<Press> {
-        let beta = params.take_f64("beta", 20.0)?;
-        let alpha = params.take_f64("alpha_safeguard", 0.2)?;
-        let cake = (
-            params.take_f64("tau1", 1.6)?,
-            params.take_f64("tau2", 0.6)?,
-            params.take_usize("cake_window", 32)?,
-        );
-        let scorer = scorer_from_name(policy, std::mem::take(params))?;
-        let layer_budget =
-            LayerBudget::from_name(layer_budget, beta, scorer.protected_window(), cake)?;
-        let head_budget = HeadBudget::from_name(head_budget, alpha)?;
-        let budget = Budget::from_args(compression_ratio, max_tokens)?;
-        let press = Press::with_budgets(scorer, budget, layer_budget, head_budget, n_layers);
-        Ok(match rope {
-            Some(r) => press.with_rope(r.inner.clone()),
-            None => press,
-        })
+    let spec = PressSpec {
+        scorer: policy,
+        transforms: transforms.iter().map(String::as_str).collect(),
+        layer_budget,
+        head_budget,
+        selector,
+        eviction,
+        compression_ratio,
+        max_tokens,
+        n_layers,
+        rope: rope.map(|r| r.inner.clone()),
+        params: params_from_kwargs(kwargs)?,
     };
-    build(&mut params).map_err(to_pyerr)
+    build_press_from(spec).map_err(to_pyerr)
 }
 
 /// A token-eviction rule: a policy that scores tokens, a budget that says how many a
@@ -89,18 +94,25 @@ pub fn build_press(
 /// max_tokens : int, optional
 ///     A fixed per-layer token budget instead of a ratio.
 /// layer_budget : str
-///     "uniform", "pyramid" (PyramidKV; ``beta``, default 20) or "cake" (CAKE; ``tau1``
-///     1.6, ``tau2`` 0.6, ``cake_window`` 32).
+///     "uniform", "pyramid" (PyramidKV; ``beta``), "cake" (CAKE; ``tau1``, ``tau2``,
+///     ``cake_window``) or "explicit" (``layer_ratios``, one per layer).
 /// head_budget : str
-///     "uniform" or "adakv" (AdaKV; ``alpha_safeguard``, default 0.2).
+///     "uniform" or "adakv" (AdaKV; ``alpha_safeguard``).
+/// selector : str
+///     "topk".
+/// eviction : str
+///     "drop", or "low_bits" (evicted tokens are handed back to be kept at low precision).
+/// transforms : list of str
+///     Score transforms applied in order, e.g. ["head_mean"].
 /// n_layers : int
 ///     Layers of the model (layer budgets depend on depth).
 /// rope : kvpress_rs.Rope, optional
 ///     The model's RoPE, for policies that score in pre-RoPE space or over future
 ///     distances (ExpectedAttention, TriAttention).
 /// **params
-///     The policy's parameters, e.g. ``n_sink`` (StreamingLLM), ``window_size`` and
-///     ``kernel_size`` (SnapKV), ``seed`` (Random).
+///     The stages' parameters, e.g. ``n_sink`` (StreamingLLM), ``window_size`` and
+///     ``kernel_size`` (SnapKV), ``beta`` (pyramid); every name, default and range is in
+///     ``kvpress_rs.registry`` (and in the generated signatures of the cache classes).
 ///
 /// Examples
 /// --------
@@ -110,14 +122,22 @@ pub fn build_press(
 /// torch.Size([1, 2, 4])
 #[pyclass(name = "Press", module = "kvpress_rs._native", frozen)]
 pub struct PyPress {
-    pub(crate) inner: Press,
+    pub(crate) inner: Arc<Press>,
+}
+
+impl PyPress {
+    /// The press, shared (the layers of a cache hold it).
+    pub(crate) fn shared(&self) -> Arc<Press> {
+        Arc::clone(&self.inner)
+    }
 }
 
 #[pymethods]
 impl PyPress {
     #[new]
     #[pyo3(signature = (policy, *, compression_ratio=None, max_tokens=None, layer_budget="uniform",
-        head_budget="uniform", n_layers=1, rope=None, **params))]
+        head_budget="uniform", selector="topk", eviction="drop", transforms=vec![], n_layers=1,
+        rope=None, **params))]
     #[allow(clippy::too_many_arguments)]
     fn new(
         policy: &str,
@@ -125,6 +145,9 @@ impl PyPress {
         max_tokens: Option<i64>,
         layer_budget: &str,
         head_budget: &str,
+        selector: &str,
+        eviction: &str,
+        transforms: Vec<String>,
         n_layers: usize,
         rope: Option<Bound<'_, PyRope>>,
         params: Option<&Bound<'_, PyDict>>,
@@ -136,11 +159,16 @@ impl PyPress {
             max_tokens,
             layer_budget,
             head_budget,
+            selector,
+            eviction,
+            transforms,
             n_layers,
             rope,
             params,
         )?;
-        Ok(PyPress { inner })
+        Ok(PyPress {
+            inner: Arc::new(inner),
+        })
     }
 
     /// The policy name.
@@ -167,23 +195,34 @@ impl PyPress {
         }
     }
 
-    /// "uniform" or "pyramid".
+    /// The layer budget's name ("uniform", "pyramid", "cake", "explicit").
     #[getter]
     fn layer_budget(&self) -> &'static str {
-        match self.inner.layer_budget() {
-            LayerBudget::Uniform => "uniform",
-            LayerBudget::Pyramid { .. } => "pyramid",
-            LayerBudget::Cake { .. } => "cake",
-        }
+        self.inner.layer_budget().name()
     }
 
-    /// "uniform" or "adakv".
+    /// The head budget's name ("uniform", "adakv").
     #[getter]
     fn head_budget(&self) -> &'static str {
-        match self.inner.head_budget() {
-            HeadBudget::Uniform => "uniform",
-            HeadBudget::AdaKv { .. } => "adakv",
-        }
+        self.inner.head_budget().name()
+    }
+
+    /// The selector's name ("topk").
+    #[getter]
+    fn selector(&self) -> &'static str {
+        self.inner.selector().name()
+    }
+
+    /// The eviction rule's name ("drop", "low_bits").
+    #[getter]
+    fn eviction(&self) -> &'static str {
+        self.inner.eviction().name()
+    }
+
+    /// The score transforms' names, in order.
+    #[getter]
+    fn transforms(&self) -> Vec<&'static str> {
+        self.inner.transforms().map(|t| t.name()).collect()
     }
 
     /// Which prompt queries the policy needs: None, an int n (the last n), or "all".
@@ -251,6 +290,31 @@ impl PyPress {
         .map(PyTensor)
     }
 
+    /// Carries out ``plan`` (a :class:`Plan`) on ``store`` (a LayerStore, or a
+    /// QuantizedStore for a decoding step) — the one entry point of every compression.
+    fn compress(slf: Bound<'_, Self>, store: Bound<'_, PyAny>, plan: Bound<'_, PyPlan>) -> PyResult<PyOutcome> {
+        let me = slf.get();
+        let plan = plan.get().plan().map_err(to_pyerr)?;
+        let outcome = if let Ok(s) = store.cast::<PyLayerStore>() {
+            let s = s.get();
+            detached(slf.py(), move || me.inner.compress(&mut *s.lock()?, plan))?
+        } else if let Ok(s) = store.cast::<PyQuantizedStore>() {
+            let s = s.get();
+            detached(slf.py(), move || s.with_store(|q| me.inner.compress(q, plan)))?
+        } else {
+            return Err(to_pyerr(KvError::invalid(
+                "store",
+                format!(
+                    "got a {}, expected a kvpress_rs._native.LayerStore or QuantizedStore",
+                    store.get_type().name()?
+                ),
+            )));
+        };
+        Ok(PyOutcome {
+            inner: std::sync::Mutex::new(outcome),
+        })
+    }
+
     fn __repr__(&self) -> String {
         let budget = match self.inner.budget() {
             Budget::Ratio(r) => format!("compression_ratio={r}"),
@@ -259,8 +323,231 @@ impl PyPress {
         format!(
             "Press({:?}, {budget}, layer_budget={:?}, head_budget={:?})",
             self.policy(),
-            self.layer_budget(),
-            self.head_budget()
+            self.inner.layer_budget().name(),
+            self.inner.head_budget().name()
         )
+    }
+}
+
+/// One compression step for :meth:`Press.compress`: build it with :meth:`prefill`,
+/// :meth:`score`, :meth:`select` or :meth:`decoding`.
+///
+/// Examples
+/// --------
+/// >>> import kvpress_rs
+/// >>> kvpress_rs._native.Plan.decoding(0, n_kept=60, next_position=100, protect_last=8)
+/// Plan(step='decoding', layer_idx=0)
+#[pyclass(name = "Plan", module = "kvpress_rs._native", frozen)]
+pub struct PyPlan {
+    // frozen classes are shared across threads: the tensors sit behind a lock
+    inner: std::sync::Mutex<PlanFields>,
+}
+
+struct PlanFields {
+    layer_idx: usize,
+    step: &'static str,
+    decoding: Decoding,
+    scores: Option<tch::Tensor>,
+    n_kept: Vec<usize>,
+    queries: Option<tch::Tensor>,
+    query_stats: Option<Py<PyQueryStats>>,
+    previous_scores: Option<tch::Tensor>,
+    hidden: Vec<usize>,
+}
+
+impl PlanFields {
+    fn with(layer_idx: usize, step: &'static str) -> Self {
+        PlanFields {
+            layer_idx,
+            step,
+            decoding: Decoding::default(),
+            scores: None,
+            n_kept: vec![],
+            queries: None,
+            query_stats: None,
+            previous_scores: None,
+            hidden: vec![],
+        }
+    }
+}
+
+impl PyPlan {
+    fn plan(&self) -> crate::error::Result<Plan> {
+        self.inner
+            .lock()
+            .map_err(|_| KvError::State("the plan is poisoned".into()))?
+            .plan()
+    }
+
+    fn wrap(fields: PlanFields) -> Self {
+        PyPlan {
+            inner: std::sync::Mutex::new(fields),
+        }
+    }
+}
+
+impl PlanFields {
+    fn plan(&self) -> crate::error::Result<Plan> {
+        let plan = match self.step {
+            "prefill" => Plan::prefill(self.layer_idx),
+            "score" => Plan::score(self.layer_idx),
+            "select" => {
+                let scores = self.scores.as_ref().ok_or_else(|| KvError::invalid("scores", "missing"))?;
+                Plan::select(self.layer_idx, scores, self.n_kept.clone())
+            }
+            _ => Plan::decoding(self.layer_idx, self.decoding),
+        };
+        let stats = match &self.query_stats {
+            Some(s) => Some(Python::attach(|py| s.bind(py).get().lock().map(|g| g.shallow()))?),
+            None => None,
+        };
+        Ok(plan
+            .with_queries(self.queries.as_ref())
+            .with_query_stats(stats.as_ref())
+            .with_previous_scores(self.previous_scores.as_ref())
+            .with_hidden(self.hidden.clone()))
+    }
+}
+
+#[pymethods]
+impl PyPlan {
+    /// A prompt's compression of layer ``layer_idx``: score, keep the layer's budget.
+    /// ``queries`` (batch, q_heads, q, head_dim): post-RoPE queries of the last q tokens;
+    /// ``hidden``: per batch row, hidden (padding) slots at the front of every row.
+    #[staticmethod]
+    #[pyo3(signature = (layer_idx, queries=None, hidden=None))]
+    fn prefill(layer_idx: usize, queries: Option<PyTensor>, hidden: Option<Vec<usize>>) -> Self {
+        Self::wrap(PlanFields {
+            queries: queries.map(|q| q.0),
+            hidden: hidden.unwrap_or_default(),
+            ..PlanFields::with(layer_idx, "prefill")
+        })
+    }
+
+    /// Scoring only (a cross-layer budget); the outcome has ``scores`` and ``preferences``.
+    #[staticmethod]
+    #[pyo3(signature = (layer_idx, queries=None, hidden=None))]
+    fn score(layer_idx: usize, queries: Option<PyTensor>, hidden: Option<Vec<usize>>) -> Self {
+        Self::wrap(PlanFields {
+            queries: queries.map(|q| q.0),
+            hidden: hidden.unwrap_or_default(),
+            ..PlanFields::with(layer_idx, "score")
+        })
+    }
+
+    /// Keeps the ``n_kept`` best of earlier ``scores`` (one count, or one per batch row).
+    #[staticmethod]
+    #[pyo3(signature = (layer_idx, scores, n_kept, hidden=None))]
+    fn select(layer_idx: usize, scores: PyTensor, n_kept: Vec<usize>, hidden: Option<Vec<usize>>) -> Self {
+        Self::wrap(PlanFields {
+            scores: Some(scores.0),
+            n_kept,
+            hidden: hidden.unwrap_or_default(),
+            ..PlanFields::with(layer_idx, "select")
+        })
+    }
+
+    /// A decoding-time compression to ``n_kept`` tokens per row; ``next_position``: tokens
+    /// seen; the first ``protect_first`` and last ``protect_last`` stored tokens are kept;
+    /// ``query_stats``: TriAttention's statistics; ``previous_scores``: the previous
+    /// compression's ``kept_scores`` (a scorer that remembers).
+    #[staticmethod]
+    #[pyo3(signature = (layer_idx, *, n_kept, next_position, protect_first=0, protect_last=0,
+        queries=None, query_stats=None, previous_scores=None))]
+    #[allow(clippy::too_many_arguments)]
+    fn decoding(
+        layer_idx: usize,
+        n_kept: usize,
+        next_position: usize,
+        protect_first: usize,
+        protect_last: usize,
+        queries: Option<PyTensor>,
+        query_stats: Option<Py<PyQueryStats>>,
+        previous_scores: Option<PyTensor>,
+    ) -> Self {
+        Self::wrap(PlanFields {
+            decoding: Decoding {
+                n_kept,
+                next_position,
+                protect_first,
+                protect_last,
+            },
+            queries: queries.map(|q| q.0),
+            query_stats,
+            previous_scores: previous_scores.map(|p| p.0),
+            ..PlanFields::with(layer_idx, "decoding")
+        })
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let f = self
+            .inner
+            .lock()
+            .map_err(|_| to_pyerr(KvError::State("the plan is poisoned".into())))?;
+        Ok(format!("Plan(step='{}', layer_idx={})", f.step, f.layer_idx))
+    }
+}
+
+/// What :meth:`Press.compress` did.
+#[pyclass(name = "Outcome", module = "kvpress_rs._native", frozen)]
+pub struct PyOutcome {
+    // frozen classes are shared across threads: the tensors sit behind a lock
+    inner: std::sync::Mutex<Outcome>,
+}
+
+impl PyOutcome {
+    fn get(&self) -> PyResult<std::sync::MutexGuard<'_, Outcome>> {
+        self.inner
+            .lock()
+            .map_err(|_| to_pyerr(KvError::State("the outcome is poisoned".into())))
+    }
+}
+
+#[pymethods]
+impl PyOutcome {
+    /// Whether tokens left the store.
+    #[getter]
+    fn evicted(&self) -> PyResult<bool> {
+        Ok(self.get()?.evicted)
+    }
+
+    /// The evicted tokens' (keys, values) when the press sets them aside (low bits).
+    #[getter]
+    fn set_aside(&self) -> PyResult<Option<(PyTensor, PyTensor)>> {
+        Ok(self
+            .get()?
+            .set_aside
+            .as_ref()
+            .map(|(k, v)| (PyTensor(k.shallow_clone()), PyTensor(v.shallow_clone()))))
+    }
+
+    /// The kept tokens' scores (float (batch, kv_heads, n_kept)) for a scorer that
+    /// remembers, to pass as the next decoding step's ``previous_scores``.
+    #[getter]
+    fn kept_scores(&self) -> PyResult<Option<PyTensor>> {
+        Ok(self.get()?.kept_scores.as_ref().map(|t| PyTensor(t.shallow_clone())))
+    }
+
+    /// A scoring step's scores (batch, kv_heads, tokens).
+    #[getter]
+    fn scores(&self) -> PyResult<Option<PyTensor>> {
+        Ok(self.get()?.scored.as_ref().map(|s| PyTensor(s.scores.shallow_clone())))
+    }
+
+    /// A scoring step's layer preferences (one, or one per batch row).
+    #[getter]
+    fn preferences(&self) -> PyResult<Option<Vec<f64>>> {
+        Ok(self.get()?.scored.as_ref().map(|s| s.preferences.clone()))
+    }
+
+    /// The new hidden slots per batch row (padded batches).
+    #[getter]
+    fn hidden(&self) -> PyResult<Option<Vec<usize>>> {
+        Ok(self.get()?.hidden.clone())
+    }
+
+    fn __repr__(&self) -> PyResult<String> {
+        let evicted = if self.get()?.evicted { "True" } else { "False" };
+        Ok(format!("Outcome(evicted={evicted})"))
     }
 }

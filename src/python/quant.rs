@@ -7,9 +7,6 @@
 use super::conversion::PyTensor;
 use super::errors::{detached, to_pyerr};
 use crate::error::{KvError, Result};
-use crate::press::DecodingStep;
-use crate::python::decoding::PyQueryStats;
-use crate::python::press::PyPress;
 use crate::python::rope::PyRope;
 use crate::quant::{Grouping, QuantConfig, QuantizedStore, QuantizedTensor, TensorLayout};
 use crate::rope::table::{self, SharedAngleTable};
@@ -262,6 +259,18 @@ impl PyQuantizedStore {
         }
     }
 
+    /// Runs `f` on the locked store.
+    pub(crate) fn with_store<T>(&self, f: impl FnOnce(&mut QuantizedStore) -> Result<T>) -> Result<T> {
+        f(&mut *self.lock()?)
+    }
+
+    /// Takes the store out, leaving an empty one with the same config.
+    pub(crate) fn take(&self) -> Result<QuantizedStore> {
+        let mut g = self.lock()?;
+        let empty = g.emptied();
+        Ok(std::mem::replace(&mut *g, empty))
+    }
+
     fn lock(&self) -> Result<MutexGuard<'_, QuantizedStore>> {
         self.inner.lock().map_err(|_| {
             KvError::State(
@@ -281,6 +290,13 @@ impl PyQuantizedStore {
 #[pyclass(name = "RopeTable", module = "kvpress_rs._native", frozen)]
 pub struct PyRopeTable {
     inner: SharedAngleTable,
+}
+
+impl PyRopeTable {
+    /// The table, shared.
+    pub(crate) fn shared(&self) -> SharedAngleTable {
+        self.inner.clone()
+    }
 }
 
 #[pymethods]
@@ -383,7 +399,8 @@ impl PyQuantizedStore {
                 .iter()
                 .map(|p| p.lock())
                 .collect::<Result<Vec<_>>>()?;
-            let refs: Vec<&QuantizedStore> = guards.iter().map(|g| &**g).collect();
+            let refs: Vec<(&QuantizedStore, Option<&tch::Tensor>)> =
+                guards.iter().map(|g| (&**g, None)).collect();
             crate::quant::union::attend_union(
                 &recent,
                 &refs,
@@ -421,59 +438,6 @@ impl PyQuantizedStore {
         let me = slf.get();
         let (k, v) = detached(slf.py(), move || me.lock()?.dequantize())?;
         Ok((PyTensor(k), PyTensor(v)))
-    }
-
-    /// Decoding-time compression of a quantized store: scores every stored token (from a
-    /// dequantized temporary) with ``press``, protects the first ``protect_first`` and the
-    /// last ``protect_last`` stored tokens (raised to cover the full-precision sinks and
-    /// residual window) and keeps ``n_kept`` per (batch, head) row with their exact codes
-    /// (nothing is re-quantized). ``queries``: post-RoPE queries of the last q stored
-    /// tokens; ``query_stats``: TriAttention's statistics; ``next_position``: tokens seen;
-    /// ``previous_scores``: as for ``LayerStore.compress_to``. Returns whether tokens were
-    /// evicted, and the kept tokens' scores for a press that ``remembers_scores``.
-    ///
-    /// Examples
-    /// --------
-    /// >>> import torch, kvpress_rs
-    /// >>> store = kvpress_rs._native.QuantizedStore(kvpress_rs.QuantConfig(bits=4, residual_length=32))
-    /// >>> store.append(torch.randn(1, 2, 100, 64), torch.randn(1, 2, 100, 64))
-    /// >>> store.compress_to(kvpress_rs._native.Press("knorm"), 0, 60, 100, protect_last=8)
-    /// (True, None)
-    /// >>> store.seen, store.evicted, store.residual_tokens
-    /// (60, 40, 4)
-    #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
-        protect_first=0, protect_last=0, previous_scores=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn compress_to(
-        slf: Bound<'_, Self>,
-        press: Bound<'_, PyPress>,
-        layer_idx: usize,
-        n_kept: usize,
-        next_position: usize,
-        queries: Option<PyTensor>,
-        query_stats: Option<Bound<'_, PyQueryStats>>,
-        protect_first: usize,
-        protect_last: usize,
-        previous_scores: Option<PyTensor>,
-    ) -> PyResult<(bool, Option<PyTensor>)> {
-        let me = slf.get();
-        let press = press.get();
-        let stats = query_stats.as_ref().map(|s| s.get());
-        let done = detached(slf.py(), move || {
-            let stats = stats.map(|s| s.lock()).transpose()?;
-            let step = DecodingStep {
-                layer_idx,
-                n_kept,
-                next_position,
-                protect_first,
-                protect_last,
-                queries: queries.as_ref().map(|q| &q.0),
-                query_stats: stats.as_deref(),
-                previous_scores: previous_scores.as_ref().map(|p| &p.0),
-            };
-            press.inner.compress_quantized_to(&mut *me.lock()?, &step)
-        })?;
-        Ok((done.evicted, done.kept_scores.map(PyTensor)))
     }
 
     /// Keeps the stored tokens at ``kept`` (int64 (batch, kv_heads, n), strictly ascending

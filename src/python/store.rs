@@ -4,12 +4,9 @@
 //! threads are serialised, never interleaved.
 
 use super::conversion::PyTensor;
-use super::decoding::PyQueryStats;
 use super::errors::{detached, to_pyerr};
-use super::press::PyPress;
 use super::rope::PyRope;
 use crate::error::{KvError, Result};
-use crate::press::DecodingStep;
 use crate::store::{KeptPositions, LayerStore};
 use pyo3::prelude::*;
 use std::sync::{Mutex, MutexGuard};
@@ -23,7 +20,8 @@ use std::sync::{Mutex, MutexGuard};
 /// >>> store = kvpress_rs._native.LayerStore()
 /// >>> k = torch.randn(1, 2, 8, 4)
 /// >>> keys, values = store.append(k, k)
-/// >>> store.compress(kvpress_rs._native.Press("knorm", compression_ratio=0.5), 0)
+/// >>> kvpress_rs._native.Press("knorm", compression_ratio=0.5).compress(store, kvpress_rs._native.Plan.prefill(0)).evicted
+/// True
 /// >>> store.seen, store.stored
 /// (8, 4)
 #[pyclass(name = "LayerStore", module = "kvpress_rs._native", frozen)]
@@ -39,7 +37,12 @@ impl PyLayerStore {
         }
     }
 
-    fn lock(&self) -> Result<MutexGuard<'_, LayerStore>> {
+    /// Takes the store out, leaving an empty one.
+    pub(crate) fn take(&self) -> Result<LayerStore> {
+        Ok(std::mem::take(&mut *self.lock()?))
+    }
+
+    pub(crate) fn lock(&self) -> Result<MutexGuard<'_, LayerStore>> {
         // A poisoned lock means an earlier call panicked mid-update: refuse to go on.
         self.inner.lock().map_err(|_| {
             KvError::State(
@@ -71,137 +74,10 @@ impl PyLayerStore {
         Ok((PyTensor(k), PyTensor(v)))
     }
 
-    /// Scores the stored tokens with ``press`` and frees all but the kept ones.
-    /// ``queries`` (batch, q_heads, q, head_dim): the post-RoPE queries of the last q
-    /// stored tokens, for presses whose policy needs them. With ``keep_evicted``, returns
-    /// the evicted tokens' (keys, values), each (batch, kv_heads, n_evicted, head_dim),
-    /// or None when nothing is evicted (mixed precision keeps them elsewhere).
-    #[pyo3(signature = (press, layer_idx, queries=None, keep_evicted=false))]
-    fn compress(
-        slf: Bound<'_, Self>,
-        press: Bound<'_, PyPress>,
-        layer_idx: usize,
-        queries: Option<PyTensor>,
-        keep_evicted: bool,
-    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
-        let me = slf.get();
-        let press = press.get();
-        let queries = queries.map(|q| q.0);
-        let evicted = detached(slf.py(), move || {
-            let mut store = me.lock()?;
-            if keep_evicted {
-                press
-                    .inner
-                    .compress_split(&mut store, layer_idx, queries.as_ref())
-            } else {
-                press
-                    .inner
-                    .compress(&mut store, layer_idx, queries.as_ref())
-                    .map(|_| None)
-            }
-        })?;
-        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
-    }
-
-    /// Compresses a grown store (generation, a prompt block) to ``n_kept`` tokens per row:
-    /// the first ``protect_first`` and last ``protect_last`` stored tokens are always kept.
-    /// ``queries``: post-RoPE queries of the last q stored tokens (those since the previous
-    /// compression); ``query_stats``: pre-RoPE statistics for TriAttention;
-    /// ``next_position``: tokens seen; ``previous_scores``: what the previous compression
-    /// returned as kept scores, for a press that ``remembers_scores``. Returns whether it
-    /// evicted, and the kept tokens' scores (float (batch, kv_heads, n_kept)) for such a
-    /// press, else None.
-    #[pyo3(signature = (press, layer_idx, n_kept, next_position, queries=None, query_stats=None,
-        protect_first=0, protect_last=0, previous_scores=None))]
-    #[allow(clippy::too_many_arguments)]
-    fn compress_to(
-        slf: Bound<'_, Self>,
-        press: Bound<'_, PyPress>,
-        layer_idx: usize,
-        n_kept: usize,
-        next_position: usize,
-        queries: Option<PyTensor>,
-        query_stats: Option<Bound<'_, PyQueryStats>>,
-        protect_first: usize,
-        protect_last: usize,
-        previous_scores: Option<PyTensor>,
-    ) -> PyResult<(bool, Option<PyTensor>)> {
-        let me = slf.get();
-        let press = press.get();
-        let stats = query_stats.as_ref().map(|s| s.get());
-        let done = detached(slf.py(), move || {
-            let stats = stats.map(|s| s.lock()).transpose()?;
-            let step = DecodingStep {
-                layer_idx,
-                n_kept,
-                next_position,
-                protect_first,
-                protect_last,
-                queries: queries.as_ref().map(|q| &q.0),
-                query_stats: stats.as_deref(),
-                previous_scores: previous_scores.as_ref().map(|p| &p.0),
-            };
-            press.inner.compress_to(&mut *me.lock()?, &step)
-        })?;
-        Ok((done.evicted, done.kept_scores.map(PyTensor)))
-    }
-
-    /// Scores the stored tokens with ``press`` without evicting any: returns the scores
-    /// (batch, kv_heads, tokens) and the layer's preference (CAKE layer budgets), for
-    /// :meth:`compress_scored` once every layer's budget is known.
-    #[pyo3(signature = (press, layer_idx, queries=None))]
-    fn score(
-        slf: Bound<'_, Self>,
-        press: Bound<'_, PyPress>,
-        layer_idx: usize,
-        queries: Option<PyTensor>,
-    ) -> PyResult<(PyTensor, f64)> {
-        let me = slf.get();
-        let press = press.get();
-        let queries = queries.map(|q| q.0);
-        let scored = detached(slf.py(), move || {
-            let store = me.lock()?;
-            press.inner.score(
-                &store.keys_view()?,
-                &store.values_view()?,
-                queries.as_ref(),
-                layer_idx,
-            )
-        })?;
-        Ok((PyTensor(scored.scores), scored.preference))
-    }
-
-    /// Keeps the ``n_kept`` best tokens of ``scores`` (from :meth:`score`); with
-    /// ``keep_evicted``, returns the evicted tokens as :meth:`compress` does.
-    #[pyo3(signature = (press, scores, n_kept, keep_evicted=false))]
-    fn compress_scored(
-        slf: Bound<'_, Self>,
-        press: Bound<'_, PyPress>,
-        scores: PyTensor,
-        n_kept: usize,
-        keep_evicted: bool,
-    ) -> PyResult<Option<(PyTensor, PyTensor)>> {
-        let me = slf.get();
-        let press = press.get();
-        let evicted = detached(slf.py(), move || {
-            let mut store = me.lock()?;
-            if keep_evicted {
-                press
-                    .inner
-                    .compress_scored_split(&mut store, &scores.0, n_kept)
-            } else {
-                press
-                    .inner
-                    .compress_scored(&mut store, &scores.0, n_kept)
-                    .map(|_| None)
-            }
-        })?;
-        Ok(evicted.map(|(k, v)| (PyTensor(k), PyTensor(v))))
-    }
-
     /// Re-rotates the kept keys to compact positions ending right before ``next_position``
     /// (each row's kept token i of n goes to next_position − n + i); the store then
-    /// continues at ``next_position``.
+    /// continues at ``next_position``; ``kept_positions`` stays the original positions,
+    /// ``key_positions`` gives the new ones.
     fn rerotate(
         slf: Bound<'_, Self>,
         rope: Bound<'_, PyRope>,
@@ -210,7 +86,7 @@ impl PyLayerStore {
         let me = slf.get();
         let rope = rope.get();
         detached(slf.py(), move || {
-            me.lock()?.rerotate(&rope.inner, next_position)
+            me.lock()?.rerotate(&rope.inner, next_position, &[], &[])
         })
     }
 
@@ -245,6 +121,20 @@ impl PyLayerStore {
     fn values(slf: Bound<'_, Self>) -> PyResult<PyTensor> {
         let me = slf.get();
         detached(slf.py(), move || me.lock()?.values_view()).map(PyTensor)
+    }
+
+    /// Where the stored keys are rotated now: original positions, or compact ones after
+    /// :meth:`rerotate` (int64 (batch, kv_heads, stored), or a list per row).
+    fn key_positions<'py>(slf: Bound<'py, Self>) -> PyResult<Bound<'py, PyAny>> {
+        let me = slf.get();
+        let py = slf.py();
+        match detached(py, move || me.lock()?.key_positions())? {
+            KeptPositions::Uniform(t) => PyTensor(t).into_pyobject(py),
+            KeptPositions::Ragged(rows) => {
+                let rows: Vec<PyTensor> = rows.into_iter().map(PyTensor).collect();
+                Ok(rows.into_pyobject(py)?.into_any())
+            }
+        }
     }
 
     /// Original positions of the stored tokens, ascending: an int64 tensor

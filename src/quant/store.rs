@@ -295,6 +295,7 @@ pub struct QuantizedStore {
 /// store's own, or one shared by the stores of every layer of a cache (which counts its
 /// bytes once: per layer it would cost as much as 10% of a 2-bit cache at 2k tokens).
 #[derive(Debug)]
+#[derive(Clone)]
 struct PreRope {
     rope: Rope,
     table: SharedAngleTable,
@@ -401,6 +402,22 @@ impl QuantizedStore {
         store.layouts = Some(layouts);
         store.seen = seen;
         Ok(store)
+    }
+
+    /// An empty store with this one's config and RoPE (a shared table stays shared).
+    pub fn emptied(&self) -> Self {
+        QuantizedStore {
+            config: self.config.clone(),
+            shape: None,
+            layouts: None,
+            sinks: None,
+            ragged: None,
+            blocks: Vec::new(),
+            residual: None,
+            seen: 0,
+            evicted: 0,
+            pre_rope: self.pre_rope.clone(),
+        }
     }
 
     /// The cos/sin table attention re-applies RoPE with, when keys are stored pre-RoPE

@@ -15,10 +15,11 @@ use tch::{Kind, Tensor};
 /// of `past`: (batch, q_len, q_heads, value head_dim) in the query's dtype.
 ///
 /// `mask` (bool, (batch or 1, q_len, recent.seen())) restricts `recent` as in
-/// [`QuantizedStore::attend`]; the `past` stores are visible to every query.
+/// [`QuantizedStore::attend`]; each `past` store comes with its own mask (bool, (batch or
+/// 1, q_len, its seen())), or `None`: visible to every query.
 pub fn attend_union(
     recent: &QuantizedStore,
-    past: &[&QuantizedStore],
+    past: &[(&QuantizedStore, Option<&Tensor>)],
     query: &Tensor,
     mask: Option<&Tensor>,
     scaling: f64,
@@ -26,7 +27,7 @@ pub fn attend_union(
     let (out, lse) = recent.attend_with_lse(query, mask, scaling)?;
     let (mut outs, mut lses) = (vec![out], vec![lse]);
     let q_len = query.size().get(2).copied().unwrap_or(0);
-    for (i, store) in past.iter().enumerate() {
+    for (i, &(store, store_mask)) in past.iter().enumerate() {
         if store.seen() == 0 {
             continue;
         }
@@ -40,13 +41,13 @@ pub fn attend_union(
         }
         // Without a mask a store treats its last q_len tokens as the queries' own (causal);
         // these precede every query: all visible.
-        let visible = if q_len > 1 {
-            Some(Tensor::f_ones(
+        let visible = match store_mask {
+            Some(m) => Some(m.shallow_clone()),
+            None if q_len > 1 => Some(Tensor::f_ones(
                 [1, q_len, store.seen() as i64],
                 (Kind::Bool, query.device()),
-            )?)
-        } else {
-            None
+            )?),
+            None => None,
         };
         let (o, l) = store.attend_with_lse(query, visible.as_ref(), scaling)?;
         outs.push(o);

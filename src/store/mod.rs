@@ -33,6 +33,9 @@ enum Rows {
 pub struct LayerStore {
     rows: Option<Rows>,
     seen: usize,
+    /// Original position of the next token minus its position now (re-rotation moves
+    /// positions back; 0 until then).
+    shift: i64,
     /// (batch, kv_heads, key head_dim, value head_dim, dtype, device) fixed at the first append.
     layout: Option<(KvShape, i64, Kind, Device)>,
 }
@@ -119,8 +122,10 @@ impl LayerStore {
                 keys: buffer::TokenBuffer::adopt(keys),
                 values: buffer::TokenBuffer::adopt(values),
                 positions,
+                original: None,
             })),
             seen,
+            shift: 0,
             layout: Some(layout),
         })
     }
@@ -213,6 +218,11 @@ impl LayerStore {
         }
     }
 
+    /// The device of the stored tokens, once something is stored.
+    pub fn layout_device(&self) -> Option<Device> {
+        self.layout.map(|(.., device)| device)
+    }
+
     /// (batch, kv_heads) of the stored rows.
     pub fn batch_heads(&self) -> Option<(usize, usize)> {
         self.layout.map(|(s, ..)| (s.batch, s.heads))
@@ -240,7 +250,8 @@ impl LayerStore {
     /// which no single tensor can hold, it returns the new tokens only; attention over
     /// them goes through [`LayerStore::attend_rows`].
     ///
-    /// The first append adopts the given tensors without copying them.
+    /// The first append adopts the given tensors without copying them when they are
+    /// contiguous (a strided view is copied once into contiguous storage).
     pub fn append(&mut self, keys: &Tensor, values: &Tensor) -> Result<(Tensor, Tensor)> {
         let (ks, vs) = check_kv_pair(keys, values)?;
         let (kind, device) = (keys.kind(), keys.device());
@@ -254,12 +265,15 @@ impl LayerStore {
             (Some(rows), Some(layout)) => {
                 check_same_layout(layout, ks, vs.head_dim as i64, kind, device)?;
                 match rows {
-                    Rows::Uniform(u) => u.append(keys, values, self.seen)?,
-                    Rows::Ragged(r) => r.append(keys, values, self.seen)?,
+                    Rows::Uniform(u) => u.append(keys, values, self.seen, self.shift)?,
+                    Rows::Ragged(r) => r.append(keys, values, self.seen, self.shift)?,
                 }
             }
             _ => {
-                self.rows = Some(Rows::Uniform(UniformRows::adopt(keys, values)));
+                // A projection's transposed view is copied once into contiguous storage, as
+                // DynamicCache's concatenation does: SDPA runs 3–12% slower on the view.
+                let (keys, values) = (keys.f_contiguous()?, values.f_contiguous()?);
+                self.rows = Some(Rows::Uniform(UniformRows::adopt(&keys, &values)));
                 self.layout = Some((ks, vs.head_dim as i64, kind, device));
             }
         }
@@ -315,15 +329,38 @@ impl LayerStore {
         }
     }
 
-    /// Original positions of the stored tokens, ascending in every row.
+    /// Original positions of the stored tokens (where they were in the sequence seen),
+    /// ascending in every row; −1 for filler slots.
     pub fn kept_positions(&self) -> Result<KeptPositions> {
+        self.positions_of(true)
+    }
+
+    /// The positions the stored keys are rotated at now: the original ones, or after a
+    /// re-rotation the compact ones.
+    pub fn key_positions(&self) -> Result<KeptPositions> {
+        self.positions_of(false)
+    }
+
+    fn positions_of(&self, original: bool) -> Result<KeptPositions> {
         match self.rows.as_ref().ok_or_else(empty_store)? {
-            Rows::Uniform(u) => Ok(KeptPositions::Uniform(
-                u.positions()?.f_to_kind(Kind::Int64)?,
-            )),
+            Rows::Uniform(u) => {
+                let p = if original {
+                    u.original_positions()?
+                } else {
+                    u.positions()?
+                };
+                Ok(KeptPositions::Uniform(p.f_to_kind(Kind::Int64)?))
+            }
             Rows::Ragged(r) => {
                 let rows = (0..r.keys.len())
-                    .map(|i| Ok(r.row(i)?.2.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?))
+                    .map(|i| {
+                        let p = if original {
+                            r.original_row(i)?
+                        } else {
+                            r.row(i)?.2
+                        };
+                        Ok(p.f_flatten(0, -1)?.f_to_kind(Kind::Int64)?)
+                    })
                     .collect::<Result<Vec<_>>>()?;
                 Ok(KeptPositions::Ragged(rows))
             }
@@ -411,7 +448,14 @@ impl LayerStore {
         let kept = match self.rows.as_ref().ok_or_else(empty_store)? {
             Rows::Uniform(u) => {
                 let positions = u.positions.as_ref().map(|p| p.view()).transpose()?;
-                RaggedRows::from_rows(&u.keys.view()?, &u.values.view()?, positions.as_ref(), rows)?
+                let original = u.original.as_ref().map(|p| p.view()).transpose()?;
+                RaggedRows::from_rows(
+                    &u.keys.view()?,
+                    &u.values.view()?,
+                    positions.as_ref(),
+                    original.as_ref(),
+                    rows,
+                )?
             }
             Rows::Ragged(old) => {
                 let mut out = RaggedRows {
@@ -419,13 +463,22 @@ impl LayerStore {
                     keys: vec![],
                     values: vec![],
                     positions: vec![],
+                    original: vec![],
                 };
                 for (i, idx) in rows.iter().enumerate() {
                     let (k, v, p) = old.row(i)?;
-                    let one = RaggedRows::from_rows(&k, &v, Some(&p), std::slice::from_ref(idx))?;
+                    let o = (!old.original.is_empty()).then(|| old.original_row(i)).transpose()?;
+                    let one = RaggedRows::from_rows(
+                        &k,
+                        &v,
+                        Some(&p),
+                        o.as_ref(),
+                        std::slice::from_ref(idx),
+                    )?;
                     out.keys.extend(one.keys);
                     out.values.extend(one.values);
                     out.positions.extend(one.positions);
+                    out.original.extend(one.original);
                 }
                 out
             }
@@ -543,9 +596,21 @@ impl LayerStore {
     /// in every row, kept token i of n moves to position next_position − n + i with one
     /// delta rotation (`rope.shift`), and the store continues at `next_position`. Rows
     /// with fewer tokens leave a gap before their first token, never after their last.
-    pub fn rerotate(&mut self, rope: &Rope, next_position: usize) -> Result<()> {
+    /// The first `hidden[b]` slots of batch row b (padding) take no position (−1) and are
+    /// not counted in n; the keys of row b were rotated `pads[b]` positions before their
+    /// stored position (a left-padded row counts its positions from its first real token).
+    /// Original positions are kept ([`kept_positions`](Self::kept_positions)).
+    pub fn rerotate(
+        &mut self,
+        rope: &Rope,
+        next_position: usize,
+        hidden: &[usize],
+        pads: &[usize],
+    ) -> Result<()> {
         let seen = self.seen;
         let (batch, heads) = self.batch_heads().ok_or_else(empty_store)?;
+        let hidden_of = |b: usize| hidden.get(b).copied().unwrap_or(0);
+        let pads_of = |b: usize| pads.get(b).copied().unwrap_or(0) as i64;
         if next_position < self.len() {
             return Err(KvError::invalid(
                 "next_position",
@@ -555,43 +620,63 @@ impl LayerStore {
                 ),
             ));
         }
-        let compact = |n: usize| -> Result<Tensor> {
-            Ok(Tensor::f_arange_start(
-                (next_position - n) as i64,
+        // row positions: hidden slots −1, then the compact run ending before next_position
+        let compact = |n: usize, h: usize| -> Result<Tensor> {
+            let visible = Tensor::f_arange_start(
+                (next_position - (n - h)) as i64,
                 next_position as i64,
                 (Kind::Int, Device::Cpu),
-            )?)
+            )?;
+            let front = Tensor::f_full([h as i64], -1, (Kind::Int, Device::Cpu))?;
+            Ok(Tensor::f_cat(&[front, visible], 0)?.f_view([1, 1, n as i64])?)
+        };
+        let shift = |new: &Tensor, old: &Tensor, keys: &Tensor| -> Result<Tensor> {
+            // hidden slots stay where they are (no attention sees them)
+            let delta = new.f_sub(old)?.f_masked_fill(&new.f_lt(0)?, 0)?;
+            rope.shift(keys, &delta.f_to_kind(Kind::Int64)?.f_to(keys.device())?, Some(seen))
+        };
+        // where row b's keys were rotated: their positions, less the row's pads
+        let rotated_at = |old: Tensor, b: i64| -> Result<Tensor> {
+            let p = pads_of(b as usize);
+            Ok(if p > 0 { old.f_sub_scalar(p)? } else { old })
         };
         match self.rows.as_mut().ok_or_else(empty_store)? {
             Rows::Uniform(u) => {
                 let n = u.len();
+                let rows = (0..batch)
+                    .map(|b| {
+                        Ok(compact(n, hidden_of(b).min(n))?
+                            .f_expand([1, heads as i64, n as i64], false)?)
+                    })
+                    .collect::<Result<Vec<_>>>()?;
+                let new = Tensor::f_cat(&rows, 0)?.f_contiguous()?;
                 let old = u.positions()?;
-                let new = compact(n)?
-                    .f_view([1, 1, n as i64])?
-                    .f_expand([batch as i64, heads as i64, n as i64], false)?;
-                let delta = new
-                    .f_sub(&old)?
-                    .f_to_kind(Kind::Int64)?
-                    .f_to(u.keys.view()?.device())?;
-                let rotated = rope.shift(&u.keys.view()?, &delta, Some(seen))?;
+                if u.original.is_none() {
+                    u.original = Some(buffer::TokenBuffer::adopt(old.f_contiguous()?));
+                }
+                let at = (0..batch as i64)
+                    .map(|b| rotated_at(old.f_narrow(0, b, 1)?, b))
+                    .collect::<Result<Vec<_>>>()?;
+                let rotated = shift(&new, &Tensor::f_cat(&at, 0)?, &u.keys.view()?)?;
                 u.keys = buffer::TokenBuffer::adopt(rotated);
-                u.positions = Some(buffer::TokenBuffer::adopt(new.f_contiguous()?));
+                u.positions = Some(buffer::TokenBuffer::adopt(new));
             }
             Rows::Ragged(r) => {
+                let keep_original = r.original.is_empty();
                 for i in 0..r.keys.len() {
                     let (keys, _, old) = r.row(i)?;
                     let n = keys.size()[2] as usize;
-                    let new = compact(n)?.f_view([1, 1, n as i64])?;
-                    let delta = new
-                        .f_sub(&old)?
-                        .f_to_kind(Kind::Int64)?
-                        .f_to(keys.device())?;
-                    r.keys[i] =
-                        buffer::TokenBuffer::adopt(rope.shift(&keys, &delta, Some(seen))?);
+                    let new = compact(n, hidden_of(i / heads).min(n))?;
+                    if keep_original {
+                        r.original.push(buffer::TokenBuffer::adopt(old.f_contiguous()?));
+                    }
+                    let at = rotated_at(old, (i / heads) as i64)?;
+                    r.keys[i] = buffer::TokenBuffer::adopt(shift(&new, &at, &keys)?);
                     r.positions[i] = buffer::TokenBuffer::adopt(new.f_contiguous()?);
                 }
             }
         }
+        self.shift += seen as i64 - next_position as i64;
         self.seen = next_position;
         Ok(())
     }
@@ -607,6 +692,11 @@ impl LayerStore {
     /// Drops everything: the store is as new.
     pub fn reset(&mut self) {
         *self = LayerStore::default();
+    }
+
+    /// Whether a re-rotation moved keys away from their original positions.
+    pub fn has_rerotated(&self) -> bool {
+        self.shift != 0
     }
 }
 
@@ -683,12 +773,13 @@ fn check_same_layout(
     Ok(())
 }
 
+/// Positions ascend strictly in every row, after a run of filler slots (−1) in front.
 fn check_ascending(positions: &Tensor) -> Result<()> {
     let pos = array_view::<i32, ndarray::Ix3>(positions, "positions")?;
-    let sorted = pos
-        .lanes(Axis(2))
-        .into_iter()
-        .all(|row| row.iter().zip(row.iter().skip(1)).all(|(a, b)| a < b));
+    let sorted = pos.lanes(Axis(2)).into_iter().all(|row| {
+        let real = row.iter().skip_while(|&&p| p == -1);
+        real.clone().zip(real.skip(1)).all(|(a, b)| a < b) && row.iter().all(|&p| p >= -1)
+    });
     if sorted {
         Ok(())
     } else {

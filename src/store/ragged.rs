@@ -14,8 +14,11 @@ pub(crate) struct RaggedRows {
     /// Row r = b * heads + h: keys (1, 1, len_r, head_dim).
     pub keys: Vec<TokenBuffer>,
     pub values: Vec<TokenBuffer>,
-    /// int32 (1, 1, len_r) original positions, on the CPU.
+    /// int32 (1, 1, len_r) positions (where each key is rotated now), on the CPU.
     pub positions: Vec<TokenBuffer>,
+    /// int32 (1, 1, len_r) original positions, once a re-rotation moved keys (empty: the
+    /// same as `positions`).
+    pub original: Vec<TokenBuffer>,
 }
 
 impl RaggedRows {
@@ -26,6 +29,7 @@ impl RaggedRows {
         keys: &Tensor,
         values: &Tensor,
         positions: Option<&Tensor>,
+        original: Option<&Tensor>,
         rows: &[Tensor],
     ) -> Result<Self> {
         let size = keys.size();
@@ -45,6 +49,7 @@ impl RaggedRows {
             keys: vec![],
             values: vec![],
             positions: vec![],
+            original: vec![],
         };
         for (r, idx) in rows.iter().enumerate() {
             let (b, h) = ((r / heads) as i64, (r % heads) as i64);
@@ -63,6 +68,12 @@ impl RaggedRows {
                     .f_contiguous()?,
             };
             out.positions.push(TokenBuffer::adopt(kept_positions));
+            if let Some(o) = original {
+                out.original.push(TokenBuffer::adopt(gather_tokens(
+                    &row(o)?,
+                    &idx.f_to(Device::Cpu)?,
+                )?));
+            }
         }
         Ok(out)
     }
@@ -76,21 +87,41 @@ impl RaggedRows {
             .iter()
             .chain(&self.values)
             .chain(&self.positions)
+            .chain(&self.original)
             .map(TokenBuffer::nbytes)
             .sum()
     }
 
-    /// Appends q new tokens to every row, at positions first_position..first_position + q.
-    pub fn append(&mut self, keys: &Tensor, values: &Tensor, first_position: usize) -> Result<()> {
+    /// Appends q new tokens to every row, at positions first_position..first_position + q,
+    /// whose original positions are `shift` further on.
+    pub fn append(
+        &mut self,
+        keys: &Tensor,
+        values: &Tensor,
+        first_position: usize,
+        shift: i64,
+    ) -> Result<()> {
         let q = keys.size()[2] as usize;
         let new_positions = position_range(first_position, q)?;
+        let new_original = position_range((first_position as i64 + shift).max(0) as usize, q)?;
         for r in 0..self.keys.len() {
             let (b, h) = ((r / self.heads) as i64, (r % self.heads) as i64);
             self.keys[r].append(&keys.f_narrow(0, b, 1)?.f_narrow(1, h, 1)?)?;
             self.values[r].append(&values.f_narrow(0, b, 1)?.f_narrow(1, h, 1)?)?;
             self.positions[r].append(&new_positions)?;
+            if let Some(o) = self.original.get_mut(r) {
+                o.append(&new_original)?;
+            }
         }
         Ok(())
+    }
+
+    /// Row r's original positions (1, 1, len_r).
+    pub fn original_row(&self, r: usize) -> Result<Tensor> {
+        match self.original.get(r) {
+            Some(o) => o.view(),
+            None => self.positions[r].view(),
+        }
     }
 
     /// Row r's keys, values (1, 1, len_r, dim) and int32 positions (1, 1, len_r): views.
@@ -108,6 +139,9 @@ impl RaggedRows {
             self.keys[r].truncate(len)?;
             self.values[r].truncate(len)?;
             self.positions[r].truncate(len)?;
+            if let Some(o) = self.original.get_mut(r) {
+                o.truncate(len)?;
+            }
         }
         Ok(())
     }
@@ -120,6 +154,7 @@ impl RaggedRows {
             keys: vec![],
             values: vec![],
             positions: vec![],
+            original: vec![],
         };
         for &b in order {
             for h in 0..self.heads {
@@ -127,6 +162,9 @@ impl RaggedRows {
                 out.keys.push(self.keys[r].copy_exact()?);
                 out.values.push(self.values[r].copy_exact()?);
                 out.positions.push(self.positions[r].copy_exact()?);
+                if let Some(o) = self.original.get(r) {
+                    out.original.push(o.copy_exact()?);
+                }
             }
         }
         Ok(out)

@@ -92,6 +92,7 @@ pub fn variant(e: &KvError) -> &'static str {
         KvError::Empty { .. } => "Empty",
         KvError::State(_) => "State",
         KvError::Unsupported(_) => "Unsupported",
+        KvError::UnsupportedModel(_) => "UnsupportedModel",
         KvError::Torch(_) => "Torch",
     }
 }
