@@ -96,7 +96,7 @@ def compression(tokens: int, device: torch.device) -> dict[str, Any]:
         def run() -> None:
             store = LayerStore()
             store.append(keys, values)
-            store.compress(press, 0, queries)
+            press.compress(store, kvpress_rs._native.Plan.prefill(0, queries))
 
         rows[policy] = {"ms": median_ms(run, repeats=10)}
     return rows

@@ -62,7 +62,7 @@ def test_store_accepts_non_contiguous_prefill_and_appends():
     store = _native.LayerStore()
     store.append(k, v)
     press = _native.Press("knorm", compression_ratio=0.5)
-    store.compress(press, 0)
+    press.compress(store, _native.Plan.prefill(0))
     kept = ops.kept_indices("knorm", k.contiguous(), v.contiguous(), compression_ratio=0.5)
     torch.testing.assert_close(store.keys(), ops.gather(k.contiguous(), kept), rtol=0, atol=0)
     new_k = torch.randn(1, 3, 2, 8).transpose(1, 2)

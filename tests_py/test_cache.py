@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_rs
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids
 
@@ -44,13 +44,13 @@ def assert_budget_kept(cache, n_tokens, batch, kv_heads):
     press = cache.press
     n_layers = len(cache.layers)
     if press.layer_budget == "cake":  # split by preference: the total is the requested one
-        per_layer = [cache.layers[layer]._store.lengths()[0] for layer in range(n_layers)]
+        per_layer = [cache.layers[layer].state.lengths()[0] for layer in range(n_layers)]
         assert sum(per_layer) == n_layers * press.n_kept(n_tokens)
     else:
         per_layer = [press.n_kept(n_tokens, layer) for layer in range(n_layers)]
     for layer in range(n_layers):
         expected = per_layer[layer]
-        lengths = cache.layers[layer]._store.lengths()
+        lengths = cache.layers[layer].state.lengths()
         assert len(lengths) == batch * kv_heads
         if press.head_budget == "adakv":
             for b in range(batch):
@@ -245,25 +245,41 @@ def test_crop_removes_the_last_tokens(tiny_llama):
     assert torch.equal(cache.layers[0].keys, before)
 
 
-def test_attention_runs_through_kvpress_and_is_restored(tiny_llama):
+def test_attention_is_routed_once_and_plain_caches_are_unaffected(tiny_llama):
+    """The model's attention goes through kvpress_rs for good (nothing switched per forward,
+    so threads may share the model); forwards with a plain DynamicCache delegate to the
+    model's own attention and give exactly its logits, also after a failed forward."""
+    from kvpress_rs import attention
+
     model = tiny_llama(attn="eager")
-    seen_impl = []
-    handle = model.model.layers[0].self_attn.register_forward_pre_hook(
-        lambda m, a: seen_impl.append(m.config._attn_implementation)
-    )
-    cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    ids = random_ids(1, 20)
     with torch.no_grad():
-        model(random_ids(1, 20), past_key_values=cache)
-        model(random_ids(1, 20), past_key_values=DynamicCache(config=model.config))
-    handle.remove()
-    assert seen_impl == ["kvpress_rs_eager", "eager"]
-    assert model.config._attn_implementation == "eager"
-    # restored even when the forward raises
+        plain = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+    cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)
+    assert model.config._attn_implementation == "kvpress_rs_eager"
+    attended = []
+    original = type(cache.layers[0]).attend
+
+    def recording(self, *args, **kwargs):
+        attended.append(self.layer_idx)
+        return original(self, *args, **kwargs)
+
+    type(cache.layers[0]).attend = recording
+    try:
+        with torch.no_grad():
+            model(ids, past_key_values=cache)
+            again = model(ids, past_key_values=DynamicCache(config=model.config)).logits
+    finally:
+        type(cache.layers[0]).attend = original
+    assert attended == [0, 1, 2]  # our cache's layers attended; the DynamicCache's did not
+    assert torch.equal(again, plain) and attention.active_cache() is None
     bad = kvpress_rs.KnormCache(model, compression_ratio=0.99)
     with pytest.raises(kvpress_rs.InvalidArgumentError):
         with torch.no_grad():
-            model(random_ids(1, 20), past_key_values=bad)
-    assert model.config._attn_implementation == "eager"
+            model(ids, past_key_values=bad)
+    assert attention.active_cache() is None
+    with torch.no_grad():
+        assert torch.equal(model(ids, past_key_values=DynamicCache(config=model.config)).logits, plain)
 
 
 def test_cache_built_from_a_config_compresses_without_hooks(tiny_llama):

@@ -54,8 +54,9 @@ def test_one_chunk_at_position_zero_generates_like_a_quantized_prefill(bits, had
     expected = greedy(model, torch.cat([chunk, question], 1), ref)
     for _ in range(2):  # computed, then read back from the backend
         cache = store.assemble([chunk])
-        layer = cache.layers[0]._qstore
-        assert (cache.get_seq_length(), layer.sink_tokens, layer.quantized_tokens, layer.residual_tokens) == (69, 5, 64, 0)
+        layer = cache.layers[0].state.quantized_stats()
+        assert (cache.get_seq_length(), layer["sink_tokens"], layer["quantized_tokens"], layer["residual_tokens"]) == (
+            69, 5, 64, 0)
         with torch.no_grad():
             logits = model(question, past_key_values=cache, use_cache=True).logits
         torch.testing.assert_close(logits, ref_logits, atol=1e-5, rtol=1e-5)
@@ -80,9 +81,9 @@ def test_chunks_at_offsets_move_by_positions_only(hadamard, tmp_path):
     rope = store.rope
     offsets = [0, sizes[0], sizes[0] + sizes[1]]
     for layer_idx in range(3):
-        assembled = cache.layers[layer_idx]._qstore
-        parts = assembled.parts()
-        keys, values = assembled.dequantize()
+        assembled = cache.layers[layer_idx].state
+        parts = assembled.quantized_parts()
+        keys, values = assembled.dequantized()
         front, block, block_start = 0, 0, sum(n % G for n in sizes)
         for e, d in zip(encoded, offsets):
             own = _native.assemble_quantized_layer(
@@ -164,12 +165,12 @@ def test_eviction_then_quantization_generates_like_the_quantized_kvcache(tmp_pat
     expected = greedy(model, torch.cat([chunk, question], 1), ref)
     for _ in range(2):
         cache = store.assemble([chunk])
-        assert cache.get_seq_length() == 150 and cache.layers[0]._qstore.seen == 75
+        assert cache.get_seq_length() == 150 and cache.layers[0].state.stored == 75
         assert torch.equal(greedy(model, torch.cat([cache.input_ids, question], 1), cache), expected)
     # several compressed chunks: kept positions offset, generation continues at the total
     cache = store.assemble([random_ids(1, 90, seed=8), chunk])
     assert cache.get_seq_length() == 240
-    parts = cache.layers[1]._qstore.parts()
+    parts = cache.layers[1].state.quantized_parts()
     assert int(parts["block.1.pos"].min()) >= 90 and int(parts["block.1.pos"].max()) < 240
     assert greedy(model, torch.cat([cache.input_ids, question], 1), cache, n=3).shape[-1] == 248
 

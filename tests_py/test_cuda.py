@@ -16,7 +16,7 @@ from transformers import DynamicCache
 import kvpress_rs
 from kvpress_rs import ops
 from kvpress_rs.errors import DeviceError
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids
 
@@ -204,7 +204,8 @@ def test_retrieval_heads_decode_on_cuda_like_on_the_cpu(tiny_llama):
             model(ids.to(device), past_key_values=cache)
             logits[str(device)] = model(step.to(device), past_key_values=cache).logits.cpu()
         nbytes[str(device)] = cache.nbytes
-        assert cache.layers[0]._kept[0].device.type == torch.device(device).type
+        heads, keys, *_ = cache.layers[0].state.head_parts(None, 1, model.config.num_attention_heads)[-1]
+        assert keys.device.type == torch.device(device).type
     torch.testing.assert_close(logits[str(CUDA)], logits["cpu"], rtol=0, atol=1e-4)
     assert nbytes[str(CUDA)] == nbytes["cpu"]
 

@@ -11,7 +11,7 @@ from transformers import DynamicCache, LlamaForCausalLM
 
 import kvpress_rs
 from kvpress_rs.cache import CompressedLayer
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids, tiny_llama_config
 
@@ -50,7 +50,7 @@ def peak_stored(monkeypatch):
     attend = CompressedLayer.attend
 
     def recording(self, *args, **kwargs):
-        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self._store.stored)
+        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self.state.stored)
         return attend(self, *args, **kwargs)
 
     monkeypatch.setattr(CompressedLayer, "attend", recording)
@@ -334,11 +334,11 @@ def assert_kept_scores_aligned(cache, window):
     then − window), finite for the others."""
     checked = 0
     for idx, layer in enumerate(cache.layers):
-        scores = layer._decoding.kept_scores
+        scores = layer.state.kept_scores
         assert scores is not None, f"layer {idx} never compressed"
-        stored, seen = layer._store.stored, layer._store.seen
+        stored, seen = layer.state.stored, layer.state.seen
         m = scores.shape[-1]
-        assert tuple(scores.shape[:2]) == layer._store.batch_heads
+        assert tuple(scores.shape[:2]) == layer.state.batch_heads
         assert m <= stored
         seen_then = seen - (stored - m)
         positions = cache.kept_positions(idx)[..., :m]
@@ -355,7 +355,7 @@ def test_snapkv_remembers_the_ranking_aligned_with_the_store_through_beam_search
     ids = random_ids(2, 20)
     model.generate(ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=70,
                    min_new_tokens=70, num_beams=3, do_sample=False, pad_token_id=0)
-    assert cache.layers[0]._decoding.kept_scores.shape[0] == 6  # 2 prompts x 3 beams
+    assert cache.layers[0].state.kept_scores.shape[0] == 6  # 2 prompts x 3 beams
     assert_kept_scores_aligned(cache, window=8)
 
 
@@ -365,14 +365,14 @@ def test_kept_scores_follow_crop_and_reset():
     greedy(model, random_ids(1, 20), cache, 45)
     assert_kept_scores_aligned(cache, window=8)
     layer = cache.layers[0]
-    before = layer._decoding.kept_scores
-    m, stored = before.shape[-1], layer._store.stored
+    before = layer.state.kept_scores
+    m, stored = before.shape[-1], layer.state.stored
     since = stored - m  # tokens appended after the last compression
     cache.crop(-(since + 5))  # 5 of the remembered tokens go too
-    assert layer._store.stored == m - 5
-    assert torch.equal(layer._decoding.kept_scores, before[..., : m - 5])
+    assert layer.state.stored == m - 5
+    assert torch.equal(layer.state.kept_scores, before[..., : m - 5])
     cache.reset()
-    assert all(layer._decoding.kept_scores is None for layer in cache.layers)
+    assert all(layer.state.kept_scores is None for layer in cache.layers)
 
 
 def test_rank_pooling_changes_what_snapkv_keeps_and_position_pooling_remembers_nothing():
@@ -384,7 +384,7 @@ def test_rank_pooling_changes_what_snapkv_keeps_and_position_pooling_remembers_n
                                        decoding_pooling=pooling)
         greedy(model, ids, cache, 120)
         kept[pooling] = [cache.kept_positions(i) for i in range(len(cache.layers))]
-        remembered = [layer._decoding.kept_scores is not None for layer in cache.layers]
+        remembered = [layer.state.kept_scores is not None for layer in cache.layers]
         assert all(remembered) if pooling == "rank" else not any(remembered)
     assert any(not torch.equal(a, b) for a, b in zip(kept["rank"], kept["position"]))
 
@@ -400,9 +400,11 @@ def test_previous_scores_of_the_wrong_shape_raise_naming_them():
     store.append(keys, keys)
     press = kvpress_rs._native.Press("snapkv", window_size=8)
     queries = torch.randn(1, 4, 8, 16)
+    plan = kvpress_rs._native.Plan.decoding
     with pytest.raises(kvpress_rs.ShapeError, match="previous_scores"):
-        store.compress_to(press, 0, 60, 100, queries=queries, protect_last=16, previous_scores=torch.zeros(1, 2, 101))
+        press.compress(store, plan(0, n_kept=60, next_position=100, queries=queries, protect_last=16,
+                                   previous_scores=torch.zeros(1, 2, 101)))
     assert store.stored == 100
-    evicted, kept_scores = store.compress_to(press, 0, 60, 100, queries=queries, protect_last=16,
-                                             previous_scores=torch.zeros(1, 2, 80))
-    assert evicted and kept_scores.shape == (1, 2, 60)
+    done = press.compress(store, plan(0, n_kept=60, next_position=100, queries=queries, protect_last=16,
+                                      previous_scores=torch.zeros(1, 2, 80)))
+    assert done.evicted and done.kept_scores.shape == (1, 2, 60)

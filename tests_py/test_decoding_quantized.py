@@ -19,7 +19,7 @@ import kvpress_rs
 from kvpress_rs import ops
 from kvpress_rs._native import Press, QuantizedStore, Rope
 from kvpress_rs.cache import CompressedLayer
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids, tiny_llama_config
 
@@ -211,7 +211,7 @@ def test_retain_refuses_bad_indices_naming_them():
     assert store.seen == 200  # unchanged
     press = Press("knorm")
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="decoding_budget"):
-        store.compress_to(press, 0, 40, 200, protect_last=50)  # fewer than the protected tokens
+        press.compress(store, kvpress_rs._native.Plan.decoding(0, n_kept=40, next_position=200, protect_last=50))
 
 
 # ---------------------------------------------------------------------------------------
@@ -239,7 +239,7 @@ def peak_stored(monkeypatch):
     attend = CompressedLayer.attend
 
     def recording(self, *args, **kwargs):
-        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self._stored)
+        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self.state.stored)
         return attend(self, *args, **kwargs)
 
     monkeypatch.setattr(CompressedLayer, "attend", recording)
@@ -262,7 +262,7 @@ def test_quantized_cache_never_exceeds_budget_plus_interval(policy, peak_stored)
     assert out.shape[1] == prompt + new
     assert set(peak_stored) == {0, 1, 2}
     assert max(peak_stored.values()) == budget + interval  # reached, never exceeded
-    assert all(layer._qstore is not None and layer._qstore.evicted > 0 for _, layer in cache._compressed_layers())
+    assert all(s.is_quantized and s.quantized_stats()["evicted"] > 0 for s in cache.layer_states())
     assert all(budget <= n < budget + interval for n in cache.stats()["tokens_kept"])
     assert cache.get_seq_length() == prompt + new - 1  # tokens seen: positions run on
 
@@ -274,7 +274,7 @@ def test_roomy_budget_is_the_quantized_cache_without_budget_token_for_token(cfg)
     plain = kvpress_rs.KnormCache(model, quantization=kvpress_rs.QuantConfig(**cfg))
     roomy = kvpress_rs.KnormCache(model, decoding_budget=512, decoding_interval=64, quantization=kvpress_rs.QuantConfig(**cfg))
     assert torch.equal(greedy(model, ids, roomy, 200), greedy(model, ids, plain, 200))
-    assert all(layer._qstore.evicted == 0 for _, layer in roomy._compressed_layers())
+    assert all(s.quantized_stats()["evicted"] == 0 for s in roomy.layer_states())
 
 
 def pre_rope_layer0_keys(model, ids):
@@ -316,7 +316,7 @@ def test_positions_are_tokens_seen_or_compact_with_rerotation(rerotate):
     step = (pre.amax() - pre.amin()) / 255
     assert (keys - expected).abs().max() <= 2 * step
     # and the new tokens were rotated at the cache's positions: the residual window is exact
-    n = cache.layers[0]._qstore.residual_tokens
+    n = cache.layers[0].state.quantized_stats()["residual_tokens"]
     if n:
         torch.testing.assert_close(keys[..., -n:, :], expected[..., -n:, :], rtol=1e-5, atol=1e-5)
 
@@ -395,7 +395,7 @@ def test_smollm2_quantized_generation_stays_within_budget(smollm2_bf16, peak_sto
     assert max(peak_stored.values()) <= budget + interval
     assert len(peak_stored) == model.config.num_hidden_layers
     assert cache.get_seq_length() == ids.shape[1] + 199
-    assert all(layer._qstore.evicted > 0 for _, layer in cache._compressed_layers())
+    assert all(s.quantized_stats()["evicted"] > 0 for s in cache.layer_states())
     # the same run without quantization keeps the same number of tokens; quantized, about
     # half the bytes: 4-bit codes + float16 scales/zeros (~0.31 of bf16) for the quantized
     # tokens, and a 64-token bf16 residual window allocated whole

@@ -89,13 +89,13 @@ def test_non_finite_keys_or_values_at_compression(tiny_llama, bad):
     keys[0, 1, 3, 2] = bad
     store.append(keys, torch.randn(1, 2, 10, 8))
     with pytest.raises(kvpress_rs.NonFiniteError, match="keys"):
-        store.compress(_native.Press("knorm", compression_ratio=0.5), 0)
+        _native.Press("knorm", compression_ratio=0.5).compress(store, _native.Plan.prefill(0))
     values = torch.randn(1, 2, 10, 8)
     values[0, 0, 0, 0] = bad
     store = _native.LayerStore()
     store.append(torch.randn(1, 2, 10, 8), values)
     with pytest.raises(kvpress_rs.NonFiniteError, match="values"):
-        store.compress(_native.Press("streaming_llm", compression_ratio=0.5), 0)
+        _native.Press("streaming_llm", compression_ratio=0.5).compress(store, _native.Plan.prefill(0))
 
 
 def test_nan_in_a_model_reaches_the_user_as_non_finite_error(tiny_llama):

@@ -8,7 +8,7 @@ import torch
 
 import kvpress_rs
 from kvpress_rs import ops
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids
 
@@ -80,7 +80,7 @@ def test_caches_generate_the_same_through_both_paths(tiny_llama, policy):
             ids, attention_mask=torch.ones_like(ids), past_key_values=cache, max_new_tokens=8, do_sample=False,
             pad_token_id=0,
         )
-        rows = [cache.layers[i]._store.kept_positions() for i in range(3)]
+        rows = [cache.layers[i].state.kept_positions() for i in range(3)]
         flat = [r if isinstance(r, list) else list(r.reshape(-1, r.shape[-1])) for r in rows]
         return out, [p for layer in flat for p in layer], cache.nbytes
 

@@ -386,7 +386,9 @@ def test_snapkv_decoding_compressions_pool_over_the_previous_ranking_as_the_refe
     store.append(k, v)
     q1 = q[:, :, -window:]
     # first compression: no ranking yet, pooled over positions
-    evicted, remembered = store.compress_to(press, 0, n_kept, 60, queries=q1, protect_last=protect)
+    plan = kvpress_rs._native.Plan.decoding
+    done = press.compress(store, plan(0, n_kept=n_kept, next_position=60, queries=q1, protect_last=protect))
+    evicted, remembered = done.evicted, done.kept_scores
     s1 = ref_snapkv_rank_pooled(q1, k, window, kernel, None)
     kept1 = ref_decoding_keep(s1, window, n_kept, protect)
     assert evicted and torch.equal(store.kept_positions(), kept1)
@@ -397,14 +399,15 @@ def test_snapkv_decoding_compressions_pool_over_the_previous_ranking_as_the_refe
     store.append(k2, v2)
     stored_keys, positions = store.keys().clone(), store.kept_positions().clone()
     q2 = rand_kv(b=2, hk=2, g=2, t=window, seed=5)[0]
-    evicted, _ = store.compress_to(press, 0, n_kept, 80, queries=q2, protect_last=protect, previous_scores=remembered)
+    evicted = press.compress(store, plan(0, n_kept=n_kept, next_position=80, queries=q2, protect_last=protect,
+                                         previous_scores=remembered)).evicted
     s2 = ref_snapkv_rank_pooled(q2, stored_keys, window, kernel, remembered)
     expected = positions.gather(-1, ref_decoding_keep(s2, window, n_kept, protect))
     assert evicted and torch.equal(store.kept_positions(), expected)
     # pooled over positions instead (no previous scores), it keeps other tokens
     twin = kvpress_rs._native.LayerStore()
     twin.append(stored_keys, stored_keys)
-    twin.compress_to(press, 0, n_kept, 60, queries=q2, protect_last=protect)
+    press.compress(twin, plan(0, n_kept=n_kept, next_position=60, queries=q2, protect_last=protect))
     by_position = ref_decoding_keep(ref_snapkv_rank_pooled(q2, stored_keys, window, kernel, None), window, n_kept, protect)
     assert torch.equal(twin.kept_positions(), by_position)
     assert not torch.equal(by_position, ref_decoding_keep(s2, window, n_kept, protect))

@@ -8,7 +8,7 @@ import torch
 from transformers import DynamicCache
 
 import kvpress_rs
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 from conftest import random_ids
 

@@ -240,7 +240,7 @@ def reference_logits(model, cache, new_ids, attention_mask=None):
     keys/values: what attention over the dequantized tensors gives."""
     ref = DynamicCache(config=model.config)
     for i, layer in enumerate(cache.layers):
-        k, v = layer._store.dequantize()
+        k, v = layer.state.dequantized()
         ref.update(k, v, i)
     with torch.no_grad():
         return model(new_ids, past_key_values=ref, attention_mask=attention_mask).logits
@@ -328,22 +328,24 @@ def test_a_sliding_window_keeps_the_newest_tokens_exact_while_decoding(llama):
     assert (cache.quant_config.window_tokens, cache.quant_config.block_tokens) == (64, 32)
     assert kvpress_rs.QuantizedKVCache.from_config(model, cache.quant_config).quant_config == cache.quant_config
     ids = random_ids(1, 70, seed=14)
-    layer = cache.layers[0]._store
+    layer = cache.layers[0].state
     with torch.no_grad():
         model(ids, past_key_values=cache)
         window = 70 - 32  # 70 >= 64: the oldest 32 left
-        assert (layer.quantized_tokens, layer.residual_tokens) == (32, window)
+        stats = layer.quantized_stats()
+        assert (stats["quantized_tokens"], stats["residual_tokens"]) == (32, window)
         for step in range(40):
-            keys_before = layer.dequantize()[0]
+            keys_before = layer.dequantized()[0]
             model(random_ids(1, 1, seed=100 + step), past_key_values=cache)
             window += 1
             if window == 64:
                 window = 32
-            assert layer.residual_tokens == window and layer.seen == 71 + step
-            assert layer.residual_tokens >= 32
+            stats = layer.quantized_stats()
+            assert stats["residual_tokens"] == window and layer.seen == 71 + step
+            assert stats["residual_tokens"] >= 32
             # blocks are append-only: what was quantized before is unchanged
-            n = layer.quantized_tokens if window != 32 else layer.quantized_tokens - 32
-            torch.testing.assert_close(layer.dequantize()[0][:, :, :n], keys_before[:, :, :n], rtol=0, atol=0)
+            n = stats["quantized_tokens"] if window != 32 else stats["quantized_tokens"] - 32
+            torch.testing.assert_close(layer.dequantized()[0][:, :, :n], keys_before[:, :, :n], rtol=0, atol=0)
 
 
 @pytest.mark.parametrize("options", [{}, {"pre_rope_keys": True, "hadamard": True}], ids=["plain", "pre-rope"])
@@ -358,13 +360,13 @@ def test_beam_search_and_batch_operations_act_on_the_quantized_store(llama, opti
     cache = kvpress_rs.QuantizedKVCache(model, bits=4, residual_length=32, **options)
     with torch.no_grad():
         model(ids, past_key_values=cache)
-    before = cache.layers[0]._store.dequantize()[0]
+    before = cache.layers[0].state.dequantized()[0]
     cache.reorder_cache(torch.tensor([1, 0]))
-    assert torch.equal(cache.layers[0]._store.dequantize()[0], before.flip(0))
+    assert torch.equal(cache.layers[0].state.dequantized()[0], before.flip(0))
     cache.batch_repeat_interleave(2)
-    assert cache.layers[1]._store.dequantize()[0].shape[0] == 4
+    assert cache.layers[1].state.dequantized()[0].shape[0] == 4
     cache.batch_select_indices(torch.tensor([0, 3]))
-    assert torch.equal(cache.layers[0]._store.dequantize()[0], before.flip(0))
+    assert torch.equal(cache.layers[0].state.dequantized()[0], before.flip(0))
 
 
 def test_crop_within_the_residual_window(llama):

@@ -45,14 +45,15 @@ def test_kept_tokens_are_quantized_once_after_the_compression(llama, policy, kw)
     torch.testing.assert_close(prefill(model, quant, ids), prefill(model, plain, ids), rtol=0, atol=0)
     for i, (p, q) in enumerate(zip(plain.layers, quant.layers)):
         kept_k, kept_v = p.keys, p.values
-        assert q._qstore is not None and q._store.seen == 0  # the float copy is freed
+        assert q.state.is_quantized  # the float copy is freed
         # Exactly one quantization of the kept tokens.
         once = QuantizedStore(QCONFIG)
         once.append(kept_k, kept_v)
-        deq_k, deq_v = q._qstore.dequantize()
+        deq_k, deq_v = q.state.dequantized()
         assert torch.equal(deq_k, once.dequantize()[0]) and torch.equal(deq_v, once.dequantize()[1])
         # ... which stays within 4-bit error of the kept tokens (75 kept: 64 quantized, 11 residual).
-        assert q._qstore.quantized_tokens == 64 and q._qstore.residual_tokens == 11
+        stats = q.state.quantized_stats()
+        assert stats["quantized_tokens"] == 64 and stats["residual_tokens"] == 11
         assert (deq_k - kept_k).abs().max() <= (kept_k.amax() - kept_k.amin()) / 15
         assert q.get_seq_length() == 150 and q.get_mask_sizes(1) == (76, 75)
     assert quant.get_seq_length() == 150
@@ -69,7 +70,7 @@ def test_later_forwards_equal_attention_over_the_dequantized_kept_tokens(llama, 
     for new in [random_ids(2, 1, seed=3), random_ids(2, 5, seed=4), random_ids(2, 1, seed=5)]:
         ref = DynamicCache(config=model.config)
         for i, layer in enumerate(cache.layers):
-            ref.update(*layer._qstore.dequantize(), i)
+            ref.update(*layer.state.dequantized(), i)
         positions = torch.arange(seen, seen + new.shape[1]).expand(2, -1)
         with torch.no_grad():
             expected = model(new, past_key_values=ref, position_ids=positions).logits
@@ -83,13 +84,13 @@ def test_stored_codes_are_never_requantized(llama):
     model = llama()
     cache = kvpress_rs.StreamingLLMCache(model, compression_ratio=0.5, quantization=QCONFIG)
     prefill(model, cache, random_ids(1, 140, seed=6))
-    before = cache.layers[1]._qstore.dequantize()[0][:, :, :64].clone()
+    before = cache.layers[1].state.dequantized()[0][:, :, :64].clone()
     with torch.no_grad():
         for step in range(40):
             model(random_ids(1, 1, seed=100 + step), past_key_values=cache)
-    layer = cache.layers[1]._qstore
-    assert layer.quantized_tokens == 96  # one more block appended, the first one untouched
-    assert torch.equal(layer.dequantize()[0][:, :, :64], before)
+    layer = cache.layers[1].state
+    assert layer.quantized_stats()["quantized_tokens"] == 96  # one more block appended, the first one untouched
+    assert torch.equal(layer.dequantized()[0][:, :, :64], before)
 
 
 @pytest.mark.parametrize("name", ["SnapKVCache", "TOVACache", "PyramidKVCache", "CAKECache", "ExpectedAttentionCache"])
@@ -102,7 +103,7 @@ def test_named_caches_take_quantization_and_generate(llama, name):
         out = model.generate(ids, past_key_values=cache, max_new_tokens=6, do_sample=False)
     assert out.shape == (2, 126)
     assert cache.get_seq_length() == 125
-    assert all(layer._qstore is not None for layer in cache.layers)
+    assert all(layer.state.is_quantized for layer in cache.layers)
 
 
 def test_rerotate_then_quantize(llama):
@@ -117,33 +118,33 @@ def test_batch_operations_crop_and_reset_act_on_the_quantized_store(llama):
     model = llama()
     cache = kvpress_rs.KnormCache(model, compression_ratio=0.5, quantization=QCONFIG)
     prefill(model, cache, random_ids(2, 100, seed=9))
-    before = [layer._qstore.dequantize() for layer in cache.layers]
+    before = [layer.state.dequantized() for layer in cache.layers]
     cache.reorder_cache(torch.tensor([1, 0]))
     for (k, v), layer in zip(before, cache.layers):
-        k2, v2 = layer._qstore.dequantize()
+        k2, v2 = layer.state.dequantized()
         assert torch.equal(k2, k[[1, 0]]) and torch.equal(v2, v[[1, 0]])
     cache.batch_repeat_interleave(2)
-    assert cache.layers[0]._qstore.dequantize()[0].shape[0] == 4
+    assert cache.layers[0].state.dequantized()[0].shape[0] == 4
     cache.batch_select_indices(torch.tensor([0, 3]))
-    k2 = cache.layers[0]._qstore.dequantize()[0]
+    k2 = cache.layers[0].state.dequantized()[0]
     assert torch.equal(k2, before[0][0][[1, 0]])
     cache.crop(-5)  # within the residual window
-    assert cache.get_seq_length() == 95 and cache.layers[0]._qstore.seen == 45
-    assert cache.layers[0].nbytes == cache.layers[0]._qstore.nbytes
+    assert cache.get_seq_length() == 95 and cache.layers[0].state.stored == 45
+    assert cache.layers[0].nbytes == cache.layers[0].state.quantized_stats()["nbytes"]
     cache.reset()
-    assert cache.get_seq_length() == 0 and cache.layers[0]._qstore is None
+    assert cache.get_seq_length() == 0 and not cache.layers[0].state.is_quantized
     prefill(model, cache, random_ids(1, 64, seed=10))
-    assert cache.get_seq_length() == 64 and cache.layers[0]._qstore.seen == 32
+    assert cache.get_seq_length() == 64 and cache.layers[0].state.stored == 32
 
 
 def test_a_cache_built_from_a_config_quantizes_at_the_next_update(llama):
     model = llama()
     cache = kvpress_rs.KnormCache(model.config, compression_ratio=0.5, quantization=QCONFIG)
     prefill(model, cache, random_ids(1, 80, seed=11))
-    assert cache.layers[0]._qstore is None  # no hooks: nothing ran after the forward
+    assert not cache.layers[0].state.is_quantized  # no hooks: nothing ran after the forward
     with torch.no_grad():
         model(random_ids(1, 1, seed=12), past_key_values=cache)
-    assert cache.layers[0]._qstore.seen == 41 and cache.get_seq_length() == 81
+    assert cache.layers[0].state.stored == 41 and cache.get_seq_length() == 81
 
 
 def test_bad_quantization_arguments(llama):
@@ -207,7 +208,8 @@ def test_low_bits_keeps_the_evicted_tokens_at_low_precision(llama):
     mixed = kvpress_rs.KnormCache(model, compression_ratio=0.5, quantization=QCONFIG, low_bits=2)
     prefill(model, mixed, ids)
     for i, layer in enumerate(mixed.layers):
-        assert layer._qstore.seen == 75 and layer._low.seen == 75 and layer._low.config.bits == 2
+        stats = layer.state.quantized_stats()
+        assert layer.state.stored == 150 and stats["low_bits_tokens"] == 75 and stats["low_bits"] == 2
         # Exactly the kept tokens at 4 bits and the evicted ones at 2 bits, each quantized once.
         kept_pos = plain.kept_positions(i)
         evicted = torch.ones(2, 2, 150, dtype=torch.bool).scatter(2, kept_pos, False)
@@ -216,23 +218,24 @@ def test_low_bits_keeps_the_evicted_tokens_at_low_precision(llama):
         ev_v = v_all[evicted].view(2, 2, 75, 32)
         once = QuantizedStore(mixed.low_quantization)
         once.append(ev_k, ev_v)
-        assert torch.equal(layer._low.dequantize()[0], once.dequantize()[0])
-        assert torch.equal(layer._low.dequantize()[1], once.dequantize()[1])
+        low_k, low_v = (t[:, :, :75] for t in layer.state.dequantized())  # the low-precision ones first
+        assert torch.equal(low_k, once.dequantize()[0])
+        assert torch.equal(low_v, once.dequantize()[1])
         assert layer.get_mask_sizes(1) == (151, 0)
     assert mixed.get_seq_length() == 150 and mixed.stats()["tokens_kept"] == [150] * 3
     # Memory: the cache that drops them plus the low-precision stores, which are smaller than
     # the same tokens at 4 bits.
     only_kept = kvpress_rs.KnormCache(model, compression_ratio=0.5, quantization=QCONFIG)
     prefill(model, only_kept, ids)
-    assert mixed.nbytes == only_kept.nbytes + sum(layer._low.nbytes for layer in mixed.layers)
+    assert mixed.nbytes == only_kept.nbytes + sum(layer.state.quantized_stats()["low_bits_nbytes"] for layer in mixed.layers)
     at_4_bits = QuantizedStore(kvpress_rs.QuantConfig(bits=4, residual_length=0))
     at_4_bits.append(ev_k, ev_v)
-    assert mixed.layers[-1]._low.nbytes < at_4_bits.nbytes
+    assert mixed.layers[-1].state.quantized_stats()["low_bits_nbytes"] < at_4_bits.nbytes
     # A decode step attends over both precisions with one softmax: equal to a DynamicCache
     # holding every dequantized token.
     ref = DynamicCache(config=model.config)
     for i, layer in enumerate(mixed.layers):
-        ref.update(*layer._dequantized(), i)
+        ref.update(*layer.state.dequantized(), i)
     new = random_ids(2, 1, seed=21)
     with torch.no_grad():
         ours = model(new, past_key_values=mixed).logits
@@ -254,9 +257,9 @@ def test_low_bits_generate_batch_ops_and_errors(llama):
     assert out.shape == (2, 125)
     cache = kvpress_rs.CAKECache(model, compression_ratio=0.5, quantization=QCONFIG, low_bits=3)
     prefill(model, cache, random_ids(1, 100, seed=23))
-    assert all(layer._low is not None and layer._stored == 100 for layer in cache.layers)
+    assert all(layer.state.quantized_stats()["low_bits_tokens"] and layer.state.stored == 100 for layer in cache.layers)
     cache.reset()
-    assert cache.layers[0]._low is None
+    assert cache.layers[0].state.quantized_stats() is None
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="low_bits"):
         kvpress_rs.KnormCache(model, compression_ratio=0.5, low_bits=2)
     with pytest.raises(kvpress_rs.InvalidArgumentError, match="bits"):

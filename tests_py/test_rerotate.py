@@ -59,7 +59,9 @@ def test_rerotated_keys_equal_pre_rope_keys_rotated_at_compact_positions(rope_ty
     rope = kvpress_rs.Rope.from_config(model.config)
     for layer in range(2):
         kept = plain.kept_positions(layer)  # original positions of the kept tokens
-        assert torch.equal(cache.kept_positions(layer), torch.arange(15).expand(1, 2, 15))
+        # kept_positions stays the original positions; key_positions is where the keys sit now
+        assert torch.equal(cache.kept_positions(layer), kept)
+        assert torch.equal(cache.key_positions(layer), torch.arange(15).expand(1, 2, 15))
         kept_pre = pre[layer].gather(2, kept[..., None].expand(-1, -1, -1, 16))
         expected = rope.apply(kept_pre, torch.arange(15), seq_len=30)
         # the model rotated its keys with float32 angles; the shift itself is exact
@@ -100,8 +102,7 @@ def test_rerotate_with_layer_and_head_budgets_aligns_every_row(policy, budgets):
     # every row ends right before the shared next position, then holds the 2 fed-back tokens
     assert cache.get_seq_length() == longest
     for layer in range(2):
-        store = cache.layers[layer]._store
-        positions = store.kept_positions()
+        positions = cache.layers[layer].state.key_positions()  # where the keys sit now
         rows = positions if isinstance(positions, list) else list(positions.reshape(-1, positions.shape[-1]))
         for row in rows:
             assert row[-1].item() == longest - 1 and bool((row[1:] - row[:-1] == 1).all())

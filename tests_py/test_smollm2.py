@@ -10,7 +10,7 @@ from transformers import DynamicCache
 
 import kvpress_rs
 from kvpress_rs.data import ANSWER_PREFIX, needle_prompt
-from kvpress_rs.policies import REGISTRY
+from settings import REGISTRY
 
 pytestmark = pytest.mark.model
 

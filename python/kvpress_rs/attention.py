@@ -1,21 +1,23 @@
 """The attention path of kvpress_rs caches.
 
-While a model runs a forward with one of our caches, its decoder config's attention
-implementation ``X`` (sdpa, eager, ...) is switched to ``"kvpress_rs_X"`` (registered with
-transformers' ``AttentionInterface``, with X's mask function registered for it), and
-restored right after. Every attention layer then calls :func:`kvpress_attention`, which
+When a kvpress_rs cache is first built for a model, the decoder config's attention
+implementation ``X`` (sdpa, eager, ...) becomes ``"kvpress_rs_X"`` for good: our function,
+registered with transformers' ``AttentionInterface`` with X's mask function. It is nothing
+switched per forward (one model may run in several threads at once, each with its own
+cache): in every call, :func:`kvpress_attention`
 
-- delegates to the model's own implementation (sdpa, eager, ...) for layers that are not
-  ours, and otherwise
+- delegates to X when the running forward of this thread has no kvpress_rs cache, or the
+  layer is not ours (a plain ``DynamicCache``, a sliding-window layer), and otherwise
 - hands the call to the cache layer (``layer.attend``), which sees the post-RoPE queries of
-  that layer (scorers that need queries use them right after the prefill attention) and can
-  adapt the mask to what it stores (layers may store different token counts).
+  that layer (scorers that need queries use them right after the prompt's attention) and
+  can adapt the mask to what it stores.
 
+The model hooks (``_hooks.py``) say which cache the running forward of a thread uses.
 This is model-agnostic: no per-architecture re-projection of queries.
 
 Example
 -------
->>> from kvpress_rs.attention import active_cache  # doctest: +SKIP
+>>> from kvpress_rs.attention import active_cache
 >>> active_cache() is None  # outside a forward with a kvpress_rs cache
 True
 """
@@ -25,7 +27,6 @@ from __future__ import annotations
 import sys
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -37,27 +38,19 @@ from .errors import UnsupportedError
 
 PREFIX = "kvpress_rs_"
 
-
-@dataclass
-class _Frame:
-    cache: Any
-    config: Any
-    original: str
-
-
 _STATE = threading.local()
 
 
-def _frames() -> list[_Frame]:
-    if not hasattr(_STATE, "frames"):
-        _STATE.frames = []
-    return _STATE.frames
+def _caches() -> list[Any]:
+    if not hasattr(_STATE, "caches"):
+        _STATE.caches = []
+    return _STATE.caches
 
 
 def active_cache() -> Any:
     """The kvpress_rs cache of the forward running in this thread, or None."""
-    frames = _frames()
-    return frames[-1].cache if frames else None
+    caches = _caches()
+    return caches[-1] if caches else None
 
 
 def serves(layer: Any) -> bool:
@@ -69,25 +62,23 @@ def serves(layer: Any) -> bool:
     return layers is not None and isinstance(layer_idx, int) and layer_idx < len(layers) and layers[layer_idx] is layer
 
 
-def enter(config: Any, cache: Any) -> None:
-    """Switches ``config`` (a decoder config) to the kvpress_rs attention for one forward."""
-    current = config._attn_implementation or "eager"
-    original = current.removeprefix(PREFIX)  # a nested forward keeps the outer original
-    _frames().append(_Frame(cache, config, current))
-    config._attn_implementation = _register(original)
+def enter(cache: Any) -> None:
+    """The running forward of this thread uses ``cache`` (until the matching :func:`exit`)."""
+    _caches().append(cache)
 
 
 def exit() -> None:  # noqa: A001 - the pair of `enter`
-    """Restores the attention implementation switched by the matching :func:`enter`."""
-    frames = _frames()
-    if frames:
-        frame = frames.pop()
-        frame.config._attn_implementation = frame.original
+    """The running forward of this thread is done with its cache."""
+    caches = _caches()
+    if caches:
+        caches.pop()
 
 
-
-def _original_name(frame: _Frame) -> str:
-    return frame.original.removeprefix(PREFIX)
+def install(config: Any) -> None:
+    """Routes ``config``'s attention through :func:`kvpress_attention` (idempotent)."""
+    current = config._attn_implementation or "eager"
+    if not current.startswith(PREFIX):
+        config._attn_implementation = _register(current)
 
 
 def original_attention(module: torch.nn.Module, name: str) -> Callable:
@@ -110,13 +101,12 @@ def kvpress_attention(
     **kwargs: Any,
 ) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The attention function registered as ``"kvpress_rs_<original>"``."""
-    frames = _frames()
-    if not frames:
-        raise RuntimeError("kvpress_rs attention called outside a forward with a kvpress_rs cache")
-    frame = frames[-1]
-    attend = original_attention(module, _original_name(frame))
+    config = getattr(module, "config", None)
+    name = (getattr(config, "_attn_implementation", None) or "eager").removeprefix(PREFIX)
+    attend = original_attention(module, name)
+    cache = active_cache()
     layer_idx = getattr(module, "layer_idx", None)
-    layers = getattr(frame.cache, "layers", [])
+    layers = getattr(cache, "layers", [])
     layer = layers[layer_idx] if isinstance(layer_idx, int) and layer_idx < len(layers) else None
     if layer is None or not hasattr(layer, "attend"):
         return attend(module, query, key, value, attention_mask, **kwargs)

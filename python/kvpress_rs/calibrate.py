@@ -45,9 +45,9 @@ def calibrate(model: Any, input_ids: torch.Tensor, out: str | Path) -> Path:
     model(input_ids, past_key_values=cache, logits_to_keep=1)
     tensors = {}
     for i, layer in enumerate(cache.layers):
-        if not isinstance(layer, CompressedLayer) or layer._decoding is None:
+        stats = layer.state.query_statistics() if isinstance(layer, CompressedLayer) else None
+        if stats is None:
             raise InvalidArgumentError(f"layer {i} is not a full-attention layer: calibration covers full-attention models")
-        stats = layer._decoding.statistics(layer.get_seq_length())
         for name, tensor in stats.tensors():
             tensors[f"layer.{i}.{name}"] = tensor.float().contiguous()
         tensors[f"layer.{i}.count"] = torch.tensor([stats.count], dtype=torch.int64)

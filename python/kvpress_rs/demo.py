@@ -21,7 +21,7 @@ from transformers import DynamicCache
 from ._native import QuantConfig
 from .data import needle_prompt
 from .models import load_smollm2
-from .policies import REGISTRY
+from .policies import CACHES
 from .quantized import QuantizedKVCache
 from .retrieval_heads import RetrievalHeadsCache
 
@@ -56,7 +56,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--context-tokens", type=int, default=2000)
     parser.add_argument("--depths", type=float, nargs="+", default=[0.1, 0.5, 0.9])
     parser.add_argument("--ratios", type=float, nargs="+", default=[0.25, 0.5, 0.75])
-    parser.add_argument("--policies", nargs="+", default=list(REGISTRY))
+    parser.add_argument("--policies", nargs="+", default=list(CACHES))
     parser.add_argument("--max-new-tokens", type=int, default=24)
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     args = parser.parse_args(argv)
@@ -74,9 +74,9 @@ def main(argv: list[str] | None = None) -> None:
 
     configs: list[tuple[str, float | None, Any]] = [("DynamicCache", 0.0, lambda: DynamicCache(config=model.config))]
     for name in args.policies:
-        spec = REGISTRY[name]
+        cache_class = CACHES[name]
         for ratio in args.ratios:
-            configs.append((spec.cache_class.__name__, ratio, lambda s=spec, r=ratio: s.cache_class(model, compression_ratio=r, **s.easy)))
+            configs.append((cache_class.__name__, ratio, lambda c=cache_class, r=ratio: c(model, compression_ratio=r)))
     # no ratio: these keep every token somewhere, in fewer bits or in fewer heads
     configs.append(("QuantizedKVCache 4b", None, lambda: QuantizedKVCache(model, bits=4)))
     three_bits = QuantConfig(bits=3, group_size=64, sink_tokens=4, residual_length=0)

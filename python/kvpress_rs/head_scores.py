@@ -70,7 +70,7 @@ class _Probe(GuardedCache, Cache):
         super().__init__(layers=[_ProbeLayer(period, scores, i) for i in range(config.num_hidden_layers)])
         self._token_log = TokenLog()
 
-    def _forward_started(self) -> None:
+    def _forward_started(self, attention_mask: Any = None) -> None:
         pass
 
     def _forward_finished(self) -> None:

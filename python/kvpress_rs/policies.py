@@ -1,11 +1,8 @@
-"""The named caches, one per policy: each is :class:`~kvpress_rs.KVCache` with its policy
-fixed and its parameters spelled out. :data:`REGISTRY` lists them with an easy and a hard
-configuration (sized for short test prompts), which the generic tests run through: adding
-a policy adds one entry and gets every generic test.
+"""The named caches, one per method: :class:`~kvpress_rs.KVCache` with its scorer (and for
+some, its layer or head budget) fixed and every parameter spelled out with its default.
 
-Every cache also takes ``compression_ratio`` or ``max_tokens``, ``layer_budget``
-(``"uniform"`` | ``"pyramid"`` | ``"cake"``) and ``head_budget`` (``"uniform"`` |
-``"adakv"``): any policy with any budget.
+Generated from the Rust registry (``src/registry.rs``) by ``python -m kvpress_rs._generate``:
+do not edit; ``tests_py/test_generated.py`` fails when it is stale.
 
 Example
 -------
@@ -15,231 +12,1358 @@ Example
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+import kvpress_rs  # noqa: F401 - the docstring examples' name
+
+from ._native import QuantConfig  # noqa: F401 - annotations
 from .cache import KVCache
+
+__all__ = [
+    "StreamingLLMCache",
+    "KnormCache",
+    "RandomCache",
+    "SnapKVCache",
+    "PyramidKVCache",
+    "TOVACache",
+    "ObservedAttentionCache",
+    "KeyDiffCache",
+    "LagKVCache",
+    "ExpectedAttentionCache",
+    "TriAttentionCache",
+    "CAKECache",
+    "AdaKVCache",
+    "CACHES",
+]
 
 
 class StreamingLLMCache(KVCache):
-    """StreamingLLM (Xiao et al., 2023): keep the first ``n_sink`` tokens (attention sinks)
-    and the most recent ones.
+    """StreamingLLM (Xiao et al., 2023): the scorer ``streaming_llm``.
 
-    >>> cache = StreamingLLMCache(model, compression_ratio=0.5, n_sink=4)  # doctest: +SKIP
-    """
+    Keeps the first ``n_sink`` tokens (attention sinks) and the most recent ones.
+    Paper: https://arxiv.org/abs/2309.17453
 
-    def __init__(self, model: Any, *, n_sink: int = 4, **budget: Any):
-        super().__init__(model, "streaming_llm", n_sink=n_sink, **budget)
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    n_sink : int, default 4
+        First tokens always kept (attention sinks) (an integer >= 0).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
 
-
-class KnormCache(KVCache):
-    """Knorm (Devoto et al., 2024): keep the keys with the smallest L2 norm (score −‖k‖₂,
-    in float32).
-
-    >>> cache = KnormCache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, **budget: Any):
-        super().__init__(model, "knorm", **budget)
-
-
-class RandomCache(KVCache):
-    """Random eviction (a baseline): uniform scores from a seeded counter-based generator,
-    reproducible per (seed, layer, batch row, head, token).
-
-    >>> cache = RandomCache(model, compression_ratio=0.5, seed=0)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, *, seed: int = 0, **budget: Any):
-        super().__init__(model, "random", seed=seed, **budget)
-
-
-class SnapKVCache(KVCache):
-    """SnapKV (Li et al., 2024): the attention of the last ``window_size`` prompt queries
-    to each earlier token, averaged, average-pooled over ``kernel_size`` neighbours and over
-    each KV head's group of query heads; the window itself is kept. Append the question to
-    the context before compressing to make it query-aware.
-
-    During generation (``decoding_budget``), the kept tokens are no longer neighbours in the
-    text: with ``decoding_pooling="rank"`` (the default) each compression pools a token's
-    score over the ``decoding_kernel_size`` tokens ranked next to it by the previous
-    compression instead, a memory of earlier windows; ``"position"`` pools over storage
-    neighbours with ``kernel_size``, as kvpress's DecodingPress does with position-ordered
-    tokens.
-
-    >>> cache = SnapKVCache(model, compression_ratio=0.5, window_size=64, kernel_size=5)  # doctest: +SKIP
-    >>> cache = SnapKVCache(model, decoding_budget=1024, decoding_pooling="position")  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, *, window_size: int = 64, kernel_size: int = 5, decoding_pooling: str = "rank",
-                 decoding_kernel_size: int = 7, **budget: Any):
-        super().__init__(model, "snapkv", window_size=window_size, kernel_size=kernel_size,
-                         decoding_pooling=decoding_pooling, decoding_kernel_size=decoding_kernel_size, **budget)
-
-
-class PyramidKVCache(KVCache):
-    """PyramidKV (Cai et al., 2024): SnapKV scores with a per-layer budget that decreases
-    linearly with depth (``beta`` sets the smallest budget; the mean stays the requested
-    ratio). Layers then store different counts; the attention path adapts the mask per
-    layer, so generation is exact with sdpa and eager attention.
-
-    >>> cache = PyramidKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, *, window_size: int = 64, kernel_size: int = 5, beta: float = 20.0, **budget: Any):
-        budget.setdefault("layer_budget", "pyramid")
-        super().__init__(model, "snapkv", window_size=window_size, kernel_size=kernel_size, beta=beta, **budget)
-
-
-class TOVACache(KVCache):
-    """TOVA (Oren et al., 2024): the attention of the last prompt token, averaged over all
-    query heads and shared by every KV head; the last token is kept.
-
-    >>> cache = TOVACache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, **budget: Any):
-        super().__init__(model, "tova", **budget)
-
-
-class ObservedAttentionCache(KVCache):
-    """H2O / ObservedAttention (Zhang et al., 2023): the attention each token received from
-    all prompt queries, divided by how many queries could see it. Computed from the queries
-    in chunks of ``chunk_size``: the model need not run eager attention.
-
-    >>> cache = ObservedAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, *, chunk_size: int = 512, **budget: Any):
-        super().__init__(model, "observed_attention", chunk_size=chunk_size, **budget)
-
-
-class KeyDiffCache(KVCache):
-    """KeyDiff (Park et al., 2025): keep the keys least similar (cosine) to the mean
-    normalised key of their head.
-
-    >>> cache = KeyDiffCache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, **budget: Any):
-        super().__init__(model, "keydiff", **budget)
-
-
-class LagKVCache(KVCache):
-    """LagKV (Liang et al., 2025): tokens ranked within partitions of ``lag_size`` by the
-    spread of their keys and values normalised with the next partition's statistics; sinks
-    and the last partition are kept.
-
-    >>> cache = LagKVCache(model, compression_ratio=0.5, lag_size=128)  # doctest: +SKIP
-    """
-
-    def __init__(self, model: Any, *, n_sink: int = 4, lag_size: int = 128, cross_scoring: bool = False, **budget: Any):
-        super().__init__(model, "lagkv", n_sink=n_sink, lag_size=lag_size, cross_scoring=cross_scoring, **budget)
-
-
-class ExpectedAttentionCache(KVCache):
-    """ExpectedAttention (kvpress): the attention a key can expect from future queries,
-    from the mean and covariance of the prompt's pre-RoPE queries moved ``n_future_positions``
-    ahead by averaged RoPE, times ‖v‖; ``n_sink`` sinks are kept.
-
-    >>> cache = ExpectedAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    Example
+    -------
+    >>> cache = kvpress_rs.StreamingLLMCache(model, compression_ratio=0.5)  # doctest: +SKIP
     """
 
     def __init__(
         self,
         model: Any,
         *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        n_sink: int = 4,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "streaming_llm", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            n_sink=n_sink,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class KnormCache(KVCache):
+    """Knorm (Devoto et al., 2024): the scorer ``knorm``.
+
+    Keeps the keys with the smallest L2 norm (score −‖k‖₂, in float32).
+    Paper: https://arxiv.org/abs/2406.11430
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.KnormCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "knorm", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class RandomCache(KVCache):
+    """Random eviction (a baseline): the scorer ``random``.
+
+    Uniform scores from a seeded counter-based generator, reproducible per (seed, layer, batch
+    row, head, token).
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    seed : int, default 0
+        Seed of the generator (scores per seed, layer, row, head, token) (an integer).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.RandomCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        seed: int = 0,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "random", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            seed=seed,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class SnapKVCache(KVCache):
+    """SnapKV (Li et al., 2024): the scorer ``snapkv``.
+
+    The attention of the last ``window_size`` prompt queries to each earlier token, averaged,
+    pooled over ``kernel_size`` neighbours and over each KV head's group; the window itself is
+    kept. Append the question to the context before compressing to make it query-aware. During
+    generation (``decoding_budget``), ``decoding_pooling="rank"`` pools each token's score over
+    the tokens the previous compression ranked next to it.
+    Paper: https://arxiv.org/abs/2404.14469
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    window_size : int, default 64
+        Last prompt queries that score the tokens (the window is always kept) (an integer >= 1).
+    kernel_size : int, default 5
+        Odd width of the average pooling of scores over neighbours (an integer >= 1).
+    decoding_pooling : str, default "rank"
+        Decoding-time compressions pool over the previous ranking ("rank") or over storage neighbours (one of ["rank", "position"]).
+    decoding_kernel_size : int, default 7
+        Odd width of the pooling over the previous ranking (an integer >= 1).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.SnapKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        window_size: int = 64,
+        kernel_size: int = 5,
+        decoding_pooling: str = "rank",
+        decoding_kernel_size: int = 7,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            window_size=window_size,
+            kernel_size=kernel_size,
+            decoding_pooling=decoding_pooling,
+            decoding_kernel_size=decoding_kernel_size,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class PyramidKVCache(KVCache):
+    """PyramidKV (Cai et al., 2024): the scorer ``snapkv``, layer budget ``pyramid``.
+
+    SnapKV scores with a per-layer budget that decreases linearly with depth (``beta`` sets the
+    smallest budget; the mean stays the requested ratio).
+    Paper: https://arxiv.org/abs/2406.02069
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    window_size : int, default 64
+        Last prompt queries that score the tokens (the window is always kept) (an integer >= 1).
+    kernel_size : int, default 5
+        Odd width of the average pooling of scores over neighbours (an integer >= 1).
+    decoding_pooling : str, default "rank"
+        Decoding-time compressions pool over the previous ranking ("rank") or over storage neighbours (one of ["rank", "position"]).
+    decoding_kernel_size : int, default 7
+        Odd width of the pooling over the previous ranking (an integer >= 1).
+    beta : float, default 20.0
+        The mean budget over the smallest one (the last layer's) (a number >= 1).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.PyramidKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        window_size: int = 64,
+        kernel_size: int = 5,
+        decoding_pooling: str = "rank",
+        decoding_kernel_size: int = 7,
+        beta: float = 20.0,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            window_size=window_size,
+            kernel_size=kernel_size,
+            decoding_pooling=decoding_pooling,
+            decoding_kernel_size=decoding_kernel_size,
+            layer_budget="pyramid",
+            beta=beta,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class TOVACache(KVCache):
+    """TOVA (Oren et al., 2024): the scorer ``tova``.
+
+    The attention of the last prompt token, averaged over all query heads and shared by every KV
+    head; the last token is kept.
+    Paper: https://arxiv.org/abs/2401.06104
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.TOVACache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "tova", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class ObservedAttentionCache(KVCache):
+    """H2O / ObservedAttention (Zhang et al., 2023): the scorer ``observed_attention``.
+
+    The attention each token received from all prompt queries, divided by how many queries could
+    see it; computed from the queries in chunks of ``chunk_size`` (the model need not run eager
+    attention).
+    Paper: https://arxiv.org/abs/2306.14048
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    chunk_size : int, default 512
+        Queries processed at a time (memory: chunk × tokens per head) (an integer >= 1).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.ObservedAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        chunk_size: int = 512,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "observed_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            chunk_size=chunk_size,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class KeyDiffCache(KVCache):
+    """KeyDiff (Park et al., 2025): the scorer ``keydiff``.
+
+    Keeps the keys least similar (cosine) to the mean normalised key of their head.
+    Paper: https://arxiv.org/abs/2504.15364
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.KeyDiffCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "keydiff", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class LagKVCache(KVCache):
+    """LagKV (Liang et al., 2025): the scorer ``lagkv``.
+
+    Tokens ranked within partitions of ``lag_size`` by the spread of their keys and values
+    normalised with the next partition's statistics; sinks and the last partition are kept.
+    Paper: https://arxiv.org/abs/2504.04704
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    n_sink : int, default 4
+        First tokens always kept (an integer >= 0).
+    lag_size : int, default 128
+        Tokens per partition (the last one is kept) (an integer >= 2).
+    cross_scoring : bool, default False
+        Score keys and values against each other's statistics (True or False).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.LagKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        n_sink: int = 4,
+        lag_size: int = 128,
+        cross_scoring: bool = False,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "lagkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            n_sink=n_sink,
+            lag_size=lag_size,
+            cross_scoring=cross_scoring,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class ExpectedAttentionCache(KVCache):
+    """ExpectedAttention (NVIDIA kvpress): the scorer ``expected_attention``.
+
+    The attention a key can expect from future queries, from the mean and covariance of the
+    prompt's pre-RoPE queries moved ``n_future_positions`` ahead by averaged RoPE, times ‖v‖;
+    ``n_sink`` sinks are kept.
+    Paper: https://arxiv.org/abs/2510.00636
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    n_future_positions : int, default 512
+        Future positions RoPE is averaged over (an integer >= 1).
+    n_sink : int, default 4
+        First tokens always kept, and left out of the query statistics (an integer >= 0).
+    use_covariance : bool, default True
+        Add the covariance term kᵀR̄ΣR̄ᵀk/2d (True or False).
+    use_vnorm : bool, default True
+        Multiply by the value norm ‖v‖ (+ epsilon) (True or False).
+    epsilon : float, default 0.0
+        Added to ‖v‖ (a number >= 0).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.ExpectedAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
         n_future_positions: int = 512,
         n_sink: int = 4,
         use_covariance: bool = True,
         use_vnorm: bool = True,
         epsilon: float = 0.0,
-        **budget: Any,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
     ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
         super().__init__(
-            model, "expected_attention", n_future_positions=n_future_positions, n_sink=n_sink,
-            use_covariance=use_covariance, use_vnorm=use_vnorm, epsilon=epsilon, **budget,
+            model, "expected_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            n_future_positions=n_future_positions,
+            n_sink=n_sink,
+            use_covariance=use_covariance,
+            use_vnorm=use_vnorm,
+            epsilon=epsilon,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
         )
 
 
 class TriAttentionCache(KVCache):
-    """TriAttention (Mao et al., 2026): keys scored by the trigonometric series of their
-    distance to future queries, from the center of the pre-RoPE queries (over offsets 1, 2,
-    4, … 2^(``n_offsets``−1)), plus a norm term; z-normalised per query head, max over each
-    KV head's group.
+    """TriAttention (Mao et al., 2026): the scorer ``triattention``.
 
-    >>> cache = TriAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
-    """
+    Keys scored by the trigonometric series of their distance to future queries, from the center
+    of the pre-RoPE queries (over offsets 1, 2, 4, … 2^(``n_offsets``−1)), plus a norm term;
+    z-normalised per query head, max over each KV head's group.
+    Paper: https://arxiv.org/abs/2604.04921
 
-    def __init__(self, model: Any, *, n_offsets: int = 17, normalize: bool = True, aggregation: str = "max", **budget: Any):
-        super().__init__(model, "triattention", n_offsets=n_offsets, normalize=normalize, aggregation=aggregation, **budget)
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    n_offsets : int, default 17
+        Future offsets 1, 2, 4, … 2^(n−1) the series is averaged over (an integer in [1, 40]).
+    normalize : bool, default True
+        Z-normalise each query head's scores over the keys (True or False).
+    aggregation : str, default "max"
+        How a KV head combines its query heads (one of ["max", "mean"]).
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
 
-
-class CAKECache(KVCache):
-    """CAKE (Qin et al., ICLR 2025): the CAKE eviction indicator (mean + ``gamma`` ×
-    variance of the last ``window_size`` queries' attention, pooled) with the CAKE layer
-    budget: after the prefill forward, the model's total budget is split across layers in
-    proportion to each layer's preference (attention dispersion^(1/``tau1``) × shift^(1/``tau2``)).
-
-    >>> cache = CAKECache(model, compression_ratio=0.5)  # doctest: +SKIP
+    Example
+    -------
+    >>> cache = kvpress_rs.TriAttentionCache(model, compression_ratio=0.5)  # doctest: +SKIP
     """
 
     def __init__(
         self,
         model: Any,
         *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        n_offsets: int = 17,
+        normalize: bool = True,
+        aggregation: str = "max",
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        super().__init__(
+            model, "triattention", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            n_offsets=n_offsets,
+            normalize=normalize,
+            aggregation=aggregation,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class CAKECache(KVCache):
+    """CAKE (Qin et al., 2025): the scorer ``cake``, layer budget ``cake``.
+
+    The CAKE eviction indicator (mean + ``gamma`` × variance of the last ``window_size``
+    queries' attention, pooled) with the CAKE layer budget: after the prefill forward, the
+    model's total budget is split across layers in proportion to each layer's preference
+    (attention dispersion^(1/``tau1``) × shift^(1/``tau2``)).
+    Paper: https://arxiv.org/abs/2503.12491
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    window_size : int, default 32
+        Last prompt queries whose attention is measured (always kept) (an integer >= 2).
+    kernel_size : int, default 5
+        Odd width of the average pooling (an integer >= 1).
+    gamma : float, default 200.0
+        Weight of the variance over the window (a number >= 0).
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, default 1.6
+        Temperature of the dispersion (a number > 0).
+    tau2 : float, default 0.6
+        Temperature of the shift (a number > 0).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2); default: ``window_size``.
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.CAKECache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
         window_size: int = 32,
         kernel_size: int = 5,
         gamma: float = 200.0,
+        beta: float | None = None,
         tau1: float = 1.6,
         tau2: float = 0.6,
-        **budget: Any,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
     ):
-        budget.setdefault("layer_budget", "cake")
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
         super().__init__(
-            model, "cake", window_size=window_size, kernel_size=kernel_size, gamma=gamma, tau1=tau1, tau2=tau2,
-            cake_window=window_size, **budget,
+            model, "cake", compression_ratio=compression_ratio, max_tokens=max_tokens,
+            window_size=window_size,
+            kernel_size=kernel_size,
+            gamma=gamma,
+            layer_budget="cake",
+            tau1=tau1,
+            tau2=tau2,
+            cake_window=cake_window if cake_window is not None else window_size,
+            head_budget=head_budget,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
         )
 
 
 class AdaKVCache(KVCache):
-    """AdaKV (Feng et al., 2024): any scorer with an adaptive split of each layer's budget
-    among its KV heads (each head keeps at least ``alpha_safeguard`` of the mean, the rest
-    goes to the highest scores across heads). Heads then hold different counts and the
-    evicted tokens' memory is freed (kvpress only masks them).
+    """AdaKV (Feng et al., 2024): the scorer ``snapkv``, head budget ``adakv``.
 
-    >>> cache = AdaKVCache(model, scorer="snapkv", compression_ratio=0.5)  # doctest: +SKIP
+    Any scorer with an adaptive split of each layer's budget among its KV heads (each head keeps
+    at least ``alpha_safeguard`` of the mean, the rest goes to the highest scores across heads).
+    Heads then hold different counts and the evicted tokens' memory is freed (kvpress only masks
+    them).
+    Paper: https://arxiv.org/abs/2407.11550
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    scorer : str
+        The scorer whose scores the budget splits (any of the registry); its
+        parameters go in ``**scorer_params``.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    alpha_safeguard : float, default 0.2
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]).
+    selector, transforms
+        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+    **scorer_params
+        The scorer's parameters.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.AdaKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
     """
 
-    def __init__(self, model: Any, scorer: str = "snapkv", *, alpha_safeguard: float = 0.2, **kwargs: Any):
-        kwargs.setdefault("head_budget", "adakv")
-        super().__init__(model, scorer, alpha_safeguard=alpha_safeguard, **kwargs)
+    def __init__(
+        self,
+        model: Any,
+        scorer: str = "snapkv",
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        alpha_safeguard: float = 0.2,
+        selector: str = "topk",
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+        **scorer_params: Any,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+        ) if value is not None}
+        stage_params.update(scorer_params)
+        super().__init__(
+            model, scorer, compression_ratio=compression_ratio, max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget="adakv",
+            alpha_safeguard=alpha_safeguard,
+            selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
 
 
-@dataclass(frozen=True)
-class PolicySpec:
-    """A policy as the tests and the demo see it: ``easy``/``hard`` are keyword arguments
-    sized for short (tens of tokens) test prompts."""
-
-    name: str
-    cache_class: type[KVCache]
-    easy: dict[str, Any] = field(default_factory=dict)
-    hard: dict[str, Any] = field(default_factory=dict)
-    needs_queries: bool = False
-
-
-REGISTRY: dict[str, PolicySpec] = {
-    "streaming_llm": PolicySpec("streaming_llm", StreamingLLMCache, {"n_sink": 4}, {"n_sink": 1}),
-    "knorm": PolicySpec("knorm", KnormCache),
-    "random": PolicySpec("random", RandomCache, {"seed": 0}, {"seed": 12345}),
-    "snapkv": PolicySpec("snapkv", SnapKVCache, {"window_size": 8}, {"window_size": 3, "kernel_size": 1}, True),
-    "pyramidkv": PolicySpec("pyramidkv", PyramidKVCache, {"window_size": 4}, {"window_size": 2, "beta": 2.0}, True),
-    "tova": PolicySpec("tova", TOVACache, {}, {}, True),
-    "observed_attention": PolicySpec("observed_attention", ObservedAttentionCache, {}, {"chunk_size": 7}, True),
-    "keydiff": PolicySpec("keydiff", KeyDiffCache),
-    "lagkv": PolicySpec("lagkv", LagKVCache, {"lag_size": 8}, {"n_sink": 1, "lag_size": 4, "cross_scoring": True}),
-    "expected_attention": PolicySpec("expected_attention", ExpectedAttentionCache, {}, {"n_sink": 1, "n_future_positions": 7, "use_covariance": False}, True),
-    "triattention": PolicySpec("triattention", TriAttentionCache, {}, {"n_offsets": 3, "aggregation": "mean", "normalize": False}, True),
-    "cake": PolicySpec("cake", CAKECache, {"window_size": 8}, {"window_size": 4, "gamma": 0.0, "tau1": 0.5}, True),
-    "adakv": PolicySpec("adakv", AdaKVCache, {"window_size": 8}, {"scorer": "knorm", "alpha_safeguard": 0.5}, True),
+# The named caches by the method's short name (benchmark specs, the demo).
+CACHES: dict[str, type[KVCache]] = {
+    "streaming_llm": StreamingLLMCache,
+    "knorm": KnormCache,
+    "random": RandomCache,
+    "snapkv": SnapKVCache,
+    "pyramidkv": PyramidKVCache,
+    "tova": TOVACache,
+    "observed_attention": ObservedAttentionCache,
+    "keydiff": KeyDiffCache,
+    "lagkv": LagKVCache,
+    "expected_attention": ExpectedAttentionCache,
+    "triattention": TriAttentionCache,
+    "cake": CAKECache,
+    "adakv": AdaKVCache,
 }

@@ -26,7 +26,9 @@ import torch
 from .errors import InvalidArgumentError
 
 
-def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, block_size: int) -> Any:
+def prefill(
+    model: Any, input_ids: torch.Tensor, cache: Any, *, block_size: int, attention_mask: torch.Tensor | None = None
+) -> Any:
     """Feeds ``input_ids`` (batch, T) — the tokens after those ``cache`` has already seen —
     into ``cache`` in blocks of ``block_size`` tokens, compressing after each block.
 
@@ -34,8 +36,9 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, block_size: int)
     ``decoding_ratio``) and without ``compression_ratio``/``max_tokens`` (those compress
     the first forward only, which here is the first block). For ``generate`` to continue,
     leave the prompt's last token out of ``input_ids`` and pass the whole prompt to
-    ``generate``: it feeds the tokens the cache has not seen. Sequences are not padded
-    (no ``attention_mask``): every row of the batch has the same length.
+    ``generate``: it feeds the tokens the cache has not seen. ``attention_mask`` (batch, T)
+    marks the pads of a left-padded batch (tokens the cache saw before count as real);
+    each row then gets positions from its own tokens, as ``generate`` gives them.
 
     Returns the model output of the last block (its ``logits`` predict the next token).
     """
@@ -64,12 +67,29 @@ def prefill(model: Any, input_ids: torch.Tensor, cache: Any, *, block_size: int)
     if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2 or input_ids.shape[1] == 0:
         shape = tuple(input_ids.shape) if isinstance(input_ids, torch.Tensor) else type(input_ids).__name__
         raise InvalidArgumentError(f"`input_ids` must be a (batch, tokens) tensor with tokens > 0, got {shape}")
+    if attention_mask is not None and tuple(attention_mask.shape) != tuple(input_ids.shape):
+        raise InvalidArgumentError(
+            f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}, got {tuple(attention_mask.shape)}"
+        )
+    seen = cache.get_seq_length()
+    mask = None
+    if attention_mask is not None:
+        earlier = torch.ones(input_ids.shape[0], seen, dtype=attention_mask.dtype, device=attention_mask.device)
+        mask = torch.cat([earlier, attention_mask], dim=1)
     output = None
     start, total = 0, input_ids.shape[1]
     with torch.no_grad():
         while start < total:
-            size = _next_block(cache, block_size, window if isinstance(window, int) else 1)
-            output = model(input_ids=input_ids[:, start : start + size], past_key_values=cache, use_cache=True)
+            size = min(_next_block(cache, block_size, window if isinstance(window, int) else 1), total - start)
+            kwargs: dict[str, Any] = {}
+            if mask is not None:
+                # each row's positions count its own tokens (pads at 1), as generate does
+                block_mask = mask[:, : seen + start + size]
+                positions = block_mask.long().cumsum(-1) - 1
+                kwargs["attention_mask"] = block_mask
+                kwargs["position_ids"] = positions.masked_fill(block_mask == 0, 1)[:, -size:]
+            block = input_ids[:, start : start + size]
+            output = model(input_ids=block, past_key_values=cache, use_cache=True, **kwargs)
             start += size
     return output
 
@@ -79,7 +99,7 @@ def _next_block(cache: Any, block_size: int, min_block: int) -> int:
     budget (a generation left it up to budget + interval), so that budget + one block stays
     the peak — but never fewer tokens than the scorer's query window."""
     budget = cache.decoding.decoding_budget
-    stored = max((layer._stored for _, layer in cache._compressed_layers()), default=0)
+    stored = max((state.stored for state in cache.layer_states()), default=0)
     if budget is None or stored <= budget:
         return block_size
     return max(min(block_size, budget + block_size - stored), min_block)

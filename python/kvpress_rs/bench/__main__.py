@@ -13,6 +13,7 @@ COMMANDS = {
     "micro": ("kvpress_rs.bench.micro", "Rust kernels (score, gather, quantize, RoPE shift) as a fraction of a copy"),
     "report": ("kvpress_rs.bench.report", "the README's results section from committed result files"),
     "presses": ("kvpress_rs.bench.presses", "compression overhead and needle answers vs kvpress 0.5.5, one table"),
+    "overhead": ("kvpress_rs.bench.overhead", "what a cache adds to a whole prefill vs what kvpress's press adds; ratio 0 vs DynamicCache"),
     "chunks": ("kvpress_rs.bench.chunks", "reusable chunk caches: time to first token, disk bytes, multi-document needle"),
     "decoding": ("kvpress_rs.bench.decoding", "decoding-time compression vs kvpress DecodingPress: ppl, ms/token; block-wise prefill memory, needle"),
     "quant": ("kvpress_rs.bench.quant", "quantized caches vs fp and quanto: ppl, decode, kernels, bytes, frontier"),

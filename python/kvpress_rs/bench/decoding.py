@@ -93,8 +93,8 @@ def teacher_forced(model: Any, cache: Any, prefix: list[int], cont: list[int]) -
 
 def _stored(cache: Any) -> int:
     layer = cache.layers[0]
-    stored = getattr(layer, "_stored", None)  # a CompressedLayer, quantized or not
-    return int(stored) if stored is not None else int(layer.keys.shape[-2])
+    state = getattr(layer, "state", None)  # a kvpress_rs layer, quantized or not
+    return int(state.stored) if state is not None else int(layer.keys.shape[-2])
 
 
 def _kv_bytes(cache: Any) -> int:
@@ -185,7 +185,7 @@ def memory_one(length: int, mode: str, budget: int, block: int, config: str | No
     attend = CompressedLayer.attend
 
     def recording(self, *a, **k):  # the cache's high-water mark: inside the forward, before compression
-        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self._store.nbytes)
+        peaks[self.layer_idx] = max(peaks.get(self.layer_idx, 0), self.state.nbytes)
         return attend(self, *a, **k)
 
     CompressedLayer.attend = recording

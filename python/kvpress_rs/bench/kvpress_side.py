@@ -238,6 +238,39 @@ def run_decoding_ppl(request: dict, model) -> dict:
 
 
 @torch.no_grad()
+def run_overhead(model, request, clock, device):
+    """Whole forwards of each input (logits of the last token only), plain and under each
+    press, every one once per round: what a press adds to its forward."""
+    from transformers import DynamicCache
+
+    def forward(ids, spec=None):
+        cache = DynamicCache()
+        sync(device)
+        start = clock()
+        if spec is None:
+            model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        else:
+            with make_press(spec)(model):
+                model(input_ids=ids, past_key_values=cache, logits_to_keep=1)
+        sync(device)
+        return clock() - start
+
+    out = []
+    for ids_list in request["inputs"]:
+        ids = torch.tensor([ids_list], device=device)
+        forward(ids)
+        for spec in request["presses"]:  # warm-up
+            forward(ids, spec)
+        seconds = {"plain": [], **{spec["ours"]: [] for spec in request["presses"]}}
+        for _ in range(request.get("rounds", 5)):
+            seconds["plain"].append(forward(ids))
+            for spec in request["presses"]:
+                seconds[spec["ours"]].append(forward(ids, spec))
+        out.append({"tokens": len(ids_list), "seconds": seconds})
+    return out
+
+
+@torch.no_grad()
 def run(request: dict) -> dict:
     from transformers import AutoModelForCausalLM
 
@@ -255,6 +288,8 @@ def run(request: dict) -> dict:
     eos = model.generation_config.eos_token_id
     eos = set(eos if isinstance(eos, list) else [eos])
     mode = request.get("mode", "needle")
+    if mode == "overhead":
+        return {"results": run_overhead(model, request, clock, device), "errors": []}
     if mode == "needle" and request["presses"] and request["tasks"]:  # warm-up: first-call allocations, kernel choice
         with make_press(request["presses"][0])(model):
             model.model(input_ids=torch.tensor([request["tasks"][0]["context_ids"][:512]], device=device))

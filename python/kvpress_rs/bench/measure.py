@@ -50,13 +50,14 @@ def paired_median_seconds(
 
 @contextmanager
 def compression_timer(log: list[float], clock: Callable[[], float] = time.perf_counter) -> Iterator[None]:
-    """Appends to ``log`` the seconds of every compression step of our caches (scoring and
-    eviction per layer, and the allocation of layer budgets). ``clock=time.process_time``
-    counts CPU seconds of the process, which a busy machine disturbs less than wall time
-    (use it with one thread)."""
-    from kvpress_rs.cache import CompressedLayer, KVCache
+    """Appends to ``log`` the seconds of every compression step of our caches: each layer's
+    steps after its attention (scoring and eviction), and the cross-layer steps after the
+    forward (the allocation of layer budgets, re-rotation, quantizing the kept tokens).
+    ``clock=time.process_time`` counts CPU seconds of the process, which a busy machine
+    disturbs less than wall time (use it with one thread)."""
+    from kvpress_rs._layer import CacheLayer, LayerStateCache
 
-    originals = (CompressedLayer._compress, CompressedLayer._score, KVCache._allocate)
+    originals = (CacheLayer._after_attention, LayerStateCache._forward_finished)
 
     def wrap(fn):
         def timed(*args, **kwargs):
@@ -68,11 +69,11 @@ def compression_timer(log: list[float], clock: Callable[[], float] = time.perf_c
 
         return timed
 
-    CompressedLayer._compress, CompressedLayer._score, KVCache._allocate = map(wrap, originals)
+    CacheLayer._after_attention, LayerStateCache._forward_finished = map(wrap, originals)
     try:
         yield
     finally:
-        CompressedLayer._compress, CompressedLayer._score, KVCache._allocate = originals
+        CacheLayer._after_attention, LayerStateCache._forward_finished = originals
 
 
 def _rss_bytes(field: str) -> int | None:

@@ -6,7 +6,7 @@ and the cache object each builds — ours by name, transformers' ``DynamicCache`
 A spec is ``"name"`` or ``"name:key=value,key=value"``:
 
 - ``full`` — transformers' ``DynamicCache`` (the baseline every ratio is measured against);
-- any policy of ``kvpress_rs.policies.REGISTRY`` (``snapkv``, ``knorm``, …) — an eviction
+- any policy of ``kvpress_rs.policies.CACHES`` (``snapkv``, ``knorm``, …) — an eviction
   cache, run at every ``--ratios`` value; keyword arguments go to its constructor;
 - ``quantized:bits=4,group_size=32`` — ``kvpress_rs.QuantizedKVCache``;
 - ``quanto:nbits=4`` — transformers' ``QuantizedCache`` with the optimum-quanto backend
@@ -98,11 +98,11 @@ class Method:
 
 def check_spec(spec: str) -> None:
     from kvpress_rs.errors import InvalidArgumentError
-    from kvpress_rs.policies import REGISTRY
+    from kvpress_rs.policies import CACHES
 
     name, _ = parse_spec(spec)
-    if name not in REGISTRY and name not in NOT_EVICTING:
-        known = ", ".join([*NOT_EVICTING, *REGISTRY])
+    if name not in CACHES and name not in NOT_EVICTING:
+        known = ", ".join([*NOT_EVICTING, *CACHES])
         raise InvalidArgumentError(f"`methods`: unknown method {name!r} in {spec!r}; expected one of {known}")
 
 
@@ -130,7 +130,7 @@ def quanto_available() -> bool:
 def make_cache(model: Any, method: Method) -> Any:
     """A fresh cache object for ``method``."""
     import kvpress_rs
-    from kvpress_rs.policies import REGISTRY
+    from kvpress_rs.policies import CACHES
     from transformers import DynamicCache
 
     if method.name == "full":
@@ -143,18 +143,18 @@ def make_cache(model: Any, method: Method) -> Any:
         from transformers import QuantizedCache
 
         return QuantizedCache("quanto", model.config, **{"nbits": 4, **method.kwargs})
-    return REGISTRY[method.name].cache_class(model, compression_ratio=method.ratio, **method.kwargs)
+    return CACHES[method.name](model, compression_ratio=method.ratio, **method.kwargs)
 
 
 def our_cache(model: Any, spec: str, ratio: float) -> Any:
     """An eviction cache from a spec at ``ratio`` (a policy of the registry, or any scorer
     name ``KVCache`` takes)."""
     import kvpress_rs
-    from kvpress_rs.policies import REGISTRY
+    from kvpress_rs.policies import CACHES
 
     name, kwargs = parse_spec(spec)
-    if name in REGISTRY:
-        return REGISTRY[name].cache_class(model, compression_ratio=ratio, **kwargs)
+    if name in CACHES:
+        return CACHES[name](model, compression_ratio=ratio, **kwargs)
     return kvpress_rs.KVCache(model, name, compression_ratio=ratio, **kwargs)
 
 

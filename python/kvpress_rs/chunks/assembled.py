@@ -21,17 +21,15 @@ from __future__ import annotations
 from typing import Any
 
 import torch
-from transformers.cache_utils import Cache
 
-from .._guard import TokenLog
-from .._hooks import install_model_hooks
-from .._native import QuantConfig, QuantizedStore
-from ..cache import CompressedLayer, KVCache
+from .._layer import LayerStateCache
+from .._native import LayerState, QuantConfig, QuantizedStore
+from ..cache import CompressedLayer
 from ..models import decoder_config
 from ..rope import Rope
 
 
-class AssembledCache(KVCache):
+class AssembledCache(LayerStateCache):
     """A drop-in ``past_key_values`` made of reused chunks (build it with
     :meth:`kvpress_rs.ChunkStore.assemble`).
 
@@ -52,6 +50,8 @@ class AssembledCache(KVCache):
     >>> out = model.generate(ids, past_key_values=cache, max_new_tokens=32)  # doctest: +SKIP
     """
 
+    layer_class = CompressedLayer
+
     def __init__(
         self,
         model: Any,
@@ -60,36 +60,29 @@ class AssembledCache(KVCache):
         segments: list[tuple[int, int]],
         quantization: QuantConfig | None = None,
     ):
-        # Not KVCache.__init__: there is no press; the layers are given, filled.
         config = decoder_config(model)
         self.rope = Rope.from_config(config)
         self.rerotate = False
         self.press = None
+        self.decoding = None
         self.quantization = quantization
-        self.low_quantization = None
         total = int(input_ids.shape[-1])
-        layers = []
-        for idx, store in enumerate(stores):
-            layer = CompressedLayer(None, idx, quantization, None, rope=self.rope)
-            if isinstance(store, QuantizedStore):
-                # as a KVCache layer after its prefill: the tokens not stored were evicted
-                layer._qstore, layer._evicted = store, total - store.seen
-                param = next(model.parameters())
-                layer.dtype, layer.device = param.dtype, param.device
-            else:
-                layer._store = store
-                keys = store.keys() if not store.is_ragged else store.row(0, 0)[0]
-                layer.dtype, layer.device = keys.dtype, keys.device
-            layer.is_initialized = True
-            layers.append(layer)
-        Cache.__init__(self, layers=layers)
-        self._token_log = TokenLog()
+        # each layer as a KVCache layer is after its prompt: it holds the assembled tokens
+        # (quantized: the tokens it does not store were evicted) and appends without press
+        states = [
+            LayerState.assembled_quantized(idx, store, total, self.rope)
+            if isinstance(store, QuantizedStore)
+            else LayerState.assembled(idx, store)
+            for idx, store in enumerate(stores)
+        ]
+        super().__init__(model, states)
+        param = next(model.parameters())
+        for layer in self.layers:
+            layer.dtype, layer.device, layer.is_initialized = param.dtype, param.device, True
         self._token_log.record(input_ids)
         self.input_ids = input_ids
         self.segments = segments
         self.recomputed: torch.Tensor | None = None
-        if isinstance(model, torch.nn.Module):
-            install_model_hooks(model)
 
     def reset(self) -> None:
         super().reset()

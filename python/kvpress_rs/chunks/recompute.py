@@ -56,7 +56,7 @@ def recompute(model: Any, cache: Any, n: int, candidates: torch.Tensor, probe_la
     returns their positions (int64, ascending)."""
     ids = cache.input_ids.to(model.device)
     total = ids.shape[1]
-    stores = [layer._store for layer in cache.layers]
+    stores = cache.layer_states()
     probe = _ProbeCache(model.config, probe_layer)
     try:
         model(ids, past_key_values=probe, use_cache=True)

@@ -192,7 +192,7 @@ class ChunkStore:
         model(ids[None].to(model.device), past_key_values=cache, use_cache=True)
         layers = []
         for layer in cache.layers:
-            store = getattr(layer, "_store", None)
+            store = getattr(layer, "state", None)
             if store is None:
                 layers.append((layer.keys, layer.values, None))
                 continue
@@ -218,13 +218,7 @@ class ChunkStore:
         else:
             cache = QuantizedKVCache.from_config(model, config)
         model(ids[None].to(model.device), past_key_values=cache, use_cache=True)
-        parts = []
-        for layer in cache.layers:
-            store = getattr(layer, "_qstore", None) if self.compression else layer._store
-            if store is None:  # compression without model hooks: quantize now
-                layer._quantize_kept()
-                store = layer._qstore
-            parts.append(store.parts())
+        parts = [layer.state.quantized_parts() for layer in cache.layers]
         return _entry.EncodedChunk(ids, [], quantized=parts)
 
     def _assemble_quantized(self, encoded: list[_entry.EncodedChunk]) -> list[Any]:
