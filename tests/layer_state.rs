@@ -183,7 +183,7 @@ fn step(
             } else {
                 state.begin_forward(None);
             }
-            state
+            let _attended = state
                 .append(&keys, &keys, false)
                 .map_err(|e| format!("append: {e}"))?;
             state
@@ -269,9 +269,7 @@ fn step(
             reference.capacity = len;
             reference.positions_capacity = reference.positions_capacity.map(|_| len);
         }
-        Op::Reorder(raw) | Op::Repeat(_) if reference.seen == 0 => {
-            let _ = raw;
-        }
+        Op::Reorder(_) | Op::Repeat(_) if reference.seen == 0 => {}
         Op::Reorder(raw) => {
             let order: Vec<usize> = raw.iter().map(|&i| i % reference.batch()).collect();
             let index = Tensor::from_slice(&order.iter().map(|&b| b as i64).collect::<Vec<_>>());

@@ -539,6 +539,11 @@ impl LayerStore {
                 r.truncate(&lens)?;
             }
         }
+        if new_seen == 0 {
+            // nothing left: the next append starts a fresh store, as after a reset
+            self.reset();
+            return Ok(());
+        }
         self.seen = new_seen;
         Ok(())
     }

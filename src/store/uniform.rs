@@ -2,7 +2,7 @@
 //! tokens, in one (batch, kv_heads, tokens, head_dim) tensor that attention reads as is.
 
 use super::buffer::TokenBuffer;
-use crate::error::Result;
+use crate::error::{KvError, Result};
 use crate::gather::gather_tokens;
 use tch::{Device, Kind, Tensor};
 
@@ -91,6 +91,12 @@ impl UniformRows {
     /// copy of the row's first token at position −1, and no attention sees it.
     pub fn gathered(&self, indices: &Tensor) -> Result<UniformRows> {
         let cpu_indices = indices.f_to(Device::Cpu)?;
+        if indices.numel() > 0 && cpu_indices.f_min()?.f_int64_value(&[])? < -1 {
+            return Err(KvError::invalid(
+                "indices",
+                "expected stored token indices >= 0, or -1 for a padded row's filler slot",
+            ));
+        }
         let fillers = cpu_indices.f_lt(0)?;
         let has_fillers = indices.numel() > 0 && fillers.f_any()?.f_int64_value(&[])? != 0;
         let (indices, cpu_indices) = if has_fillers {
