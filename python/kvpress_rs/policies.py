@@ -951,9 +951,9 @@ class ExpectedAttentionCache(KVCache):
     use_covariance : bool, default True
         Add the covariance term kᵀR̄ΣR̄ᵀk/2d (True or False).
     use_vnorm : bool, default True
-        Multiply by the value norm ‖v‖ (+ epsilon) (True or False).
+        Multiply the score (+ epsilon) by the value norm ‖v‖ (True or False).
     epsilon : float, default 0.0
-        Added to ‖v‖ (a number >= 0).
+        Added to the score before it is multiplied by ‖v‖ (a number >= 0).
     layer_budget : str, default "uniform"
         Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
     beta : float, optional

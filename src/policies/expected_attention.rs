@@ -378,8 +378,8 @@ pub const STAGE: Stage = Stage {
         ParamSpec::int("n_future_positions", 512, 1, "future positions RoPE is averaged over"),
         ParamSpec::int("n_sink", 4, 0, "first tokens always kept, and left out of the query statistics"),
         ParamSpec::flag("use_covariance", true, "add the covariance term kᵀR̄ΣR̄ᵀk/2d"),
-        ParamSpec::flag("use_vnorm", true, "multiply by the value norm ‖v‖ (+ epsilon)"),
-        ParamSpec::float("epsilon", 0.0, 0.0, None, "added to ‖v‖"),
+        ParamSpec::flag("use_vnorm", true, "multiply the score (+ epsilon) by the value norm ‖v‖"),
+        ParamSpec::float("epsilon", 0.0, 0.0, None, "added to the score before it is multiplied by ‖v‖"),
     ],
     build: Builder::Scorer(|a| {
         Ok(Box::new(ExpectedAttention::new(
