@@ -11,7 +11,7 @@ TORCH_VERSION: str
 _A = TypeVar("_A", torch.Tensor, np.ndarray)
 
 # --- generated from the registry (python -m kvpress_rs._generate): do not edit ---
-ScorerName = Literal['knorm', 'streaming_llm', 'random', 'snapkv', 'tova', 'observed_attention', 'keydiff', 'lagkv', 'expected_attention', 'triattention', 'cake']
+ScorerName = Literal['knorm', 'streaming_llm', 'random', 'snapkv', 'tova', 'observed_attention', 'keydiff', 'lagkv', 'expected_attention', 'triattention', 'cake', 'leverage']
 TransformName = Literal['head_mean']
 LayerBudgetName = Literal['uniform', 'pyramid', 'cake', 'explicit']
 HeadBudgetName = Literal['uniform', 'adakv']
@@ -35,6 +35,7 @@ EvictionName = Literal['drop', 'low_bits']
 #   normalize: bool = True  (scorer 'triattention': True or False)
 #   aggregation: str = "max"  (scorer 'triattention': one of ["max", "mean"])
 #   gamma: float = 200.0  (scorer 'cake': a number >= 0)
+#   ridge: float = 0.01  (scorer 'leverage': a number >= 0)
 #   beta: float = 20.0  (layer budget 'pyramid': a number >= 1)
 #   tau1: float = 1.6  (layer budget 'cake': a number > 0)
 #   tau2: float = 0.6  (layer budget 'cake': a number > 0)

@@ -15,6 +15,7 @@ mod expected_attention;
 mod keydiff;
 mod knorm;
 mod lagkv;
+mod leverage;
 mod observed;
 mod params;
 mod random;
@@ -359,6 +360,7 @@ pub static SCORERS: &[Stage] = &[
     expected_attention::STAGE,
     triattention::STAGE,
     cake::STAGE,
+    leverage::STAGE,
 ];
 
 /// Builds a scorer from its name (or alias) and keyword parameters as given by users,
