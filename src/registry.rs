@@ -283,7 +283,10 @@ pub struct Args(BTreeMap<&'static str, ParamValue>);
 impl Args {
     fn get(&self, name: &str) -> Result<&ParamValue> {
         self.0.get(name).ok_or_else(|| {
-            KvError::invalid(name, "is required by this stage but was not given".to_string())
+            KvError::invalid(
+                name,
+                "is required by this stage but was not given".to_string(),
+            )
         })
     }
 
@@ -742,7 +745,9 @@ pub fn build_press(spec: PressSpec<'_>) -> Result<Press> {
     let mut params = spec.params;
     let scorer_stage = stage(StageKind::Scorer, spec.scorer)?;
     let Builder::Scorer(build_scorer) = scorer_stage.build else {
-        return Err(KvError::State("registry: a scorer entry without a scorer builder".into()));
+        return Err(KvError::State(
+            "registry: a scorer entry without a scorer builder".into(),
+        ));
     };
     let mut chosen = vec![scorer_stage];
     let scorer = build_scorer(&scorer_stage.args(&mut params)?)?;
@@ -763,13 +768,21 @@ pub fn build_press(spec: PressSpec<'_>) -> Result<Press> {
     chosen.push(lb);
     let layer_budget = match lb.build {
         Builder::LayerBudget(b) => b(&lb.args(&mut params)?, &ctx)?,
-        _ => return Err(KvError::State("registry: layer budget entry mismatch".into())),
+        _ => {
+            return Err(KvError::State(
+                "registry: layer budget entry mismatch".into(),
+            ))
+        }
     };
     let hb = stage(StageKind::HeadBudget, spec.head_budget)?;
     chosen.push(hb);
     let head_budget = match hb.build {
         Builder::HeadBudget(b) => b(&hb.args(&mut params)?)?,
-        _ => return Err(KvError::State("registry: head budget entry mismatch".into())),
+        _ => {
+            return Err(KvError::State(
+                "registry: head budget entry mismatch".into(),
+            ))
+        }
     };
     let sel = stage(StageKind::Selector, spec.selector)?;
     chosen.push(sel);
@@ -808,7 +821,9 @@ pub fn build_press(spec: PressSpec<'_>) -> Result<Press> {
 pub fn build_scorer(name: &str, mut params: Params) -> Result<Box<dyn Scorer>> {
     let s = stage(StageKind::Scorer, name)?;
     let Builder::Scorer(build) = s.build else {
-        return Err(KvError::State("registry: a scorer entry without a scorer builder".into()));
+        return Err(KvError::State(
+            "registry: a scorer entry without a scorer builder".into(),
+        ));
     };
     let scorer = build(&s.args(&mut params)?)?;
     if let Some(left) = params.first_name() {
@@ -886,7 +901,8 @@ mod tests {
         for s in stages() {
             for p in s.params {
                 if p.default != Default::Required {
-                    p.resolve(None).unwrap_or_else(|e| panic!("{}.{}: {e}", s.name, p.name));
+                    p.resolve(None)
+                        .unwrap_or_else(|e| panic!("{}.{}: {e}", s.name, p.name));
                 }
             }
         }

@@ -108,9 +108,7 @@ fn compress_to_keeps_the_protected_ends_and_the_best_of_the_rest() {
     let keys = growing_keys(20);
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
-    press
-        .compress(&mut store, step(10, 20, (2, 4)))
-        .unwrap();
+    press.compress(&mut store, step(10, 20, (2, 4))).unwrap();
     assert_eq!((store.len(), store.seen()), (10, 20));
     let kept = store.kept_positions().unwrap().into_uniform().unwrap();
     // 0, 1 protected (and smallest anyway), then the smallest norms 2..5, then 16..19

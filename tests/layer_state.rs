@@ -18,7 +18,11 @@ use tch::Tensor;
 #[derive(Clone, Debug)]
 enum Op {
     /// q new tokens; on an empty layer (a prompt) row b starts with `pads[b]` pads.
-    Append { q: usize, pads: Vec<usize>, seed: u64 },
+    Append {
+        q: usize,
+        pads: Vec<usize>,
+        seed: u64,
+    },
     Crop(usize),
     Reorder(Vec<usize>),
     Repeat(i64),
@@ -167,10 +171,20 @@ fn step(
     match op {
         Op::Append { q, pads, seed } => {
             let prompt = reference.seen == 0;
-            let batch = if prompt { setup.batch } else { reference.batch() };
+            let batch = if prompt {
+                setup.batch
+            } else {
+                reference.batch()
+            };
             let q = if prompt { (*q).max(4) } else { *q };
             let pads: Vec<usize> = (0..batch)
-                .map(|b| if prompt { pads[b % pads.len()].min(q - 4) } else { 0 })
+                .map(|b| {
+                    if prompt {
+                        pads[b % pads.len()].min(q - 4)
+                    } else {
+                        0
+                    }
+                })
                 .collect();
             let (keys, norms) = keys_for(batch, heads, q, dim, *seed);
             if pads.iter().any(|&p| p > 0) {
@@ -186,9 +200,7 @@ fn step(
             let _attended = state
                 .append(&keys, &keys, false)
                 .map_err(|e| format!("append: {e}"))?;
-            state
-                .finish_forward()
-                .map_err(|e| format!("finish: {e}"))?;
+            state.finish_forward().map_err(|e| format!("finish: {e}"))?;
             // the reference
             if prompt {
                 *reference = Reference {

@@ -5,7 +5,9 @@
 mod common;
 
 use common::*;
-use kvpress_rs::policies::{score_layer, scorer_from_name, ParamValue, Params, ScoreContext, Scorer};
+use kvpress_rs::policies::{
+    score_layer, scorer_from_name, ParamValue, Params, ScoreContext, Scorer,
+};
 use kvpress_rs::rope::{Rope, RopeSpec};
 use kvpress_rs::select::top_k_indices;
 use tch::{Device, Kind, Tensor};
@@ -27,7 +29,14 @@ fn scores(s: &dyn Scorer, pre_keys: &Tensor, rope: &Rope) -> kvpress_rs::Result<
     let t = pre_keys.size()[2];
     let keys = rope.apply(pre_keys, &positions(t), None).unwrap();
     let values = Tensor::ones_like(&keys);
-    score_layer(s, &keys, &values, None, Some(rope), &ScoreContext::prefill(0, 1))
+    score_layer(
+        s,
+        &keys,
+        &values,
+        None,
+        Some(rope),
+        &ScoreContext::prefill(0, 1),
+    )
 }
 
 /// Per (row, head): X = pre-RoPE keys minus their mean over tokens, leverage of token i
@@ -46,17 +55,25 @@ fn reference(pre_keys: &Tensor, ridge: f64) -> Vec<f64> {
         let mut gram = vec![0.0; d * d];
         for r in 0..d {
             for c in 0..d {
-                gram[r * d + c] = (0..t).map(|i| centred[i * d + r] * centred[i * d + c]).sum::<f64>()
+                gram[r * d + c] = (0..t)
+                    .map(|i| centred[i * d + r] * centred[i * d + c])
+                    .sum::<f64>()
                     + if r == c { ridge } else { 0.0 };
             }
         }
-        let inverse = values_f64(
-            &Tensor::linalg_inv(&tensor_f64(&gram, &[d as i64, d as i64], Kind::Double)),
-        );
+        let inverse = values_f64(&Tensor::linalg_inv(&tensor_f64(
+            &gram,
+            &[d as i64, d as i64],
+            Kind::Double,
+        )));
         for i in 0..t {
             let xi = &centred[i * d..(i + 1) * d];
             let l: f64 = (0..d)
-                .map(|r| (0..d).map(|c| xi[r] * inverse[r * d + c] * xi[c]).sum::<f64>())
+                .map(|r| {
+                    (0..d)
+                        .map(|c| xi[r] * inverse[r * d + c] * xi[c])
+                        .sum::<f64>()
+                })
                 .sum();
             out.push(l);
         }
@@ -70,7 +87,12 @@ fn reference(pre_keys: &Tensor, ridge: f64) -> Vec<f64> {
 #[test]
 fn leverage_scores_match_the_reference() {
     let rope = Rope::new(RopeSpec::new(16, 10_000.0)).unwrap();
-    for (seed, ridge, t) in [(1u64, 0.01, 48i64), (2, 1.0, 48), (3, 0.0, 64), (4, 0.01, 20)] {
+    for (seed, ridge, t) in [
+        (1u64, 0.01, 48i64),
+        (2, 1.0, 48),
+        (3, 0.0, 64),
+        (4, 0.01, 20),
+    ] {
         let pre_keys = randn(&[2, 3, t, 16], seed, Kind::Float) * 2.0 + 0.3;
         let got = values_f64(&scores(leverage(ridge).as_ref(), &pre_keys, &rope).unwrap());
         let want = reference(&pre_keys, ridge);
@@ -99,12 +121,17 @@ fn leverage_keeps_the_key_that_points_where_no_other_does() {
     let kept = values_i64(&top_k_indices(&s, 1).unwrap());
     assert_eq!(kept[1], 17, "head 1 must keep token 17");
     // and it is not what the smallest or largest key norm would keep
-    let norms = pre_keys.narrow(1, 1, 1).norm_scalaropt_dim(2.0, [-1i64], false);
+    let norms = pre_keys
+        .narrow(1, 1, 1)
+        .norm_scalaropt_dim(2.0, [-1i64], false);
     let by_norm = [
         norms.argmin(-1, false).int64_value(&[]),
         norms.argmax(-1, false).int64_value(&[]),
     ];
-    assert!(!by_norm.contains(&17), "the outlier must not be the norm extreme");
+    assert!(
+        !by_norm.contains(&17),
+        "the outlier must not be the norm extreme"
+    );
 }
 
 #[test]
@@ -131,7 +158,14 @@ fn leverage_refuses_to_score_during_generation_and_without_rope() {
     let s = leverage(0.01);
     let err = score_layer(s.as_ref(), &keys, &keys, None, Some(&rope), &ctx).unwrap_err();
     assert!(err.to_string().contains("leverage"), "{err}");
-    let err = score_layer(s.as_ref(), &keys, &keys, None, None, &ScoreContext::prefill(0, 1))
-        .unwrap_err();
+    let err = score_layer(
+        s.as_ref(),
+        &keys,
+        &keys,
+        None,
+        None,
+        &ScoreContext::prefill(0, 1),
+    )
+    .unwrap_err();
     assert!(err.to_string().contains("rope"), "{err}");
 }

@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use kvpress_rs::press::Plan;
 use kvpress_rs::policies::{Knorm, Random, StreamingLlm};
+use kvpress_rs::press::Plan;
 use kvpress_rs::{Budget, LayerStore, Press};
 use tch::{Kind, Tensor};
 
@@ -369,7 +369,8 @@ fn invalid_compressions_leave_the_store_unchanged() {
     // Nothing to compress.
     let mut empty = LayerStore::new();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap()).compress(&mut empty, Plan::prefill(0)),
+        Press::new(Box::new(Knorm), Budget::ratio(0.5).unwrap())
+            .compress(&mut empty, Plan::prefill(0)),
         "State",
     );
     // A ratio that keeps no token of 10: int(10 * (1 - 0.95)) = 0.
@@ -377,7 +378,8 @@ fn invalid_compressions_leave_the_store_unchanged() {
     let mut store = LayerStore::new();
     let _ = store.append(&keys, &keys).unwrap();
     expect_err(
-        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap()).compress(&mut store, Plan::prefill(0)),
+        Press::new(Box::new(Knorm), Budget::ratio(0.95).unwrap())
+            .compress(&mut store, Plan::prefill(0)),
         "InvalidArgument",
     );
     assert_eq!((store.len(), store.seen()), (10, 10));

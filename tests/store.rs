@@ -3,8 +3,8 @@
 mod common;
 
 use common::*;
-use kvpress_rs::press::Plan;
 use kvpress_rs::policies::{Knorm, StreamingLlm};
+use kvpress_rs::press::Plan;
 use kvpress_rs::{Budget, LayerStore, Press};
 use tch::{Kind, Tensor};
 
@@ -474,7 +474,7 @@ fn retain_keeps_the_given_tokens_and_checks_them() {
         (vec![1, 1, 2, 3, 4, 5], "InvalidArgument"), // duplicate
         (vec![0, 1, 2, 3, 4, 8], "InvalidArgument"), // out of range
         (vec![-2, 1, 2, 3, 4, 5], "InvalidArgument"), // below the filler index −1
-        (vec![1, -1, 2, 3, 4, 5], "InvalidArgument"),  // a filler after a token
+        (vec![1, -1, 2, 3, 4, 5], "InvalidArgument"), // a filler after a token
     ] {
         expect_err(store.retain(&tensor_i64(&bad, &[1, 2, 3])), variant);
         assert_eq!(snapshot(&store), before, "{bad:?}");
@@ -492,7 +492,9 @@ fn retain_keeps_the_given_tokens_and_checks_them() {
     // −1 leading a row is a filler slot (a padded row keeping fewer tokens): position −1
     let mut padded = LayerStore::new();
     let _ = padded.append(&k, &v).unwrap();
-    padded.retain(&tensor_i64(&[-1, 1, 2, 0, 3, 7], &[1, 2, 3])).unwrap();
+    padded
+        .retain(&tensor_i64(&[-1, 1, 2, 0, 3, 7], &[1, 2, 3]))
+        .unwrap();
     assert_eq!(
         values_i64(&padded.kept_positions().unwrap().into_uniform().unwrap()),
         [-1, 1, 2, 0, 3, 7]

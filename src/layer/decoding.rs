@@ -149,8 +149,7 @@ impl DecodingState {
         self.n_queries += query.size()[2] as usize;
         self.queries.push(query.shallow_clone());
         if let Some(w) = self.window {
-            while self.queries.len() > 1
-                && self.n_queries - self.queries[0].size()[2] as usize >= w
+            while self.queries.len() > 1 && self.n_queries - self.queries[0].size()[2] as usize >= w
             {
                 self.n_queries -= self.queries.remove(0).size()[2] as usize;
             }
@@ -180,7 +179,11 @@ impl DecodingState {
                 .iter()
                 .enumerate()
                 .map(|(b, &s)| {
-                    query_stats(&queries.f_narrow(0, b as i64, 1)?, rope, s.saturating_sub(q))
+                    query_stats(
+                        &queries.f_narrow(0, b as i64, 1)?,
+                        rope,
+                        s.saturating_sub(q),
+                    )
                 })
                 .collect::<Result<Vec<_>>>()?;
             cat_stats(&rows)?
@@ -270,7 +273,11 @@ impl DecodingState {
 
     /// TriAttention's online statistics with the buffered queries folded in (`seen`: tokens
     /// seen per row); the calibration's statistics when there is a calibration.
-    pub fn statistics(&mut self, rope: Option<&Rope>, seen: &[usize]) -> Result<Option<&QueryStats>> {
+    pub fn statistics(
+        &mut self,
+        rope: Option<&Rope>,
+        seen: &[usize],
+    ) -> Result<Option<&QueryStats>> {
         if self.calibrated.is_some() {
             return Ok(self.calibrated.as_ref());
         }
@@ -294,11 +301,9 @@ impl DecodingState {
             .flat_map(|&p| std::iter::repeat_n(p, repeats as usize))
             .collect();
         if let Some(s) = &self.online_stats {
-            let order = Tensor::f_arange(
-                s.center_re.size()[0],
-                (tch::Kind::Int64, tch::Device::Cpu),
-            )?
-            .f_repeat_interleave_self_int(repeats, 0, None)?;
+            let order =
+                Tensor::f_arange(s.center_re.size()[0], (tch::Kind::Int64, tch::Device::Cpu))?
+                    .f_repeat_interleave_self_int(repeats, 0, None)?;
             self.online_stats = Some(select_stats(s, &order)?);
         }
         Ok(())

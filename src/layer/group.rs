@@ -107,7 +107,12 @@ impl LayerGroup {
             let g = lock(l)?;
             if let (Some(s), Some(press)) = (g.scored(), g.press()) {
                 let _ = press;
-                scored.push((Arc::clone(l), g.stored(), g.hidden().to_vec(), s.preferences.clone()));
+                scored.push((
+                    Arc::clone(l),
+                    g.stored(),
+                    g.hidden().to_vec(),
+                    s.preferences.clone(),
+                ));
             }
         }
         if scored.is_empty() {
@@ -120,24 +125,22 @@ impl LayerGroup {
                 .ok_or_else(|| KvError::State("a scored layer without a press".into()))?
         };
         let rows = scored.iter().map(|s| s.3.len()).max().unwrap_or(1);
-        // counts[layer][row]
-        let mut counts = vec![vec![0usize; rows]; scored.len()];
-        for b in 0..rows {
-            let tokens: Vec<usize> = scored
-                .iter()
-                .map(|(_, stored, hidden, _)| stored - hidden.get(b).copied().unwrap_or(0))
-                .collect();
-            let preferences: Vec<f64> = scored
-                .iter()
-                .map(|s| s.3.get(b).copied().unwrap_or(s.3[0]))
-                .collect();
-            let per_layer = press.allocate(&tokens, &preferences)?;
-            for (l, n) in per_layer.into_iter().enumerate() {
-                counts[l][b] = n;
-            }
-        }
-        for ((layer, ..), n) in scored.iter().zip(counts) {
-            lock(layer)?.select_scored(n)?;
+        // each row's split of its tokens across layers, then each layer's counts per row
+        let per_row = (0..rows)
+            .map(|b| {
+                let tokens: Vec<usize> = scored
+                    .iter()
+                    .map(|(_, stored, hidden, _)| stored - hidden.get(b).copied().unwrap_or(0))
+                    .collect();
+                let preferences: Vec<f64> = scored
+                    .iter()
+                    .map(|s| s.3.get(b).copied().unwrap_or(s.3[0]))
+                    .collect();
+                press.allocate(&tokens, &preferences)
+            })
+            .collect::<Result<Vec<Vec<usize>>>>()?;
+        for (l, (layer, ..)) in scored.iter().enumerate() {
+            lock(layer)?.select_scored(per_row.iter().map(|row| row[l]).collect())?;
         }
         Ok(())
     }

@@ -16,6 +16,8 @@ use crate::store::{KeptPositions, LayerStore};
 use std::sync::Arc;
 use tch::{Device, Kind, Tensor};
 
+// One per layer, never moved in a loop: the size gap between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum RetrievalPart {
     Empty,
@@ -179,7 +181,11 @@ impl HeadSplit {
         let mut out = vec![];
         for _ in 0..self.batch() {
             for h in 0..heads as i64 {
-                out.push(if self.retrieval.contains(&h) { self.seen } else { streaming });
+                out.push(if self.retrieval.contains(&h) {
+                    self.seen
+                } else {
+                    streaming
+                });
             }
         }
         out
@@ -202,7 +208,12 @@ impl HeadSplit {
 
     /// Appends (batch, kv_heads, q, head_dim) keys/values to both parts; `hidden`: the
     /// layer's hidden slots per row (its pads).
-    pub(crate) fn append(&mut self, keys: &Tensor, values: &Tensor, hidden: &[usize]) -> Result<()> {
+    pub(crate) fn append(
+        &mut self,
+        keys: &Tensor,
+        values: &Tensor,
+        hidden: &[usize],
+    ) -> Result<()> {
         if !self.retrieval.is_empty() {
             let (rk, rv) = (
                 self.heads_of(keys, &self.retrieval)?,
@@ -259,7 +270,12 @@ impl HeadSplit {
     }
 
     /// The parts of this forward's attention (`q` new tokens, `q_heads` query heads).
-    pub(crate) fn parts(&self, mask: Option<&Tensor>, q: usize, q_heads: usize) -> Result<Vec<HeadPart>> {
+    pub(crate) fn parts(
+        &self,
+        mask: Option<&Tensor>,
+        q: usize,
+        q_heads: usize,
+    ) -> Result<Vec<HeadPart>> {
         let n_kv = (self.retrieval.len() + self.streaming.len()) as i64;
         let group = q_heads as i64 / n_kv;
         let device = self.device();
@@ -320,8 +336,11 @@ impl HeadSplit {
                 if q == 1 && !any_filler {
                     return Ok(None);
                 }
-                let query_positions =
-                    Tensor::f_arange_start((self.seen - q) as i64, self.seen as i64, (Kind::Int64, self.device()))?;
+                let query_positions = Tensor::f_arange_start(
+                    (self.seen - q) as i64,
+                    self.seen as i64,
+                    (Kind::Int64, self.device()),
+                )?;
                 positions
                     .f_unsqueeze(2)?
                     .f_le_tensor(&query_positions.f_view([1, 1, q as i64, 1])?)?
@@ -335,7 +354,9 @@ impl HeadSplit {
                     .f_expand([batch, heads, qm, kept], false)?;
                 let source = m.f_expand([batch, heads, qm, m.size()[3]], false)?;
                 let gathered = source.f_gather(3, &index, false)?;
-                let hide = fillers.f_unsqueeze(2)?.f_expand([batch, heads, qm, kept], false)?;
+                let hide = fillers
+                    .f_unsqueeze(2)?
+                    .f_expand([batch, heads, qm, kept], false)?;
                 if gathered.kind() == Kind::Bool {
                     gathered.f_logical_and(&hide.f_logical_not()?)?
                 } else {
@@ -347,7 +368,12 @@ impl HeadSplit {
     }
 
     /// Kernel attention of the retrieval heads' queries over their quantized store.
-    pub(crate) fn attend_retrieval(&self, query: &Tensor, mask: Option<&Tensor>, scaling: f64) -> Result<Tensor> {
+    pub(crate) fn attend_retrieval(
+        &self,
+        query: &Tensor,
+        mask: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<Tensor> {
         match &self.retrieval_part {
             RetrievalPart::Quantized(s) => s.attend(query, mask, scaling),
             _ => Err(KvError::State(
@@ -360,7 +386,7 @@ impl HeadSplit {
     /// forward, so that its tokens all see each other); after the prompt's forward they
     /// first keep their heavy hitters.
     pub(crate) fn finish_forward(&mut self, hidden: &[usize]) -> Result<()> {
-        if self.streaming.is_empty() || self.streaming_store.len() == 0 {
+        if self.streaming.is_empty() || self.streaming_store.is_empty() {
             return Ok(());
         }
         if !self.selected {
@@ -379,8 +405,15 @@ impl HeadSplit {
     /// that SnapKV scores highest — in position order, ahead of the window.
     fn select_fixed(&mut self, hidden: &[usize]) -> Result<()> {
         self.streaming_hidden = hidden.to_vec();
-        let (keys, values) = (self.streaming_store.keys_view()?, self.streaming_store.values_view()?);
-        let (batch, heads, n) = (keys.size()[0] as usize, keys.size()[1], keys.size()[2] as usize);
+        let (keys, values) = (
+            self.streaming_store.keys_view()?,
+            self.streaming_store.values_view()?,
+        );
+        let (batch, heads, n) = (
+            keys.size()[0] as usize,
+            keys.size()[1],
+            keys.size()[2] as usize,
+        );
         let queries = self.prompt_queries.take();
         let mut rows = vec![];
         let mut fixed_visible = vec![];
@@ -389,11 +422,15 @@ impl HeadSplit {
             let visible = n - h;
             let sinks = self.sinks.min(visible);
             let heavy = self.heavy.min(visible.saturating_sub(sinks + self.window));
-            let q = queries.as_ref().map(|q| q.f_narrow(0, b as i64, 1)).transpose()?;
+            let q = queries
+                .as_ref()
+                .map(|q| q.f_narrow(0, b as i64, 1))
+                .transpose()?;
             match q {
                 Some(q) if heavy > 0 => {
                     let row = |t: &Tensor| -> Result<Tensor> {
-                        Ok(t.f_narrow(0, b as i64, 1)?.f_narrow(2, h as i64, visible as i64)?)
+                        Ok(t.f_narrow(0, b as i64, 1)?
+                            .f_narrow(2, h as i64, visible as i64)?)
                     };
                     // SnapKV scores the tokens before its window
                     let w = (q.size()[2] as usize).min(visible - 1);
@@ -411,7 +448,9 @@ impl HeadSplit {
                         &ScoreContext::prefill(0, visible),
                     )?
                     .f_to_kind(Kind::Float)?;
-                    let _ = scores.f_narrow(2, 0, sinks as i64)?.f_fill_(f64::NEG_INFINITY)?;
+                    let _ = scores
+                        .f_narrow(2, 0, sinks as i64)?
+                        .f_fill_(f64::NEG_INFINITY)?;
                     let _ = scores
                         .f_narrow(2, (visible - self.window) as i64, self.window as i64)?
                         .f_fill_(f64::NEG_INFINITY)?;
@@ -421,9 +460,13 @@ impl HeadSplit {
                     let front = Tensor::f_arange(sinks as i64, (Kind::Int64, dev))?
                         .f_view([1, 1, -1])?
                         .f_expand([1, heads, sinks as i64], false)?;
-                    let back = Tensor::f_arange_start((visible - self.window) as i64, visible as i64, (Kind::Int64, dev))?
-                        .f_view([1, 1, -1])?
-                        .f_expand([1, heads, self.window as i64], false)?;
+                    let back = Tensor::f_arange_start(
+                        (visible - self.window) as i64,
+                        visible as i64,
+                        (Kind::Int64, dev),
+                    )?
+                    .f_view([1, 1, -1])?
+                    .f_expand([1, heads, self.window as i64], false)?;
                     rows.push(Tensor::f_cat(&[front, chosen, back], 2)?.f_add_scalar(h as i64)?);
                     fixed_visible.push(sinks + heavy);
                 }
@@ -514,12 +557,16 @@ impl HeadSplit {
             RetrievalPart::Empty => {}
         }
         let new_seen = (self.seen - n) as i64;
-        if self.streaming_store.len() > 0 {
+        if !self.streaming_store.is_empty() {
             let positions = self.streaming_store.kept_positions()?.into_uniform()?;
             for (b, &fixed) in self.fixed.iter().enumerate() {
                 let fixed = fixed.min(positions.size()[2] as usize) as i64;
                 if fixed > 0
-                    && positions.f_get(b as i64)?.f_narrow(1, 0, fixed)?.f_max()?.f_int64_value(&[])?
+                    && positions
+                        .f_get(b as i64)?
+                        .f_narrow(1, 0, fixed)?
+                        .f_max()?
+                        .f_int64_value(&[])?
                         >= new_seen
                 {
                     return Err(KvError::State(format!(
@@ -547,7 +594,7 @@ impl HeadSplit {
             RetrievalPart::Quantized(s) => s.index_batch(index)?,
             RetrievalPart::Empty => {}
         }
-        if self.streaming_store.len() > 0 {
+        if !self.streaming_store.is_empty() {
             self.streaming_store.index_batch(index)?;
         }
         let pick = |v: &Vec<usize>| -> Vec<usize> {

@@ -23,7 +23,12 @@ fn visible_slots(hidden: &[usize], stored: usize, device: Device) -> Result<Tens
 /// The new tokens' columns (b or 1, 1, q, q): causal among themselves, with their own
 /// padding when `new_visible` (batch, q) says which are real; else the model's last q
 /// columns, or causal.
-fn new_columns(mask: Option<&Tensor>, new_visible: Option<&Tensor>, q: usize, device: Device) -> Result<Tensor> {
+fn new_columns(
+    mask: Option<&Tensor>,
+    new_visible: Option<&Tensor>,
+    q: usize,
+    device: Device,
+) -> Result<Tensor> {
     let causal = || -> Result<Tensor> {
         Ok(Tensor::f_ones([q as i64, q as i64], (Kind::Bool, device))?
             .f_tril(0)?
@@ -39,9 +44,8 @@ fn new_columns(mask: Option<&Tensor>, new_visible: Option<&Tensor>, q: usize, de
         (None, None) => causal()?,
     };
     Ok(match mask {
-        Some(m) if m.kind() != Kind::Bool => {
-            Tensor::f_zeros([1], (m.kind(), device))?.f_masked_fill(&tail.f_logical_not()?, finfo_min(m.kind()))?
-        }
+        Some(m) if m.kind() != Kind::Bool => Tensor::f_zeros([1], (m.kind(), device))?
+            .f_masked_fill(&tail.f_logical_not()?, finfo_min(m.kind()))?,
         _ => tail,
     })
 }
@@ -62,7 +66,11 @@ pub fn refit(
     let stored = total - q;
     let tail = new_columns(mask, new_visible, q, device)?;
     let padded = hidden.iter().any(|&h| h > 0);
-    let batch = if padded { hidden.len() as i64 } else { tail.size()[0] };
+    let batch = if padded {
+        hidden.len() as i64
+    } else {
+        tail.size()[0]
+    };
     let head = if padded {
         visible_slots(hidden, stored, device)?
             .f_view([batch, 1, 1, stored as i64])?

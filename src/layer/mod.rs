@@ -46,10 +46,12 @@ pub struct Quantization {
 
 impl Quantization {
     fn store(&self) -> Result<QuantizedStore> {
-        QuantizedStore::with_rope_table(self.config.clone(), self.rope.as_ref(), self.table.clone())
+        QuantizedStore::with_rope_table(self.config, self.rope.as_ref(), self.table.clone())
     }
 }
 
+// One per layer, never moved in a loop: the size gap between variants costs nothing.
+#[allow(clippy::large_enum_variant)]
 #[derive(Debug)]
 enum Storage {
     Full(LayerStore),
@@ -181,7 +183,11 @@ impl LayerState {
             press,
             quantization,
             decoding,
-            ..Self::with(layer_idx, Kind_::Compressed, Storage::Full(LayerStore::new()))
+            ..Self::with(
+                layer_idx,
+                Kind_::Compressed,
+                Storage::Full(LayerStore::new()),
+            )
         }
     }
 
@@ -436,7 +442,9 @@ impl LayerState {
         let visible_before = self.visible_stored();
         for (b, row) in rows.iter().enumerate() {
             let pads = row.iter().take_while(|&&v| !v).count();
-            if row[pads..].iter().any(|&v| !v) || (pads > 0 && visible_before.get(b).copied().unwrap_or(0) > 0) {
+            if row[pads..].iter().any(|&v| !v)
+                || (pads > 0 && visible_before.get(b).copied().unwrap_or(0) > 0)
+            {
                 return Err(KvError::invalid(
                     "attention_mask",
                     format!(
@@ -467,7 +475,12 @@ impl LayerState {
     /// [`Route::Model`] (otherwise the new tokens themselves, unused). `served`: whether the
     /// model's attention goes through this crate (so `after_attention` follows); without
     /// it a prompt's compression happens here, without queries.
-    pub fn append(&mut self, keys: &Tensor, values: &Tensor, served: bool) -> Result<(Tensor, Tensor)> {
+    pub fn append(
+        &mut self,
+        keys: &Tensor,
+        values: &Tensor,
+        served: bool,
+    ) -> Result<(Tensor, Tensor)> {
         let (shape, _) = check_kv_pair(keys, values)?;
         self.quantize_kept()?; // without model hooks, the first forward after the prompt
         self.take_visibility(shape.batch, shape.tokens)?;
@@ -485,7 +498,11 @@ impl LayerState {
                 if self.hidden_seen.iter().any(|&p| p > 0) {
                     // rows of a padded batch count positions from their first real token
                     let pads = Tensor::f_from_slice(
-                        &self.hidden_seen.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+                        &self
+                            .hidden_seen
+                            .iter()
+                            .map(|&p| p as i64)
+                            .collect::<Vec<_>>(),
                     )?
                     .f_view([-1, 1, 1])?;
                     positions = positions
@@ -503,7 +520,11 @@ impl LayerState {
             Storage::Full(store) => {
                 let first = store.seen() == 0;
                 let out = store.append(keys, values)?;
-                self.route = if store.is_ragged() { Route::Rows } else { Route::Model };
+                self.route = if store.is_ragged() {
+                    Route::Rows
+                } else {
+                    Route::Model
+                };
                 (out, first)
             }
             Storage::Heads(split) => {
@@ -692,7 +713,8 @@ impl LayerState {
             return Ok(());
         };
         let press = self.press.clone().ok_or_else(no_press)?;
-        let plan = Plan::select(self.layer_idx, &scored.scores, n_kept).with_hidden(self.hidden.clone());
+        let plan =
+            Plan::select(self.layer_idx, &scored.scores, n_kept).with_hidden(self.hidden.clone());
         self.apply_compression(&press, plan)?;
         // the schedule could not act before every layer's budget was known
         self.compress_while_decoding(self.new_tokens)
@@ -707,7 +729,11 @@ impl LayerState {
         let Storage::Full(full) = &self.storage else {
             return Ok(());
         };
-        if full.seen() == 0 || self.pending || self.scored.is_some() || self.kind != Kind_::Compressed {
+        if full.seen() == 0
+            || self.pending
+            || self.scored.is_some()
+            || self.kind != Kind_::Compressed
+        {
             return Ok(());
         }
         if full.is_ragged() {
@@ -724,7 +750,7 @@ impl LayerState {
         let seen = full.seen();
         let (low, low_hidden) = match (self.set_aside.take(), &q.low) {
             (Some((k, v, hidden)), Some(config)) if k.size()[2] > 0 => {
-                let mut low = QuantizedStore::new(config.clone())?;
+                let mut low = QuantizedStore::new(*config)?;
                 low.append(&k, &v)?;
                 (Some(low), hidden)
             }
@@ -747,7 +773,11 @@ impl LayerState {
             return Ok(positions.f_clamp_min(0)?);
         }
         let pads = Tensor::f_from_slice(
-            &self.hidden_seen.iter().map(|&p| p as i64).collect::<Vec<_>>(),
+            &self
+                .hidden_seen
+                .iter()
+                .map(|&p| p as i64)
+                .collect::<Vec<_>>(),
         )?
         .f_view([-1, 1, 1])?
         .f_to(positions.device())?;
@@ -782,9 +812,9 @@ impl LayerState {
     fn mask_is_exact(&self, mask: Option<&Tensor>, total: usize) -> bool {
         let evicted = match &self.storage {
             Storage::Full(s) => s.has_evicted(),
-            Storage::Quantized { seen, store, low, .. } => {
-                *seen != store.seen() || low.is_some()
-            }
+            Storage::Quantized {
+                seen, store, low, ..
+            } => *seen != store.seen() || low.is_some(),
             Storage::Heads(_) => false,
         };
         !evicted && mask.is_none_or(|m| m.size().last() == Some(&(total as i64)))
@@ -803,7 +833,15 @@ impl LayerState {
             return Ok(mask.map(Tensor::shallow_clone));
         }
         let device = mask.map_or(self.device(), Tensor::device);
-        mask::refit(mask, &self.hidden, self.new_visible.as_ref(), total, q, device).map(Some)
+        mask::refit(
+            mask,
+            &self.hidden,
+            self.new_visible.as_ref(),
+            total,
+            q,
+            device,
+        )
+        .map(Some)
     }
 
     fn device(&self) -> Device {
@@ -830,18 +868,36 @@ impl LayerState {
     /// Attention of `query` (batch, q_heads, q, head_dim) over the quantized tokens (and
     /// the low-bit ones with mixed precision), through the fused kernel; `mask` is the
     /// model's 4-D mask. Returns (batch, q, q_heads, head_dim).
-    pub fn attend_kernel(&self, query: &Tensor, mask: Option<&Tensor>, scaling: f64) -> Result<Tensor> {
+    pub fn attend_kernel(
+        &self,
+        query: &Tensor,
+        mask: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<Tensor> {
         let q = query.size()[2] as usize;
-        let Storage::Quantized { store, low, low_hidden, .. } = &self.storage else {
-            return Err(KvError::State("this layer's tokens are not quantized".into()));
+        let Storage::Quantized {
+            store,
+            low,
+            low_hidden,
+            ..
+        } = &self.storage
+        else {
+            return Err(KvError::State(
+                "this layer's tokens are not quantized".into(),
+            ));
         };
         let kernel_mask = self.kernel_mask(mask, q)?;
         match low {
             Some(low) if low.seen() > 0 => {
                 let low_mask = if low_hidden.iter().any(|&h| h > 0) {
-                    let visible = mask::refit(None, low_hidden, None, low.seen() + q, q, query.device())?;
-                    Some(mask::visible_keys(&visible.f_narrow(3, 0, low.seen() as i64)?)?
-                        .f_expand([low_hidden.len() as i64, q as i64, low.seen() as i64], false)?)
+                    let visible =
+                        mask::refit(None, low_hidden, None, low.seen() + q, q, query.device())?;
+                    Some(
+                        mask::visible_keys(&visible.f_narrow(3, 0, low.seen() as i64)?)?.f_expand(
+                            [low_hidden.len() as i64, q as i64, low.seen() as i64],
+                            false,
+                        )?,
+                    )
                 } else {
                     None
                 };
@@ -861,12 +917,19 @@ impl LayerState {
     pub fn attend_rows(&self, query: &Tensor, scaling: f64) -> Result<Tensor> {
         match &self.storage {
             Storage::Full(s) => s.attend_rows(query, scaling),
-            _ => Err(KvError::State("this layer has no rows of their own lengths".into())),
+            _ => Err(KvError::State(
+                "this layer has no rows of their own lengths".into(),
+            )),
         }
     }
 
     /// The parts of a retrieval-heads layer's attention (see [`HeadPart`]).
-    pub fn head_parts(&self, mask: Option<&Tensor>, q: usize, q_heads: usize) -> Result<Vec<HeadPart>> {
+    pub fn head_parts(
+        &self,
+        mask: Option<&Tensor>,
+        q: usize,
+        q_heads: usize,
+    ) -> Result<Vec<HeadPart>> {
         match &self.storage {
             Storage::Heads(h) => h.parts(mask, q, q_heads),
             _ => Err(KvError::State("this layer does not split its heads".into())),
@@ -874,7 +937,12 @@ impl LayerState {
     }
 
     /// Kernel attention of the retrieval heads' queries over their quantized store.
-    pub fn attend_retrieval(&self, query: &Tensor, mask: Option<&Tensor>, scaling: f64) -> Result<Tensor> {
+    pub fn attend_retrieval(
+        &self,
+        query: &Tensor,
+        mask: Option<&Tensor>,
+        scaling: f64,
+    ) -> Result<Tensor> {
         match &self.storage {
             Storage::Heads(h) => h.attend_retrieval(query, mask, scaling),
             _ => Err(KvError::State("this layer does not split its heads".into())),
@@ -903,7 +971,11 @@ impl LayerState {
             }
             Storage::Heads(h) => return h.kept_positions(original),
         };
-        let positions = if original { store.kept_positions()? } else { store.key_positions()? };
+        let positions = if original {
+            store.kept_positions()?
+        } else {
+            store.key_positions()?
+        };
         Ok(match positions {
             KeptPositions::Uniform(p) if self.hidden.iter().any(|&h| h > 0) => {
                 let n = p.size()[2];
@@ -956,7 +1028,10 @@ impl LayerState {
     /// Repeats every batch row `repeats` times.
     pub fn repeat_interleave_batch(&mut self, repeats: i64) -> Result<()> {
         if repeats < 1 {
-            return Err(KvError::invalid("repeats", format!("got {repeats}, expected >= 1")));
+            return Err(KvError::invalid(
+                "repeats",
+                format!("got {repeats}, expected >= 1"),
+            ));
         }
         let order: Vec<usize> = (0..self.batch())
             .flat_map(|b| std::iter::repeat_n(b, repeats as usize))
@@ -971,7 +1046,12 @@ impl LayerState {
         let index = Tensor::f_from_slice(&order.iter().map(|&b| b as i64).collect::<Vec<_>>())?;
         match &mut self.storage {
             Storage::Full(s) => s.index_batch(&index)?,
-            Storage::Quantized { store, low, low_hidden, .. } => {
+            Storage::Quantized {
+                store,
+                low,
+                low_hidden,
+                ..
+            } => {
                 store.index_batch(&index)?;
                 if let Some(l) = low {
                     l.index_batch(&index)?;
@@ -1030,8 +1110,14 @@ impl LayerState {
 
     /// Replaces the stored tokens at `indices` by `keys`/`values` (recomputed tokens of an
     /// assembled cache).
-    pub fn overwrite_tokens(&mut self, indices: &Tensor, keys: &Tensor, values: &Tensor) -> Result<()> {
-        self.full_store_mut()?.overwrite_tokens(indices, keys, values)
+    pub fn overwrite_tokens(
+        &mut self,
+        indices: &Tensor,
+        keys: &Tensor,
+        values: &Tensor,
+    ) -> Result<()> {
+        self.full_store_mut()?
+            .overwrite_tokens(indices, keys, values)
     }
 
     /// Re-rotates the kept keys to compact positions ending right before `next_position`
@@ -1079,7 +1165,8 @@ impl LayerState {
         let Some(d) = &mut self.decoding else {
             return Ok(None);
         };
-        Ok(d.statistics(rope.as_ref(), &seen)?.map(crate::policies::QueryStats::shallow))
+        Ok(d.statistics(rope.as_ref(), &seen)?
+            .map(crate::policies::QueryStats::shallow))
     }
 
     /// The quantized store's parts (a chunk entry's layer).

@@ -4,10 +4,10 @@
 //! and a layer preference (attention dispersion in space and shift in time) from which the
 //! CAKE layer budget splits the model's total budget across layers.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{append_protected, group_mean, window_attention};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use tch::{Kind, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -122,11 +122,26 @@ pub const STAGE: Stage = Stage {
     reference: "Qin et al., 2025",
     url: "https://arxiv.org/abs/2503.12491",
     params: &[
-        ParamSpec::int("window_size", 32, 2, "last prompt queries whose attention is measured (always kept)"),
+        ParamSpec::int(
+            "window_size",
+            32,
+            2,
+            "last prompt queries whose attention is measured (always kept)",
+        ),
         ParamSpec::int("kernel_size", 5, 1, "odd width of the average pooling"),
-        ParamSpec::float("gamma", 200.0, 0.0, None, "weight of the variance over the window"),
+        ParamSpec::float(
+            "gamma",
+            200.0,
+            0.0,
+            None,
+            "weight of the variance over the window",
+        ),
     ],
     build: Builder::Scorer(|a| {
-        Ok(Box::new(Cake::new(a.usize("window_size")?, a.usize("kernel_size")?, a.f64("gamma")?)?))
+        Ok(Box::new(Cake::new(
+            a.usize("window_size")?,
+            a.usize("kernel_size")?,
+            a.f64("gamma")?,
+        )?))
     }),
 };

@@ -12,10 +12,10 @@
 //! bf16 natively, the covariance term's two matrix products are bf16 GEMMs (float32
 //! accumulation; the term they feed is divided by 2·d), where kvpress runs every step in bf16.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{dot8, group_mean, repeat_kv};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use crate::rope::Rope;
 use crate::tensor::{array_view, array_view_mut, uses_cpu_kernels, KvFloat};
 use half::bf16;
@@ -371,15 +371,36 @@ fn logits_pass<E: KvFloat>(
 pub const STAGE: Stage = Stage {
     name: "expected_attention",
     aliases: &[],
-    summary: "attention expected from future queries (pre-RoPE query statistics moved ahead), times ‖v‖",
+    summary:
+        "attention expected from future queries (pre-RoPE query statistics moved ahead), times ‖v‖",
     reference: "NVIDIA kvpress (Devoto et al., 2025)",
     url: "https://arxiv.org/abs/2510.00636",
     params: &[
-        ParamSpec::int("n_future_positions", 512, 1, "future positions RoPE is averaged over"),
-        ParamSpec::int("n_sink", 4, 0, "first tokens always kept, and left out of the query statistics"),
+        ParamSpec::int(
+            "n_future_positions",
+            512,
+            1,
+            "future positions RoPE is averaged over",
+        ),
+        ParamSpec::int(
+            "n_sink",
+            4,
+            0,
+            "first tokens always kept, and left out of the query statistics",
+        ),
         ParamSpec::flag("use_covariance", true, "add the covariance term kᵀR̄ΣR̄ᵀk/2d"),
-        ParamSpec::flag("use_vnorm", true, "multiply the score (+ epsilon) by the value norm ‖v‖"),
-        ParamSpec::float("epsilon", 0.0, 0.0, None, "added to the score before it is multiplied by ‖v‖"),
+        ParamSpec::flag(
+            "use_vnorm",
+            true,
+            "multiply the score (+ epsilon) by the value norm ‖v‖",
+        ),
+        ParamSpec::float(
+            "epsilon",
+            0.0,
+            0.0,
+            None,
+            "added to the score before it is multiplied by ‖v‖",
+        ),
     ],
     build: Builder::Scorer(|a| {
         Ok(Box::new(ExpectedAttention::new(

@@ -6,11 +6,11 @@
 //! kernel is two passes over each (batch, head) row — normalised-key sum, then cosines —
 //! instead of libtorch's chain of six ops and four temporaries of the keys' size.
 
-use crate::registry::{Builder, Stage};
 use super::attention_weights::dot8;
 use super::knorm::sum_squares;
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, Stage};
 use crate::tensor::{FloatView4, KvFloat};
 use crate::with_float_view;
 use ndarray::{ArrayView4, ArrayViewMut3, Axis};

@@ -1,9 +1,9 @@
 //! Knorm: keep the keys with the smallest L2 norm (score = −‖k‖₂), computed in float32
 //! because bf16 norms tie too often to rank tokens.
 
-use crate::registry::{Builder, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
+use crate::registry::{Builder, Stage};
 use crate::tensor::{FloatView4, KvFloat};
 use crate::with_float_view;
 use ndarray::{ArrayView4, ArrayViewMut3, Axis};

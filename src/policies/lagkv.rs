@@ -8,9 +8,9 @@
 //! dtype; near-ties in bf16 may therefore rank differently). The CPU kernel fuses the
 //! whole chain per partition; other devices run the same steps as libtorch ops.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use crate::tensor::{FloatView4, KvFloat};
 use crate::with_float_view;
 use ndarray::{ArrayView2, ArrayView4, ArrayViewMut3, Axis};

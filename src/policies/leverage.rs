@@ -74,7 +74,9 @@ impl Scorer for Leverage {
             .f_sum_dim_intlist(Some([-1i64].as_slice()), false, Kind::Float)?
             .f_clamp_min(0.0)?;
         let std = leverage.f_std(true)?.f_clamp_min(1e-6)?;
-        Ok(leverage.f_sub(&leverage.f_mean(Kind::Float)?)?.f_div(&std)?)
+        Ok(leverage
+            .f_sub(&leverage.f_mean(Kind::Float)?)?
+            .f_div(&std)?)
     }
 }
 
@@ -101,7 +103,10 @@ mod tests {
 
     #[test]
     fn a_negative_ridge_is_refused_naming_it() {
-        assert!(Leverage::new(-1.0).unwrap_err().to_string().contains("ridge"));
+        assert!(Leverage::new(-1.0)
+            .unwrap_err()
+            .to_string()
+            .contains("ridge"));
         assert!(Leverage::new(f64::NAN).is_err());
     }
 }

@@ -3,10 +3,10 @@
 //! over each KV head's group. Computed here from the queries, chunk by chunk, so the model
 //! need not run eager attention nor materialise the full T × T weights.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{group_mean, grouped_logits};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use tch::{Kind, Tensor};
 
 #[derive(Clone, Copy, Debug)]
@@ -97,6 +97,11 @@ pub const STAGE: Stage = Stage {
     summary: "attention received from every prompt query, divided by how many could see the token",
     reference: "Zhang et al., 2023 (H2O)",
     url: "https://arxiv.org/abs/2306.14048",
-    params: &[ParamSpec::int("chunk_size", 512, 1, "queries processed at a time (memory: chunk × tokens per head)")],
+    params: &[ParamSpec::int(
+        "chunk_size",
+        512,
+        1,
+        "queries processed at a time (memory: chunk × tokens per head)",
+    )],
     build: Builder::Scorer(|a| Ok(Box::new(ObservedAttention::new(a.usize("chunk_size")?)?))),
 };

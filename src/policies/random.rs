@@ -2,9 +2,9 @@
 //! same kept tokens for a given (layer, batch row, head, token) on every device and thread
 //! count.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::Result;
+use crate::registry::{Builder, ParamSpec, Stage};
 use crate::tensor::FloatView4;
 use ndarray::ArrayViewMut3;
 use tch::{Device, Kind, Tensor};
@@ -79,6 +79,14 @@ pub const STAGE: Stage = Stage {
     summary: "uniform random scores from a seeded counter-based generator (a baseline)",
     reference: "a baseline",
     url: "",
-    params: &[ParamSpec { min: None, ..ParamSpec::int("seed", 0, 0, "seed of the generator (scores per seed, layer, row, head, token)") }],
+    params: &[ParamSpec {
+        min: None,
+        ..ParamSpec::int(
+            "seed",
+            0,
+            0,
+            "seed of the generator (scores per seed, layer, row, head, token)",
+        )
+    }],
     build: Builder::Scorer(|a| Ok(Box::new(Random::new(a.i64("seed")? as u64)))),
 };

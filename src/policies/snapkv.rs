@@ -13,10 +13,10 @@
 //! order is the positions. A prompt's compression pools over positions with `kernel_size`,
 //! as the paper does. Measured in the README ("Compression during generation vs kvpress").
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::attention_weights::{append_protected, group_mean, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use tch::{Kind, Tensor};
 
 #[derive(Clone, Copy, Debug)]

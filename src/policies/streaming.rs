@@ -5,9 +5,9 @@
 //! picks — per layer (pyramid, CAKE) or per head (AdaKV) alike. Ties among the sinks go
 //! to the earlier ones when k < n_sink.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::{KeyValueScorer, ScoreContext};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use crate::tensor::FloatView4;
 use ndarray::{ArrayViewMut3, Axis};
 use tch::{Kind, Tensor};
@@ -89,6 +89,11 @@ pub const STAGE: Stage = Stage {
     summary: "the first `n_sink` tokens (attention sinks) and the most recent ones",
     reference: "Xiao et al., 2023",
     url: "https://arxiv.org/abs/2309.17453",
-    params: &[ParamSpec::int("n_sink", 4, 0, "first tokens always kept (attention sinks)")],
+    params: &[ParamSpec::int(
+        "n_sink",
+        4,
+        0,
+        "first tokens always kept (attention sinks)",
+    )],
     build: Builder::Scorer(|a| Ok(Box::new(StreamingLlm::new(a.i64("n_sink")?)?))),
 };

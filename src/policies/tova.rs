@@ -1,10 +1,10 @@
 //! TOVA (Oren et al. 2024): the attention of the last prompt token, averaged over all
 //! query heads and shared by every KV head; the last token is always kept.
 
-use crate::registry::{Builder, Stage};
 use super::attention_weights::{append_protected, window_attention_mean};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, Stage};
 use tch::Tensor;
 
 #[derive(Clone, Copy, Debug, Default)]

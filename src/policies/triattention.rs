@@ -12,9 +12,9 @@
 //! the prompt's queries here (inverse-rotated exactly); `src/policies/triattention.rs` is
 //! also the scorer decoding-time compression uses with calibrated statistics.
 
-use crate::registry::{Builder, ParamSpec, Stage};
 use super::{QueryWindow, ScoreInput, Scorer};
 use crate::error::{KvError, Result};
+use crate::registry::{Builder, ParamSpec, Stage};
 use crate::rope::{Layout, Rope};
 use std::f64::consts::TAU;
 use tch::{Kind, Tensor};
@@ -89,7 +89,11 @@ impl QueryStats {
         let row = |t: &Tensor| -> Result<Tensor> {
             let n = t.size()[0];
             // statistics shared by every row (one calibration row) serve each row as they are
-            Ok(if n == 1 { t.shallow_clone() } else { t.f_narrow(0, b as i64, 1)? })
+            Ok(if n == 1 {
+                t.shallow_clone()
+            } else {
+                t.f_narrow(0, b as i64, 1)?
+            })
         };
         Ok(QueryStats {
             center_re: row(&self.center_re)?,

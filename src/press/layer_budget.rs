@@ -353,7 +353,10 @@ fn build_explicit(a: &Args, ctx: &BuildContext) -> Result<Box<dyn LayerBudget>> 
             "give either per-layer `layer_ratios` or `compression_ratio`/`max_tokens`, not both",
         ));
     }
-    Ok(Box::new(Explicit::new(a.floats("layer_ratios")?, ctx.n_layers)?))
+    Ok(Box::new(Explicit::new(
+        a.floats("layer_ratios")?,
+        ctx.n_layers,
+    )?))
 }
 
 /// The registry entries of the layer budgets.
@@ -389,9 +392,20 @@ pub static STAGES: [Stage; 4] = [
         reference: "Qin et al., 2025",
         url: "https://arxiv.org/abs/2503.12491",
         params: &[
-            ParamSpec { min_open: true, ..ParamSpec::float("tau1", 1.6, 0.0, None, "temperature of the dispersion") },
-            ParamSpec { min_open: true, ..ParamSpec::float("tau2", 0.6, 0.0, None, "temperature of the shift") },
-            ParamSpec::int("cake_window", 32, 2, "last prompt queries that measure each layer"),
+            ParamSpec {
+                min_open: true,
+                ..ParamSpec::float("tau1", 1.6, 0.0, None, "temperature of the dispersion")
+            },
+            ParamSpec {
+                min_open: true,
+                ..ParamSpec::float("tau2", 0.6, 0.0, None, "temperature of the shift")
+            },
+            ParamSpec::int(
+                "cake_window",
+                32,
+                2,
+                "last prompt queries that measure each layer",
+            ),
         ],
         build: Builder::LayerBudget(build_cake),
     },

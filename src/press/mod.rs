@@ -645,9 +645,7 @@ impl Press {
                     sources,
                     &ScoreContext::prefill(layer, n_kept),
                 )?;
-                let preference = self
-                    .layer_budget
-                    .preference(plan.queries.as_ref(), &keys)?;
+                let preference = self.layer_budget.preference(plan.queries.as_ref(), &keys)?;
                 Ok(Outcome {
                     scored: Some(LayerScores {
                         scores,
@@ -735,10 +733,14 @@ impl Press {
                     let steps = vec![Some(*step); inputs.visible.len()];
                     match self.decoding_rows(&inputs, &steps, fixed, fillers)? {
                         None => return Ok(Outcome::default()),
-                        Some((rows, counts, remembered)) => (rows, counts, inputs.visible, remembered),
+                        Some((rows, counts, remembered)) => {
+                            (rows, counts, inputs.visible, remembered)
+                        }
                     }
                 }
-                Step::DecodingRows(steps) => match self.decoding_rows(&inputs, steps, fixed, fillers)? {
+                Step::DecodingRows(steps) => match self
+                    .decoding_rows(&inputs, steps, fixed, fillers)?
+                {
                     None => return Ok(Outcome::default()),
                     Some((rows, counts, remembered)) => (rows, counts, inputs.visible, remembered),
                 },
@@ -842,7 +844,13 @@ impl Press {
 
     /// Counts per row that the target can hold: without filler slots, a row may pad with
     /// its hidden slots only, so it keeps more visible tokens where those are too few.
-    fn fit_counts(&self, counts: Vec<usize>, visible: &[usize], plan: &Plan, fillers: bool) -> Vec<usize> {
+    fn fit_counts(
+        &self,
+        counts: Vec<usize>,
+        visible: &[usize],
+        plan: &Plan,
+        fillers: bool,
+    ) -> Vec<usize> {
         if fillers || !self.head_budget.is_uniform() {
             return counts;
         }
@@ -850,7 +858,10 @@ impl Press {
         counts
             .iter()
             .enumerate()
-            .map(|(b, &n)| n.max(widest.saturating_sub(plan.hidden_of(b))).min(visible[b]))
+            .map(|(b, &n)| {
+                n.max(widest.saturating_sub(plan.hidden_of(b)))
+                    .min(visible[b])
+            })
             .collect()
     }
 
@@ -868,7 +879,8 @@ impl Press {
         let visible = &inputs.visible;
         let protect = |b: usize, step: &Decoding| {
             (
-                step.protect_first.max(sinks.saturating_sub(plan.hidden_of(b))),
+                step.protect_first
+                    .max(sinks.saturating_sub(plan.hidden_of(b))),
                 step.protect_last.max(residual),
             )
         };
@@ -989,7 +1001,11 @@ impl RowInputs<'_> {
         };
         let n = q.size()[2];
         let real = n.min(self.visible[b] as i64);
-        Ok(Some(q.f_narrow(0, b as i64, 1)?.f_narrow(2, n - real, real)?))
+        Ok(Some(q.f_narrow(0, b as i64, 1)?.f_narrow(
+            2,
+            n - real,
+            real,
+        )?))
     }
 
     /// Row `b`'s previous scores over its visible tokens.
@@ -1046,12 +1062,16 @@ fn join_rows(
     heads: i64,
 ) -> Result<(Kept, Vec<usize>)> {
     let batch = rows.len();
-    let per_head = rows.iter().any(|r| matches!(r, RowKept::Some(Kept::Rows(_))));
+    let per_head = rows
+        .iter()
+        .any(|r| matches!(r, RowKept::Some(Kept::Rows(_))));
     let all_of = |b: usize, heads: i64| -> Result<Tensor> {
         let h = plan.hidden_of(b) as i64;
-        Ok(Tensor::f_arange_start(h, stored as i64, (Kind::Int64, Device::Cpu))?
-            .f_view([1, 1, stored as i64 - h])?
-            .f_expand([1, heads, stored as i64 - h], false)?)
+        Ok(
+            Tensor::f_arange_start(h, stored as i64, (Kind::Int64, Device::Cpu))?
+                .f_view([1, 1, stored as i64 - h])?
+                .f_expand([1, heads, stored as i64 - h], false)?,
+        )
     };
     if per_head {
         let mut out = Vec::new();
@@ -1136,7 +1156,11 @@ fn join_remembered(
     for (b, r) in remembered.into_iter().enumerate() {
         let row = match r {
             Some(s) => s.f_to_kind(Kind::Float)?.f_to(device)?,
-            None => Tensor::f_full([1, heads, kept(b)], f64::NEG_INFINITY, (Kind::Float, device))?,
+            None => Tensor::f_full(
+                [1, heads, kept(b)],
+                f64::NEG_INFINITY,
+                (Kind::Float, device),
+            )?,
         };
         let fill = width - row.size()[2];
         out.push(if fill > 0 {
@@ -1156,7 +1180,11 @@ fn extend_unranked(scores: &Tensor, n: usize) -> Result<Tensor> {
     if more <= 0 {
         return Ok(scores.f_narrow(2, 0, n as i64)?);
     }
-    let tail = Tensor::f_full([s[0], s[1], more], f64::NEG_INFINITY, (Kind::Float, scores.device()))?;
+    let tail = Tensor::f_full(
+        [s[0], s[1], more],
+        f64::NEG_INFINITY,
+        (Kind::Float, scores.device()),
+    )?;
     Ok(Tensor::f_cat(&[scores.f_to_kind(Kind::Float)?, tail], 2)?)
 }
 

@@ -76,7 +76,8 @@ impl ScoreTransform for ProtectEnds {
 pub static STAGES: [Stage; 1] = [Stage {
     name: "head_mean",
     aliases: &[],
-    summary: "every KV head of a layer takes the mean score of its heads (they keep the same tokens)",
+    summary:
+        "every KV head of a layer takes the mean score of its heads (they keep the same tokens)",
     reference: "",
     url: "",
     params: &[],

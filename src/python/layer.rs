@@ -34,8 +34,8 @@ fn quantization(
 ) -> Option<Arc<Quantization>> {
     config.map(|c| {
         Arc::new(Quantization {
-            config: c.inner.clone(),
-            low: low.map(|l| l.inner.clone()),
+            config: c.inner,
+            low: low.map(|l| l.inner),
             rope: rope.map(|r| r.inner.clone()),
             table: table.map(PyRopeTable::shared),
         })
@@ -130,7 +130,9 @@ impl PyLayerState {
             }
             (None, _) => None,
         };
-        Ok(Self::wrap(LayerState::compressed(layer_idx, press, q, decoding)))
+        Ok(Self::wrap(LayerState::compressed(
+            layer_idx, press, q, decoding,
+        )))
     }
 
     /// A layer quantized from its first token, with no press (``QuantizedKVCache``).
@@ -211,7 +213,7 @@ impl PyLayerState {
     ) -> PyResult<Self> {
         let store = store.get().take().map_err(to_pyerr)?;
         let q = Arc::new(Quantization {
-            config: store.config().clone(),
+            config: *store.config(),
             low: None,
             rope: rope.map(|r| r.get().inner.clone()),
             table: None,
@@ -253,7 +255,11 @@ impl PyLayerState {
     /// The 4-D mask for the model's attention over this layer's tokens and the ``q`` new
     /// ones: the model's ``mask`` when it describes them, else rebuilt (padding masked).
     #[pyo3(signature = (mask, q))]
-    fn model_mask(slf: Bound<'_, Self>, mask: Option<PyTensor>, q: usize) -> PyResult<Option<PyTensor>> {
+    fn model_mask(
+        slf: Bound<'_, Self>,
+        mask: Option<PyTensor>,
+        q: usize,
+    ) -> PyResult<Option<PyTensor>> {
         let me = slf.get();
         let out = detached(slf.py(), move || {
             me.lock()?.model_mask(mask.as_ref().map(|m| &m.0), q)
@@ -293,10 +299,19 @@ impl PyLayerState {
         mask: Option<PyTensor>,
         q: usize,
         q_heads: usize,
-    ) -> PyResult<Vec<(PyTensor, Option<PyTensor>, Option<PyTensor>, Option<PyTensor>, bool)>> {
+    ) -> PyResult<
+        Vec<(
+            PyTensor,
+            Option<PyTensor>,
+            Option<PyTensor>,
+            Option<PyTensor>,
+            bool,
+        )>,
+    > {
         let me = slf.get();
         let parts = detached(slf.py(), move || {
-            me.lock()?.head_parts(mask.as_ref().map(|m| &m.0), q, q_heads)
+            me.lock()?
+                .head_parts(mask.as_ref().map(|m| &m.0), q, q_heads)
         })?;
         Ok(parts
             .into_iter()
@@ -475,7 +490,9 @@ impl PyLayerState {
     /// Repeats each batch row ``repeats`` times.
     fn repeat_interleave_batch(slf: Bound<'_, Self>, repeats: i64) -> PyResult<()> {
         let me = slf.get();
-        detached(slf.py(), move || me.lock()?.repeat_interleave_batch(repeats))
+        detached(slf.py(), move || {
+            me.lock()?.repeat_interleave_batch(repeats)
+        })
     }
 
     /// Drops everything: the layer is as new.
@@ -499,7 +516,9 @@ impl PyLayerState {
     }
 
     /// The quantized store's parts as named tensors (a chunk entry's layer).
-    fn quantized_parts(slf: Bound<'_, Self>) -> PyResult<std::collections::HashMap<String, PyTensor>> {
+    fn quantized_parts(
+        slf: Bound<'_, Self>,
+    ) -> PyResult<std::collections::HashMap<String, PyTensor>> {
         let me = slf.get();
         let parts = detached(slf.py(), move || me.lock()?.quantized_parts())?;
         Ok(parts.into_iter().map(|(n, t)| (n, PyTensor(t))).collect())

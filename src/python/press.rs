@@ -1,20 +1,20 @@
 //! `kvpress_rs._native.Press`: a scorer and its budgets (see `crate::press`).
 
 use super::conversion::PyTensor;
+use super::decoding::PyQueryStats;
 use super::errors::{detached, to_pyerr};
+use super::quant::PyQuantizedStore;
 use super::rope::PyRope;
+use super::store::PyLayerStore;
 use crate::budget::Budget;
 use crate::error::KvError;
 use crate::policies::{ParamValue, Params, QueryWindow};
 use crate::press::Press;
+use crate::press::{Decoding, Outcome, Plan};
 use crate::registry::{build_press as build_press_from, PressSpec};
 use pyo3::prelude::*;
 use pyo3::types::{PyBool, PyDict, PyFloat, PyInt, PyString};
 use std::sync::Arc;
-use super::decoding::PyQueryStats;
-use super::quant::PyQuantizedStore;
-use super::store::PyLayerStore;
-use crate::press::{Decoding, Outcome, Plan};
 
 /// Keyword arguments from Python into [`Params`] (ints, floats, bools, strings, lists of
 /// numbers).
@@ -292,7 +292,11 @@ impl PyPress {
 
     /// Carries out ``plan`` (a :class:`Plan`) on ``store`` (a LayerStore, or a
     /// QuantizedStore for a decoding step) — the one entry point of every compression.
-    fn compress(slf: Bound<'_, Self>, store: Bound<'_, PyAny>, plan: Bound<'_, PyPlan>) -> PyResult<PyOutcome> {
+    fn compress(
+        slf: Bound<'_, Self>,
+        store: Bound<'_, PyAny>,
+        plan: Bound<'_, PyPlan>,
+    ) -> PyResult<PyOutcome> {
         let me = slf.get();
         let plan = plan.get().plan().map_err(to_pyerr)?;
         let outcome = if let Ok(s) = store.cast::<PyLayerStore>() {
@@ -300,7 +304,9 @@ impl PyPress {
             detached(slf.py(), move || me.inner.compress(&mut *s.lock()?, plan))?
         } else if let Ok(s) = store.cast::<PyQuantizedStore>() {
             let s = s.get();
-            detached(slf.py(), move || s.with_store(|q| me.inner.compress(q, plan)))?
+            detached(slf.py(), move || {
+                s.with_store(|q| me.inner.compress(q, plan))
+            })?
         } else {
             return Err(to_pyerr(KvError::invalid(
                 "store",
@@ -392,13 +398,18 @@ impl PlanFields {
             "prefill" => Plan::prefill(self.layer_idx),
             "score" => Plan::score(self.layer_idx),
             "select" => {
-                let scores = self.scores.as_ref().ok_or_else(|| KvError::invalid("scores", "missing"))?;
+                let scores = self
+                    .scores
+                    .as_ref()
+                    .ok_or_else(|| KvError::invalid("scores", "missing"))?;
                 Plan::select(self.layer_idx, scores, self.n_kept.clone())
             }
             _ => Plan::decoding(self.layer_idx, self.decoding),
         };
         let stats = match &self.query_stats {
-            Some(s) => Some(Python::attach(|py| s.bind(py).get().lock().map(|g| g.shallow()))?),
+            Some(s) => Some(Python::attach(|py| {
+                s.bind(py).get().lock().map(|g| g.shallow())
+            })?),
             None => None,
         };
         Ok(plan
@@ -438,7 +449,12 @@ impl PyPlan {
     /// Keeps the ``n_kept`` best of earlier ``scores`` (one count, or one per batch row).
     #[staticmethod]
     #[pyo3(signature = (layer_idx, scores, n_kept, hidden=None))]
-    fn select(layer_idx: usize, scores: PyTensor, n_kept: Vec<usize>, hidden: Option<Vec<usize>>) -> Self {
+    fn select(
+        layer_idx: usize,
+        scores: PyTensor,
+        n_kept: Vec<usize>,
+        hidden: Option<Vec<usize>>,
+    ) -> Self {
         Self::wrap(PlanFields {
             scores: Some(scores.0),
             n_kept,
@@ -484,7 +500,10 @@ impl PyPlan {
             .inner
             .lock()
             .map_err(|_| to_pyerr(KvError::State("the plan is poisoned".into())))?;
-        Ok(format!("Plan(step='{}', layer_idx={})", f.step, f.layer_idx))
+        Ok(format!(
+            "Plan(step='{}', layer_idx={})",
+            f.step, f.layer_idx
+        ))
     }
 }
 
@@ -525,13 +544,21 @@ impl PyOutcome {
     /// remembers, to pass as the next decoding step's ``previous_scores``.
     #[getter]
     fn kept_scores(&self) -> PyResult<Option<PyTensor>> {
-        Ok(self.get()?.kept_scores.as_ref().map(|t| PyTensor(t.shallow_clone())))
+        Ok(self
+            .get()?
+            .kept_scores
+            .as_ref()
+            .map(|t| PyTensor(t.shallow_clone())))
     }
 
     /// A scoring step's scores (batch, kv_heads, tokens).
     #[getter]
     fn scores(&self) -> PyResult<Option<PyTensor>> {
-        Ok(self.get()?.scored.as_ref().map(|s| PyTensor(s.scores.shallow_clone())))
+        Ok(self
+            .get()?
+            .scored
+            .as_ref()
+            .map(|s| PyTensor(s.scores.shallow_clone())))
     }
 
     /// A scoring step's layer preferences (one, or one per batch row).

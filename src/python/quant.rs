@@ -260,7 +260,10 @@ impl PyQuantizedStore {
     }
 
     /// Runs `f` on the locked store.
-    pub(crate) fn with_store<T>(&self, f: impl FnOnce(&mut QuantizedStore) -> Result<T>) -> Result<T> {
+    pub(crate) fn with_store<T>(
+        &self,
+        f: impl FnOnce(&mut QuantizedStore) -> Result<T>,
+    ) -> Result<T> {
         f(&mut *self.lock()?)
     }
 

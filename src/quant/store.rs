@@ -294,8 +294,7 @@ pub struct QuantizedStore {
 /// What pre-RoPE keys need: the RoPE, and the cos/sin table attention reads — this
 /// store's own, or one shared by the stores of every layer of a cache (which counts its
 /// bytes once: per layer it would cost as much as 10% of a 2-bit cache at 2k tokens).
-#[derive(Debug)]
-#[derive(Clone)]
+#[derive(Debug, Clone)]
 struct PreRope {
     rope: Rope,
     table: SharedAngleTable,
@@ -407,7 +406,7 @@ impl QuantizedStore {
     /// An empty store with this one's config and RoPE (a shared table stays shared).
     pub fn emptied(&self) -> Self {
         QuantizedStore {
-            config: self.config.clone(),
+            config: self.config,
             shape: None,
             layouts: None,
             sinks: None,

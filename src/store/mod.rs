@@ -200,8 +200,9 @@ impl LayerStore {
         }
     }
 
+    /// No token stored (none seen yet, or every one evicted).
     pub fn is_empty(&self) -> bool {
-        self.seen == 0
+        self.len() == 0
     }
 
     /// Whether rows have their own lengths (a head budget was applied).
@@ -467,7 +468,9 @@ impl LayerStore {
                 };
                 for (i, idx) in rows.iter().enumerate() {
                     let (k, v, p) = old.row(i)?;
-                    let o = (!old.original.is_empty()).then(|| old.original_row(i)).transpose()?;
+                    let o = (!old.original.is_empty())
+                        .then(|| old.original_row(i))
+                        .transpose()?;
                     let one = RaggedRows::from_rows(
                         &k,
                         &v,
@@ -638,7 +641,11 @@ impl LayerStore {
         let shift = |new: &Tensor, old: &Tensor, keys: &Tensor| -> Result<Tensor> {
             // hidden slots stay where they are (no attention sees them)
             let delta = new.f_sub(old)?.f_masked_fill(&new.f_lt(0)?, 0)?;
-            rope.shift(keys, &delta.f_to_kind(Kind::Int64)?.f_to(keys.device())?, Some(seen))
+            rope.shift(
+                keys,
+                &delta.f_to_kind(Kind::Int64)?.f_to(keys.device())?,
+                Some(seen),
+            )
         };
         // where row b's keys were rotated: their positions, less the row's pads
         let rotated_at = |old: Tensor, b: i64| -> Result<Tensor> {
@@ -673,7 +680,8 @@ impl LayerStore {
                     let n = keys.size()[2] as usize;
                     let new = compact(n, hidden_of(i / heads).min(n))?;
                     if keep_original {
-                        r.original.push(buffer::TokenBuffer::adopt(old.f_contiguous()?));
+                        r.original
+                            .push(buffer::TokenBuffer::adopt(old.f_contiguous()?));
                     }
                     let at = rotated_at(old, (i / heads) as i64)?;
                     r.keys[i] = buffer::TokenBuffer::adopt(shift(&new, &at, &keys)?);
