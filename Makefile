@@ -29,7 +29,9 @@ STAMP_TF52  := $(TF_OLDEST_DIR)/.stamp
 STAMP_BUILD := $(VENV)/.stamp-build
 RUST_SRC    := $(shell find src -name '*.rs') Cargo.toml pyproject.toml .cargo/config.toml
 
-.PHONY: demo test test-rs test-py test-py-latest test-py-oldest test-cuda develop deps style clean bench-deps bench-quant
+AUSTEN_DIR  ?= $(HOME)/.cache/kvpress_rs/janeaustenr
+
+.PHONY: austen test-kvpress demo test test-rs test-py test-py-latest test-py-oldest test-cuda develop deps style clean bench-deps bench-quant
 
 demo: $(STAMP_BUILD)
 	$(VPY) -m kvpress_rs.demo
@@ -97,16 +99,22 @@ $(STAMP_KVPRESS): $(STAMP_DEPS)
 		"tokenizers==$(TF_OLDEST_TOKENIZERS)"
 	touch $@
 
+# Our presses against kvpress 0.5.5's of the same name, in kvpress's environment: kept
+# positions on SmolLM2 (float32, an Austen passage) must overlap >= 0.98
+# (bench_results/kept_agreement.json). Not part of `make test`: it needs kvpress installed.
+test-kvpress: $(STAMP_BUILD) $(STAMP_KVPRESS) austen
+	PYTHONPATH=$(abspath python) $(KVPY) -m pytest -q -s -p no:cacheprovider tests_kvpress
+
+austen:
+	test -f $(AUSTEN_DIR)/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb || \
+		(mkdir -p $(AUSTEN_DIR) && cd $(AUSTEN_DIR) && apt-get download r-cran-janeaustenr && \
+		 dpkg-deb -x r-cran-janeaustenr_*.deb . && rm -f r-cran-janeaustenr_*.deb)
 
 # Optional benchmark inputs (not needed by `make test`): optimum-quanto for transformers'
 # QuantizedCache, and Jane Austen's novels from the Debian package r-cran-janeaustenr,
 # unpacked into the kvpress_rs cache folder (read by kvpress_rs.data.austen_novels).
-AUSTEN_DIR  ?= $(HOME)/.cache/kvpress_rs/janeaustenr
-bench-deps: $(STAMP_BUILD) $(STAMP_KVPRESS)
+bench-deps: $(STAMP_BUILD) $(STAMP_KVPRESS) austen
 	$(PIP) install -q "optimum-quanto==0.2.7"
-	test -f $(AUSTEN_DIR)/usr/lib/R/site-library/janeaustenr/data/Rdata.rdb || \
-		(mkdir -p $(AUSTEN_DIR) && cd $(AUSTEN_DIR) && apt-get download r-cran-janeaustenr && \
-		 dpkg-deb -x r-cran-janeaustenr_*.deb . && rm -f r-cran-janeaustenr_*.deb)
 
 bench-quant: $(STAMP_BUILD) bench-deps
 	MALLOC_MMAP_THRESHOLD_=33554432 MALLOC_TRIM_THRESHOLD_=1073741824 $(VPY) -m kvpress_rs.bench quant all

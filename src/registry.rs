@@ -482,6 +482,7 @@ pub struct Preset {
     pub default_scorer: &'static str,
     pub layer_budget: Option<&'static str>,
     pub head_budget: Option<&'static str>,
+    pub selector: Option<&'static str>,
     /// Parameters whose default is another parameter's value: (parameter, source).
     pub ties: &'static [(&'static str, &'static str)],
     /// What the scorer reads besides the keys ("queries", "keys, values", ...).
@@ -506,6 +507,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "streaming_llm",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "StreamingLLM (Xiao et al., 2023)",
         url: "https://arxiv.org/abs/2309.17453",
@@ -520,6 +522,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "knorm",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "Knorm (Devoto et al., 2024)",
         url: "https://arxiv.org/abs/2406.11430",
@@ -534,6 +537,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "random",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "Random eviction (a baseline)",
         url: "",
@@ -549,6 +553,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "snapkv",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "SnapKV (Li et al., 2024)",
         url: "https://arxiv.org/abs/2404.14469",
@@ -568,6 +573,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "snapkv",
         layer_budget: Some("pyramid"),
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "PyramidKV (Cai et al., 2024)",
         url: "https://arxiv.org/abs/2406.02069",
@@ -583,6 +589,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "tova",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "TOVA (Oren et al., 2024)",
         url: "https://arxiv.org/abs/2401.06104",
@@ -598,6 +605,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "observed_attention",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "H2O / ObservedAttention (Zhang et al., 2023)",
         url: "https://arxiv.org/abs/2306.14048",
@@ -614,6 +622,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "keydiff",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "KeyDiff (Park et al., 2025)",
         url: "https://arxiv.org/abs/2504.15364",
@@ -628,6 +637,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "lagkv",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "LagKV (Liang et al., 2025)",
         url: "https://arxiv.org/abs/2504.04704",
@@ -644,6 +654,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "expected_attention",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "ExpectedAttention (NVIDIA kvpress)",
         url: "https://arxiv.org/abs/2510.00636",
@@ -660,6 +671,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "triattention",
         layer_budget: None,
         head_budget: None,
+        selector: None,
         ties: &[],
         title: "TriAttention (Mao et al., 2026)",
         url: "https://arxiv.org/abs/2604.04921",
@@ -677,6 +689,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "cake",
         layer_budget: Some("cake"),
         head_budget: None,
+        selector: None,
         ties: &[("cake_window", "window_size")],
         title: "CAKE (Qin et al., 2025)",
         url: "https://arxiv.org/abs/2503.12491",
@@ -695,6 +708,7 @@ pub static PRESETS: &[Preset] = &[
         default_scorer: "snapkv",
         layer_budget: None,
         head_budget: Some("adakv"),
+        selector: None,
         ties: &[],
         title: "AdaKV (Feng et al., 2024)",
         url: "https://arxiv.org/abs/2407.11550",
@@ -702,6 +716,25 @@ pub static PRESETS: &[Preset] = &[
               (each head keeps at least ``alpha_safeguard`` of the mean, the rest goes to the \
               highest scores across heads). Heads then hold different counts and the evicted \
               tokens' memory is freed (kvpress only masks them).",
+    },
+    Preset {
+        name: "chunkkv",
+        class: "ChunkKVCache",
+        reads: "as the scorer",
+        kvpress: "ChunkKVPress",
+        scorer: None,
+        default_scorer: "snapkv",
+        layer_budget: None,
+        head_budget: None,
+        selector: Some("chunks"),
+        ties: &[],
+        title: "ChunkKV (Liu et al., 2025)",
+        url: "https://arxiv.org/abs/2502.00299",
+        doc: "Any scorer with chunk-wise selection: the prompt is cut into chunks of \
+              ``chunk_length`` consecutive tokens, ranked by their mean score summed over the \
+              KV heads, and the best chunks are kept whole, the same in every head, so that \
+              what survives is whole phrases rather than scattered tokens. The count is \
+              exactly the budget (the last chunk taken may be cut to its best tokens).",
     },
 ];
 
@@ -917,6 +950,9 @@ mod tests {
             }
             if let Some(h) = p.head_budget {
                 stage(StageKind::HeadBudget, h).unwrap();
+            }
+            if let Some(s) = p.selector {
+                stage(StageKind::Selector, s).unwrap();
             }
         }
     }

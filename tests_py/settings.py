@@ -42,6 +42,7 @@ REGISTRY: dict[str, PolicySpec] = {
     "triattention": _spec("triattention", {}, {"n_offsets": 3, "aggregation": "mean", "normalize": False}, True),
     "cake": _spec("cake", {"window_size": 8}, {"window_size": 4, "gamma": 0.0, "tau1": 0.5}, True),
     "adakv": _spec("adakv", {"window_size": 8}, {"scorer": "knorm", "alpha_safeguard": 0.5}, True),
+    "chunkkv": _spec("chunkkv", {"window_size": 8, "chunk_length": 4}, {"scorer": "knorm", "chunk_length": 3}, True),
 }
 
 assert set(REGISTRY) == set(CACHES), "every named cache needs its test settings here"

@@ -17,44 +17,20 @@ from .cache import CompressedLayer, KVCache
 from .prefill import prefill
 from .chunks import AssembledCache, ChunkStore
 from .errors import *  # noqa: F403 - the exception hierarchy is part of the top-level API
-from .policies import (
-    AdaKVCache,
-    CAKECache,
-    ExpectedAttentionCache,
-    KeyDiffCache,
-    KnormCache,
-    LagKVCache,
-    ObservedAttentionCache,
-    PyramidKVCache,
-    RandomCache,
-    SnapKVCache,
-    StreamingLLMCache,
-    TOVACache,
-    TriAttentionCache,
-)
+from . import policies as _policies
+from .policies import *  # noqa: F403 - every named cache (generated from the registry)
 from .quantized import QuantizedKVCache, QuantizedLayer
 from .head_scores import retrieval_head_scores
 from .retrieval_heads import RetrievalHeadsCache, RetrievalHeadsLayer
 from .rope import Rope
+from .kvpress_compat import from_press
 
 __all__ = [
     "__version__",
     "KVCache",
     "prefill",
     "CompressedLayer",
-    "StreamingLLMCache",
-    "KnormCache",
-    "RandomCache",
-    "SnapKVCache",
-    "PyramidKVCache",
-    "TOVACache",
-    "ObservedAttentionCache",
-    "KeyDiffCache",
-    "LagKVCache",
-    "AdaKVCache",
-    "CAKECache",
-    "ExpectedAttentionCache",
-    "TriAttentionCache",
+    *_policies.__all__,
     "QuantizedKVCache",
     "QuantizedLayer",
     "RetrievalHeadsCache",
@@ -62,6 +38,7 @@ __all__ = [
     "retrieval_head_scores",
     "QuantConfig",
     "Rope",
+    "from_press",
     "ChunkStore",
     "AssembledCache",
     "chunks",

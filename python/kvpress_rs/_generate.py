@@ -4,7 +4,8 @@
   argument and its default (an IDE shows ``SnapKVCache(model, compression_ratio=...,
   window_size=64, ...)``), docstrings from the registry's one-line docs;
 - the registry block of ``_native.pyi``: the names each stage argument of ``Press`` takes;
-- the methods tables of ``README.md`` (between ``<!-- registry:methods -->`` markers).
+- the methods tables of ``README.md`` (between ``<!-- registry:methods -->`` markers) and its
+  "coming from kvpress" table (``<!-- registry:kvpress -->``).
 
 ``python -m kvpress_rs._generate`` rewrites them; ``--check`` exits 1 when one is stale
 (``tests_py/test_generated.py`` runs it). Defaults are written once, in Rust.
@@ -29,6 +30,7 @@ from . import _native
 PACKAGE = Path(__file__).resolve().parent
 README = PACKAGE.parent.parent / "README.md"
 README_BEGIN, README_END = "<!-- registry:methods -->", "<!-- /registry:methods -->"
+KVPRESS_BEGIN, KVPRESS_END = "<!-- registry:kvpress -->", "<!-- /registry:kvpress -->"
 STUB_BEGIN = "# --- generated from the registry (python -m kvpress_rs._generate): do not edit ---"
 STUB_END = "# --- end of the generated block ---"
 
@@ -41,6 +43,8 @@ KIND_WORDS = {
     "selector": "selector",
     "eviction": "eviction",
 }
+# The stage kinds a named cache may fix, and the default of those it leaves open.
+FIXABLE = {"layer_budget": "uniform", "head_budget": "uniform", "selector": "topk"}
 # The arguments of the named caches that are KVCache's own options, not stage parameters.
 CACHE_OPTIONS = ("rerotate", "quantization", "low_bits", "decoding_budget", "decoding_ratio", "decoding_interval",
                  "protect_prompt", "query_stats")
@@ -79,7 +83,7 @@ def _cache_options() -> list[tuple[str, inspect.Parameter]]:
 def _class_source(preset: dict) -> str:
     """One named cache class."""
     scorer = preset["scorer"]
-    fixed = {"layer_budget": preset["layer_budget"], "head_budget": preset["head_budget"]}
+    fixed = {kind: preset[kind] for kind in FIXABLE}
     ties = dict(preset["ties"])
     args: list[str] = []  # signature entries after `model, *`
     docs: list[str] = []  # numpydoc entries
@@ -120,20 +124,20 @@ def _class_source(preset: dict) -> str:
     if scorer is not None:
         for p in _stage("scorer", scorer)["params"]:
             add(p, required_default=True, where="")
-    for kind in ("layer_budget", "head_budget"):
+    for kind, default in FIXABLE.items():
         if fixed[kind] is None:
-            args.append(f'{kind}: str = "uniform"')
+            args.append(f'{kind}: str = "{default}"')
             names = " | ".join(f'``"{s["name"]}"``' for s in _stages() if s["kind"] == kind)
-            docs.append(f"    {kind} : str, default \"uniform\"\n        {KIND_WORDS[kind].capitalize()}: {names}.")
+            docs.append(f"    {kind} : str, default \"{default}\"\n        {KIND_WORDS[kind].capitalize()}: {names}.")
             passed.append(f"{kind}={kind}")
         else:
             passed.append(f'{kind}="{fixed[kind]}"')
         for p in _kind_params(kind):
             own = fixed[kind] is not None and p["stage"] == fixed[kind]
             add(p, required_default=own, where="" if own else f", with {kind}=\"{p['stage']}\"")
-    args += ['selector: str = "topk"', "transforms: Sequence[str] = ()"]
-    passed += ["selector=selector", "transforms=transforms"]
-    docs.append("    selector, transforms\n        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).")
+    args.append("transforms: Sequence[str] = ()")
+    passed.append("transforms=transforms")
+    docs.append("    transforms\n        Score transforms (see :class:`~kvpress_rs.KVCache`).")
     for name, param in _cache_options():
         default = repr(param.default)
         annotation = param.annotation if isinstance(param.annotation, str) else param.annotation.__name__
@@ -149,7 +153,8 @@ def _class_source(preset: dict) -> str:
         f"class {preset['class']}(KVCache):",
         f'    """{preset["title"]}: the scorer ``{preset["default_scorer"]}``'
         + (f', layer budget ``{fixed["layer_budget"]}``' if fixed["layer_budget"] else "")
-        + (f', head budget ``{fixed["head_budget"]}``' if fixed["head_budget"] else "") + ".",
+        + (f', head budget ``{fixed["head_budget"]}``' if fixed["head_budget"] else "")
+        + (f', selector ``{fixed["selector"]}``' if fixed["selector"] else "") + ".",
         "",
         f"    {_wrap_doc(preset['doc'], 4)}",
         *([f"    Paper: {preset['url']}"] if preset["url"] else []),
@@ -259,7 +264,7 @@ def readme_tables() -> str:
     for preset in _native.presets():
         scorer = preset["scorer"]
         params = _stage("scorer", scorer)["params"] if scorer else []
-        params += [p for kind in ("layer_budget", "head_budget") if preset[kind]
+        params += [p for kind in FIXABLE if preset[kind]
                    for p in _stage(kind, preset[kind])["params"]]
         title = f"[{preset['title']}]({preset['url']})" if preset["url"] else preset["title"]
         scorer_arg = f'`scorer="{preset["default_scorer"]}"`, ' if scorer is None else ""
@@ -272,6 +277,31 @@ def readme_tables() -> str:
                 ref = f" ([{s['reference']}]({s['url']}))" if s["url"] else ""
                 stages.append(f"| {KIND_WORDS[kind]} | `{s['name']}` | {s['summary']}{ref} | {_params_text(s['params'])} |")
     return "\n".join(rows) + "\n\n" + "\n".join(stages)
+
+
+def kvpress_table() -> str:
+    """The README's "coming from kvpress" table: each kvpress press and what it becomes."""
+    from .kvpress_compat import INNER, NEEDS_DOWNLOADS, SCORERS
+
+    rows = ["| kvpress 0.5.5 | kvpress-rs |", "|---|---|"]
+    for preset in _native.presets():
+        if preset["kvpress"] and preset["scorer"]:
+            rows.append(f"| `{preset['kvpress']}` | `{preset['class']}` |")
+    for press, scorer in SCORERS.items():
+        rows.append(f'| `{press}` | `KVCache(model, "{scorer}")` |')
+    wrappers = {
+        "AdaKVPress": '`head_budget="adakv"` on any cache',
+        "ChunkKVPress": '`selector="chunks"` on any cache (`ChunkKVCache`)',
+        "KeyRerotationPress": "`rerotate=True` on any cache",
+        "PerLayerCompressionPress": '`layer_budget="explicit", layer_ratios=[...]`',
+        "DecodingPress": "`decoding_budget=`, `decoding_interval=`",
+        "CompressionRatioDecodingPress": "`decoding_ratio=`, `decoding_interval=`",
+    }
+    assert set(wrappers) == set(INNER), "every wrapper from_press maps needs its README line"
+    rows += [f"| `{press}` | {text} |" for press, text in wrappers.items()]
+    rows.append("| `PrefillDecodingPress`, `ComposedPress([one press])` | the presses they hold |")
+    rows.append(f"| {', '.join(f'`{p}`' for p in NEEDS_DOWNLOADS)} | not supported: they need downloads from a model hub |")
+    return "\n".join(rows)
 
 
 def _replace_between(text: str, begin: str, end: str, body: str) -> str:
@@ -288,7 +318,8 @@ def generated_files() -> dict[Path, str]:
         stub: stub_text[: stub_text.index(STUB_BEGIN)] + stub_block() + stub_text[stub_text.index(STUB_END) + len(STUB_END):],
     }
     if README.is_file():
-        files[README] = _replace_between(README.read_text(), README_BEGIN, README_END, readme_tables())
+        text = _replace_between(README.read_text(), README_BEGIN, README_END, readme_tables())
+        files[README] = _replace_between(text, KVPRESS_BEGIN, KVPRESS_END, kvpress_table())
     return files
 
 

@@ -15,7 +15,7 @@ ScorerName = Literal['knorm', 'streaming_llm', 'random', 'snapkv', 'tova', 'obse
 TransformName = Literal['head_mean']
 LayerBudgetName = Literal['uniform', 'pyramid', 'cake', 'explicit']
 HeadBudgetName = Literal['uniform', 'adakv']
-SelectorName = Literal['topk']
+SelectorName = Literal['topk', 'chunks']
 EvictionName = Literal['drop', 'low_bits']
 # every stage parameter, name: type = default
 #   n_sink: int = 4  (scorer 'streaming_llm': an integer >= 0)
@@ -42,6 +42,7 @@ EvictionName = Literal['drop', 'low_bits']
 #   cake_window: int = 32  (layer budget 'cake': an integer >= 2)
 #   layer_ratios: list[float] = None  (layer budget 'explicit': a list of numbers in [0, 1))
 #   alpha_safeguard: float = 0.2  (head budget 'adakv': a number in [0, 1])
+#   chunk_length: int = 20  (selector 'chunks': an integer >= 1)
 # --- end of the generated block ---
 
 def score(

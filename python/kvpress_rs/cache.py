@@ -65,7 +65,8 @@ class KVCache(LayerStateCache):
         ``"uniform"`` or ``"adakv"`` (AdaKV: heads keep different counts, at least
         ``alpha_safeguard`` of the mean; the memory of evicted tokens is freed).
     selector : str
-        How a row's tokens are chosen from its scores: ``"topk"``.
+        How a row's tokens are chosen from its scores: ``"topk"`` or ``"chunks"`` (ChunkKV:
+        whole chunks of ``chunk_length`` consecutive tokens, the same in every head).
     transforms : sequence of str
         Score transforms applied in order, e.g. ``["head_mean"]``.
     rerotate : bool

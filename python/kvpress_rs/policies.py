@@ -33,6 +33,7 @@ __all__ = [
     "TriAttentionCache",
     "CAKECache",
     "AdaKVCache",
+    "ChunkKVCache",
     "CACHES",
 ]
 
@@ -70,8 +71,12 @@ class StreamingLLMCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -96,6 +101,7 @@ class StreamingLLMCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -113,6 +119,7 @@ class StreamingLLMCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "streaming_llm", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -164,8 +171,12 @@ class KnormCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -189,6 +200,7 @@ class KnormCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -206,6 +218,7 @@ class KnormCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "knorm", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -258,8 +271,12 @@ class RandomCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -284,6 +301,7 @@ class RandomCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -301,6 +319,7 @@ class RandomCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "random", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -364,8 +383,12 @@ class SnapKVCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -393,6 +416,7 @@ class SnapKVCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -410,6 +434,7 @@ class SnapKVCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -471,8 +496,12 @@ class PyramidKVCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -499,6 +528,7 @@ class PyramidKVCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -515,6 +545,7 @@ class PyramidKVCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -571,8 +602,12 @@ class TOVACache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -596,6 +631,7 @@ class TOVACache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -613,6 +649,7 @@ class TOVACache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "tova", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -667,8 +704,12 @@ class ObservedAttentionCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -693,6 +734,7 @@ class ObservedAttentionCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -710,6 +752,7 @@ class ObservedAttentionCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "observed_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -761,8 +804,12 @@ class KeyDiffCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -786,6 +833,7 @@ class KeyDiffCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -803,6 +851,7 @@ class KeyDiffCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "keydiff", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -860,8 +909,12 @@ class LagKVCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -888,6 +941,7 @@ class LagKVCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -905,6 +959,7 @@ class LagKVCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "lagkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -970,8 +1025,12 @@ class ExpectedAttentionCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -1000,6 +1059,7 @@ class ExpectedAttentionCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1017,6 +1077,7 @@ class ExpectedAttentionCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "expected_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1080,8 +1141,12 @@ class TriAttentionCache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -1108,6 +1173,7 @@ class TriAttentionCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1125,6 +1191,7 @@ class TriAttentionCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "triattention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1185,8 +1252,12 @@ class CAKECache(KVCache):
         Head budget: ``"uniform"`` | ``"adakv"``.
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
 
@@ -1212,6 +1283,7 @@ class CAKECache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1226,6 +1298,7 @@ class CAKECache(KVCache):
             ("beta", beta),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         super().__init__(
             model, "cake", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1286,8 +1359,12 @@ class AdaKVCache(KVCache):
         The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
     alpha_safeguard : float, default 0.2
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]).
-    selector, transforms
-        The selector and score transforms (see :class:`~kvpress_rs.KVCache`).
+    selector : str, default "topk"
+        Selector: ``"topk"`` | ``"chunks"``.
+    chunk_length : int, optional
+        Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
         As for :class:`~kvpress_rs.KVCache`.
     **scorer_params
@@ -1313,6 +1390,7 @@ class AdaKVCache(KVCache):
         layer_ratios: list[float] | None = None,
         alpha_safeguard: float = 0.2,
         selector: str = "topk",
+        chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1330,6 +1408,7 @@ class AdaKVCache(KVCache):
             ("tau2", tau2),
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
+            ("chunk_length", chunk_length),
         ) if value is not None}
         stage_params.update(scorer_params)
         super().__init__(
@@ -1338,6 +1417,113 @@ class AdaKVCache(KVCache):
             head_budget="adakv",
             alpha_safeguard=alpha_safeguard,
             selector=selector,
+            transforms=transforms,
+            rerotate=rerotate,
+            quantization=quantization,
+            low_bits=low_bits,
+            decoding_budget=decoding_budget,
+            decoding_ratio=decoding_ratio,
+            decoding_interval=decoding_interval,
+            protect_prompt=protect_prompt,
+            query_stats=query_stats,
+            **stage_params,
+        )
+
+
+class ChunkKVCache(KVCache):
+    """ChunkKV (Liu et al., 2025): the scorer ``snapkv``, selector ``chunks``.
+
+    Any scorer with chunk-wise selection: the prompt is cut into chunks of ``chunk_length``
+    consecutive tokens, ranked by their mean score summed over the KV heads, and the best chunks
+    are kept whole, the same in every head, so that what survives is whole phrases rather than
+    scattered tokens. The count is exactly the budget (the last chunk taken may be cut to its
+    best tokens).
+    Paper: https://arxiv.org/abs/2502.00299
+
+    Parameters
+    ----------
+    model : transformers.PreTrainedModel
+        The model the cache serves.
+    scorer : str
+        The scorer whose scores the budget splits (any of the registry); its
+        parameters go in ``**scorer_params``.
+    compression_ratio : float, optional
+        Fraction of the prompt's tokens removed, in [0, 1): each layer keeps
+        ``int(T * (1 - compression_ratio))`` tokens per KV head on average.
+    max_tokens : int, optional
+        A fixed per-layer token budget instead of a ratio.
+    layer_budget : str, default "uniform"
+        Layer budget: ``"uniform"`` | ``"pyramid"`` | ``"cake"`` | ``"explicit"``.
+    beta : float, optional
+        The mean budget over the smallest one (the last layer's) (a number >= 1), with layer_budget="pyramid" (default 20.0).
+    tau1 : float, optional
+        Temperature of the dispersion (a number > 0), with layer_budget="cake" (default 1.6).
+    tau2 : float, optional
+        Temperature of the shift (a number > 0), with layer_budget="cake" (default 0.6).
+    cake_window : int, optional
+        Last prompt queries that measure each layer (an integer >= 2), with layer_budget="cake" (default 32).
+    layer_ratios : list[float], optional
+        The compression ratio of each layer, in [0, 1) (a list of numbers in [0, 1)), with layer_budget="explicit".
+    head_budget : str, default "uniform"
+        Head budget: ``"uniform"`` | ``"adakv"``.
+    alpha_safeguard : float, optional
+        Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
+    chunk_length : int, default 20
+        Consecutive tokens per chunk (an integer >= 1).
+    transforms
+        Score transforms (see :class:`~kvpress_rs.KVCache`).
+    rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
+        As for :class:`~kvpress_rs.KVCache`.
+    **scorer_params
+        The scorer's parameters.
+
+    Example
+    -------
+    >>> cache = kvpress_rs.ChunkKVCache(model, compression_ratio=0.5)  # doctest: +SKIP
+    """
+
+    def __init__(
+        self,
+        model: Any,
+        scorer: str = "snapkv",
+        *,
+        compression_ratio: float | None = None,
+        max_tokens: int | None = None,
+        layer_budget: str = "uniform",
+        beta: float | None = None,
+        tau1: float | None = None,
+        tau2: float | None = None,
+        cake_window: int | None = None,
+        layer_ratios: list[float] | None = None,
+        head_budget: str = "uniform",
+        alpha_safeguard: float | None = None,
+        chunk_length: int = 20,
+        transforms: Sequence[str] = (),
+        rerotate: bool = False,
+        quantization: QuantConfig | None = None,
+        low_bits: int | None = None,
+        decoding_budget: int | None = None,
+        decoding_ratio: float | None = None,
+        decoding_interval: int | None = None,
+        protect_prompt: bool | None = None,
+        query_stats: str | None = None,
+        **scorer_params: Any,
+    ):
+        stage_params = {name: value for name, value in (
+            ("beta", beta),
+            ("tau1", tau1),
+            ("tau2", tau2),
+            ("cake_window", cake_window),
+            ("layer_ratios", layer_ratios),
+            ("alpha_safeguard", alpha_safeguard),
+        ) if value is not None}
+        stage_params.update(scorer_params)
+        super().__init__(
+            model, scorer, compression_ratio=compression_ratio, max_tokens=max_tokens,
+            layer_budget=layer_budget,
+            head_budget=head_budget,
+            selector="chunks",
+            chunk_length=chunk_length,
             transforms=transforms,
             rerotate=rerotate,
             quantization=quantization,
@@ -1366,4 +1552,5 @@ CACHES: dict[str, type[KVCache]] = {
     "triattention": TriAttentionCache,
     "cake": CAKECache,
     "adakv": AdaKVCache,
+    "chunkkv": ChunkKVCache,
 }

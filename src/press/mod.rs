@@ -35,7 +35,7 @@ mod transform;
 pub use eviction::{Drop, Eviction, SetAside};
 pub use head_budget::{AdaKv, HeadBudget, UniformHeads};
 pub use layer_budget::{Cake, Explicit, LayerBudget, Pyramid, Uniform};
-pub use selector::{Selector, TopK};
+pub use selector::{chunk_selection, Chunks, Selector, TopK};
 pub use transform::{HeadMean, ProtectEnds, ScoreTransform};
 
 use crate::budget::Budget;
@@ -949,7 +949,9 @@ impl Press {
     ) -> Result<(Kept, Option<Tensor>)> {
         let protected = ProtectEnds { first, last }.apply(scores)?;
         let remembers = self.scorer.remembers_scores();
-        let kept = if self.head_budget.is_uniform() && remembers {
+        let by_previous_rank =
+            self.head_budget.is_uniform() && remembers && !self.selector.reads_token_order();
+        let kept = if by_previous_rank {
             // Equal scores (window attention that underflowed to zero) go to the token
             // the previous compression ranked higher, not to the earlier one.
             let s = protected.size();

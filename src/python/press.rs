@@ -327,10 +327,11 @@ impl PyPress {
             Budget::MaxTokens(n) => format!("max_tokens={n}"),
         };
         format!(
-            "Press({:?}, {budget}, layer_budget={:?}, head_budget={:?})",
+            "Press({:?}, {budget}, layer_budget={:?}, head_budget={:?}, selector={:?})",
             self.policy(),
             self.inner.layer_budget().name(),
-            self.inner.head_budget().name()
+            self.inner.head_budget().name(),
+            self.inner.selector().name()
         )
     }
 }

@@ -95,6 +95,7 @@ fn presets(py: Python<'_>) -> PyResult<Bound<'_, PyList>> {
         d.set_item("default_scorer", p.default_scorer)?;
         d.set_item("layer_budget", p.layer_budget)?;
         d.set_item("head_budget", p.head_budget)?;
+        d.set_item("selector", p.selector)?;
         d.set_item("ties", p.ties.to_vec())?;
         d.set_item("reads", p.reads)?;
         d.set_item("kvpress", p.kvpress)?;
