@@ -1,10 +1,13 @@
-//! ChunkKV's chunk-wise selection: exact kept indices on crafted scores, agreement with
-//! kvpress's definition written here in torch (whole chunks ranked by the mean over the
-//! chunk of the scores summed over heads) wherever that definition keeps exactly the
-//! budget, and the selector inside a press on a store.
+//! ChunkKV's chunk-wise selection and its entropy-gated variant: exact kept indices on
+//! crafted scores, agreement with kvpress's definitions written here in torch (whole chunks
+//! ranked by the mean over the chunk of the scores summed over heads, wherever that keeps
+//! exactly the budget; the entropy gate's greedy pass), protected tokens kept, and the
+//! selector inside a press on a store.
 
 use kvpress_rs::policies::{ParamValue, Params};
-use kvpress_rs::press::{chunk_selection, Chunks, Plan, Selector};
+use kvpress_rs::press::{
+    chunk_selection, entropy_chunk_selection, Chunks, EntropyChunks, Plan, Selector,
+};
 use kvpress_rs::registry::{build_press, PressSpec};
 use kvpress_rs::LayerStore;
 use tch::{Device, Kind, Tensor};
@@ -145,4 +148,145 @@ fn a_press_with_chunks_keeps_whole_chunks_of_the_store() {
         vec![1.0, 1.0, 0.5, 0.5, 2.0, 2.0]
     );
     assert_eq!((store.len(), store.seen()), (6, 12));
+}
+
+/// kvpress's EntropyGatedChunkKV, written from its definition with torch ops (float64):
+/// chunk means and normalised entropies, lower medians, a greedy pass over chunks by
+/// mean where spiky chunks keep `low` tokens, then the best remaining tokens.
+fn entropy_reference(per_token: &Tensor, k: i64, chunk: i64, low: i64) -> Vec<i64> {
+    let t = per_token.size()[0];
+    let n_chunks = (t + chunk - 1) / chunk;
+    let mut means = vec![];
+    let mut entropies = vec![];
+    for c in 0..n_chunks {
+        let part = per_token.narrow(0, c * chunk, chunk.min(t - c * chunk));
+        means.push(part.mean(Kind::Double).double_value(&[]));
+        let m = part.size()[0];
+        if m == 1 {
+            entropies.push(0.0);
+            continue;
+        }
+        let shifted = &part - part.min().clamp_max(0.0);
+        let p = &shifted / (shifted.sum(Kind::Double) + 1e-8);
+        let h = -(&p * (&p + 1e-8).log()).sum(Kind::Double).double_value(&[]);
+        entropies.push((h / (m as f64).ln()).clamp(0.0, 1.0));
+    }
+    let lower_median = |v: &Vec<f64>| {
+        let (sorted, _) = Tensor::from_slice(v).sort(0, false);
+        sorted.double_value(&[(v.len() as i64 - 1) / 2])
+    };
+    let (score_cut, entropy_cut) = (lower_median(&means), lower_median(&entropies));
+    let (_, order) = Tensor::from_slice(&means).sort_stable(true, 0, true);
+    let mut keep = vec![false; t as usize];
+    let mut budget = k;
+    for c in Vec::<i64>::try_from(order).unwrap() {
+        if budget <= 0 {
+            break;
+        }
+        let (start, end) = (c * chunk, ((c + 1) * chunk).min(t));
+        let mut n = (end - start).min(budget);
+        if means[c as usize] >= score_cut && entropies[c as usize] < entropy_cut {
+            n = n.min(low);
+        }
+        let (_, top) = per_token
+            .narrow(0, start, end - start)
+            .topk(n, 0, true, true);
+        for i in Vec::<i64>::try_from(top).unwrap() {
+            keep[(start + i) as usize] = true;
+        }
+        budget -= n;
+    }
+    if budget > 0 {
+        let leftover: Vec<i64> = (0..t).filter(|&i| !keep[i as usize]).collect();
+        let idx = Tensor::from_slice(&leftover);
+        let (_, top) = per_token.index_select(0, &idx).topk(budget, 0, true, true);
+        for i in Vec::<i64>::try_from(top).unwrap() {
+            keep[leftover[i as usize] as usize] = true;
+        }
+    }
+    (0..t).filter(|&i| keep[i as usize]).collect()
+}
+
+#[test]
+fn entropy_gated_chunks_equal_kvpress_definition() {
+    tch::manual_seed(11);
+    for (heads, t, chunk, low, k) in [
+        (2, 120, 10, 4, 60),
+        (3, 127, 10, 4, 40),
+        (1, 64, 8, 2, 17),
+        (4, 301, 10, 4, 75),
+    ] {
+        // non-negative scores with spikes, as attention-based scorers give
+        let scores = Tensor::rand([1, heads, t], (Kind::Double, Device::Cpu)).pow_tensor_scalar(4);
+        let per_token = scores
+            .sum_dim_intlist([1i64].as_slice(), false, Kind::Double)
+            .get(0);
+        let expected = entropy_reference(&per_token, k, chunk, low);
+        let ours = EntropyChunks {
+            chunk_length: chunk as usize,
+            low_entropy_length: low as usize,
+        }
+        .select(&scores, k as usize)
+        .unwrap();
+        assert_eq!(ours.size(), vec![1, heads, k]);
+        for h in 0..heads {
+            assert_eq!(
+                indices(&ours.get(0).get(h)),
+                expected,
+                "T {t} chunk {chunk} head {h}"
+            );
+        }
+        // and the same row function on signed scores
+        let signed = Tensor::randn([t], (Kind::Double, Device::Cpu));
+        let row = Vec::<f64>::try_from(&signed).unwrap();
+        assert_eq!(
+            entropy_chunk_selection(&row, k as usize, chunk as usize, low as usize),
+            entropy_reference(&signed, k, chunk, low)
+        );
+    }
+}
+
+#[test]
+fn protected_tokens_survive_a_chunk_cut_to_the_budget() {
+    // decoding protects the last 3 tokens (+inf); chunks of 4 would cut [4..8) to fit
+    let s = [
+        1.0f32,
+        1.0,
+        1.0,
+        1.0,
+        0.0,
+        0.0,
+        0.0,
+        f32::INFINITY,
+        f32::INFINITY,
+        f32::INFINITY,
+    ];
+    let scores = Tensor::from_slice(&s).view([1, 1, 10]);
+    let kept = Chunks { chunk_length: 4 }.select(&scores, 5).unwrap();
+    assert_eq!(indices(&kept), vec![0, 1, 7, 8, 9]);
+    let gated = EntropyChunks {
+        chunk_length: 4,
+        low_entropy_length: 1,
+    };
+    let kept = gated.select(&scores, 4).unwrap();
+    assert!(indices(&kept).ends_with(&[7, 8, 9]));
+}
+
+#[test]
+fn entropy_parameters_are_checked() {
+    let mut params = Params::new();
+    params.insert("entropy_chunk_length", ParamValue::Int(4));
+    params.insert("low_entropy_chunk_length", ParamValue::Int(4));
+    let err = build_press(PressSpec {
+        selector: "entropy_chunks",
+        compression_ratio: Some(0.5),
+        params,
+        ..PressSpec::default()
+    })
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("low_entropy_chunk_length") && err.contains("fewer than"),
+        "{err}"
+    );
 }

@@ -47,6 +47,8 @@ def presses(ratio: float) -> dict:
         "chunkkv(knorm)": p.ChunkKVPress(p.KnormPress(ratio)),
         "chunkkv(expected_attention)": p.ChunkKVPress(p.ExpectedAttentionPress(ratio), chunk_length=10),
         "composed([snapkv])": p.ComposedPress([p.SnapKVPress(ratio)]),
+        "entropy_gated_chunkkv(snapkv)": p.EntropyGatedChunkKVPress(p.SnapKVPress(ratio)),
+        "entropy_gated_chunkkv(knorm)": p.EntropyGatedChunkKVPress(p.KnormPress(ratio)),
     }
 
 

@@ -73,3 +73,30 @@ def test_chunk_length_is_checked(tiny_llama):
 def test_per_head_budgets_are_refused(tiny_llama):
     with pytest.raises(kvpress_rs.UnsupportedError, match='head_budget="adakv".*"chunks"'):
         kvpress_rs.ChunkKVCache(tiny_llama(), compression_ratio=0.5, head_budget="adakv")
+
+
+@pytest.mark.model
+def test_entropy_gated_chunks_on_smollm2_keep_the_budget_shared_by_heads(smollm2_bf16):
+    model, tokenizer = smollm2_bf16
+    prompt = needle_prompt(tokenizer, context_tokens=400, depth=0.5)
+    cache = kvpress_rs.KVCache(model, "snapkv", compression_ratio=0.5, selector="entropy_chunks")
+    out = model.generate(prompt.input_ids, attention_mask=torch.ones_like(prompt.input_ids), past_key_values=cache,
+                         max_new_tokens=4, min_new_tokens=4, do_sample=False, pad_token_id=0)
+    t = prompt.input_ids.shape[1]
+    assert out.shape[1] == t + 4
+    for layer in (0, 29):
+        kept = cache.kept_positions(layer)[0]
+        assert kept.shape[-1] == int(t * 0.5) + 3
+        assert all(torch.equal(kept[h], kept[0]) for h in range(kept.shape[0]))
+
+
+@pytest.mark.parametrize("selector", ["chunks", "entropy_chunks"])
+def test_padded_rows_keep_what_they_keep_alone(selector):
+    from test_padding import check_rows_as_alone, prompts, tiny
+
+    model = tiny("llama")
+    check_rows_as_alone(model, lambda: kvpress_rs.KVCache(model, "knorm", compression_ratio=0.5, selector=selector,
+                                                          entropy_chunk_length=4, low_entropy_chunk_length=2)
+                        if selector == "entropy_chunks" else
+                        kvpress_rs.KVCache(model, "knorm", compression_ratio=0.5, selector=selector, chunk_length=4),
+                        prompts(128), 3)

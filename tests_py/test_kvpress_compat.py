@@ -67,6 +67,12 @@ class ChunkKVPress:
 
 
 @dataclass
+class EntropyGatedChunkKVPress(ChunkKVPress):
+    chunk_length: int = 10
+    low_entropy_chunk_length: int = 4
+
+
+@dataclass
 class AdaKVPress:
     press: Any
     alpha_safeguard: float = 0.20
@@ -126,6 +132,9 @@ def test_wrappers_map_to_stages_and_options():
     assert cache_arguments(KeyRerotationPress(ChunkKVPress(SnapKVPress(0.5), chunk_length=8))) == {
         "policy": "snapkv", "compression_ratio": 0.5, "window_size": 64, "kernel_size": 5, "selector": "chunks",
         "chunk_length": 8, "rerotate": True}
+    assert cache_arguments(EntropyGatedChunkKVPress(KnormPress(0.5))) == {
+        "policy": "knorm", "compression_ratio": 0.5, "selector": "entropy_chunks", "entropy_chunk_length": 10,
+        "low_entropy_chunk_length": 4}
     assert cache_arguments(AdaKVPress(KnormPress(0.5), alpha_safeguard=0.3)) == {
         "policy": "knorm", "compression_ratio": 0.5, "head_budget": "adakv", "alpha_safeguard": 0.3}
     assert cache_arguments(PerLayerCompressionPress(KnormPress(0.5), [0.1, 0.2])) == {

@@ -292,6 +292,7 @@ def kvpress_table() -> str:
     wrappers = {
         "AdaKVPress": '`head_budget="adakv"` on any cache',
         "ChunkKVPress": '`selector="chunks"` on any cache (`ChunkKVCache`)',
+        "EntropyGatedChunkKVPress": '`selector="entropy_chunks"` on any cache',
         "KeyRerotationPress": "`rerotate=True` on any cache",
         "PerLayerCompressionPress": '`layer_budget="explicit", layer_ratios=[...]`',
         "DecodingPress": "`decoding_budget=`, `decoding_interval=`",

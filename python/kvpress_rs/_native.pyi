@@ -15,7 +15,7 @@ ScorerName = Literal['knorm', 'streaming_llm', 'random', 'snapkv', 'tova', 'obse
 TransformName = Literal['head_mean']
 LayerBudgetName = Literal['uniform', 'pyramid', 'cake', 'explicit']
 HeadBudgetName = Literal['uniform', 'adakv']
-SelectorName = Literal['topk', 'chunks']
+SelectorName = Literal['topk', 'chunks', 'entropy_chunks']
 EvictionName = Literal['drop', 'low_bits']
 # every stage parameter, name: type = default
 #   n_sink: int = 4  (scorer 'streaming_llm': an integer >= 0)
@@ -43,6 +43,8 @@ EvictionName = Literal['drop', 'low_bits']
 #   layer_ratios: list[float] = None  (layer budget 'explicit': a list of numbers in [0, 1))
 #   alpha_safeguard: float = 0.2  (head budget 'adakv': a number in [0, 1])
 #   chunk_length: int = 20  (selector 'chunks': an integer >= 1)
+#   entropy_chunk_length: int = 10  (selector 'entropy_chunks': an integer >= 2)
+#   low_entropy_chunk_length: int = 4  (selector 'entropy_chunks': an integer >= 1)
 # --- end of the generated block ---
 
 def score(

@@ -11,6 +11,7 @@ kvpress                         kvpress-rs
 ==============================  ==========================================================
 ``AdaKVPress(p, a)``            ``head_budget="adakv", alpha_safeguard=a``
 ``ChunkKVPress(p, n)``          ``selector="chunks", chunk_length=n``
+``EntropyGatedChunkKVPress``    ``selector="entropy_chunks"``
 ``KeyRerotationPress(p)``       ``rerotate=True``
 ``PerLayerCompressionPress``    ``layer_budget="explicit", layer_ratios=[...]``
 ``DecodingPress(p, i, s)``      ``decoding_budget=s, decoding_interval=i``
@@ -64,6 +65,7 @@ NEEDS_DOWNLOADS = {
 INNER = {
     "AdaKVPress": "press",
     "ChunkKVPress": "press",
+    "EntropyGatedChunkKVPress": "press",
     "KeyRerotationPress": "press",
     "PerLayerCompressionPress": "press",
     "DecodingPress": "base_press",
@@ -151,6 +153,10 @@ def _wrapped(name: str, fields: dict[str, Any], inner: dict[str, Any]) -> dict[s
     elif name == "ChunkKVPress":
         set_once("selector", "chunks")
         out["chunk_length"] = int(fields["chunk_length"])
+    elif name == "EntropyGatedChunkKVPress":
+        set_once("selector", "entropy_chunks")
+        out["entropy_chunk_length"] = int(fields["chunk_length"])
+        out["low_entropy_chunk_length"] = int(fields["low_entropy_chunk_length"])
     elif name == "KeyRerotationPress":
         out["rerotate"] = True
     elif name == "PerLayerCompressionPress":

@@ -72,9 +72,13 @@ class StreamingLLMCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -102,6 +106,8 @@ class StreamingLLMCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -120,6 +126,8 @@ class StreamingLLMCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "streaming_llm", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -172,9 +180,13 @@ class KnormCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -201,6 +213,8 @@ class KnormCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -219,6 +233,8 @@ class KnormCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "knorm", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -272,9 +288,13 @@ class RandomCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -302,6 +322,8 @@ class RandomCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -320,6 +342,8 @@ class RandomCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "random", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -384,9 +408,13 @@ class SnapKVCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -417,6 +445,8 @@ class SnapKVCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -435,6 +465,8 @@ class SnapKVCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -497,9 +529,13 @@ class PyramidKVCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -529,6 +565,8 @@ class PyramidKVCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -546,6 +584,8 @@ class PyramidKVCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "snapkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -603,9 +643,13 @@ class TOVACache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -632,6 +676,8 @@ class TOVACache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -650,6 +696,8 @@ class TOVACache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "tova", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -705,9 +753,13 @@ class ObservedAttentionCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -735,6 +787,8 @@ class ObservedAttentionCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -753,6 +807,8 @@ class ObservedAttentionCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "observed_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -805,9 +861,13 @@ class KeyDiffCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -834,6 +894,8 @@ class KeyDiffCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -852,6 +914,8 @@ class KeyDiffCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "keydiff", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -910,9 +974,13 @@ class LagKVCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -942,6 +1010,8 @@ class LagKVCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -960,6 +1030,8 @@ class LagKVCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "lagkv", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1026,9 +1098,13 @@ class ExpectedAttentionCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -1060,6 +1136,8 @@ class ExpectedAttentionCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1078,6 +1156,8 @@ class ExpectedAttentionCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "expected_attention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1142,9 +1222,13 @@ class TriAttentionCache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -1174,6 +1258,8 @@ class TriAttentionCache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1192,6 +1278,8 @@ class TriAttentionCache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "triattention", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1253,9 +1341,13 @@ class CAKECache(KVCache):
     alpha_safeguard : float, optional
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -1284,6 +1376,8 @@ class CAKECache(KVCache):
         alpha_safeguard: float | None = None,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1299,6 +1393,8 @@ class CAKECache(KVCache):
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         super().__init__(
             model, "cake", compression_ratio=compression_ratio, max_tokens=max_tokens,
@@ -1360,9 +1456,13 @@ class AdaKVCache(KVCache):
     alpha_safeguard : float, default 0.2
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]).
     selector : str, default "topk"
-        Selector: ``"topk"`` | ``"chunks"``.
+        Selector: ``"topk"`` | ``"chunks"`` | ``"entropy_chunks"``.
     chunk_length : int, optional
         Consecutive tokens per chunk (an integer >= 1), with selector="chunks" (default 20).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -1391,6 +1491,8 @@ class AdaKVCache(KVCache):
         alpha_safeguard: float = 0.2,
         selector: str = "topk",
         chunk_length: int | None = None,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1409,6 +1511,8 @@ class AdaKVCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("chunk_length", chunk_length),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         stage_params.update(scorer_params)
         super().__init__(
@@ -1470,6 +1574,10 @@ class ChunkKVCache(KVCache):
         Fraction of the mean budget every head keeps whatever its scores (a number in [0, 1]), with head_budget="adakv" (default 0.2).
     chunk_length : int, default 20
         Consecutive tokens per chunk (an integer >= 1).
+    entropy_chunk_length : int, optional
+        Consecutive tokens per chunk of the entropy-gated selection (an integer >= 2), with selector="entropy_chunks" (default 10).
+    low_entropy_chunk_length : int, optional
+        Tokens kept of a spiky chunk (fewer than entropy_chunk_length) (an integer >= 1), with selector="entropy_chunks" (default 4).
     transforms
         Score transforms (see :class:`~kvpress_rs.KVCache`).
     rerotate, quantization, low_bits, decoding_budget, decoding_ratio, decoding_interval, protect_prompt, query_stats
@@ -1498,6 +1606,8 @@ class ChunkKVCache(KVCache):
         head_budget: str = "uniform",
         alpha_safeguard: float | None = None,
         chunk_length: int = 20,
+        entropy_chunk_length: int | None = None,
+        low_entropy_chunk_length: int | None = None,
         transforms: Sequence[str] = (),
         rerotate: bool = False,
         quantization: QuantConfig | None = None,
@@ -1516,6 +1626,8 @@ class ChunkKVCache(KVCache):
             ("cake_window", cake_window),
             ("layer_ratios", layer_ratios),
             ("alpha_safeguard", alpha_safeguard),
+            ("entropy_chunk_length", entropy_chunk_length),
+            ("low_entropy_chunk_length", low_entropy_chunk_length),
         ) if value is not None}
         stage_params.update(scorer_params)
         super().__init__(

@@ -35,7 +35,9 @@ mod transform;
 pub use eviction::{Drop, Eviction, SetAside};
 pub use head_budget::{AdaKv, HeadBudget, UniformHeads};
 pub use layer_budget::{Cake, Explicit, LayerBudget, Pyramid, Uniform};
-pub use selector::{chunk_selection, Chunks, Selector, TopK};
+pub use selector::{
+    chunk_selection, entropy_chunk_selection, Chunks, EntropyChunks, Selector, TopK,
+};
 pub use transform::{HeadMean, ProtectEnds, ScoreTransform};
 
 use crate::budget::Budget;

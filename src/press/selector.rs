@@ -1,6 +1,6 @@
 //! Which tokens of a row survive, given its scores and its count: the `k` best (top-k), or
-//! whole chunks of consecutive tokens (ChunkKV). Threshold selection is a further selector
-//! of the same trait.
+//! whole chunks of consecutive tokens (ChunkKV, and its entropy-gated variant). Threshold
+//! selection is a further selector of the same trait.
 
 use crate::error::{KvError, Result};
 use crate::registry::{Builder, ParamSpec, Stage};
@@ -65,41 +65,9 @@ impl Selector for Chunks {
     }
 
     fn select(&self, scores: &Tensor, k: usize) -> Result<Tensor> {
-        let size = scores.size();
-        if size.len() != 3 {
-            return Err(KvError::shape(
-                "scores",
-                &size,
-                "rank 3: (batch, heads, tokens)",
-            ));
-        }
-        let (batch, heads, n) = (size[0], size[1], size[2] as usize);
-        if k == 0 || k > n {
-            return Err(KvError::invalid(
-                "k",
-                format!("got {k}, expected 1 <= k <= {n} (tokens)"),
-            ));
-        }
-        if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
-            return Err(KvError::non_finite("scores", "a scorer produced NaN"));
-        }
-        // One score per token of a batch row: tiny (batch × T), ranked on the host.
-        let per_token = scores
-            .f_to_kind(Kind::Double)?
-            .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Double)?
-            .f_to_device(Device::Cpu)?
-            .f_contiguous()?
-            .f_view([-1])?;
-        let per_token = Vec::<f64>::try_from(&per_token)?;
-        let mut kept = Vec::with_capacity(batch as usize * k);
-        for row in per_token.chunks(n.max(1)) {
-            kept.extend(chunk_selection(row, k, self.chunk_length));
-        }
-        Ok(Tensor::from_slice(&kept)
-            .f_view([batch, 1, k as i64])?
-            .f_expand([batch, heads, k as i64], false)?
-            .f_contiguous()?
-            .f_to_device(scores.device())?)
+        shared_by_heads(scores, k, |row, k| {
+            chunk_selection(row, k, self.chunk_length)
+        })
     }
 
     fn reads_token_order(&self) -> bool {
@@ -107,43 +75,239 @@ impl Selector for Chunks {
     }
 }
 
-/// The `k` ascending indices ChunkKV keeps of one row's per-token `scores` (see [`Chunks`]).
-/// Chunks of equal score go to the earlier chunk, tokens of equal score to the earlier token.
-pub fn chunk_selection(scores: &[f64], k: usize, chunk_length: usize) -> Vec<i64> {
-    let (n, len) = (scores.len(), chunk_length.max(1));
-    let span = |c: usize| c * len..((c + 1) * len).min(n);
-    let means: Vec<f64> = (0..n.div_ceil(len))
-        .map(|c| {
-            let r = span(c);
-            let count = r.len() as f64;
-            scores[r].iter().sum::<f64>() / count
+/// kvpress's EntropyGatedChunkKV: ChunkKV whose important but spiky chunks — score at or
+/// above the median chunk's, entropy of their token scores below the median — keep only
+/// their `low_entropy_length` best tokens, the budget freed going to further chunks, then
+/// to the best remaining tokens; exactly `k` tokens, the same in every head of a row.
+///
+/// ```
+/// use kvpress_rs::press::{EntropyChunks, Selector};
+/// // chunks of 4: [0..4) one spike (score 6, entropy low), [4..8) flat 1.0, [8..12) flat 0.5
+/// let s = [0.0f32, 0.0, 6.0, 0.0, 1.0, 1.0, 1.0, 1.0, 0.5, 0.5, 0.5, 0.5];
+/// let scores = tch::Tensor::from_slice(&s).view([1, 1, 12]);
+/// let sel = EntropyChunks { chunk_length: 4, low_entropy_length: 1 };
+/// let kept = sel.select(&scores, 6).unwrap();
+/// // the spike alone, then chunk [4..8) whole, then the best remaining token (8)
+/// assert_eq!(Vec::<i64>::try_from(kept.view(-1)).unwrap(), vec![2, 4, 5, 6, 7, 8]);
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq)]
+pub struct EntropyChunks {
+    pub chunk_length: usize,
+    pub low_entropy_length: usize,
+}
+
+impl Selector for EntropyChunks {
+    fn name(&self) -> &'static str {
+        "entropy_chunks"
+    }
+
+    fn select(&self, scores: &Tensor, k: usize) -> Result<Tensor> {
+        shared_by_heads(scores, k, |row, k| {
+            entropy_chunk_selection(row, k, self.chunk_length, self.low_entropy_length)
         })
-        .collect();
-    let mut order: Vec<usize> = (0..means.len()).collect();
-    // +inf + -inf (a protected token beside a hidden one) sums to NaN; total_cmp ranks it
-    // first, as the protected token asks.
-    order.sort_by(|&a, &b| means[b].total_cmp(&means[a]).then(a.cmp(&b)));
-    let mut kept: Vec<i64> = Vec::with_capacity(k);
-    for c in order {
-        let left = k - kept.len();
-        if left == 0 {
-            break;
-        }
-        let r = span(c);
-        if r.len() <= left {
-            kept.extend(r.map(|i| i as i64));
-        } else {
-            let mut tokens: Vec<usize> = r.collect();
-            tokens.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
-            kept.extend(tokens[..left].iter().map(|&i| i as i64));
-        }
+    }
+
+    fn reads_token_order(&self) -> bool {
+        true
+    }
+}
+
+/// A selection made once per batch row from the scores summed over its heads, the same
+/// for every head: int64 (batch, heads, k).
+fn shared_by_heads(
+    scores: &Tensor,
+    k: usize,
+    select_row: impl Fn(&[f64], usize) -> Vec<i64>,
+) -> Result<Tensor> {
+    let size = scores.size();
+    if size.len() != 3 {
+        return Err(KvError::shape(
+            "scores",
+            &size,
+            "rank 3: (batch, heads, tokens)",
+        ));
+    }
+    let (batch, heads, n) = (size[0], size[1], size[2] as usize);
+    if k == 0 || k > n {
+        return Err(KvError::invalid(
+            "k",
+            format!("got {k}, expected 1 <= k <= {n} (tokens)"),
+        ));
+    }
+    if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
+        return Err(KvError::non_finite("scores", "a scorer produced NaN"));
+    }
+    // One score per token of a batch row: tiny (batch × T), ranked on the host.
+    let per_token = scores
+        .f_to_kind(Kind::Double)?
+        .f_sum_dim_intlist([1i64].as_slice(), false, Kind::Double)?
+        .f_to_device(Device::Cpu)?
+        .f_contiguous()?
+        .f_view([-1])?;
+    let per_token = Vec::<f64>::try_from(&per_token)?;
+    let mut kept = Vec::with_capacity(batch as usize * k);
+    for row in per_token.chunks(n.max(1)) {
+        kept.extend(with_protected_first(row, k, &select_row));
+    }
+    Ok(Tensor::from_slice(&kept)
+        .f_view([batch, 1, k as i64])?
+        .f_expand([batch, heads, k as i64], false)?
+        .f_contiguous()?
+        .f_to_device(scores.device())?)
+}
+
+/// Tokens scored +inf (those a decoding step protects) are kept before any chunk is
+/// chosen, so that a chunk cut to fit the budget never drops one; `select_row` then
+/// chooses the rest among the other tokens, chunked as they follow each other.
+fn with_protected_first(
+    scores: &[f64],
+    k: usize,
+    select_row: &impl Fn(&[f64], usize) -> Vec<i64>,
+) -> Vec<i64> {
+    let (protected, others): (Vec<usize>, Vec<usize>) =
+        (0..scores.len()).partition(|&i| scores[i] == f64::INFINITY);
+    if protected.is_empty() {
+        return select_row(scores, k);
+    }
+    let mut kept: Vec<i64> = protected.iter().rev().take(k).map(|&i| i as i64).collect();
+    if kept.len() < k {
+        let rest: Vec<f64> = others.iter().map(|&i| scores[i]).collect();
+        let chosen = select_row(&rest, k - kept.len());
+        kept.extend(chosen.into_iter().map(|j| others[j as usize] as i64));
     }
     kept.sort_unstable();
     kept
 }
 
+/// The `k` ascending indices ChunkKV keeps of one row's per-token `scores` (see [`Chunks`]).
+/// Chunks of equal score go to the earlier chunk, tokens of equal score to the earlier token.
+pub fn chunk_selection(scores: &[f64], k: usize, chunk_length: usize) -> Vec<i64> {
+    let chunks = Chunking::new(scores, chunk_length);
+    let mut kept: Vec<i64> = Vec::with_capacity(k);
+    for c in chunks.by_mean() {
+        let left = k - kept.len();
+        if left == 0 {
+            break;
+        }
+        kept.extend(chunks.best(c, left));
+    }
+    kept.sort_unstable();
+    kept
+}
+
+/// The `k` ascending indices EntropyGatedChunkKV keeps (see [`EntropyChunks`]).
+pub fn entropy_chunk_selection(
+    scores: &[f64],
+    k: usize,
+    chunk_length: usize,
+    low_entropy_length: usize,
+) -> Vec<i64> {
+    let chunks = Chunking::new(scores, chunk_length);
+    let entropy: Vec<f64> = (0..chunks.means.len())
+        .map(|c| normalized_entropy(&scores[chunks.span(c)]))
+        .collect();
+    let (score_cut, entropy_cut) = (lower_median(&chunks.means), lower_median(&entropy));
+    let mut keep = vec![false; scores.len()];
+    let mut left = k;
+    for c in chunks.by_mean() {
+        if left == 0 {
+            break;
+        }
+        let spiky = chunks.means[c] >= score_cut && entropy[c] < entropy_cut;
+        let n = if spiky {
+            left.min(low_entropy_length)
+        } else {
+            left
+        };
+        for i in chunks.best(c, n) {
+            keep[i as usize] = true;
+            left -= 1;
+        }
+    }
+    if left > 0 {
+        let mut rest: Vec<usize> = (0..scores.len()).filter(|&i| !keep[i]).collect();
+        rest.sort_by(|&a, &b| scores[b].total_cmp(&scores[a]).then(a.cmp(&b)));
+        for &i in rest.iter().take(left) {
+            keep[i] = true;
+        }
+    }
+    (0..scores.len())
+        .filter(|&i| keep[i])
+        .map(|i| i as i64)
+        .collect()
+}
+
+/// A row cut into chunks of `len` consecutive tokens (the last may be shorter).
+struct Chunking<'a> {
+    scores: &'a [f64],
+    len: usize,
+    means: Vec<f64>,
+}
+
+impl<'a> Chunking<'a> {
+    fn new(scores: &'a [f64], chunk_length: usize) -> Self {
+        let len = chunk_length.max(1);
+        let means = (0..scores.len().div_ceil(len))
+            .map(|c| {
+                let r = c * len..((c + 1) * len).min(scores.len());
+                let count = r.len() as f64;
+                scores[r].iter().sum::<f64>() / count
+            })
+            .collect();
+        Chunking { scores, len, means }
+    }
+
+    fn span(&self, c: usize) -> std::ops::Range<usize> {
+        c * self.len..((c + 1) * self.len).min(self.scores.len())
+    }
+
+    /// Chunks by decreasing mean score, ties to the earlier chunk.
+    fn by_mean(&self) -> Vec<usize> {
+        let mut order: Vec<usize> = (0..self.means.len()).collect();
+        order.sort_by(|&a, &b| self.means[b].total_cmp(&self.means[a]).then(a.cmp(&b)));
+        order
+    }
+
+    /// Chunk `c` whole if it has at most `n` tokens, else its `n` best (ties to the earlier).
+    fn best(&self, c: usize, n: usize) -> Vec<i64> {
+        let r = self.span(c);
+        if r.len() <= n {
+            return r.map(|i| i as i64).collect();
+        }
+        let mut tokens: Vec<usize> = r.collect();
+        tokens.sort_by(|&a, &b| self.scores[b].total_cmp(&self.scores[a]).then(a.cmp(&b)));
+        tokens[..n].iter().map(|&i| i as i64).collect()
+    }
+}
+
+/// The entropy of a chunk's token scores as a distribution (rebased to be non-negative
+/// when some are negative), over the log of its length: 0 for one token.
+fn normalized_entropy(chunk: &[f64]) -> f64 {
+    const EPSILON: f64 = 1e-8;
+    if chunk.len() < 2 {
+        return 0.0;
+    }
+    let low = chunk.iter().copied().fold(f64::INFINITY, f64::min).min(0.0);
+    let total: f64 = chunk.iter().map(|s| s - low).sum::<f64>() + EPSILON;
+    let h: f64 = chunk
+        .iter()
+        .map(|s| {
+            let p = (s - low) / total;
+            -p * (p + EPSILON).ln()
+        })
+        .sum();
+    (h / (chunk.len() as f64).ln()).clamp(0.0, 1.0)
+}
+
+/// torch.median's convention: the lower of the two middle values of an even count.
+fn lower_median(values: &[f64]) -> f64 {
+    let mut sorted = values.to_vec();
+    sorted.sort_by(f64::total_cmp);
+    sorted[(sorted.len() - 1) / 2]
+}
+
 /// The registry entries of the selectors.
-pub static STAGES: [Stage; 2] = [
+pub static STAGES: [Stage; 3] = [
     Stage {
         name: "topk",
         aliases: &["top_k"],
@@ -169,6 +333,48 @@ pub static STAGES: [Stage; 2] = [
         build: Builder::Selector(|a| {
             Ok(Box::new(Chunks {
                 chunk_length: a.usize("chunk_length")?,
+            }))
+        }),
+    },
+    Stage {
+        name: "entropy_chunks",
+        aliases: &["entropy_gated_chunkkv"],
+        summary: "ChunkKV whose important but spiky chunks (score above the median, token-score \
+                  entropy below it) keep only their best tokens, the budget freed going to \
+                  further chunks",
+        reference: "kvpress EntropyGatedChunkKVPress",
+        url: "https://github.com/NVIDIA/kvpress",
+        params: &[
+            ParamSpec::int(
+                "entropy_chunk_length",
+                10,
+                2,
+                "consecutive tokens per chunk of the entropy-gated selection",
+            ),
+            ParamSpec::int(
+                "low_entropy_chunk_length",
+                4,
+                1,
+                "tokens kept of a spiky chunk (fewer than entropy_chunk_length)",
+            ),
+        ],
+        build: Builder::Selector(|a| {
+            let (chunk_length, low_entropy_length) = (
+                a.usize("entropy_chunk_length")?,
+                a.usize("low_entropy_chunk_length")?,
+            );
+            if low_entropy_length >= chunk_length {
+                return Err(KvError::invalid(
+                    "low_entropy_chunk_length",
+                    format!(
+                        "got {low_entropy_length}, expected fewer than entropy_chunk_length \
+                         ({chunk_length})"
+                    ),
+                ));
+            }
+            Ok(Box::new(EntropyChunks {
+                chunk_length,
+                low_entropy_length,
             }))
         }),
     },

@@ -41,6 +41,8 @@ def make_press(spec: dict):
         return simple[name](compression_ratio=ratio, **params)
     if name.startswith("adakv:"):
         return kvpress.AdaKVPress(simple[name.split(":", 1)[1]](compression_ratio=ratio, **params))
+    if name.startswith("chunkkv:"):
+        return kvpress.ChunkKVPress(simple[name.split(":", 1)[1]](compression_ratio=ratio, **params))
     raise ValueError(f"no kvpress press for {name!r}")
 
 

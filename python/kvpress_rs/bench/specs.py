@@ -35,6 +35,7 @@ KVPRESS_NAMES = {
     "lagkv": "lagkv",
     "pyramidkv": "pyramidkv",
     "adakv": "adakv:snapkv",
+    "chunkkv": "chunkkv:snapkv",
     "expected_attention": "expected_attention",
     "random": "random",
 }
