@@ -16,21 +16,7 @@ use tch::{Device, Kind, Tensor};
 ///
 /// CPU tensors use the parallel Rust kernel; other devices a stable libtorch sort.
 pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
-    let size = scores.size();
-    if size.len() != 3 {
-        return Err(KvError::shape(
-            "scores",
-            &size,
-            "rank 3: (batch, heads, tokens)",
-        ));
-    }
-    let n_tokens = size[2] as usize;
-    if k == 0 || k > n_tokens {
-        return Err(KvError::invalid(
-            "k",
-            format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)"),
-        ));
-    }
+    let size = check_selection(scores, k)?;
     if uses_cpu_kernels(scores) {
         let mut out = Tensor::f_empty([size[0], size[1], k as i64], (Kind::Int64, Device::Cpu))?;
         let dst = array_view_mut(&mut out, "indices")?;
@@ -48,6 +34,27 @@ pub fn top_k_indices(scores: &Tensor, k: usize) -> Result<Tensor> {
     } else {
         top_k_indices_libtorch(scores, k)
     }
+}
+
+/// The size of `scores` (batch, heads, tokens), after checking that a selection of `k`
+/// tokens per row can be made from it (every selector's precondition).
+pub(crate) fn check_selection(scores: &Tensor, k: usize) -> Result<Vec<i64>> {
+    let size = scores.size();
+    if size.len() != 3 {
+        return Err(KvError::shape(
+            "scores",
+            &size,
+            "rank 3: (batch, heads, tokens)",
+        ));
+    }
+    let n_tokens = size[2] as usize;
+    if k == 0 || k > n_tokens {
+        return Err(KvError::invalid(
+            "k",
+            format!("got {k}, expected 1 <= k <= {n_tokens} (tokens)"),
+        ));
+    }
+    Ok(size)
 }
 
 /// The libtorch path of [`top_k_indices`], usable on any device (tests run it on CPU to

@@ -4,7 +4,7 @@
 
 use crate::error::{KvError, Result};
 use crate::registry::{Builder, ParamSpec, Stage};
-use crate::select::top_k_indices;
+use crate::select::{check_selection, top_k_indices};
 use tch::{Device, Kind, Tensor};
 
 /// A selection rule over scores (batch, heads, T).
@@ -119,21 +119,8 @@ fn shared_by_heads(
     k: usize,
     select_row: impl Fn(&[f64], usize) -> Vec<i64>,
 ) -> Result<Tensor> {
-    let size = scores.size();
-    if size.len() != 3 {
-        return Err(KvError::shape(
-            "scores",
-            &size,
-            "rank 3: (batch, heads, tokens)",
-        ));
-    }
+    let size = check_selection(scores, k)?;
     let (batch, heads, n) = (size[0], size[1], size[2] as usize);
-    if k == 0 || k > n {
-        return Err(KvError::invalid(
-            "k",
-            format!("got {k}, expected 1 <= k <= {n} (tokens)"),
-        ));
-    }
     if scores.f_isnan()?.f_any()?.f_int64_value(&[])? != 0 {
         return Err(KvError::non_finite("scores", "a scorer produced NaN"));
     }
